@@ -1,0 +1,24 @@
+# make test — install what is missing, build the extension, run the whole suite (Triton under its CPU interpreter)
+# make demo — the main job: train the digits MLP with SVP (fused kernels) and with backprop, side by side
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: deps build test demo bench check-cuda
+
+deps:
+	$(PYTHON) tools/install_deps.py
+
+build: deps
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+demo: build
+	$(PYTHON) -m svp_kernels.train.demo
+
+bench: build
+	$(PYTHON) bench/run.py
+
+check-cuda:
+	bash tools/check_cuda.sh

@@ -1,0 +1,34 @@
+"""svp_kernels: fused kernels for the Stochastic Variational Propagation local loss.
+
+    out = svp_kernels.fused_local_loss(h, target, v_prev, projection=R, p=0.1)
+    out.loss.backward()       # dL/dh without storing R̃, its mask or any B×B matrix
+
+See DESIGN.md §2 for the math and docs/backends.md for the backends.
+"""
+
+from . import _ops  # noqa: F401  (loads the extension and registers autograd for its ops)
+from . import nn
+from .api import LocalLoss, alignment_loss, available_backends, cosine_gram, dropout_projection, fused_local_loss
+from .projection import ImplicitProjection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImplicitProjection",
+    "LocalLoss",
+    "alignment_loss",
+    "available_backends",
+    "cosine_gram",
+    "dropout_projection",
+    "fused_local_loss",
+    "nn",
+    "train",
+]
+
+
+def __getattr__(name):
+    if name == "train":  # the trainer pulls in optional dependencies (tqdm, matplotlib); load on first use
+        import importlib
+
+        return importlib.import_module(".train", __name__)
+    raise AttributeError(f"module 'svp_kernels' has no attribute {name!r}")

@@ -1,0 +1,263 @@
+"""The public ops. Each validates its arguments once, picks a backend, and dispatches (DESIGN.md §2, §4)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import backends
+from .projection import MAX_SEED, ImplicitProjection
+
+Projection = Union[None, torch.Tensor, ImplicitProjection]
+
+
+class LocalLoss(NamedTuple):
+    """What fused_local_loss returns.
+
+    loss: scalar CE + λ·FA, differentiable w.r.t. h (float32, float64 when h is float64).
+    ce, alignment: detached scalars for logging (alignment after the reduction, before λ).
+    v: (B, C) projection, detached, in h's dtype: the next layer's v_prev.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    alignment: torch.Tensor
+    v: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: every check names the argument and what was expected.
+# ----------------------------------------------------------------------------------------------------
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_features(h, name: str = "h") -> torch.Tensor:
+    """h as (B, D): a float tensor with a non-empty batch, (B, *) flattened."""
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, D), got {type(h).__name__}")
+    if not h.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {h.dtype}")
+    if h.dim() < 2:
+        raise ValueError(f"{name} must have shape (B, D) or (B, *), got shape {tuple(h.shape)}")
+    if h.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (B = 0); at least one row is needed")
+    if h.numel() == 0:
+        raise ValueError(f"{name} has no features: shape {tuple(h.shape)}")
+    return h.reshape(h.shape[0], -1)
+
+
+def _check_same_place(tensor: torch.Tensor, name: str, h: torch.Tensor, check_dtype: bool = True) -> None:
+    if tensor.device != h.device:
+        raise ValueError(f"{name} is on {tensor.device} but h is on {h.device}; move both to one device")
+    if check_dtype and tensor.dtype != h.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but h has dtype {h.dtype}; use one dtype")
+
+
+def _check_v_prev(v_prev, h: torch.Tensor, name: str = "v_prev") -> Optional[torch.Tensor]:
+    if v_prev is None:
+        return None
+    if not isinstance(v_prev, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C') or None, got {type(v_prev).__name__}")
+    if not v_prev.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {v_prev.dtype}")
+    if v_prev.dim() != 2 or v_prev.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, C') with C' ≥ 1, got shape {tuple(v_prev.shape)}")
+    if v_prev.shape[0] != h.shape[0]:
+        raise ValueError(f"{name} has {v_prev.shape[0]} rows but the batch has B = {h.shape[0]}")
+    _check_same_place(v_prev, name, h)
+    return v_prev.detach().contiguous()
+
+
+def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, shape (B,), got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != h.shape[0]:
+        raise ValueError(f"target must have shape (B,) = ({h.shape[0]},), got shape {tuple(target.shape)}")
+    _check_same_place(target, "target", h, check_dtype=False)
+    if not _is_compiling():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
+                             f"got values in [{low}, {high}]")
+    return target.to(torch.int64).contiguous()
+
+
+def _check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _check_seed(seed, p: float) -> int:
+    if seed is None:
+        if p == 0.0:
+            return 0  # no mask to draw
+        return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**63) or None, got {type(seed).__name__}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _check_reduction(reduction) -> bool:
+    """True for "mean", False for "sum"."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return reduction == "mean"
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_alignment_weight(alignment_weight) -> float:
+    if isinstance(alignment_weight, bool) or not isinstance(alignment_weight, (int, float)):
+        raise TypeError(f"alignment_weight must be a float, got {type(alignment_weight).__name__}")
+    if not (math.isfinite(alignment_weight) and alignment_weight >= 0):
+        raise ValueError(f"alignment_weight must be finite and ≥ 0, got {alignment_weight}")
+    return float(alignment_weight)
+
+
+class _ProjectionArgs(NamedTuple):
+    """A validated projection: weight (C, D) or None for implicit; identity when `identity`."""
+
+    identity: bool
+    weight: Optional[torch.Tensor]
+    out_features: int
+    proj_seed: int
+    proj_std: float
+
+
+def _check_projection(projection, h: torch.Tensor, p: float) -> _ProjectionArgs:
+    in_features = h.shape[1]
+    if projection is None:
+        if p > 0:
+            raise ValueError(f"p = {p} needs a projection: dropout applies to R's elements, and "
+                             "projection=None is the identity (pass a (C, D) tensor or ImplicitProjection)")
+        return _ProjectionArgs(True, None, in_features, 0, 0.0)
+    if isinstance(projection, ImplicitProjection):
+        return _ProjectionArgs(False, None, projection.out_features, projection.seed,
+                               projection.std_for(in_features))
+    if not isinstance(projection, torch.Tensor):
+        raise TypeError("projection must be None (identity), a (C, D) torch.Tensor or an ImplicitProjection, "
+                        f"got {type(projection).__name__}")
+    if projection.dim() != 2 or projection.shape[0] == 0:
+        raise ValueError(f"projection must have shape (C, D) with C ≥ 1, got shape {tuple(projection.shape)}")
+    if projection.shape[1] != in_features:
+        raise ValueError(f"projection has {projection.shape[1]} columns but h has {in_features} features; "
+                         f"R must be (C, D) with D = h.shape[1]")
+    if projection.requires_grad:
+        raise ValueError("projection requires grad, but R is a fixed random matrix that gets no gradient; "
+                         "pass projection.detach() or register it as a buffer")
+    _check_same_place(projection, "projection", h)
+    return _ProjectionArgs(False, projection.contiguous(), projection.shape[0], 0, 0.0)
+
+
+def _project(module, h, projection: _ProjectionArgs, p: float, seed: int) -> torch.Tensor:
+    """v (B, C) in the accumulation dtype, differentiable w.r.t. h."""
+    if projection.identity:
+        return h.to(backends.reference.accumulation_dtype(h.dtype))
+    return module.projection(h, projection.weight, projection.out_features, projection.proj_seed,
+                             projection.proj_std, p, seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------
+
+def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p: float = 0.0, seed=None,
+                     alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
+                     backend: str = "auto") -> LocalLoss:
+    """The SVP local loss of one layer and its gradient, without materialising R̃ or any B×B matrix.
+
+    v = h R̃ᵀ with R̃ = R ⊙ M / (1 − p); loss = CE(v, target) + λ‖S(v) − S(v_prev)‖²_F (/ B² for "mean"),
+    S the batch cosine-similarity Gram (Pearson when center=True).
+
+    Args:
+        h: (B, D) activations, or (B, *) flattened to (B, D); float32/float64 (bf16/fp16 on CUDA).
+        target: (B,) int64 class indices in [0, C).
+        v_prev: (B, C') previous layer's projection (a constant), or None for no alignment term.
+        projection: None (identity: v = h, needs D = C and p = 0), a (C, D) tensor R, or ImplicitProjection.
+        p: dropout probability on R's elements, in [0, 1).
+        seed: int in [0, 2**63) for the dropout mask; None draws one from torch's default generator.
+        alignment_weight: λ ≥ 0.
+        reduction: "mean" (FA / B²) or "sum" of the alignment term; CE is always a batch mean.
+        center: subtract each row's mean before normalising (Pearson similarity).
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
+
+    Returns:
+        LocalLoss(loss, ce, alignment, v): loss differentiable w.r.t. h; ce, alignment detached; v (B, C)
+        detached in h's dtype.
+    """
+    h = _check_features(h)
+    p = _check_p(p)
+    projection_args = _check_projection(projection, h, p)
+    target = _check_target(target, h, projection_args.out_features)
+    v_prev = _check_v_prev(v_prev, h)
+    mean = _check_reduction(reduction)
+    center = _check_bool(center, "center")
+    alignment_weight = _check_alignment_weight(alignment_weight)
+    seed = _check_seed(seed, p)
+    module = backends.resolve(backend, h.device, h.dtype)
+
+    h = h.contiguous()
+    v = _project(module, h, projection_args, p, seed)
+    loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)
+    return LocalLoss(loss, ce.detach(), alignment.detach(), v.detach().to(h.dtype))
+
+
+def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto") -> torch.Tensor:
+    """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored.
+
+    Replaces ``h @ (R * (torch.rand_like(R) >= p) / (1 - p)).T`` (with the mask of DESIGN.md §3).
+    """
+    h = _check_features(h)
+    p = _check_p(p)
+    projection_args = _check_projection(projection, h, p)
+    seed = _check_seed(seed, p)
+    module = backends.resolve(backend, h.device, h.dtype)
+    return _project(module, h.contiguous(), projection_args, p, seed).to(h.dtype)
+
+
+def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto") -> torch.Tensor:
+    """‖S(v) − S(v_prev)‖²_F (/ B² for "mean"), differentiable w.r.t. v; no B×B matrix is stored.
+
+    v: (B, C), v_prev: (B, C') a constant. Uses ‖âᵀâ‖² − 2‖âᵀb̂‖² + ‖b̂ᵀb̂‖² when C + C' < B.
+    """
+    v = _check_features(v, "v")
+    if v_prev is None:
+        raise TypeError("v_prev must be a torch.Tensor of shape (B, C'), got None")
+    v_prev = _check_v_prev(v_prev, v)
+    mean = _check_reduction(reduction)
+    center = _check_bool(center, "center")
+    module = backends.resolve(backend, v.device, v.dtype)
+    v = v.contiguous().to(backends.reference.accumulation_dtype(v.dtype))
+    loss, _, _ = module.epilogue(v, None, v_prev, 1.0, mean, center)
+    return loss
+
+
+def cosine_gram(v, center: bool = False) -> torch.Tensor:
+    """S (B, B) = â âᵀ, â the rows of v (centred when center=True) divided by max(‖row‖, 1e-12).
+
+    The inspection helper: it does store the B×B matrix. Replaces ``F.normalize(v) @ F.normalize(v).T``.
+    """
+    v = _check_features(v, "v")
+    center = _check_bool(center, "center")
+    module = backends.resolve("auto", v.device, v.dtype)
+    return module.cosine_gram(v.contiguous(), center)
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, e.g. ["reference", "cpu", "triton"]."""
+    return backends.available_backends()

@@ -1,0 +1,59 @@
+"""The backend registry: names, availability, and the choice made for backend="auto".
+
+Every backend module has the same interface (docs/backends.md): NAME, is_available(), supports(device,
+dtype), projection(...), epilogue(...), cosine_gram(...). Modules are imported on first use so that a
+missing extension or Triton costs nothing until asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_OVERRIDE = "SVP_KERNELS_BACKEND"
+# For CUDA tensors "auto" tries these in order. No GPU timing has been recorded for this repository yet
+# (bench/NOTES.md); the compiled kernels come first because they need no JIT warm-up.
+AUTO_CUDA_ORDER = ("cuda", "triton", "reference")
+AUTO_CPU_ORDER = ("cpu", "reference")
+
+
+def load(name: str):
+    """The backend module called `name` (one of BACKEND_NAMES)."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def is_available(name: str) -> bool:
+    try:
+        return load(name).is_available()
+    except ImportError:
+        return False
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process, e.g. ["reference", "cpu", "triton"]."""
+    return [name for name in BACKEND_NAMES if is_available(name)]
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of 'auto' or {BACKEND_NAMES}, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_OVERRIDE, "auto") or "auto"
+        if backend == "auto":
+            order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
+            for name in order:
+                if is_available(name) and load(name).supports(device, dtype):
+                    return load(name)
+            return load("reference")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    if not is_available(backend):
+        raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
+    module = load(backend)
+    if not module.supports(device, dtype):
+        raise ValueError(f"backend {backend!r} does not support {dtype} tensors on {device.type}")
+    return module

@@ -1,0 +1,25 @@
+"""The ``cpu`` and ``cuda`` backends: the svp_kernels._C ops, which dispatch on the tensors' device.
+
+csrc/cpu implements them for CPU tensors (float32, float64), csrc/cuda for CUDA tensors (float32,
+float64, bfloat16, float16). Autograd and fake rules are attached in svp_kernels/_ops.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def projection(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ, differentiable w.r.t. h; R̃ and its mask are generated tile by tile."""
+    return torch.ops.svp_kernels.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
+
+
+def epilogue(v, target, v_prev, alignment_weight, mean, center):
+    """(loss, ce, alignment) from v (B, C) in one pass; autograd keeps only g_v (B, C)."""
+    loss, ce, alignment, _ = torch.ops.svp_kernels.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+    return loss, ce, alignment
+
+
+def cosine_gram(v, center):
+    """S (B, B) = â âᵀ."""
+    return torch.ops.svp_kernels.cosine_gram(v, center)

@@ -1,0 +1,18 @@
+"""The ``cpu`` backend: fused C++ kernels of csrc/cpu (float32, float64 CPU tensors)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from .compiled import cosine_gram, epilogue, projection  # noqa: F401  (the backend interface)
+
+NAME = "cpu"
+
+
+def is_available() -> bool:
+    return _ops.extension_loaded()
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64)

@@ -1,0 +1,44 @@
+"""The implicit random projection: R regenerated from a seed wherever it is needed (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .philox import implicit_weight
+
+MAX_SEED = 2**63
+
+
+@dataclass(frozen=True)
+class ImplicitProjection:
+    """A fixed Gaussian R (out_features × in_features) that never exists in memory.
+
+    R[c, j] = std · sqrt(−2 ln u1) · cos(2π u2) from Philox(seed, c·D + j); std defaults to 1/√D.
+    Pass it as ``projection=`` to the ops; ``materialize`` returns the dense R the kernels use.
+    """
+
+    out_features: int
+    seed: int
+    std: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.out_features, bool) or not isinstance(self.out_features, int) or self.out_features < 1:
+            raise ValueError(f"out_features must be a positive int, got {self.out_features!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.std is not None and not (isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"std must be a positive finite float or None, got {self.std!r}")
+
+    def std_for(self, in_features: int) -> float:
+        """The standard deviation used for input width D: std, or 1/√D by default."""
+        return float(self.std) if self.std is not None else 1.0 / math.sqrt(in_features)
+
+    def materialize(self, in_features: int, device=None, dtype=None) -> torch.Tensor:
+        """The dense (out_features, in_features) R the kernels generate (equal up to float32 log/cos rounding)."""
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        return implicit_weight(self.seed, self.out_features, in_features, self.std_for(in_features),
+                               dtype=dtype or torch.float32, device=device)
