@@ -1,0 +1,44 @@
+"""The modules: RandomProjection (dense / implicit, fresh dropout each training step) and LocalLoss."""
+
+import torch
+
+import svp_kernels as sk
+
+
+def test_random_projection_dense_equals_implicit():
+    dense = sk.nn.RandomProjection(12, 5, seed=3)
+    implicit = sk.nn.RandomProjection(12, 5, seed=3, implicit=True)
+    assert dense.weight.shape == (5, 12) and implicit.weight is None
+    assert isinstance(implicit.projection, sk.ImplicitProjection)
+    h = torch.randn(4, 12)
+    torch.testing.assert_close(dense(h), implicit(h), rtol=1e-5, atol=1e-6)
+
+
+def test_random_projection_dropout_only_in_training():
+    projection = sk.nn.RandomProjection(16, 6, seed=1, p=0.5)
+    h = torch.randn(3, 16)
+    first, second = projection(h), projection(h)
+    assert not torch.equal(first, second), "each training forward draws a fresh dropout seed"
+    projection.eval()
+    torch.testing.assert_close(projection(h), h @ projection.weight.t())
+
+
+def test_random_projection_state_dict_round_trip():
+    source = sk.nn.RandomProjection(8, 3, implicit=True, seed=99, std=0.5)
+    target = sk.nn.RandomProjection(8, 3, implicit=True, seed=1)
+    target.load_state_dict(source.state_dict())
+    assert target.implicit == source.implicit
+
+
+def test_local_loss_module():
+    torch.manual_seed(0)
+    layer_loss = sk.nn.LocalLoss(10, 4, p=0.2, alignment_weight=0.3, seed=5)
+    h = torch.randn(6, 10, requires_grad=True)
+    target = torch.randint(0, 4, (6,))
+    out = layer_loss(h, target, torch.randn(6, 3))
+    out.loss.backward()
+    assert h.grad is not None and out.v.shape == (6, 4)
+    last = sk.nn.LocalLoss(4, 4, identity=True)
+    logits = torch.randn(6, 4, requires_grad=True)
+    out = last(logits, target, out.v)
+    torch.testing.assert_close(out.v, logits.detach())

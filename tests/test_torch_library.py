@@ -1,0 +1,88 @@
+"""The compiled ops under torch.library: opcheck on every op, torch.compile(fullgraph=True) without breaks."""
+
+import os
+
+import pytest
+import torch
+
+import svp_kernels as sk
+
+from cases import Case, make_inputs, run
+from helpers import assert_close
+
+needs_extension = pytest.mark.skipif(not sk._ops.extension_loaded(), reason="compiled extension not built")
+
+
+def test_extension_is_built():
+    """CI builds svp_kernels._C; an install without it must be deliberate (SVP_KERNELS_SKIP_EXT=1)."""
+    assert sk._ops.extension_loaded() or os.environ.get("SVP_KERNELS_SKIP_EXT") == "1", sk._ops.EXTENSION_ERROR
+
+
+def op_samples(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    B, D, C = 5, 7, 3
+    h = torch.randn(B, D, dtype=dtype, generator=generator, requires_grad=True)
+    weight = torch.randn(C, D, dtype=dtype, generator=generator)
+    target = torch.randint(0, C, (B,), generator=generator)
+    v = torch.randn(B, C, dtype=dtype, generator=generator, requires_grad=True)
+    v_prev = torch.randn(B, 4, dtype=dtype, generator=generator)
+    grad_v = torch.randn(B, C, dtype=dtype, generator=generator)
+    ops = torch.ops.svp_kernels
+    return [
+        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, 11)),
+        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, 0)),
+        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, 11, dtype)),
+        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, 4, dtype)),
+        (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
+        (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
+        (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
+        (ops.cosine_gram.default, (v.detach(), True)),
+    ]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", range(8))
+def test_opcheck(index, dtype):
+    op, args = op_samples(dtype)[index]
+    torch.library.opcheck(op, args)
+
+
+@needs_extension
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    case = Case(9, 14, 5, 4, p=0.2, center=True)
+    h, target, v_prev, projection = make_inputs(case)
+
+    def step(h, target, v_prev, projection):
+        out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=7, center=True,
+                                  alignment_weight=case.alignment_weight, backend="cpu")
+        out.loss.backward()
+        return out.loss.detach(), out.v
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, eager_v = step(h, target, v_prev, projection)
+    eager_grad, h.grad = h.grad.clone(), None
+    compiled_loss, compiled_v = compiled(h, target, v_prev, projection)
+    assert_close(compiled_loss, eager_loss, 1e-6, "compiled loss")
+    assert_close(compiled_v, eager_v, 1e-6, "compiled v")
+    assert_close(h.grad, eager_grad, 1e-6, "compiled dh")
+
+
+@needs_extension
+def test_torch_compile_implicit_projection():
+    torch._dynamo.reset()
+    case = Case(6, 10, 4, 3, projection="implicit", p=0.1)
+    h, target, v_prev, projection = make_inputs(case)
+    expected = run(case, h, target, v_prev, projection, "cpu")
+
+    @torch.compile(fullgraph=True)
+    def loss_of(h):
+        return sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.1, seed=42,
+                                   alignment_weight=case.alignment_weight, backend="cpu").loss
+
+    h = h.detach().requires_grad_(True)
+    loss = loss_of(h)
+    loss.backward()
+    assert_close(loss, expected[0], 1e-6, "compiled implicit loss")
+    assert_close(h.grad, expected[4], 1e-6, "compiled implicit dh")
