@@ -49,7 +49,9 @@ def test_opcheck(index, dtype):
 
 
 @needs_extension
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_torch_compile_fullgraph_matches_eager(backward_inside):
+    """Forward (and, with trace_autograd_ops, backward too) in one graph: no breaks, eager's numbers."""
     torch._dynamo.reset()
     case = Case(9, 14, 5, 4, p=0.2, center=True)
     h, target, v_prev, projection = make_inputs(case)
@@ -57,13 +59,18 @@ def test_torch_compile_fullgraph_matches_eager():
     def step(h, target, v_prev, projection):
         out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=7, center=True,
                                   alignment_weight=case.alignment_weight, backend="cpu")
-        out.loss.backward()
-        return out.loss.detach(), out.v
+        if backward_inside:
+            out.loss.backward()
+        return out.loss, out.v
 
-    compiled = torch.compile(step, fullgraph=True)
     eager_loss, eager_v = step(h, target, v_prev, projection)
+    if not backward_inside:
+        eager_loss.backward()
     eager_grad, h.grad = h.grad.clone(), None
-    compiled_loss, compiled_v = compiled(h, target, v_prev, projection)
+    with torch._dynamo.config.patch(trace_autograd_ops=backward_inside):
+        compiled_loss, compiled_v = torch.compile(step, fullgraph=True)(h, target, v_prev, projection)
+    if not backward_inside:
+        compiled_loss.backward()
     assert_close(compiled_loss, eager_loss, 1e-6, "compiled loss")
     assert_close(compiled_v, eager_v, 1e-6, "compiled v")
     assert_close(h.grad, eager_grad, 1e-6, "compiled dh")

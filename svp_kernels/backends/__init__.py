@@ -1,8 +1,8 @@
 """The backend registry: names, availability, and the choice made for backend="auto".
 
 Every backend module has the same interface (docs/backends.md): NAME, is_available(), supports(device,
-dtype), projection(...), epilogue(...), cosine_gram(...). Modules are imported on first use so that a
-missing extension or Triton costs nothing until asked for.
+dtype), projection(...), epilogue(...), cosine_gram(...). Availability is decided once, at import,
+so that resolving a backend inside torch.compile touches only these dictionaries.
 """
 
 from __future__ import annotations
@@ -20,16 +20,28 @@ AUTO_CUDA_ORDER = ("cuda", "triton", "reference")
 AUTO_CPU_ORDER = ("cpu", "reference")
 
 
+_MODULES: dict = {}
+_AVAILABLE: dict = {}
+
+
 def load(name: str):
-    """The backend module called `name` (one of BACKEND_NAMES)."""
-    return importlib.import_module(f"{__name__}.{name}")
+    """The backend module called `name` (one of BACKEND_NAMES), imported once."""
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
 
 
 def is_available(name: str) -> bool:
-    try:
-        return load(name).is_available()
-    except ImportError:
-        return False
+    """Whether backend `name` can run in this process (decided once: imports and builds do not change)."""
+    available = _AVAILABLE.get(name)
+    if available is None:
+        try:
+            available = bool(load(name).is_available())
+        except Exception:  # an optional dependency that is missing or broken makes the backend unavailable
+            available = False
+        _AVAILABLE[name] = available
+    return available
 
 
 def available_backends() -> list[str]:
@@ -57,3 +69,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     if not module.supports(device, dtype):
         raise ValueError(f"backend {backend!r} does not support {dtype} tensors on {device.type}")
     return module
+
+
+for _name in BACKEND_NAMES:
+    is_available(_name)
