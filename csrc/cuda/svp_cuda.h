@@ -1,0 +1,65 @@
+// Public launchers of the svp_kernels CUDA kernels (DESIGN.md §2, docs/backends.md).
+//
+// Framework-free: raw device pointers, int64 sizes, a cudaStream_t, a cudaError_t back. No torch header
+// here or in any csrc/cuda file; csrc/bindings_cuda.cpp adapts these to the torch ops. Every tensor is
+// contiguous row-major. "Acc" below is the accumulation type: double for DType::kFloat64, float otherwise.
+//
+// Scratch memory: each op that needs it has a *_workspace_bytes() query; the caller allocates that many
+// bytes (the torch adapter uses the caching allocator), passes the pointer and the size, and the launcher
+// checks the size. The plan behind the size depends only on the arguments and the current device, so the
+// query and the launch must run with the same current device.
+//
+// Determinism: every reduction runs in a fixed order (no float atomics), so repeated calls on the same
+// device give bit-identical results.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace svp_cuda {
+
+// Element type of h / weight / v / v_prev / dh. Accumulation: float64 -> double, the others -> float.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// ---------------------------------------------------------------------------------------------------------
+// Projection forward: v (B, C) = h R̃ᵀ, R̃[c, j] = R[c, j] · keep(seed, c·D + j) / (1 − p).
+//   h:      (B, D) of dtype.
+//   weight: (C, D) of dtype, or nullptr for the implicit R of (proj_seed, proj_std) (DESIGN.md §3).
+//   v:      (B, C) of Acc (output).
+// p in [0, 1); p == 0 disables the mask. The mask and an implicit R are generated in registers.
+cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes);
+cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
+                               uint64_t proj_seed, float proj_std, double p, uint64_t seed, DType dtype,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// Projection backward: dh (B, D) = grad_v R̃, regenerating the mask (and an implicit R).
+//   grad_v: (B, C) of Acc.   weight: (C, D) of dtype or nullptr.   dh: (B, D) of dtype (output).
+// Needs no workspace.
+cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C,
+                                int64_t D, uint64_t proj_seed, float proj_std, double p, uint64_t seed,
+                                DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
+// Loss epilogue on the (B, C) projection:
+//   loss = CE(v, target) + λ·FA,  FA = ‖S(v) − S(v_prev)‖²_F (/ B² when `mean`),  g_v = dloss/dv.
+//   v:      (B, C) of dtype.          target: (B,) int64 in [0, C), or nullptr (CE = 0).
+//   v_prev: (B, Cp) of dtype, or nullptr (FA = 0; Cp is then ignored).
+//   loss, ce, alignment: one Acc each (outputs).   g_v: (B, C) of Acc (output).
+// FA and its gradient use the feature-space identity when C + Cp < B, else flash-style batch-space tiles;
+// no B×B matrix is ever stored. B must be >= 1.
+cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
+                                          size_t* bytes);
+cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,
+                          void* alignment, void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight,
+                          bool mean, bool center, DType dtype, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
+// Cosine Gram (inspection op): S (B, B) of Acc = â âᵀ, â = rows of v (centred when `center`) / max(‖·‖, ε).
+cudaError_t cosine_gram_workspace_bytes(int64_t B, int64_t C, DType dtype, size_t* bytes);
+cudaError_t cosine_gram(const void* v, void* S, int64_t B, int64_t C, bool center, DType dtype, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace svp_cuda

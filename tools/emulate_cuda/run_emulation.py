@@ -1,0 +1,353 @@
+"""Run the CUDA kernels of csrc/cuda on the CPU, under a fiber-based emulator, against the float64 reference.
+
+    python tools/emulate_cuda/run_emulation.py [--quick] [-k SUBSTRING] [--keep-build DIR]
+
+No GPU needed: each csrc/cuda/*.cu is rewritten for g++ (launches -> svp_emu::launcher, __shared__ ->
+static, dynamic shared memory -> a NaN-poisoned buffer; see svp_emu.h), compiled with the launchers into
+a shared library, and driven through ctypes on CPU tensors. Outputs and workspaces start as NaN, so a read
+of anything no kernel wrote shows up. Every check runs twice, with the fibers of a block scheduled in
+forward and in reverse order (a missing __syncthreads then gives wrong numbers in one of them), and with
+several SM counts, so the launch plans (split-K, resident/regenerated panels, Gram splits) change.
+
+This checks the kernels' logic (indexing, tiling, bounds, barriers, reductions, plans); it says nothing about
+performance, and the GPU's memory model is stricter than the emulator's (run tools/gpu_check.sh there).
+Exits non-zero on the first mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+
+from svp_kernels import philox  # noqa: E402
+from svp_kernels.backends import reference  # noqa: E402
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+ACC_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+IMPLICIT_TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------------------------------------
+
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)<<<(.*?)>>>\(", re.S)
+
+
+def rewrite_for_host(source: str) -> str:
+    """CUDA C++ -> host C++ for the emulator."""
+    source = re.sub(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];",
+                    r"unsigned char* \1 = svp_emu::dynamic_shared();", source)
+    source = re.sub(r"\b__shared__\b", "static", source)
+    source = re.sub(r"__launch_bounds__\((?:[^()]|\([^()]*\))*\)", "", source)
+    source = LAUNCH.sub(lambda m: f"svp_emu::launcher({m.group(1)}, {m.group(2)})(", source)
+    if "<<<" in source:
+        raise RuntimeError("a kernel launch was not rewritten")
+    return source
+
+
+def build(build_dir: str) -> str:
+    cuda_include = next((d for d in (os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include"),
+                                     "/usr/local/cuda/include") if os.path.exists(os.path.join(d, "cuda_runtime.h"))),
+                        None)
+    if cuda_include is None:
+        raise SystemExit("run_emulation: cuda_runtime.h not found (set CUDA_HOME)")
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    sources = []
+    for name in sorted(os.listdir(cuda_dir)):
+        path = os.path.join(cuda_dir, name)
+        if name.endswith((".cuh", ".h")):
+            with open(path) as f:
+                text = rewrite_for_host(f.read())
+            with open(os.path.join(build_dir, name), "w") as f:
+                f.write(text)
+        elif name.endswith(".cu"):
+            with open(path) as f:
+                text = rewrite_for_host(f.read())
+            target = os.path.join(build_dir, name[:-3] + ".cpp")
+            with open(target, "w") as f:
+                f.write(text)
+            sources.append(target)
+    sources.append(os.path.join(HERE, "emu_api.cpp"))
+    flags = ["-std=c++17", "-O2", "-fPIC", "-g", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
+             "-include", os.path.join(HERE, "svp_emu.h"), "-I", build_dir, "-I", os.path.join(ROOT, "csrc", "include"),
+             "-isystem", cuda_include]
+
+    def compile_one(src):
+        obj = os.path.join(build_dir, os.path.basename(src) + ".o")
+        result = subprocess.run(["g++", *flags, "-c", src, "-o", obj], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"run_emulation: compiling {src} failed:\n{result.stderr}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_one, sources))
+    library = os.path.join(build_dir, "libsvp_emu.so")
+    subprocess.run(["g++", "-shared", "-o", library, *objects], check=True)
+    return library
+
+
+# ----------------------------------------------------------------------------------------------------
+# ctypes wrappers: the svp_cuda launchers on CPU tensors
+# ----------------------------------------------------------------------------------------------------
+
+class Emulated:
+    def __init__(self, library: str):
+        lib = ctypes.CDLL(library)
+        i64, u64, vp, sz = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
+        lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
+        lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, u64,
+                                               ctypes.c_int, vp, sz]
+        lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, u64,
+                                                ctypes.c_int]
+        lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
+                                                          ctypes.POINTER(sz)]
+        lib.emu_loss_epilogue.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, ctypes.c_bool,
+                                          ctypes.c_bool, ctypes.c_int, vp, sz]
+        lib.emu_cosine_gram_workspace_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
+        lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
+        self.lib = lib
+
+    @staticmethod
+    def _ptr(tensor):
+        return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
+
+    @staticmethod
+    def _check(status, name):
+        if status != 0:
+            raise RuntimeError(f"{name} returned cudaError {status}")
+
+    @staticmethod
+    def _nan_bytes(count):
+        workspace = torch.full((max(count, 8) // 8 + 1,), float("nan"), dtype=torch.float64)
+        return workspace
+
+    def projection_forward(self, h, weight, C, proj_seed, std, p, seed):
+        B, D = h.shape
+        code = DTYPE_CODES[h.dtype]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        size = ctypes.c_size_t()
+        self._check(self.lib.emu_projection_forward_workspace_bytes(B, C, D, code, ctypes.byref(size)), "ws")
+        workspace = self._nan_bytes(size.value)
+        v = torch.full((B, C), float("nan"), dtype=acc)
+        self._check(self.lib.emu_projection_forward(self._ptr(h), self._ptr(weight), self._ptr(v), B, C, D, proj_seed,
+                                                    std, p, seed, code, self._ptr(workspace), size.value),
+                    "projection_forward")
+        return v
+
+    def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype):
+        B, C = grad_v.shape
+        dh = torch.full((B, D), float("nan"), dtype=dtype)
+        self._check(self.lib.emu_projection_backward(self._ptr(grad_v), self._ptr(weight), self._ptr(dh), B, C, D,
+                                                     proj_seed, std, p, seed, DTYPE_CODES[dtype]),
+                    "projection_backward")
+        return dh
+
+    def loss_epilogue(self, v, target, v_prev, weight, mean, center):
+        B, C = v.shape
+        Cp = 0 if v_prev is None else v_prev.shape[1]
+        code = DTYPE_CODES[v.dtype]
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        size = ctypes.c_size_t()
+        self._check(self.lib.emu_loss_epilogue_workspace_bytes(B, C, Cp, v_prev is not None, code, ctypes.byref(size)),
+                    "ws")
+        workspace = self._nan_bytes(size.value)
+        loss, ce, alignment = (torch.full((), float("nan"), dtype=acc) for _ in range(3))
+        g_v = torch.full((B, C), float("nan"), dtype=acc)
+        self._check(self.lib.emu_loss_epilogue(self._ptr(v), self._ptr(target), self._ptr(v_prev), self._ptr(loss),
+                                               self._ptr(ce), self._ptr(alignment), self._ptr(g_v), B, C, Cp, weight,
+                                               mean, center, code, self._ptr(workspace), size.value),
+                    "loss_epilogue")
+        return loss, ce, alignment, g_v
+
+    def cosine_gram(self, v, center):
+        B, C = v.shape
+        code = DTYPE_CODES[v.dtype]
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        size = ctypes.c_size_t()
+        self._check(self.lib.emu_cosine_gram_workspace_bytes(B, C, code, ctypes.byref(size)), "ws")
+        workspace = self._nan_bytes(size.value)
+        S = torch.full((B, B), float("nan"), dtype=acc)
+        self._check(self.lib.emu_cosine_gram(self._ptr(v), self._ptr(S), B, C, center, code, self._ptr(workspace),
+                                             size.value), "cosine_gram")
+        return S
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks (mirroring tests/test_cuda_backend.py)
+# ----------------------------------------------------------------------------------------------------
+
+def scaled_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    if expected.numel() == 0:
+        return 0.0
+    scale = max(1.0, expected.abs().max().item())
+    return (actual - expected).abs().max().item() / scale
+
+
+def expect_close(actual, expected, tol, name):
+    error = scaled_error(actual, expected)
+    if not error <= tol:
+        raise AssertionError(f"{name}: scaled error {error:.3e} > {tol:.1e}")
+
+
+def randn(*shape, dtype=torch.float64, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def check_masks(emu, dtypes):
+    for C, D, p, seed in [(3, 5, 0.5, 7), (20, 64, 0.3, 1), (40, 300, 0.7, 2**63 - 1), (70, 129, 0.25, 12345),
+                          (130, 33, 0.5, 99), (1, 1, 0.9, 0), (4, 6, 0.0, 5)]:
+        expected = philox.keep_mask(seed, C, D, p)
+        for dtype in dtypes:
+            ones = torch.ones(C, D, dtype=dtype)
+            v = emu.projection_forward(torch.eye(D, dtype=dtype), ones, C, 0, 0.0, p, seed)
+            if not torch.equal(v.t() != 0, expected):
+                raise AssertionError(f"forward mask differs: C={C} D={D} p={p} {dtype}")
+            scale = torch.tensor(1.0 / (1.0 - p), dtype=v.dtype).item()
+            if not torch.all(v.t()[expected] == scale):
+                raise AssertionError(f"kept values are not 1/(1-p): C={C} D={D} p={p} {dtype}")
+            dh = emu.projection_backward(torch.eye(C, dtype=v.dtype), ones, D, 0, 0.0, p, seed, dtype)
+            if not torch.equal(dh != 0, expected):
+                raise AssertionError(f"backward mask differs: C={C} D={D} p={p} {dtype}")
+    # Implicit R against the reference's float32 generation.
+    C, D = 37, 45
+    v = emu.projection_forward(torch.eye(D), None, C, 123, D**-0.5, 0.4, 9)
+    expect_close(v.t(), reference.dropped_weight(None, D, C, 123, D**-0.5, 0.4, 9, torch.float32, "cpu"), 2e-6,
+                 "implicit R̃")
+
+
+def check_projection(emu, dtypes, shapes):
+    for B, D, C in shapes:
+        for dtype in dtypes:
+            for implicit, p in ((False, 0.0), (False, 0.3), (True, 0.25)):
+                proj_seed, std, seed = 31, D**-0.5, 2024
+                h = randn(B, D, dtype=dtype)
+                weight = None if implicit else randn(C, D, seed=1, dtype=dtype, scale=D**-0.5)
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                grad_v = randn(B, C, seed=2, dtype=acc)
+                v = emu.projection_forward(h, weight, C, proj_seed, std, p, seed)
+                dh = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype)
+                dropped = reference.dropped_weight(None if weight is None else weight.double(), D, C, proj_seed, std,
+                                                   p, seed, torch.float64, "cpu")
+                name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
+                extra = IMPLICIT_TOL if implicit else 0.0
+                expect_close(v, h.double() @ dropped.t(), max(ACC_TOL[dtype], extra), f"v {name}")
+                expect_close(dh, grad_v.double() @ dropped, max(OUT_TOL[dtype], extra), f"dh {name}")
+
+
+def epilogue_truth(v, target, v_prev, weight, mean, center):
+    v64 = v.double().requires_grad_(True)
+    loss, ce, alignment = reference.epilogue(v64, target, None if v_prev is None else v_prev.double(), weight, mean,
+                                             center)
+    (g_v,) = torch.autograd.grad(loss, v64) if loss.requires_grad else (torch.zeros_like(v64),)
+    return loss.detach(), ce, alignment, g_v
+
+
+def check_epilogue(emu, dtypes, shapes):
+    for B, C, Cp in shapes:
+        for dtype in dtypes:
+            v = randn(B, C, dtype=dtype, scale=2.0)
+            v_prev = None if Cp is None else randn(B, Cp, seed=2, dtype=dtype)
+            target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1))
+            for with_target in (True, False):
+                for mean, center in ((True, False), (False, True)):
+                    t = target if with_target else None
+                    actual = emu.loss_epilogue(v, t, v_prev, 0.7, mean, center)
+                    expected = epilogue_truth(v, t, v_prev, 0.7, mean, center)
+                    for name, a, e in zip(("loss", "ce", "alignment", "g_v"), actual, expected):
+                        expect_close(a, e, ACC_TOL[dtype], f"{name} B={B} C={C} C'={Cp} {dtype} target={with_target}"
+                                                           f" mean={mean} center={center}")
+            for center in (False, True):
+                expect_close(emu.cosine_gram(v, center), reference.cosine_gram(v.double(), center), ACC_TOL[dtype],
+                             f"cosine_gram B={B} C={C} {dtype} center={center}")
+    # ‖v_b‖ <= ε rows take the g / ε branch.
+    v = randn(6, 5, seed=4)
+    v[2], v[4] = 0.0, 3.0
+    v_prev = randn(6, 4, seed=5)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    for center in (False, True):
+        for name, a, e in zip(("loss", "ce", "alignment", "g_v"), emu.loss_epilogue(v, target, v_prev, 0.5, True, center),
+                              epilogue_truth(v, target, v_prev, 0.5, True, center)):
+            expect_close(a, e, 1e-10, f"zero/constant rows {name} center={center}")
+
+
+PROJECTION_SHAPES = [(1, 5, 3), (7, 13, 5), (5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 300, 130), (129, 64, 16)]
+EPILOGUE_SHAPES = [(1, 3, 2), (7, 5, 3), (5, 11, 6), (33, 4, 4), (40, 6, 5), (300, 10, 12), (70, 70, 50),
+                   (64, 130, None)]
+PLANS = {
+    "default": "",
+    "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
+    "regenerate": "forward_panels_per_split=2,forward_btiles_per_block=1,epilogue_feature=0,batch_splits=2",
+    "no-split": "forward_panels_per_split=1000,forward_btiles_per_block=2,backward_btiles_per_block=2,"
+                "epilogue_feature=0",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="float32/float64, fewer shapes, default plan only")
+    parser.add_argument("--keep-build", help="build into this directory and keep it")
+    parser.add_argument("-k", dest="only", default="", help="run only the groups whose name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    build_dir = args.keep_build or tempfile.mkdtemp(prefix="svp_emu_")
+    os.makedirs(build_dir, exist_ok=True)
+    start = time.time()
+    emu = Emulated(build(build_dir))
+    print(f"run_emulation: built the kernels for the CPU in {time.time() - start:.0f}s ({build_dir})", flush=True)
+
+    all_dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    dtypes = all_dtypes[:2] if args.quick else all_dtypes
+    projection_shapes = PROJECTION_SHAPES[:5] if args.quick else PROJECTION_SHAPES
+    # Quick: still one multi-tile batch-space shape (70, 70, 50) and one split-Gram shape (300, 10, 12).
+    epilogue_shapes = [EPILOGUE_SHAPES[i] for i in (0, 2, 3, 5, 6)] if args.quick else EPILOGUE_SHAPES
+    groups = []
+    for plan_name, plan in (PLANS.items() if not args.quick else [("default", "")]):
+        for reverse in ("0", "1"):
+            for sms in ("4", "132") if plan_name == "default" else ("4",):
+                plan_dtypes = dtypes if plan_name == "default" else [torch.float32, torch.float64]
+                env = {"SVP_CUDA_PLAN": plan, "SVP_EMU_REVERSE": reverse, "SVP_EMU_SMS": sms}
+                label = f"plan={plan_name} reverse={reverse} sms={sms}"
+                if plan_name == "default" and reverse == "0" and sms == "4":
+                    groups.append((f"masks {label}", env, lambda d=plan_dtypes: check_masks(emu, d)))
+                groups.append((f"projection {label}", env,
+                               lambda d=plan_dtypes: check_projection(emu, d, projection_shapes)))
+                groups.append((f"epilogue {label}", env, lambda d=plan_dtypes: check_epilogue(emu, d, epilogue_shapes)))
+    failures = 0
+    for name, env, check in groups:
+        if args.only not in name:
+            continue
+        os.environ.update(env)
+        start = time.time()
+        try:
+            check()
+            print(f"ok      {name}  ({time.time() - start:.0f}s)", flush=True)
+        except AssertionError as error:
+            failures += 1
+            print(f"FAILED  {name}: {error}", flush=True)
+    if not args.keep_build:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    print("run_emulation: " + ("all ok" if failures == 0 else f"{failures} group(s) FAILED"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
