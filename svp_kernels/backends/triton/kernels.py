@@ -1,0 +1,499 @@
+"""Triton kernels of the fused SVP local loss (the math of DESIGN.md §2, the randomness of §3).
+
+Data flow (the launchers and block-size choices live in ``ops.py``):
+
+    projection forward   h (B, D) ──► v (B, C)
+        grid (D splits, B tiles, C tiles). A program walks its slice of D in BLOCK_D chunks: it loads an
+        h tile (BLOCK_B × BLOCK_D), generates the matching tile of R ⊙ M (BLOCK_C × BLOCK_D) in registers
+        (dense R is loaded; implicit R and the keep mask come from Philox) and accumulates
+        h · (R ⊙ M)ᵀ with tl.dot. The dropout scale 1/(1−p) multiplies the accumulator once at the end.
+        Each split writes its partial sums to a (splits, B, C) workspace that the launcher reduces with
+        a fixed-order ``sum(0)`` (deterministic; no atomics). With one split the kernel writes v.
+    projection backward  grad_v (B, C) ──► dh (B, D) = grad_v · R̃
+        grid (D tiles, B tiles); each program loops over C in BLOCK_C chunks, regenerating the same
+        R ⊙ M tiles bit for bit, and writes dh in h's dtype.
+    loss epilogue        v (B, C), target, v_prev (B, C') ──► loss, ce, alignment, g_v
+        1. ``row_statistics_kernel`` (grid: B tiles) — per row: online logsumexp, CE, the CE gradient
+           (softmax − onehot)/B into g_v; the row mean (center), the norm and â = v/max(‖v‖, ε).
+           Run once for v and once (normalisation only) for v_prev.
+        2. FA and ∂FA/∂â by the cheaper path:
+           feature space (C + C' < B): ``matmul_kernel`` builds the Grams âᵀâ (C×C), b̂ᵀâ (C'×C),
+           b̂ᵀb̂ (C'×C'); FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖²; then ∂FA/∂â ∝ â(âᵀâ) − b̂(b̂ᵀâ), one
+           more ``matmul_kernel`` with two products.
+           batch space: ``batch_alignment_kernel`` (grid: row tiles × C chunks) computes tiles of
+           S(â) − S(b̂) (BLOCK_B × BLOCK_B) in registers, accumulates their squares and (S(â) − S(b̂)) â_j;
+           no B×B tensor exists.
+        3. ``normalization_backward_kernel`` (grid: B tiles) pulls λ·∂FA/∂â through the row
+           normalisation, (g − â(â·g))/‖v‖ (g/ε when ‖v‖ ≤ ε), minus its row mean when centering, and adds
+           it to g_v.
+        Scratch: â, b̂, ∂FA/∂â (B×C, B×C'), the norms (B) and the Grams (C×C, C'×C, C'×C'): O(B·C + C²).
+    cosine gram          v ──► S = â âᵀ (B × B), inspection only: row_statistics_kernel + matmul_kernel.
+
+Randomness. ``philox4x32_10`` is written out here with tl.umulhi (not tl.randint4x, whose handling of
+64-bit offsets has changed between Triton releases) so the words are the same in every Triton version:
+counter (lo32(n), hi32(n), 0, 0), key (lo32(seed), hi32(seed)), 10 rounds. For 32-bit offsets the words
+equal tl.randint4x's (tested). Words become numbers only through our conversions: keep iff
+(w0 >> 8) >= ceil(float32(p)·2²⁴), which is exactly u24(w0) >= float32(p); implicit R is
+std·sqrt(−2 ln u1)·cos(2π u2) in float32 with u1 = ((w0 >> 8) + 1)·2⁻²⁴, u2 = u24(w1).
+Offsets are int32 unless the tile's offsets can reach 2³¹ (OFFSET_64), then int64 split into two words;
+for n < 2³² both paths give the same counter, so the choice never changes a value.
+
+Precision. Accumulation is float32 (float64 for float64 inputs). float32 tl.dot runs with
+input_precision="ieee" (no TF32) unless SVP_KERNELS_ALLOW_TF32=1. bf16/fp16 h with a dense R of the same
+dtype is multiplied in that dtype on tensor cores (products are exact in float32, sums are float32). An
+implicit R is float32 values, so half-precision h is widened to float32 for that dot. On the GPU
+(PRECISE_MATH) exp/log/cos/sqrt come from libdevice (Triton's tl.exp/log/cos/sqrt lower to approximate
+PTX there), so implicit-R values agree with the C++ backends to float32 rounding; the interpreter cannot
+call libdevice and uses numpy's (equally accurate) functions through tl.*.
+
+Block sizes (ops.py picks them; every tl.dot dimension is ≥ 16).
+- Interpreter: fixed 16/32-wide blocks; its cost is per program, so few programs run fastest.
+- GPU, tensor-core dots (half-precision h and a dense R of its dtype): forward BLOCK_B 128 (8 warps)
+  or ≤ 64 for small batches, BLOCK_C = C padded to a power of two in [16, 64], BLOCK_D 64 (32 when
+  BLOCK_B ≤ 64).
+- GPU, float32/float64 dots (ieee, and every implicit R): these run on the FMA units, which keep both
+  operands of a dot in registers, so the reduction width stays at 16: forward BLOCK_B ≤ 64 (32 for
+  float64), BLOCK_C ≤ 32, BLOCK_D 16; backward (grad_v is float32/float64) BLOCK_B ≤ 64, BLOCK_C 16,
+  BLOCK_D 128 (64 for float64) with 8 warps; epilogue Grams 64×64 tiles over K = 16 (8 warps), S tiles
+  32×32, row tiles of ≤ 1024 elements.
+- These compile for sm_90 without register spills (gpu_compile_check.py; the only stack frame is
+  libdevice's 32 bytes). Their speed has not been tuned on a GPU yet.
+- The forward's D splits: enough that splits × B tiles × C tiles ≈ 2 × the SM count, with the
+  workspace capped at 2²⁴ elements. Each program regenerates its R tile, so Philox runs
+  ceil(B / BLOCK_B) times per element of R: BLOCK_B as large as registers allow.
+"""
+
+import triton
+import triton.language as tl
+
+try:  # libdevice (accurate log/cos) exists from Triton 3.0; only the compiled GPU path uses it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old Triton
+    libdevice = None
+
+# Philox4x32-10 constants (DESIGN.md §3, csrc/include/svp/philox.h).
+PHILOX_M0 = tl.constexpr(0xD2511F53)  # multiplies counter word 0
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)  # multiplies counter word 2
+PHILOX_W0 = tl.constexpr(0x9E3779B9)  # key increment, word 0
+PHILOX_W1 = tl.constexpr(0xBB67AE85)  # key increment, word 1
+TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)
+TWO_PI = tl.constexpr(6.28318530717958647692)  # rounded to float32 where used, like the C++ `kTwoPi` literal
+NORM_EPS = tl.constexpr(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Randomness
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi):
+    """The four raw Philox4x32-10 words for counters (counter_lo, counter_hi, 0, 0) under the key
+    (seed_lo, seed_hi) = (lo32(seed), hi32(seed)). counter_lo/hi: uint32 blocks; seed_lo/hi: integer
+    scalars in [0, 2³²) (the launchers split the 64-bit seed: no 64-bit shifts of a scalar argument,
+    which the interpreter mishandles for values in [2³¹, 2³²))."""
+    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
+    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    c0 = counter_lo
+    c1 = counter_hi
+    c2 = counter_lo * 0
+    c3 = c2
+    m0 = tl.full(counter_lo.shape, PHILOX_M0, tl.uint32)
+    m1 = tl.full(counter_lo.shape, PHILOX_M1, tl.uint32)
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0  # wraps: the low 32 bits of the product
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def element_counters(rows, cols, D, OFFSET_64: tl.constexpr):
+    """(lo32(n), hi32(n)) of the element offsets n = row·D + col, as uint32 blocks."""
+    if OFFSET_64:
+        offsets = rows.to(tl.int64) * D + cols.to(tl.int64)
+        counter_lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
+        counter_hi = ((offsets >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    else:
+        counter_lo = (rows * D + cols).to(tl.uint32)
+        counter_hi = counter_lo * 0
+    return counter_lo, counter_hi
+
+
+# Elementwise math. PRECISE_MATH (compiled GPU code): libdevice, accurate for float32 (Triton's own
+# tl.exp/tl.log/tl.cos/tl.sqrt lower to approximate PTX instructions there) and defined for float64.
+# Otherwise (the interpreter) tl.*, which numpy evaluates accurately; libdevice does not run there.
+
+
+@triton.jit
+def _exp(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _cos(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        y = libdevice.cos(x)
+    else:
+        y = tl.cos(x)
+    return y
+
+
+@triton.jit
+def _sqrt(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        y = libdevice.sqrt_rn(x)  # correctly rounded (__nv_fsqrt_rn / __nv_dsqrt_rn)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def implicit_normal(word0, word1, proj_std, PRECISE_MATH: tl.constexpr):
+    """std · sqrt(−2 ln u1) · cos(2π u2), u1 = ((w0 >> 8) + 1)·2⁻²⁴, u2 = (w1 >> 8)·2⁻²⁴, in float32."""
+    u1 = ((word0 >> 8) + 1).to(tl.float32) * TWO_POW_MINUS_24
+    u2 = (word1 >> 8).to(tl.float32) * TWO_POW_MINUS_24
+    radius = _sqrt(-2.0 * _log(u1, PRECISE_MATH), PRECISE_MATH)
+    angle = _cos(u2 * TWO_PI, PRECISE_MATH)
+    return radius * angle * proj_std
+
+
+@triton.jit
+def masked_weight_tile(weight_ptr, stride_wc, rows, cols, C, D, proj_seed_lo, proj_seed_hi, proj_std,
+                       seed_lo, seed_hi, keep_threshold,
+                       HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
+                       PRECISE_MATH: tl.constexpr):
+    """R ⊙ M at (rows (R, 1), cols (1, K)), unscaled, zero outside (C, D).
+
+    R is the dense `weight` (its dtype) or the implicit R of (proj_seed, proj_std) (float32); M keeps an
+    element iff (word0(seed, n) >> 8) >= keep_threshold. Seeds arrive as (lo32, hi32) pairs.
+    """
+    in_bounds = (rows < C) & (cols < D)
+    if HAS_WEIGHT:
+        if OFFSET_64:
+            weight = tl.load(weight_ptr + rows.to(tl.int64) * stride_wc + cols, mask=in_bounds, other=0.0)
+        else:
+            weight = tl.load(weight_ptr + rows * stride_wc + cols, mask=in_bounds, other=0.0)
+    if HAS_DROPOUT or not HAS_WEIGHT:
+        counter_lo, counter_hi = element_counters(rows, cols, D, OFFSET_64)
+    if not HAS_WEIGHT:
+        word0, word1, _, _ = philox4x32_10(proj_seed_lo, proj_seed_hi, counter_lo, counter_hi)
+        weight = tl.where(in_bounds, implicit_normal(word0, word1, proj_std, PRECISE_MATH), 0.0)
+    if HAS_DROPOUT:
+        keep_word, _, _, _ = philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi)
+        keep = (keep_word >> 8).to(tl.int32) >= keep_threshold
+        weight = tl.where(keep, weight, tl.zeros_like(weight))
+    return weight
+
+
+@triton.jit
+def philox_words_kernel(offsets_ptr, words_ptr, N, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """words (4, N) int64 = the Philox words of (seed, offsets[i]) for int64 offsets (tests, any n < 2⁶³)."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = index < N
+    offsets = tl.load(offsets_ptr + index, mask=valid, other=0)
+    counter_lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    counter_hi = ((offsets >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi)
+    tl.store(words_ptr + index, w0.to(tl.int64), mask=valid)
+    tl.store(words_ptr + N + index, w1.to(tl.int64), mask=valid)
+    tl.store(words_ptr + 2 * N + index, w2.to(tl.int64), mask=valid)
+    tl.store(words_ptr + 3 * N + index, w3.to(tl.int64), mask=valid)
+
+
+@triton.jit
+def weight_window_kernel(weight_ptr, out_ptr, row_start, col_start, n_rows, n_cols, C, D, stride_wc,
+                         proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                         HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
+                         PRECISE_MATH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (n_rows, n_cols) = (R ⊙ M)[row_start:, col_start:] exactly as the projection kernels see it
+    (tests and materialisation; a window far into a huge R needs no memory for the rest of it)."""
+    local_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    tile = masked_weight_tile(weight_ptr, stride_wc, row_start + local_rows, col_start + local_cols, C, D,
+                              proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                              HAS_WEIGHT, HAS_DROPOUT, OFFSET_64, PRECISE_MATH)
+    valid = (local_rows < n_rows) & (local_cols < n_cols)
+    tl.store(out_ptr + local_rows * n_cols + local_cols, tile.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Projection
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
+                              B, C, D, stride_hb, stride_wc, stride_os, stride_ob, d_per_split,
+                              proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                              HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
+                              PRECISE_MATH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[split] (B, C) = h[:, split's D range] · (R ⊙ M)[:, same range]ᵀ · scale.
+
+    d_per_split is a multiple of BLOCK_D. The accumulation dtype is out's; the dot runs in the dense R's
+    dtype (h's) or, for an implicit (float32) R, in the accumulation dtype."""
+    acc_dtype = out_ptr.dtype.element_ty
+    if HAS_WEIGHT:
+        dot_dtype = weight_ptr.dtype.element_ty
+    else:
+        dot_dtype = acc_dtype
+    split = tl.program_id(0)
+    rows_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d_start = split * d_per_split
+    d_stop = tl.minimum(d_start + d_per_split, D)
+    h_rows = h_ptr + rows_b.to(tl.int64)[:, None] * stride_hb
+
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_dtype)
+    for d0 in range(d_start, d_stop, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        # h tile (BLOCK_B, BLOCK_D) and the matching R ⊙ M tile (BLOCK_C, BLOCK_D), generated in registers
+        h_tile = tl.load(h_rows + cols[None, :], mask=(rows_b[:, None] < B) & (cols[None, :] < d_stop), other=0.0)
+        weight_tile = masked_weight_tile(weight_ptr, stride_wc, rows_c[:, None], cols[None, :], C, D,
+                                         proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                                         HAS_WEIGHT, HAS_DROPOUT, OFFSET_64, PRECISE_MATH)
+        acc = tl.dot(h_tile.to(dot_dtype), tl.trans(weight_tile.to(dot_dtype)), acc,
+                     input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+    if HAS_DROPOUT:
+        acc = acc * tl.load(scale_ptr)
+    out = out_ptr + split.to(tl.int64) * stride_os + rows_b.to(tl.int64)[:, None] * stride_ob + rows_c[None, :]
+    tl.store(out, acc, mask=(rows_b[:, None] < B) & (rows_c[None, :] < C))
+
+
+@triton.jit
+def projection_backward_kernel(grad_ptr, weight_ptr, dh_ptr, scale_ptr,
+                               B, C, D, stride_gb, stride_wc, stride_dhb,
+                               proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                               HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
+                               PRECISE_MATH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dh (B, D) = grad_v (B, C) · (R ⊙ M) · scale, accumulated in grad_v's dtype, written in dh's."""
+    acc_dtype = grad_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    grad_rows = grad_ptr + rows_b.to(tl.int64)[:, None] * stride_gb
+
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        rows_c = c0 + tl.arange(0, BLOCK_C)
+        grad_tile = tl.load(grad_rows + rows_c[None, :], mask=(rows_b[:, None] < B) & (rows_c[None, :] < C),
+                            other=0.0)
+        weight_tile = masked_weight_tile(weight_ptr, stride_wc, rows_c[:, None], cols[None, :], C, D,
+                                         proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                                         HAS_WEIGHT, HAS_DROPOUT, OFFSET_64, PRECISE_MATH)
+        acc = tl.dot(grad_tile, weight_tile.to(acc_dtype), acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+    if HAS_DROPOUT:
+        acc = acc * tl.load(scale_ptr)
+    out = dh_ptr + rows_b.to(tl.int64)[:, None] * stride_dhb + cols[None, :]
+    tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=(rows_b[:, None] < B) & (cols[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss epilogue
+# ----------------------------------------------------------------------------------------------------
+
+
+
+
+@triton.jit
+def row_statistics_kernel(x_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_ptr, inv_batch_ptr,
+                          B, C, stride_xb,
+                          HAS_TARGET: tl.constexpr, NORMALIZE: tl.constexpr, CENTER: tl.constexpr,
+                          PRECISE_MATH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per row b of x (B, C):
+    HAS_TARGET: ce[b] = logsumexp(x_b) − x_b[y_b], grad[b] = (softmax(x_b) − onehot(y_b)) / B;
+    NORMALIZE:  x_c = x_b − mean (when CENTER), norm[b] = ‖x_c‖, xhat[b] = x_c / max(‖x_c‖, ε).
+    The accumulation dtype is inv_batch's (a 0-dim tensor holding 1/B); outputs are contiguous."""
+    acc_dtype = inv_batch_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xb
+    out_rows = rows.to(tl.int64)[:, None] * C
+
+    if HAS_TARGET:
+        # online logsumexp over C chunks
+        running_max = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
+        running_sum = tl.zeros((BLOCK_B,), acc_dtype)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+            x = tl.where(cols[None, :] < C, x.to(acc_dtype), float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(x, axis=1))
+            running_sum = (running_sum * _exp(running_max - new_max, PRECISE_MATH)
+                           + tl.sum(_exp(x - new_max[:, None], PRECISE_MATH), axis=1))
+            running_max = new_max
+        logsumexp = running_max + _log(running_sum, PRECISE_MATH)
+        target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+        target_logit = tl.load(x_ptr + rows.to(tl.int64) * stride_xb + target, mask=row_ok, other=0.0)
+        tl.store(ce_ptr + rows, logsumexp - target_logit.to(acc_dtype), mask=row_ok)
+        # CE gradient, written to g_v
+        inv_batch = tl.load(inv_batch_ptr)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cols[None, :] < C)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
+            softmax = _exp(x - logsumexp[:, None], PRECISE_MATH)
+            onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0).to(acc_dtype)
+            tl.store(grad_ptr + out_rows + cols[None, :], (softmax - onehot) * inv_batch, mask=valid)
+
+    if NORMALIZE:
+        mean = tl.zeros((BLOCK_B,), acc_dtype)
+        if CENTER:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+                mean += tl.sum(x.to(acc_dtype), axis=1)
+            mean = mean / C
+        squares = tl.zeros((BLOCK_B,), acc_dtype)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cols[None, :] < C)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
+            x = tl.where(valid, x - mean[:, None], 0.0)
+            squares += tl.sum(x * x, axis=1)
+        norm = _sqrt(squares, PRECISE_MATH)
+        tl.store(norm_ptr + rows, norm, mask=row_ok)
+        denominator = tl.maximum(norm, NORM_EPS)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cols[None, :] < C)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
+            tl.store(xhat_ptr + out_rows + cols[None, :], (x - mean[:, None]) / denominator[:, None], mask=valid)
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr, M, N, K, K2,
+                  stride_am, stride_ak, stride_bk, stride_bn,
+                  stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_om, stride_on,
+                  HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (M, N) = A (M, K) · B (K, N) [− A2 (M, K2) · B2 (K2, N)], any strides (so Aᵀ is free).
+
+    Used for the feature-space Grams (âᵀâ, b̂ᵀâ, b̂ᵀb̂: reductions over the batch), the feature-space
+    gradient â(âᵀâ) − b̂(b̂ᵀâ), and the inspection Gram â âᵀ. Operands and out share one dtype."""
+    acc_dtype = out_ptr.dtype.element_ty
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+    if HAS_SECOND:
+        second = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+        for k0 in range(0, K2, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a2_ptr + rows[:, None] * stride_a2m + ks[None, :] * stride_a2k,
+                        mask=(rows[:, None] < M) & (ks[None, :] < K2), other=0.0)
+            b = tl.load(b2_ptr + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n,
+                        mask=(ks[:, None] < K2) & (cols[None, :] < N), other=0.0)
+            second = tl.dot(a, b, second, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        acc = acc - second
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc,
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def batch_alignment_kernel(a_ptr, b_ptr, grad_ptr, partial_ptr, B, C, CP,
+                           COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Batch-space FA for row tile i and gradient columns [c-chunk]: for every column tile j,
+    Δ = â_i â_jᵀ − b̂_i b̂_jᵀ (BLOCK_B × BLOCK_B, registers only); partial[i] = Σ Δ² (written by the
+    chunk-0 program), grad[i, chunk] = Σ_j Δ â_j[:, chunk]. â: (B, C), b̂: (B, CP), contiguous."""
+    acc_dtype = partial_ptr.dtype.element_ty
+    rows_i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    chunk = tl.program_id(1)
+    grad_cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    squares = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
+    grad = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
+    for j0 in range(0, B, BLOCK_B):
+        rows_j = j0 + tl.arange(0, BLOCK_B)
+        gram_a = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a_i = tl.load(a_ptr + rows_i[:, None] * C + ks[None, :], mask=(rows_i[:, None] < B) & (ks[None, :] < C),
+                          other=0.0)
+            a_jt = tl.load(a_ptr + rows_j[None, :] * C + ks[:, None], mask=(rows_j[None, :] < B) & (ks[:, None] < C),
+                           other=0.0)
+            gram_a = tl.dot(a_i, a_jt, gram_a, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        gram_b = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
+        for k0 in range(0, CP, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            b_i = tl.load(b_ptr + rows_i[:, None] * CP + ks[None, :],
+                          mask=(rows_i[:, None] < B) & (ks[None, :] < CP), other=0.0)
+            b_jt = tl.load(b_ptr + rows_j[None, :] * CP + ks[:, None],
+                           mask=(rows_j[None, :] < B) & (ks[:, None] < CP), other=0.0)
+            gram_b = tl.dot(b_i, b_jt, gram_b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        difference = gram_a - gram_b
+        squares += difference * difference
+        if COMPUTE_GRAD:
+            a_j = tl.load(a_ptr + rows_j[:, None] * C + grad_cols[None, :],
+                          mask=(rows_j[:, None] < B) & (grad_cols[None, :] < C), other=0.0)
+            grad = tl.dot(difference, a_j, grad, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+    if chunk == 0:
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(squares, axis=1), axis=0))
+    if COMPUTE_GRAD:
+        tl.store(grad_ptr + rows_i[:, None] * C + grad_cols[None, :], grad,
+                 mask=(rows_i[:, None] < B) & (grad_cols[None, :] < C))
+
+
+@triton.jit
+def normalization_backward_kernel(xhat_ptr, norm_ptr, grad_xhat_ptr, grad_v_ptr, coef_ptr, B, C,
+                                  CENTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_v[b] += P((g − x̂_b (x̂_b·g)) / ‖v_b‖) with g = coef · grad_xhat[b] (g / ε when ‖v_b‖ ≤ ε);
+    P subtracts the row mean when CENTER. All (B, C) contiguous; coef is a 0-dim tensor."""
+    acc_dtype = coef_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    offsets = rows.to(tl.int64)[:, None] * C
+    coef = tl.load(coef_ptr)
+    norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
+    # x̂·g per row
+    projection = tl.zeros((BLOCK_B,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        valid = row_ok[:, None] & (cols[None, :] < C)
+        xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
+        g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
+        projection += tl.sum(xhat * g, axis=1)
+    above_eps = norm > NORM_EPS
+    safe_norm = tl.where(above_eps, norm, 1.0)  # no 0/0 in the branch tl.where discards
+    mean = tl.zeros((BLOCK_B,), acc_dtype)
+    if CENTER:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cols[None, :] < C)
+            xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
+            g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
+            through = tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
+            mean += tl.sum(tl.where(valid, through, 0.0), axis=1)
+        mean = mean / C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        valid = row_ok[:, None] & (cols[None, :] < C)
+        xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
+        g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
+        through = tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
+        grad_v = tl.load(grad_v_ptr + offsets + cols[None, :], mask=valid, other=0.0)
+        tl.store(grad_v_ptr + offsets + cols[None, :], grad_v + through - mean[:, None], mask=valid)
