@@ -1,0 +1,61 @@
+// Op registration: the four svp_kernels schemas (docs/backends.md), their CPU implementations, and the
+// pybind11 module svp_kernels._C (test helpers). CUDA implementations register in csrc/bindings_cuda.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+#include "svp/philox.h"
+
+namespace {
+
+// (n, 4) int64 tensor of the raw Philox4x32-10 words of offsets start, ..., start + n − 1 under `seed`.
+at::Tensor philox_words(int64_t seed, int64_t n, int64_t start) {
+  TORCH_CHECK(seed >= 0 && start >= 0 && n >= 0, "philox_words: seed, n and start must be non-negative");
+  at::Tensor words = at::empty({n, 4}, at::kLong);
+  int64_t* out = words.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const svp::PhiloxWords w = svp::philox4x32_10(static_cast<uint64_t>(seed), static_cast<uint64_t>(start + i));
+    out[4 * i + 0] = w.w0;
+    out[4 * i + 1] = w.w1;
+    out[4 * i + 2] = w.w2;
+    out[4 * i + 3] = w.w3;
+  }
+  return words;
+}
+
+bool has_cuda() {
+#if defined(SVP_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(svp_kernels, m) {
+  m.def(
+      "projection_forward(Tensor h, Tensor? weight, int out_features, int proj_seed, float proj_std, float p, "
+      "int seed) -> Tensor v");
+  m.def(
+      "projection_backward(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
+      "float p, int seed, ScalarType dtype) -> Tensor dh");
+  m.def(
+      "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center) "
+      "-> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");
+  m.def("cosine_gram(Tensor v, bool center) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
+  m.impl("projection_forward", &svp::cpu::projection_forward);
+  m.impl("projection_backward", &svp::cpu::projection_backward);
+  m.impl("loss_epilogue", &svp::cpu::loss_epilogue);
+  m.impl("cosine_gram", &svp::cpu::cosine_gram);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "svp_kernels compiled ops (registered under torch.ops.svp_kernels) and test helpers";
+  module.def("philox_words", &philox_words, "(n, 4) int64 Philox4x32-10 words of offsets start..start+n-1",
+             pybind11::arg("seed"), pybind11::arg("n"), pybind11::arg("start") = 0);
+  module.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in");
+}

@@ -1,0 +1,25 @@
+// Two small dense products, register-blocked and vectorised, shared by the CPU kernels.
+//
+// Row-major matrices with leading dimensions (ld). Each output element sums its terms in an order
+// fixed by the shapes alone (never by the thread count or the instruction set picked at load time),
+// and neither function allocates or spawns threads: callers split the work.
+#pragma once
+
+#include <cstdint>
+
+namespace svp::cpu {
+
+// out (rows × cols) += x (rows × width) · yᵀ, with y (cols × width): dot products along contiguous rows.
+void gemm_nt_accumulate(const float* x, int64_t ldx, int64_t rows, const float* y, int64_t ldy, int64_t cols,
+                        int64_t width, float* out, int64_t ldo);
+void gemm_nt_accumulate(const double* x, int64_t ldx, int64_t rows, const double* y, int64_t ldy, int64_t cols,
+                        int64_t width, double* out, int64_t ldo);
+
+// out (rows × width) = a (rows × inner) · m (inner × width), or out += a · m when `accumulate`;
+// terms summed over inner in increasing order.
+void gemm_nn(const float* a, int64_t lda, int64_t rows, const float* m, int64_t ldm, int64_t inner, int64_t width,
+             float* out, int64_t ldo, bool accumulate);
+void gemm_nn(const double* a, int64_t lda, int64_t rows, const double* m, int64_t ldm, int64_t inner,
+             int64_t width, double* out, int64_t ldo, bool accumulate);
+
+}  // namespace svp::cpu

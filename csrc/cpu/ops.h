@@ -1,0 +1,27 @@
+// The CPU implementations of the svp_kernels ops (schemas in csrc/bindings.cpp, docs/backends.md).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace svp::cpu {
+
+// v (B, C) = h R̃ᵀ in the accumulation dtype; R̃ = R ⊙ M / (1 − p) generated tile by tile.
+at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
+                              int64_t proj_seed, double proj_std, double p, int64_t seed);
+
+// dh (B, D) = grad_v R̃ in `dtype`, regenerating the tiles of R̃.
+at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
+                               int64_t in_features, int64_t proj_seed, double proj_std, double p, int64_t seed,
+                               at::ScalarType dtype);
+
+// (loss, ce, alignment, g_v): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean) and g_v = dloss/dv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
+    const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,
+    double alignment_weight, bool mean, bool center);
+
+// S (B, B) = â âᵀ.
+at::Tensor cosine_gram(const at::Tensor& v, bool center);
+
+}  // namespace svp::cpu

@@ -1,0 +1,256 @@
+// CPU kernels of the dropout projection (DESIGN.md §2): v = h R̃ᵀ and dh = grad_v R̃.
+//
+// R̃ = R ⊙ M / (1 − p) never exists in memory. Both directions walk D in tiles of `width` columns; a task
+// generates the C × width block of R̃ it needs (Philox mask, implicit R) into a scratch buffer that stays in
+// cache and multiplies it with its rows of h (forward) or grad_v (backward) (csrc/cpu/gemm.h).
+// Forward partial sums are kept per fixed group of tiles and reduced in group order, so v depends on
+// (B, C, D, dtype) only, never on the number of threads; backward tasks write disjoint blocks of dh.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/ops.h"
+#include "cpu/simd.h"
+#include "svp/math.h"
+#include "svp/philox.h"
+
+namespace svp::cpu {
+namespace projection_detail {
+
+// ---- Tiling (a function of the shapes only) ----------------------------------------------------------
+
+constexpr int64_t kTileBytes = 128 * 1024;  // one C × width block of R̃ stays in L2
+constexpr int64_t kTileAlign = 64;           // tile widths are whole numbers of SIMD vectors
+constexpr int64_t kMaxTileWidth = 2048;
+constexpr int64_t kMaxGroups = 64;                    // forward partial v buffers ...
+constexpr int64_t kPartialBytes = 8 * 1024 * 1024;   // ... and their total size
+constexpr int64_t kTasksPerThread = 2;
+constexpr int64_t kMinTaskRows = 64;  // each row block regenerates its tiles: keep blocks tall
+constexpr int64_t kRowAlign = 4;      // task rows are whole micro-kernel blocks (csrc/cpu/gemm.cpp)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+struct TilePlan {
+  int64_t width;  // columns of D per tile (the last one may be narrower)
+  int64_t count;
+};
+
+TilePlan plan_tiles(int64_t out_features, int64_t in_features, int64_t element_size) {
+  const int64_t fitting = kTileBytes / (out_features * element_size) / kTileAlign * kTileAlign;
+  const int64_t max_width = std::clamp(fitting, kTileAlign, kMaxTileWidth);
+  const int64_t count = ceil_div(in_features, max_width);
+  const int64_t width = round_up(ceil_div(in_features, count), kTileAlign);  // balanced tiles
+  return {width, ceil_div(in_features, width)};
+}
+
+// Rows per task: enough tasks to keep every thread busy, rows in multiples of the micro-kernel block.
+// (Row blocking changes no arithmetic, so it may depend on the thread count.)
+int64_t rows_per_task(int64_t batch, int64_t column_tasks) {
+  const int64_t wanted_blocks = ceil_div(kTasksPerThread * at::get_num_threads(), column_tasks);
+  const int64_t blocks = std::clamp<int64_t>(wanted_blocks, 1, std::max<int64_t>(1, batch / kMinTaskRows));
+  return round_up(ceil_div(batch, blocks), kRowAlign);
+}
+
+// Forward reduction groups: consecutive tiles summing into one partial (B, C) buffer.
+int64_t forward_groups(int64_t batch, int64_t out_features, int64_t tiles, int64_t element_size) {
+  const int64_t affordable = kPartialBytes / (batch * out_features * element_size);
+  return std::max<int64_t>(1, std::min({tiles, kMaxGroups, affordable}));
+}
+
+// ---- R̃ tiles -----------------------------------------------------------------------------------------
+
+template <typename T>
+struct DroppedProjection {
+  const T* weight;  // R (C, D) row-major, or nullptr for the implicit R of (proj_seed, proj_std)
+  int64_t out_features, in_features;
+  uint64_t proj_seed;
+  float proj_std;
+  float p;
+  uint64_t seed;
+  T scale;  // 1 / (1 − p)
+
+  // A dense R with p = 0 is R̃ itself: kernels read it in place.
+  bool needs_tile() const { return weight == nullptr || p > 0; }
+};
+
+// tile[c·width + jj] = R̃[c, j0 + jj] for c < C, jj < width; Philox offsets n = c·D + j are 64-bit.
+// R's fields are copied to locals: stores to a float tile could otherwise alias them and block vectorisation.
+template <typename T>
+SVP_ALWAYS_INLINE void fill_tile_impl(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* tile) {
+  const T* weight = R.weight;
+  const int64_t out_features = R.out_features, in_features = R.in_features;
+  const uint64_t proj_seed = R.proj_seed, seed = R.seed;
+  const float proj_std = R.proj_std, p = R.p;
+  const T scale = R.scale;
+  for (int64_t c = 0; c < out_features; ++c) {
+    T* row = tile + c * width;
+    const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(in_features) + j0;
+    const T* source = row;
+    if (weight != nullptr) {
+      source = weight + c * in_features + j0;
+    } else {
+      for (int64_t jj = 0; jj < width; ++jj) row[jj] = static_cast<T>(implicit_normal(proj_seed, base + jj, proj_std));
+    }
+    if (p > 0) {
+      for (int64_t jj = 0; jj < width; ++jj) {
+        row[jj] = dropped_value(source[jj], philox4x32_10(seed, base + jj).w0, p, scale);
+      }
+    }
+  }
+}
+
+SVP_MULTIVERSION void fill_tile(const DroppedProjection<float>& R, int64_t j0, int64_t width, float* tile) {
+  fill_tile_impl(R, j0, width, tile);
+}
+SVP_MULTIVERSION void fill_tile(const DroppedProjection<double>& R, int64_t j0, int64_t width, double* tile) {
+  fill_tile_impl(R, j0, width, tile);
+}
+
+// ---- Drivers -----------------------------------------------------------------------------------------
+
+// The R̃ tile for columns [j0, j0 + width): the dense R itself when p = 0, else generated into `scratch`.
+template <typename T>
+std::pair<const T*, int64_t> tile_for(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* scratch) {
+  if (!R.needs_tile()) return {R.weight + j0, R.in_features};
+  fill_tile(R, j0, width, scratch);
+  return {scratch, width};
+}
+
+// v (B, C) = h R̃ᵀ.
+template <typename T>
+void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v) {
+  const int64_t C = R.out_features, D = R.in_features;
+  const TilePlan tiles = plan_tiles(C, D, sizeof(T));
+  const int64_t groups = forward_groups(batch, C, tiles.count, sizeof(T));
+  const int64_t task_rows = rows_per_task(batch, groups);
+  const int64_t row_tasks = ceil_div(batch, task_rows);
+  std::unique_ptr<T[]> partials(groups > 1 ? new T[groups * batch * C] : nullptr);
+  T* partial_v = groups > 1 ? partials.get() : v;
+
+  // Stage 1: each (row block, group) task sums its group's tiles into its block of partial_v[group].
+  at::parallel_for(0, row_tasks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row0 = task / groups * task_rows, rows = std::min(task_rows, batch - row0);
+      const int64_t group = task % groups;
+      T* out = partial_v + (group * batch + row0) * C;
+      std::fill(out, out + rows * C, T(0));
+      for (int64_t t = group * tiles.count / groups; t < (group + 1) * tiles.count / groups; ++t) {
+        const int64_t j0 = t * tiles.width, width = std::min(tiles.width, D - j0);
+        const auto [tile, ldt] = tile_for(R, j0, width, scratch.data());
+        gemm_nt_accumulate(h + row0 * D + j0, D, rows, tile, ldt, C, width, out, C);
+      }
+    }
+  });
+  if (groups == 1) return;
+
+  // Stage 2: v = Σ_group partial_v[group], in group order.
+  at::parallel_for(0, batch * C, 4096, [&](int64_t begin, int64_t end) {
+    std::copy(partial_v + begin, partial_v + end, v + begin);
+    for (int64_t group = 1; group < groups; ++group) {
+      const T* partial = partial_v + group * batch * C;
+      for (int64_t i = begin; i < end; ++i) v[i] += partial[i];
+    }
+  });
+}
+
+// dh (B, D) = grad_v R̃: one task per (row block, tile), each writing its own block of dh.
+template <typename T>
+void run_backward(const T* grad_v, int64_t batch, const DroppedProjection<T>& R, T* dh) {
+  const int64_t C = R.out_features, D = R.in_features;
+  const TilePlan tiles = plan_tiles(C, D, sizeof(T));
+  const int64_t task_rows = rows_per_task(batch, tiles.count);
+  const int64_t row_tasks = ceil_div(batch, task_rows);
+  at::parallel_for(0, row_tasks * tiles.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row0 = task / tiles.count * task_rows, rows = std::min(task_rows, batch - row0);
+      const int64_t j0 = task % tiles.count * tiles.width, width = std::min(tiles.width, D - j0);
+      const auto [tile, ldt] = tile_for(R, j0, width, scratch.data());
+      gemm_nn(grad_v + row0 * C, C, rows, tile, ldt, C, width, dh + row0 * D + j0, D, /*accumulate=*/false);
+    }
+  });
+}
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_projection_args(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                           at::ScalarType dtype, int64_t proj_seed, double p, int64_t seed) {
+  TORCH_CHECK(out_features >= 1 && in_features >= 1, "svp_kernels: projection sizes must be positive, got C=",
+              out_features, ", D=", in_features);
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "svp_kernels: p must be in [0, 1), got ", p);
+  TORCH_CHECK(proj_seed >= 0 && seed >= 0, "svp_kernels: seeds must be in [0, 2**63)");
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.device().is_cpu(), "svp_kernels: weight must be a CPU tensor");
+    TORCH_CHECK(w.scalar_type() == dtype, "svp_kernels: weight must have dtype ", dtype, ", got ", w.scalar_type());
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == out_features && w.size(1) == in_features,
+                "svp_kernels: weight must be (C, D) = (", out_features, ", ", in_features, "), got ", w.sizes());
+  }
+}
+
+template <typename T>
+DroppedProjection<T> make_projection(const std::optional<at::Tensor>& weight, int64_t out_features,
+                                     int64_t in_features, int64_t proj_seed, double proj_std, double p,
+                                     int64_t seed) {
+  return DroppedProjection<T>{weight.has_value() ? weight->data_ptr<T>() : nullptr,
+                              out_features,
+                              in_features,
+                              static_cast<uint64_t>(proj_seed),
+                              static_cast<float>(proj_std),
+                              static_cast<float>(p),
+                              static_cast<uint64_t>(seed),
+                              dropout_scale<T>(p)};
+}
+
+}  // namespace projection_detail
+
+using namespace projection_detail;
+
+at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
+                              int64_t proj_seed, double proj_std, double p, int64_t seed) {
+  TORCH_CHECK(h.device().is_cpu(), "svp_kernels: projection_forward on CPU needs a CPU h");
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
+              "svp_kernels: the CPU kernels take float32 or float64 h, got ", h.scalar_type());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1, "svp_kernels: h must be (B, D) with B >= 1, got ", h.sizes());
+  check_projection_args(weight, out_features, h.size(1), h.scalar_type(), proj_seed, p, seed);
+  const at::Tensor h_contiguous = h.contiguous();
+  const std::optional<at::Tensor> weight_contiguous =
+      weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+  at::Tensor v = at::empty({h.size(0), out_features}, h.options().dtype(accumulation_dtype(h.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "svp_kernels::projection_forward", [&] {
+    const auto R = make_projection<scalar_t>(weight_contiguous, out_features, h.size(1), proj_seed, proj_std, p, seed);
+    run_forward(h_contiguous.data_ptr<scalar_t>(), h.size(0), R, v.data_ptr<scalar_t>());
+  });
+  return v;
+}
+
+at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
+                               int64_t in_features, int64_t proj_seed, double proj_std, double p, int64_t seed,
+                               at::ScalarType dtype) {
+  TORCH_CHECK(grad_v.device().is_cpu(), "svp_kernels: projection_backward on CPU needs a CPU grad_v");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "svp_kernels: the CPU kernels produce float32 or float64 dh, got ", dtype);
+  TORCH_CHECK(grad_v.scalar_type() == accumulation_dtype(dtype), "svp_kernels: grad_v must have dtype ",
+              accumulation_dtype(dtype), " for dh of dtype ", dtype, ", got ", grad_v.scalar_type());
+  TORCH_CHECK(grad_v.dim() == 2 && grad_v.size(0) >= 1, "svp_kernels: grad_v must be (B, C), got ", grad_v.sizes());
+  check_projection_args(weight, grad_v.size(1), in_features, dtype, proj_seed, p, seed);
+  const at::Tensor grad_contiguous = grad_v.contiguous();
+  const std::optional<at::Tensor> weight_contiguous =
+      weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+  at::Tensor dh = at::empty({grad_v.size(0), in_features}, grad_v.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "svp_kernels::projection_backward", [&] {
+    const auto R =
+        make_projection<scalar_t>(weight_contiguous, grad_v.size(1), in_features, proj_seed, proj_std, p, seed);
+    run_backward(grad_contiguous.data_ptr<scalar_t>(), grad_v.size(0), R, dh.data_ptr<scalar_t>());
+  });
+  return dh;
+}
+
+}  // namespace svp::cpu

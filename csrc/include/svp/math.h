@@ -1,0 +1,95 @@
+// The per-element and per-row math of DESIGN.md §2, shared by the CPU and CUDA kernels.
+//
+// Header-only, no torch header; every function is __host__ __device__ under nvcc (SVP_HD). T is the
+// accumulation dtype (float or double); rows are contiguous arrays of n values.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "svp/philox.h"
+
+namespace svp {
+
+// ε of â_b = v_b / max(‖v_b‖, ε).
+constexpr double kNormEps = 1e-12;
+
+SVP_HD float sqrt_of(float x) { return sqrtf(x); }
+SVP_HD double sqrt_of(double x) { return sqrt(x); }
+SVP_HD float exp_of(float x) { return expf(x); }
+SVP_HD double exp_of(double x) { return exp(x); }
+SVP_HD float log_of(float x) { return logf(x); }
+SVP_HD double log_of(double x) { return log(x); }
+
+// 1 / (1 − p), computed once in double and rounded to T (the reference's scalar tensor).
+template <typename T>
+SVP_HD T dropout_scale(double p) {
+  return static_cast<T>(1.0 / (1.0 - p));
+}
+
+// R̃[c, j] from R[c, j] and Philox word0 of the dropout seed at offset c·D + j: R · (1/q if kept else 0).
+// Multiplying (rather than selecting) keeps the reference's R ⊙ M / q bit for bit, NaN·0 included.
+template <typename T>
+SVP_HD T dropped_value(T r, uint32_t dropout_word0, float p, T scale) {
+  return r * (u24(dropout_word0) >= p ? scale : T(0));
+}
+
+// The feature-space identity costs B·(C+C')² against B²·(C+C') for batch-space Grams.
+SVP_HD bool feature_space_is_cheaper(int64_t batch, int64_t features, int64_t prev_features) {
+  return features + prev_features < batch;
+}
+
+// Cross-entropy of one row: returns logsumexp(v) − v[y] and writes grad = (softmax(v) − onehot(y)) · grad_scale.
+template <typename T>
+SVP_HD T cross_entropy_row(const T* v, int64_t n, int64_t y, T grad_scale, T* grad) {
+  T row_max = v[0];
+  for (int64_t c = 1; c < n; ++c) row_max = v[c] > row_max ? v[c] : row_max;
+  T exp_sum = T(0);
+  for (int64_t c = 0; c < n; ++c) {
+    grad[c] = exp_of(v[c] - row_max);
+    exp_sum += grad[c];
+  }
+  for (int64_t c = 0; c < n; ++c) grad[c] = (grad[c] / exp_sum - (c == y ? T(1) : T(0))) * grad_scale;
+  return row_max + log_of(exp_sum) - v[y];
+}
+
+// â = u / max(‖u‖, ε) with u = v (minus its mean when `center`); writes â and returns ‖u‖.
+template <typename T>
+SVP_HD T normalize_row(const T* v, int64_t n, bool center, T* normalized) {
+  T row_mean = T(0);
+  if (center) {
+    for (int64_t c = 0; c < n; ++c) row_mean += v[c];
+    row_mean /= static_cast<T>(n);
+  }
+  T square_sum = T(0);
+  for (int64_t c = 0; c < n; ++c) {
+    normalized[c] = v[c] - row_mean;
+    square_sum += normalized[c] * normalized[c];
+  }
+  const T norm = sqrt_of(square_sum);
+  const T denominator = norm > static_cast<T>(kNormEps) ? norm : static_cast<T>(kNormEps);
+  for (int64_t c = 0; c < n; ++c) normalized[c] /= denominator;
+  return norm;
+}
+
+// In place: grad = dL/dâ becomes dL/dv through normalize_row (â and the norm it returned):
+// (g − â(â·g)) / ‖u‖ when ‖u‖ > ε, else g / ε; minus its row mean when `center`.
+template <typename T>
+SVP_HD void normalize_row_backward(const T* normalized, T norm, int64_t n, bool center, T* grad) {
+  if (norm > static_cast<T>(kNormEps)) {
+    T projection = T(0);
+    for (int64_t c = 0; c < n; ++c) projection += normalized[c] * grad[c];
+    for (int64_t c = 0; c < n; ++c) grad[c] = (grad[c] - normalized[c] * projection) / norm;
+  } else {
+    for (int64_t c = 0; c < n; ++c) grad[c] /= static_cast<T>(kNormEps);
+  }
+  if (center) {
+    T grad_mean = T(0);
+    for (int64_t c = 0; c < n; ++c) grad_mean += grad[c];
+    grad_mean /= static_cast<T>(n);
+    for (int64_t c = 0; c < n; ++c) grad[c] -= grad_mean;
+  }
+}
+
+}  // namespace svp

@@ -1,0 +1,86 @@
+"""Builds the svp_kernels._C extension; the package metadata lives in pyproject.toml.
+
+Always compiled: the C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp). The CUDA kernels
+(csrc/bindings_cuda.cpp, csrc/cuda/*.cu) join them when torch is a CUDA build and a CUDA toolkit is found
+(torch.utils.cpp_extension.CUDA_HOME); no GPU needs to be visible at build time.
+
+Environment knobs:
+    SVP_KERNELS_SKIP_EXT=1     build no extension at all (a pure-Python install: reference/Triton backends)
+    SVP_KERNELS_FORCE_CUDA=1   fail the build, instead of building CPU kernels only, when the CUDA kernels
+                               cannot be built (no CUDA build of torch or no toolkit)
+    MAX_JOBS=N                 parallel compile jobs (honoured by torch's BuildExtension)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def relative_sources(*patterns: str) -> list[str]:
+    """Sorted source paths relative to the repository root (setuptools wants relative paths)."""
+    found = []
+    for pattern in patterns:
+        found += glob.glob(os.path.join(ROOT, pattern))
+    return sorted(os.path.relpath(path, ROOT) for path in found)
+
+
+def cuda_sources(torch) -> list[str]:
+    """The CUDA sources to compile, or [] when the CUDA kernels are not built here."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    forced = env_flag("SVP_KERNELS_FORCE_CUDA")
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if forced:
+            raise RuntimeError(
+                "SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
+        return []
+    return relative_sources("csrc/bindings_cuda.cpp", "csrc/cuda/*.cu")
+
+
+def extensions() -> tuple[list, dict]:
+    if env_flag("SVP_KERNELS_SKIP_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    # No -march: hot loops are multi-versioned in the source (csrc/cpu/simd.h). OpenMP backs at::parallel_for.
+    # No -std either: torch's BuildExtension adds the standard its headers need (C++20 since torch 2.10);
+    # the sources themselves are C++17.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-Wno-psabi"] + openmp
+    sources = relative_sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
+    options = dict(
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
+        extra_link_args=openmp,
+    )
+    gpu_sources = cuda_sources(torch)
+    if gpu_sources:
+        # No --use_fast_math: the implicit R needs accurate log/cos to agree with the other backends.
+        nvcc_flags = ["-O3", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80",
+                      "-gencode", "arch=compute_90,code=sm_90"]
+        extension = CUDAExtension(
+            "svp_kernels._C",
+            sources + gpu_sources,
+            define_macros=[("SVP_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            **options,
+        )
+    else:
+        extension = CppExtension("svp_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **options)
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
