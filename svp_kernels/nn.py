@@ -60,19 +60,20 @@ class RandomProjection(torch.nn.Module):
 class LocalLoss(torch.nn.Module):
     """The SVP local loss of one layer: CE(v, y) + λ‖S(v) − S(v_prev)‖²_F with v = Dropout(R) h.
 
-    num_classes=None (or equal to in_features with identity=True) uses the identity projection, as the
-    last layer does on its logits. forward(h, target, v_prev=None) returns svp_kernels.LocalLoss.
+    out_features is C, the width of v (targets must lie in [0, C)); identity=True (needs
+    in_features == out_features) uses v = h, as the last layer does on its logits.
+    forward(h, target, v_prev=None, seed=None) returns svp_kernels.LocalLoss.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, identity: bool = False, p: float = 0.0,
+    def __init__(self, in_features: int, out_features: int, *, identity: bool = False, p: float = 0.0,
                  alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
                  implicit: bool = False, seed: Optional[int] = None, std: Optional[float] = None,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        if identity and in_features != num_classes:
-            raise ValueError(f"identity=True needs in_features == num_classes, got {in_features} and {num_classes}")
+        if identity and in_features != out_features:
+            raise ValueError(f"identity=True needs in_features == out_features, got {in_features} and {out_features}")
         self.projection = None if identity else RandomProjection(
-            in_features, num_classes, implicit=implicit, seed=seed, p=p, std=std, backend=backend,
+            in_features, out_features, implicit=implicit, seed=seed, p=p, std=std, backend=backend,
             device=device, dtype=dtype)
         self.alignment_weight, self.reduction, self.center, self.backend = alignment_weight, reduction, center, backend
 
