@@ -1,0 +1,195 @@
+"""`svp-train`: train a model layer-wise with SVP (or end to end with BP), or run the memory-vs-depth sweep.
+
+    svp-train --model mlp --dataset digits --method svp --json run.json --plot run.png
+    svp-train memory-depth --width 1024 --depths 2,4,8,16,32 --batch-size 128 --json mem.json --plot mem.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+import torch
+
+from .. import backends
+from .data import DATASETS, load_dataset
+from .models import NORMS
+from .run import MODELS, TrainConfig, memory_depth_rows, run_training
+from .trainer import METHODS, OPTIMIZERS
+
+MIB = 2.0**20
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_parser() -> argparse.ArgumentParser:
+    default = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="svp-train", description="Train with the fused SVP local loss (or backprop) and report accuracy, "
+        "wall time and peak memory. Subcommand: `svp-train memory-depth --help`.")
+    add = parser.add_argument
+    add("--model", choices=MODELS, default=default.model)
+    add("--dataset", choices=DATASETS, default=default.dataset)
+    add("--data-dir", default=None, help="folder holding the MNIST/Fashion-MNIST IDX files or CIFAR python batches")
+    add("--method", choices=METHODS, default=default.method, help="svp: layer-wise local losses; bp: end to end")
+    add("--epochs", type=int, default=default.epochs)
+    add("--batch-size", type=int, default=default.batch_size)
+    add("--lr", type=float, default=default.lr)
+    add("--optimizer", choices=OPTIMIZERS, default=default.optimizer)
+    add("--weight-decay", type=float, default=default.weight_decay)
+    add("--p", type=float, default=default.p, help="dropout probability on R's elements (svp)")
+    add("--alignment-weight", type=float, default=default.alignment_weight, help="λ of the alignment term (svp)")
+    add("--proj-dim", type=int, default=default.proj_dim, help="rows of each R (svp; default: number of classes)")
+    add("--implicit-projection", action="store_true", help="regenerate R from a seed instead of storing it (svp)")
+    add("--backend", default=default.backend, choices=("auto",) + backends.BACKEND_NAMES)
+    add("--device", default=_default_device())
+    add("--seed", type=int, default=default.seed)
+    add("--width", type=int, default=default.width, help="MLP width / ViT embedding dim")
+    add("--depth", type=int, default=default.depth, help="MLP hidden blocks / ViT transformer blocks")
+    add("--norm", choices=NORMS, default=default.norm, help="MLP normalisation")
+    add("--cnn-width-multiplier", type=float, default=default.cnn_width_multiplier,
+        help="VGG-11 channels (64…512) times this")
+    add("--pool-size", type=int, default=default.pool_size,
+        help="CNN: adaptive average pooling to this size before each projection")
+    add("--vit-patch-size", type=int, default=default.vit_patch_size)
+    add("--vit-blocks-per-unit", type=int, default=default.vit_blocks_per_unit,
+        help="transformer blocks trained together by one local loss")
+    add("--vit-token", choices=("cls", "mean"), default=default.vit_token, help="token each ViT unit projects")
+    add("--json", metavar="PATH", help="write the results as JSON")
+    add("--plot", metavar="PATH", help="write the training curves as a PNG")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def memory_depth_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svp-train memory-depth", description="Peak training memory vs depth of a wide MLP, SVP vs BP "
+        "(the paper's Fig. 2a), measured at the allocator on one random MNIST-shaped batch.")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depths", default="2,4,8,16,32", help="comma-separated numbers of hidden blocks")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PATH")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory-depth"]:
+        return memory_depth_main(argv[1:])
+    return train_main(argv)
+
+
+def train_main(argv: list[str]) -> int:
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
+    try:
+        dataset = load_dataset(config.dataset, config.data_dir)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    result = run_training(config, dataset, progress=not args.no_progress)
+    result["backend"] = backends.resolve(config.backend, torch.device(config.device), torch.float32).NAME
+    print(f"{config.method} {config.model} on {config.dataset}: test accuracy {100 * result['test_accuracy']:.2f}% | "
+          f"wall {result['wall_seconds']:.1f} s | peak memory {result['peak_memory_bytes'] / MIB:.2f} MiB "
+          f"(step transient {result['activation_peak_bytes'] / MIB:.2f} MiB) | {result['device']}, "
+          f"{result['backend']} kernels")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+    if args.plot:
+        plot_training(result, args.plot)
+    return 0
+
+
+def memory_depth_main(argv: list[str]) -> int:
+    args = memory_depth_parser().parse_args(argv)
+    depths = tuple(int(depth) for depth in args.depths.split(","))
+    rows = memory_depth_rows(args.width, depths, args.batch_size, args.device, progress=not args.no_progress)
+    print(f"{'method':<6} {'depth':>5} {'peak MiB':>10} {'activation MiB':>15}")
+    for row in rows:
+        print(f"{row['method']:<6} {row['depth']:>5} {row['peak_memory_bytes'] / MIB:>10.2f} "
+              f"{row['activation_peak_bytes'] / MIB:>15.2f}")
+    summary = memory_depth_summary(rows)
+    if summary:
+        print(f"SVP activation peak, depth {summary['deepest']} / depth {summary['shallowest']}: "
+              f"{summary['svp_depth_ratio']:.2f}x (target ≤ 1.2x); BP / SVP at depth {summary['deepest']}: "
+              f"{summary['bp_over_svp']:.1f}x (target ≥ 8x)")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"rows": rows, "summary": summary, "device": args.device,
+                       "torch_version": torch.__version__}, file, indent=2)
+    if args.plot:
+        plot_memory_depth(rows, args.plot)
+    return 0
+
+
+def memory_depth_summary(rows: list[dict]) -> dict:
+    """SVP activation peak at the deepest over the shallowest depth, and BP over SVP at the deepest."""
+    activation = {(row["method"], row["depth"]): row["activation_peak_bytes"] for row in rows}
+    depths = sorted({row["depth"] for row in rows})
+    shallowest, deepest = depths[0], depths[-1]
+    if ("svp", deepest) not in activation or ("bp", deepest) not in activation:
+        return {}
+    return {"shallowest": shallowest, "deepest": deepest,
+            "svp_depth_ratio": activation["svp", deepest] / activation["svp", shallowest],
+            "bp_over_svp": activation["bp", deepest] / activation["svp", deepest]}
+
+
+def plot_training(result: dict, path: str) -> None:
+    """Two panels: per-epoch training losses (output CE, and each block's local loss) and test accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(result["train_loss_curve"]) + 1)
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, result["train_loss_curve"], label="output cross-entropy", linewidth=2)
+    if result["config"]["method"] == "svp":
+        for index, curve in enumerate(zip(*result["block_loss_curves"])):
+            loss_axis.plot(epochs, curve, label=f"block {index} local loss", linewidth=0.8, alpha=0.7)
+    loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    loss_axis.legend(fontsize=7)
+    accuracy_axis.plot(epochs, [100 * value for value in result["test_accuracy_curve"]])
+    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)")
+    config = result["config"]
+    figure.suptitle(f"{config['method']} {config['model']} on {config['dataset']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_memory_depth(rows: list[dict], path: str) -> None:
+    """Peak and activation-peak memory (MiB) against depth, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, title in zip(axes, ("peak_memory_bytes", "activation_peak_bytes"),
+                                ("peak training memory", "activation peak (minus parameters, optimizer state)")):
+        for method in sorted({row["method"] for row in rows}, reverse=True):
+            points = [(row["depth"], row[key] / MIB) for row in rows if row["method"] == method]
+            axis.plot(*zip(*points), marker="o", label=method.upper())
+        axis.set(xlabel="depth (hidden blocks)", ylabel="MiB", title=title)
+        axis.set_xscale("log", base=2)
+        axis.minorticks_off()
+        depths = sorted({row["depth"] for row in rows})
+        axis.set_xticks(depths, labels=[str(depth) for depth in depths])
+        axis.legend()
+    figure.suptitle(f"width {rows[0]['width']}, batch {rows[0]['batch_size']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
