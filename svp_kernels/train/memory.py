@@ -8,6 +8,9 @@ counts (a free of older memory is not reported), so the dataset and anything bui
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -26,6 +29,20 @@ class MemoryReport(NamedTuple):
     activation_peak_bytes: int
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native code logs a line to fd 2 when it starts and stops; keep the terminal clean."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class PeakMemoryMeter:
     """start(); build and warm up; checkpoint(); run the step to measure; stop() -> MemoryReport."""
 
@@ -40,7 +57,8 @@ class PeakMemoryMeter:
             self._start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            with _native_stderr_silenced():
+                self._profiler.__enter__()
 
     def checkpoint(self) -> None:
         if self.device.type == "cuda":
@@ -58,7 +76,8 @@ class PeakMemoryMeter:
             peak_after = torch.cuda.max_memory_allocated(self.device)
             peak = max(self._peak_before_checkpoint, peak_after) - self._start_bytes
             return MemoryReport(peak, peak_after - self._checkpoint_bytes)
-        self._profiler.__exit__(None, None, None)
+        with _native_stderr_silenced():
+            self._profiler.__exit__(None, None, None)
         return _replay_cpu_allocations(self._profiler)
 
 
