@@ -80,6 +80,17 @@ def test_unknown_backend():
         call(backend=3)
 
 
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv("SVP_KERNELS_BACKEND", "reference")
+    assert sk.backends.resolve("auto", torch.device("cpu"), torch.float32).NAME == "reference"
+    if "cpu" in sk.available_backends():
+        assert sk.backends.resolve("cpu", torch.device("cpu"), torch.float32).NAME == "cpu", \
+            "the variable overrides only backend='auto'"
+    monkeypatch.setenv("SVP_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="environment variable SVP_KERNELS_BACKEND must be"):
+        call()
+
+
 def test_backend_unsupported_dtype_or_device():
     if "cpu" in sk.available_backends():
         with pytest.raises(ValueError, match="does not support torch.bfloat16"):

@@ -53,8 +53,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of 'auto' or {BACKEND_NAMES}, got {type(backend).__name__}")
+    source = "backend"
     if backend == "auto":
         backend = os.environ.get(ENV_OVERRIDE, "auto") or "auto"
+        source = f"the environment variable {ENV_OVERRIDE}"
         if backend == "auto":
             order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
             for name in order:
@@ -62,7 +64,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
                     return load(name)
             return load("reference")
     if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+        raise ValueError(f"{source} must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     if not is_available(backend):
         raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
     module = load(backend)
