@@ -146,6 +146,27 @@ __device__ Acc block_sum(Acc x, Acc* scratch) {
   return total;
 }
 
+// ---- register-tiled multiply ---------------------------------------------------------------------------
+// acc[i][j] += Σ_kk A[kk][ty+i·NTY]·B[kk][tx+j·NTX]; bank-conflict free: A reads broadcast, B reads consecutive.
+template <int TM, int TN, int BK, int NTX, int NTY, int A_LD, int B_LD, typename Acc>
+__device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const Acc* A, const Acc* B, int tx,
+                                                       int ty) {
+#pragma unroll
+  for (int kk = 0; kk < BK; ++kk) {
+    Acc a[TM];
+    Acc b[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) a[i] = A[kk * A_LD + ty + i * NTY];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) b[j] = B[kk * B_LD + tx + j * NTX];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+}
+
 // ---- host helpers -------------------------------------------------------------------------------------
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }

@@ -192,20 +192,7 @@ __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, con
     load_operand_tile<Cfg::BN, Cfg::B_LD, Cfg::BK, Cfg::NT>(Bs, b_op, n0, N, k0, k_end);
     __syncthreads();
     // Stage 2: register-tiled FMAs.
-#pragma unroll
-    for (int kk = 0; kk < Cfg::BK; ++kk) {
-      Acc a[Cfg::TM];
-      Acc b[Cfg::TN];
-#pragma unroll
-      for (int i = 0; i < Cfg::TM; ++i) a[i] = As[kk * Cfg::A_LD + ty + i * Cfg::NTY];
-#pragma unroll
-      for (int j = 0; j < Cfg::TN; ++j) b[j] = Bs[kk * Cfg::B_LD + tx + j * Cfg::NTX];
-#pragma unroll
-      for (int i = 0; i < Cfg::TM; ++i) {
-#pragma unroll
-        for (int j = 0; j < Cfg::TN; ++j) acc[i][j] += a[i] * b[j];
-      }
-    }
+    register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::B_LD>(acc, As, Bs, tx, ty);
     __syncthreads();
   }
   // Stage 3: this split's tile.

@@ -171,27 +171,6 @@ __device__ __forceinline__ void fill_backward_panel(Acc* Ps, const DroppedProjec
   }
 }
 
-// acc[i][j] += Σ_kk As[kk][ty + i·NTY] · Bk[kk][tx + j·NTX] over one BK step. A reads are warp broadcasts,
-// B reads are consecutive: both bank-conflict free.
-template <class Cfg, typename Acc>
-__device__ __forceinline__ void multiply_tile(Acc (&acc)[Cfg::TM][Cfg::TN], const Acc* As, const Acc* Bk, int tx,
-                                              int ty) {
-#pragma unroll
-  for (int kk = 0; kk < Cfg::BK; ++kk) {
-    Acc a[Cfg::TM];
-    Acc b[Cfg::TN];
-#pragma unroll
-    for (int i = 0; i < Cfg::TM; ++i) a[i] = As[kk * Cfg::A_LD + ty + i * Cfg::NTY];
-#pragma unroll
-    for (int j = 0; j < Cfg::TN; ++j) b[j] = Bk[kk * Cfg::P_LD + tx + j * Cfg::NTX];
-#pragma unroll
-    for (int i = 0; i < Cfg::TM; ++i) {
-#pragma unroll
-      for (int j = 0; j < Cfg::TN; ++j) acc[i][j] += a[i] * b[j];
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Forward: partial v over one D split for a range of batch tiles.
 
@@ -243,7 +222,8 @@ __global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const Forwa
         load_rows_tile<Cfg>(As, P.h, P.B, P.D, b0, k0, P.h_vec);
         __syncthreads();
         // Stage 3: register-tiled FMAs against the panel rows of this K step.
-        multiply_tile<Cfg>(acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
+        register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::P_LD>(
+            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
         __syncthreads();
       }
     }
@@ -320,7 +300,8 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
         load_rows_tile<Cfg>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec);
         __syncthreads();
         // Stage 3: FMAs.
-        multiply_tile<Cfg>(acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
+        register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::P_LD>(
+            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
         __syncthreads();
       }
     }
