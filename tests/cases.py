@@ -72,3 +72,27 @@ def cpu_backends() -> list[str]:
     """Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
     cpu = torch.device("cpu")
     return [name for name in backends.available_backends() if backends.load(name).supports(cpu, torch.float32)]
+
+
+def op_samples(dtype=torch.float64, device="cpu"):
+    """(op, args) for torch.library.opcheck: every svp_kernels op, dense and implicit, each optional input."""
+    generator = torch.Generator().manual_seed(0)
+    B, D, C = 5, 7, 3
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
+
+    h, weight = rand(B, D, grad=True), rand(C, D)
+    target = torch.randint(0, C, (B,), generator=generator).to(device)
+    v, v_prev, grad_v = rand(B, C, grad=True), rand(B, 4), rand(B, C)
+    ops = torch.ops.svp_kernels
+    return [
+        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, 11)),
+        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, 0)),
+        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, 11, dtype)),
+        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, 4, dtype)),
+        (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
+        (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
+        (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
+        (ops.cosine_gram.default, (v.detach(), True)),
+    ]

@@ -19,6 +19,7 @@ import svp_kernels as sk
 from svp_kernels import philox
 from svp_kernels.backends import reference
 
+from cases import op_samples
 from helpers import assert_close, assert_equal_masks
 
 pytestmark = pytest.mark.cuda
@@ -347,30 +348,8 @@ def test_fused_local_loss_cuda_backend(dtype):
     assert_close(h.grad, h64.grad, tol, f"dh {dtype}")
 
 
-def opcheck_samples(dtype):
-    generator = torch.Generator().manual_seed(0)
-    B, D, C = 5, 7, 3
-
-    def rand(*shape, grad=False):
-        return torch.randn(*shape, dtype=dtype, generator=generator).to(DEVICE).requires_grad_(grad)
-
-    h, weight = rand(B, D, grad=True), rand(C, D)
-    target = torch.randint(0, C, (B,), generator=generator).to(DEVICE)
-    v, v_prev, grad_v = rand(B, C, grad=True), rand(B, 4), rand(B, C)
-    return [
-        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, 11)),
-        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, 0)),
-        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, 11, dtype)),
-        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, 4, dtype)),
-        (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
-        (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
-        (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
-        (ops.cosine_gram.default, (v.detach(), True)),
-    ]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("index", range(8))
 def test_opcheck_cuda(index, dtype):
-    op, args = opcheck_samples(dtype)[index]
+    op, args = op_samples(dtype, DEVICE)[index]
     torch.library.opcheck(op, args)

@@ -7,7 +7,7 @@ import torch
 
 import svp_kernels as sk
 
-from cases import Case, make_inputs, run
+from cases import Case, make_inputs, op_samples, run
 from helpers import assert_close
 
 needs_extension = pytest.mark.skipif(not sk._ops.extension_loaded(), reason="compiled extension not built")
@@ -16,28 +16,6 @@ needs_extension = pytest.mark.skipif(not sk._ops.extension_loaded(), reason="com
 def test_extension_is_built():
     """CI builds svp_kernels._C; an install without it must be deliberate (SVP_KERNELS_SKIP_EXT=1)."""
     assert sk._ops.extension_loaded() or os.environ.get("SVP_KERNELS_SKIP_EXT") == "1", sk._ops.EXTENSION_ERROR
-
-
-def op_samples(dtype=torch.float64):
-    generator = torch.Generator().manual_seed(0)
-    B, D, C = 5, 7, 3
-    h = torch.randn(B, D, dtype=dtype, generator=generator, requires_grad=True)
-    weight = torch.randn(C, D, dtype=dtype, generator=generator)
-    target = torch.randint(0, C, (B,), generator=generator)
-    v = torch.randn(B, C, dtype=dtype, generator=generator, requires_grad=True)
-    v_prev = torch.randn(B, 4, dtype=dtype, generator=generator)
-    grad_v = torch.randn(B, C, dtype=dtype, generator=generator)
-    ops = torch.ops.svp_kernels
-    return [
-        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, 11)),
-        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, 0)),
-        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, 11, dtype)),
-        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, 4, dtype)),
-        (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
-        (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
-        (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
-        (ops.cosine_gram.default, (v.detach(), True)),
-    ]
 
 
 @needs_extension
