@@ -36,6 +36,7 @@ def extension_has_cuda() -> bool:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates and returns v, g_v and the losses in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

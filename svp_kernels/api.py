@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import backends
+from ._ops import accumulation_dtype
 from .projection import MAX_SEED, ImplicitProjection
 
 Projection = Union[None, torch.Tensor, ImplicitProjection]
@@ -167,7 +168,7 @@ def _check_projection(projection, h: torch.Tensor, p: float) -> _ProjectionArgs:
 def _project(module, h, projection: _ProjectionArgs, p: float, seed: int) -> torch.Tensor:
     """v (B, C) in the accumulation dtype, differentiable w.r.t. h."""
     if projection.identity:
-        return h.to(backends.reference.accumulation_dtype(h.dtype))
+        return h.to(accumulation_dtype(h.dtype))
     return module.projection(h, projection.weight, projection.out_features, projection.proj_seed,
                              projection.proj_std, p, seed)
 
@@ -242,7 +243,7 @@ def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, bac
     mean = _check_reduction(reduction)
     center = _check_bool(center, "center")
     module = backends.resolve(backend, v.device, v.dtype)
-    v = v.contiguous().to(backends.reference.accumulation_dtype(v.dtype))
+    v = v.contiguous().to(accumulation_dtype(v.dtype))
     loss, _, _ = module.epilogue(v, None, v_prev, 1.0, mean, center)
     return loss
 

@@ -14,10 +14,10 @@ import torch
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_OVERRIDE = "SVP_KERNELS_BACKEND"
-# For CUDA tensors "auto" tries these in order. No GPU timing has been recorded for this repository yet
-# (bench/NOTES.md); the compiled kernels come first because they need no JIT warm-up.
-AUTO_CUDA_ORDER = ("cuda", "triton", "reference")
-AUTO_CPU_ORDER = ("cpu", "reference")
+# "auto" tries these in order and falls back to "reference". No GPU timing has been recorded for this
+# repository yet (bench/NOTES.md); the compiled CUDA kernels come first because they need no JIT warm-up.
+AUTO_CUDA_ORDER = ("cuda", "triton")
+AUTO_CPU_ORDER = ("cpu",)
 
 
 _MODULES: dict = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._ops import accumulation_dtype
 from ..philox import implicit_weight, keep_mask
 
 NAME = "reference"
@@ -21,10 +22,6 @@ def is_available() -> bool:
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dropped_weight(weight, in_features, out_features, proj_seed, proj_std, p, seed, dtype, device):

@@ -23,6 +23,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from ... import _ops
+from ..._ops import accumulation_dtype
 from . import kernels
 
 NAMESPACE = "svp_kernels"
@@ -35,10 +36,6 @@ MAX_WORKSPACE_ELEMENTS = 1 << 24
 INTERPRETED = not isinstance(kernels.projection_forward_kernel, JITFunction)
 # libdevice exp/log/cos/sqrt on the GPU (tl.* lowers to approximations there); the interpreter's are exact enough.
 PRECISE_MATH = not INTERPRETED and kernels.libdevice is not None
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def input_precision() -> str:
