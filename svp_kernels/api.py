@@ -9,7 +9,7 @@ import torch
 
 from . import backends
 from ._ops import accumulation_dtype
-from .projection import MAX_SEED, ImplicitProjection
+from .projection import MAX_SEED, ImplicitProjection, draw_seed
 
 Projection = Union[None, torch.Tensor, ImplicitProjection]
 
@@ -101,7 +101,7 @@ def _check_seed(seed, p: float) -> int:
     if seed is None:
         if p == 0.0:
             return 0  # no mask to draw
-        return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+        return draw_seed()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int in [0, 2**63) or None, got {type(seed).__name__}")
     if not 0 <= seed < MAX_SEED:

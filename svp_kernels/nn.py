@@ -8,11 +8,7 @@ import torch
 
 from .api import LocalLoss as LocalLossOutput
 from .api import dropout_projection, fused_local_loss
-from .projection import MAX_SEED, ImplicitProjection
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+from .projection import ImplicitProjection, draw_seed
 
 
 class RandomProjection(torch.nn.Module):
@@ -30,7 +26,7 @@ class RandomProjection(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {p}")
         self.in_features, self.out_features, self.p, self.backend = in_features, out_features, float(p), backend
-        self.implicit = ImplicitProjection(out_features, _draw_seed() if seed is None else seed, std)
+        self.implicit = ImplicitProjection(out_features, draw_seed() if seed is None else seed, std)
         if implicit:
             self.register_buffer("weight", None)
         else:

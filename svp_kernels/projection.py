@@ -12,6 +12,11 @@ from .philox import implicit_weight
 MAX_SEED = 2**63
 
 
+def draw_seed() -> int:
+    """A fresh seed in [0, 2**63) from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+
+
 @dataclass(frozen=True)
 class ImplicitProjection:
     """A fixed Gaussian R (out_features × in_features) that never exists in memory.
