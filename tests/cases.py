@@ -1,4 +1,8 @@
-"""Shared test inputs and the float64 ground truth (also imported by bench/ as its baseline)."""
+"""The shared shape tables, test inputs and the one float64 ground truth of the suite.
+
+bench/ and tools/ import this module too: every accuracy check in the repository compares against the
+reference backend run in float64 on the same (rounded) inputs, through the functions below.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 import svp_kernels as sk
 from svp_kernels import backends
+from svp_kernels.backends import reference
 
 
 @dataclass(frozen=True)
@@ -63,15 +68,100 @@ def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42)
     return out.loss.detach(), out.ce, out.alignment, out.v, h.grad
 
 
+def _cpu_float64(value):
+    return None if value is None else value.detach().to("cpu", torch.float64)
+
+
 def ground_truth(case: Case, h, target, v_prev, projection, seed: int = 42):
-    """The float64 reference result for the same inputs (the oracle)."""
-    return run(case, as_float64(h), target, as_float64(v_prev), as_float64(projection), "reference", seed)
+    """(loss, ce, alignment, v, dh) of the float64 reference on CPU for the same inputs (the oracle)."""
+    projection = _cpu_float64(projection) if isinstance(projection, torch.Tensor) else projection
+    return run(case, _cpu_float64(h), target.cpu(), _cpu_float64(v_prev), projection, "reference", seed)
+
+
+def projection_ground_truth(h, weight, grad_v, out_features: int, proj_seed: int, proj_std: float, p: float,
+                            seed: int):
+    """(v, dh) = (h R̃ᵀ, grad_v R̃) in float64 on CPU; R̃ from the reference (an implicit R when weight is None)."""
+    dropped = reference.dropped_weight(_cpu_float64(weight), h.shape[1], out_features, proj_seed, proj_std, p, seed,
+                                       torch.float64, "cpu")
+    return _cpu_float64(h) @ dropped.t(), _cpu_float64(grad_v) @ dropped
+
+
+def epilogue_ground_truth(v, target, v_prev, alignment_weight: float, mean: bool, center: bool):
+    """(loss, ce, alignment, g_v) in float64 on CPU: the reference epilogue, g_v = dloss/dv by autograd."""
+    v64 = _cpu_float64(v).requires_grad_(True)
+    target = None if target is None else target.cpu()
+    loss, ce, alignment = reference.epilogue(v64, target, _cpu_float64(v_prev), alignment_weight, mean, center)
+    (g_v,) = torch.autograd.grad(loss, v64) if loss.requires_grad else (torch.zeros_like(v64),)
+    return loss.detach(), ce, alignment, g_v
+
+
+def cosine_gram_ground_truth(v, center: bool):
+    """S (B, B) = â âᵀ in float64 on CPU."""
+    return reference.cosine_gram(_cpu_float64(v), center)
 
 
 def cpu_backends() -> list[str]:
     """Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
     cpu = torch.device("cpu")
     return [name for name in backends.available_backends() if backends.load(name).supports(cpu, torch.float32)]
+
+
+def device_backends(include_reference: bool = True) -> list[tuple[str, str]]:
+    """(device, backend) pairs that run here: CPU ones, then CUDA ones when a GPU is present.
+
+    include_reference=False leaves out the reference backend, for tests whose expected value is the
+    reference itself (comparing it with itself could not fail).
+    """
+    pairs = [("cpu", name) for name in cpu_backends()]
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        pairs += [("cuda", name) for name in backends.available_backends()
+                  if backends.load(name).supports(cuda, torch.float32)]
+    return [pair for pair in pairs if include_reference or pair[1] != "reference"]
+
+
+# The fused local loss problems every backend runs (odd shapes, every projection, p, reduction, center).
+LOCAL_LOSS_CASES = [
+    Case(1, 5, 3, 4),                                                   # B = 1
+    Case(7, 13, 5, 3, p=0.3),                                           # C ≠ C'
+    Case(5, 9, 11, 6, projection="implicit", p=0.25),                   # C > B
+    Case(33, 17, 4, 4, p=0.1, center=True),                             # C + C' < B: feature-space path
+    Case(33, 17, 4, 4, reduction="sum"),
+    Case(40, 11, 6, 5, projection="implicit", center=True, reduction="sum"),
+    Case(6, 0, 10, 7, projection="identity"),                           # v = h, batch-space path
+    Case(24, 0, 5, 3, projection="identity", center=True),              # identity, feature-space path
+    Case(9, 21, 7, None, p=0.5),                                        # no v_prev: CE only
+    Case(3, 70, 13, 20, projection="implicit", p=0.1, center=True),     # batch-space, C' > C > B
+]
+
+# Kernel-level tables of the CUDA tests, the CUDA emulator and the sanitizer script (tools/).
+MASK_SHAPES = [  # (C, D, p, seed): C spans the three forward tiles (16/32/64), D one and several panels
+    (3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (20, 64, 0.3, 1), (40, 300, 0.7, 2**63 - 1),
+    (70, 129, 0.25, 12345), (130, 33, 0.5, 99), (1, 1, 0.9, 0), (4, 6, 0.0, 5),
+]
+PROJECTION_SHAPES = [  # (B, D, C)
+    (1, 5, 3), (7, 13, 5), (5, 9, 11),        # B = 1, odd, C > B
+    (33, 300, 17),                            # 32-wide tile, two 256-column panels
+    (130, 257, 70),                           # 64-wide tile, three 128-column panels, two batch tiles
+    (3, 1000, 130),                           # C > 128: backward regenerates its panel per class chunk
+    (129, 64, 16),                            # 16-byte vector loads of h (D % 8 == 0), two batch tiles
+]
+EPILOGUE_SHAPES = [  # (B, C, C'): C' None = no v_prev
+    (1, 3, 2), (7, 5, 3), (5, 11, 6),         # B = 1, odd, C > B (batch space)
+    (33, 4, 4), (40, 6, 5),                   # feature space
+    (300, 10, 12),                            # feature space, Gram split over B
+    (70, 70, 50),                             # batch space, several 32-row tiles, C > 64 classes per step
+    (64, 130, None),                          # CE only, C > 128
+]
+# Launch plans forced through SVP_CUDA_PLAN (csrc/cuda/common.cuh).
+PROJECTION_PLANS = [
+    "",                                                        # the heuristic
+    "forward_panels_per_split=1,backward_btiles_per_block=1",  # max split-K (resident panels), 1 tile/block
+    "forward_panels_per_split=2,forward_btiles_per_block=1",   # panels regenerated per batch tile
+    "forward_panels_per_split=1000,forward_btiles_per_block=2,backward_btiles_per_block=2",  # no split-K
+]
+EPILOGUE_PLANS = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
+                  "epilogue_feature=0,batch_splits=2"]
 
 
 def op_samples(dtype=torch.float64, device="cpu"):

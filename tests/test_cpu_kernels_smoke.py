@@ -1,54 +1,22 @@
-"""Direct checks of the compiled CPU ops (torch.ops.svp_kernels.*) against plain float64 PyTorch.
+"""Direct checks of the compiled CPU ops (torch.ops.svp_kernels.*) against the float64 ground truth.
 
-The backend-parametrised suite lives elsewhere; these pin the C++ kernels themselves: the Philox words,
-the dropout mask bit for bit, v and dh against an explicit R̃, the epilogue against autograd of the
-plain formula on both alignment paths, and bitwise determinism across thread counts.
+The per-op files run every backend through the public API; these pin the C++ kernels themselves: the
+Philox words, the dropout mask bit for bit, v and dh against an explicit R̃, the epilogue against the
+reference's autograd on both alignment paths, and bitwise determinism across thread counts.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 _C = pytest.importorskip("svp_kernels._C", reason="the C++ extension is not built")
-from svp_kernels.philox import implicit_weight, keep_mask, philox4x32_10  # noqa: E402
+from svp_kernels.philox import keep_mask, philox4x32_10  # noqa: E402
+
+from cases import cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth  # noqa: E402
 
 ops = torch.ops.svp_kernels
 DTYPES = (torch.float32, torch.float64)
-
-
-def dropped_weight_float64(weight, out_features, in_features, proj_seed, proj_std, p, seed, dtype):
-    """R̃ = R ⊙ M / (1 − p) in float64, with R and the scale rounded as the kernels do in `dtype`."""
-    if weight is None:
-        weight = implicit_weight(proj_seed, out_features, in_features, proj_std, dtype=dtype)
-    weight = weight.to(torch.float64)
-    if p > 0:
-        scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype).to(torch.float64)
-        weight = weight * keep_mask(seed, out_features, in_features, p) * scale
-    return weight
-
-
-def plain_epilogue(v, target, v_prev, alignment_weight, mean, center):
-    """(loss, ce, alignment, g_v) of CE + λ‖S(v) − S(v_prev)‖²_F in float64, g_v by autograd."""
-    v = v.detach().to(torch.float64).requires_grad_()
-
-    def gram(x):
-        if center:
-            x = x - x.mean(dim=1, keepdim=True)
-        normalized = F.normalize(x, dim=1, eps=1e-12)
-        return normalized @ normalized.t()
-
-    ce = F.cross_entropy(v, target) if target is not None else v.new_zeros(())
-    alignment = v.new_zeros(())
-    if v_prev is not None:
-        alignment = (gram(v) - gram(v_prev.to(torch.float64))).square().sum()
-        if mean:
-            alignment = alignment / v.shape[0] ** 2
-    loss = ce + alignment_weight * alignment
-    (grad,) = torch.autograd.grad(loss, v, allow_unused=True, materialize_grads=True) if loss.requires_grad else (
-        torch.zeros_like(v),)
-    return loss.detach(), ce.detach(), alignment.detach(), grad
 
 
 def test_philox_words_known_answer_and_64_bit_offsets():
@@ -82,7 +50,7 @@ def test_projection_matches_explicit_dropped_weight(dtype, implicit, p, shape):
     grad_v = torch.randn(batch, out_features, dtype=dtype)
     weight = None if implicit else torch.randn(out_features, in_features, dtype=dtype)
     proj_seed, proj_std, seed = 5, 0.1, 2**40 + 9
-    dropped = dropped_weight_float64(weight, out_features, in_features, proj_seed, proj_std, p, seed, dtype)
+    expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, out_features, proj_seed, proj_std, p, seed)
 
     v = ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
     dh = ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
@@ -91,8 +59,8 @@ def test_projection_matches_explicit_dropped_weight(dtype, implicit, p, shape):
     assert dh.dtype == dtype and dh.shape == (batch, in_features)
     # float32 accumulation error, plus float32 log/cos rounding of an implicit R.
     tolerance = 1e-4 if dtype == torch.float32 or implicit else 1e-10
-    torch.testing.assert_close(v.double(), h.double() @ dropped.t(), rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(dh.double(), grad_v.double() @ dropped, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(v.double(), expected_v, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(dh.double(), expected_dh, rtol=tolerance, atol=tolerance)
 
 
 EPILOGUE_SHAPES = [
@@ -119,7 +87,7 @@ def test_epilogue_matches_autograd(dtype, shape, center, mean, with_target, with
     v_prev = torch.randn(batch, prev_features, dtype=torch.float32) if with_prev else None
 
     outputs = ops.loss_epilogue(v, target, v_prev, 0.7, mean, center)
-    expected = plain_epilogue(v, target, v_prev, 0.7, mean, center)
+    expected = epilogue_ground_truth(v, target, v_prev, 0.7, mean, center)
 
     tolerance = 2e-5 if dtype == torch.float32 else 1e-11
     for name, got, want in zip(("loss", "ce", "alignment", "g_v"), outputs, expected):
@@ -138,7 +106,7 @@ def test_epilogue_degenerate_rows(center):
     v_prev = torch.randn(6, 4, dtype=torch.float64)
     v_prev[3] = 0.0
     outputs = ops.loss_epilogue(v, None, v_prev, 1.0, True, center)
-    expected = plain_epilogue(v, None, v_prev, 1.0, True, center)
+    expected = epilogue_ground_truth(v, None, v_prev, 1.0, True, center)
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
@@ -146,9 +114,7 @@ def test_epilogue_degenerate_rows(center):
 @pytest.mark.parametrize("center", [False, True])
 def test_cosine_gram(center):
     v = torch.randn(9, 5, dtype=torch.float64)
-    centered = v - v.mean(dim=1, keepdim=True) if center else v
-    normalized = F.normalize(centered, dim=1, eps=1e-12)
-    torch.testing.assert_close(ops.cosine_gram(v, center), normalized @ normalized.t())
+    torch.testing.assert_close(ops.cosine_gram(v, center), cosine_gram_ground_truth(v, center))
     assert ops.cosine_gram(v.float(), center).dtype == torch.float32
 
 

@@ -1,7 +1,7 @@
 """The CUDA backend's own kernels (csrc/cuda), driven through torch.ops.svp_kernels on CUDA tensors.
 
-The backend-parametrised suite (test_local_loss.py) already runs "cuda" through the public API when it is
-available; this file aims at the kernels themselves: masks bit-identical to the reference (including
+The per-op files (test_projection.py, test_alignment.py, ...) already run "cuda" through the public API
+when it is available; this file aims at the kernels themselves: masks bit-identical to the reference (including
 64-bit offsets), forward/backward/epilogue/cosine_gram against the float64 reference on odd shapes in all
 four dtypes, every code path of the launch plans (split-K and its reduction, resident vs regenerated R̃
 panels, feature- vs batch-space alignment, split Grams) forced on small shapes through the test-only
@@ -19,7 +19,8 @@ import svp_kernels as sk
 from svp_kernels import philox
 from svp_kernels.backends import reference
 
-from cases import op_samples
+from cases import (EPILOGUE_PLANS, EPILOGUE_SHAPES, MASK_SHAPES, PROJECTION_PLANS, PROJECTION_SHAPES,
+                   cosine_gram_ground_truth, epilogue_ground_truth, op_samples, projection_ground_truth)
 from helpers import assert_close, assert_equal_masks
 
 pytestmark = pytest.mark.cuda
@@ -60,12 +61,6 @@ def plan(monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # Masks: bit-identical to the reference, forward and backward, 32- and 64-bit offsets
 # ----------------------------------------------------------------------------------------------------
-
-MASK_SHAPES = [  # (C, D, p, seed): C spans the three forward tiles (16/32/64), D one and several panels
-    (3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (20, 64, 0.3, 1), (40, 300, 0.7, 2**63 - 1),
-    (70, 129, 0.25, 12345), (130, 33, 0.5, 99), (1, 1, 0.9, 0), (4, 6, 0.0, 5),
-]
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,D,p,seed", MASK_SHAPES)
@@ -135,34 +130,11 @@ def test_mask_64bit_offsets():
 # Projection forward / backward against float64
 # ----------------------------------------------------------------------------------------------------
 
-PROJECTION_SHAPES = [  # (B, D, C)
-    (1, 5, 3), (7, 13, 5), (5, 9, 11),        # B = 1, odd, C > B
-    (33, 300, 17),                            # 32-wide tile, two 256-column panels
-    (130, 257, 70),                           # 64-wide tile, three 128-column panels, two batch tiles
-    (3, 1000, 130),                           # C > 128: backward regenerates its panel per class chunk
-    (129, 64, 16),                            # 16-byte vector loads of h (D % 8 == 0), two batch tiles
-]
-PLANS = [
-    "",                                                        # the heuristic
-    "forward_panels_per_split=1,backward_btiles_per_block=1",  # max split-K (resident panels), 1 tile/block
-    "forward_panels_per_split=2,forward_btiles_per_block=1",   # panels regenerated per batch tile
-    "forward_panels_per_split=1000,forward_btiles_per_block=2,backward_btiles_per_block=2",  # no split-K
-]
-
-
 def projection_case(B, D, C, dtype, implicit, p, seed=0):
     h = randn(B, D, seed=seed, dtype=dtype)
     weight = None if implicit else randn(C, D, seed=seed + 1, dtype=dtype, scale=D**-0.5)
     grad_v = randn(B, C, seed=seed + 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     return h, weight, grad_v
-
-
-def projection_ground_truth(h, weight, grad_v, C, proj_seed, std, p, seed):
-    """(v, dh) in float64 from the same (rounded) inputs; implicit R as the reference makes it."""
-    D = h.shape[1]
-    dropped = reference.dropped_weight(None if weight is None else weight.double(), D, C, proj_seed, std, p, seed,
-                                       torch.float64, "cpu")
-    return h.double() @ dropped.t(), grad_v.double() @ dropped
 
 
 def run_projection(h, weight, grad_v, C, proj_seed, std, p, seed):
@@ -190,7 +162,7 @@ def test_projection_matches_float64(B, D, C, implicit, p, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("plan_value", PLANS[1:])
+@pytest.mark.parametrize("plan_value", PROJECTION_PLANS[1:])
 @pytest.mark.parametrize("B,D,C", PROJECTION_SHAPES)
 def test_projection_plans(B, D, C, plan_value, dtype, plan):
     """Every forced launch plan gives the heuristic's answer (to rounding: split-K changes the sum order)."""
@@ -232,30 +204,11 @@ def test_projection_unaligned_and_non_contiguous_h():
 # Loss epilogue and cosine Gram against float64
 # ----------------------------------------------------------------------------------------------------
 
-EPILOGUE_SHAPES = [  # (B, C, C'): C' None = no v_prev
-    (1, 3, 2), (7, 5, 3), (5, 11, 6),         # B = 1, odd, C > B (batch space)
-    (33, 4, 4), (40, 6, 5),                   # feature space
-    (300, 10, 12),                            # feature space, Gram split over B
-    (70, 70, 50),                             # batch space, several 32-row tiles, C > 64 classes per step
-    (64, 130, None),                          # CE only, C > 128
-]
-EPILOGUE_PLANS = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
-                  "epilogue_feature=0,batch_splits=2"]
-
-
 def epilogue_inputs(B, C, Cp, dtype, with_target=True, seed=0):
     v = randn(B, C, seed=seed, dtype=dtype, scale=2.0)
     target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed + 1)) if with_target else None
     v_prev = None if Cp is None else randn(B, Cp, seed=seed + 2, dtype=dtype)
     return v, target, v_prev
-
-
-def epilogue_ground_truth(v, target, v_prev, weight, mean, center):
-    v64 = v.double().requires_grad_(True)
-    loss, ce, alignment = reference.epilogue(v64, target, None if v_prev is None else v_prev.double(), weight, mean,
-                                             center)
-    (g_v,) = torch.autograd.grad(loss, v64) if loss.requires_grad else (torch.zeros_like(v64),)
-    return loss.detach(), ce, alignment, g_v
 
 
 def run_epilogue(v, target, v_prev, weight, mean, center):
@@ -321,7 +274,7 @@ def test_epilogue_is_deterministic():
 def test_cosine_gram_matches_float64(B, C, center, dtype):
     v = randn(B, C, seed=B + C, dtype=dtype)
     S = ops.cosine_gram(v.to(DEVICE), center)
-    expected = reference.cosine_gram(v.double(), center)
+    expected = cosine_gram_ground_truth(v, center)
     assert S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and S.shape == (B, B)
     assert_close(S, expected, ACC_TOL[dtype], f"cosine_gram {dtype} B={B} C={C} center={center}")
 

@@ -41,6 +41,7 @@ BAD_INPUTS = [
     ("target-2d", dict(target=torch.zeros(B, 1, dtype=torch.int64)), ValueError, "target must have shape"),
     ("target-too-large", dict(target=torch.tensor([0, 1, 2, 3])), ValueError, r"target values must be in \[0, 3\)"),
     ("target-negative", dict(target=torch.tensor([0, -1, 2, 1])), ValueError, "target values must be in"),
+    ("target-huge", dict(target=torch.tensor([0, 10**9, 2, 1])), ValueError, r"got values in \[0, 1000000000\]"),
     ("target-list", dict(target=[0, 1, 2, 0]), TypeError, "target must be a torch.Tensor"),
     ("v_prev-batch", dict(v_prev=torch.randn(B + 1, 2)), ValueError, "v_prev has 5 rows"),
     ("v_prev-rank", dict(v_prev=torch.randn(B)), ValueError, "v_prev must have shape"),

@@ -1,7 +1,7 @@
 """The Triton backend's own kernels: Philox words, masks (32- and 64-bit offsets), every kernel and path.
 
-The backend-parametrised suite (test_local_loss.py) already runs "triton" through the public API; this
-file drives the launchers of svp_kernels/backends/triton/ops.py directly, with block sizes forced small
+The per-op files (test_projection.py, test_alignment.py, ...) already run "triton" through the public API;
+this file drives the launchers of svp_kernels/backends/triton/ops.py directly, with block sizes forced small
 so that multi-tile, D-split and both alignment paths run on tiny shapes. Without CUDA it runs in Triton's
 CPU interpreter (TRITON_INTERPRET=1, set before Triton is imported); @pytest.mark.cuda tests (half
 precision, larger shapes) run only on a GPU.
@@ -22,9 +22,9 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from svp_kernels import philox  # noqa: E402
-from svp_kernels.backends import reference  # noqa: E402
 from svp_kernels.backends import triton as triton_backend  # noqa: E402
 
+from cases import cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth  # noqa: E402
 from helpers import assert_close, assert_equal_masks  # noqa: E402
 from test_philox import GOLDEN_MASK, GOLDEN_WORDS  # noqa: E402
 
@@ -157,18 +157,17 @@ def test_projection_forward_and_backward(B, D, C, dense, p, config, dtype):
     h = randn(B, D, dtype=dtype, seed=1)
     weight = randn(C, D, dtype=dtype, seed=2) / D**0.5 if dense else None
     proj_seed, proj_std, seed = 2024, 1.0 / D**0.5, 2**35 + 9
+    grad_v = randn(B, C, dtype=ops.accumulation_dtype(dtype), seed=3)
+    expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, proj_seed, proj_std, p, seed)
     v = ops.projection_forward(h, weight, C, proj_seed, proj_std, p, seed, config=config)
-    dropped = reference.dropped_weight(weight.double().cpu() if dense else None, D, C, proj_seed, proj_std, p,
-                                       seed, torch.float64, "cpu")
     assert v.dtype == ops.accumulation_dtype(dtype) and v.shape == (B, C)
     # float32 accumulation; an implicit R agrees to the float32 rounding of log/cos
     tol = 2e-6 if dtype == torch.float32 or not dense else 1e-13
-    assert_close(v, h.double().cpu() @ dropped.t(), tol, "v")
+    assert_close(v, expected_v, tol, "v")
 
-    grad_v = randn(B, C, dtype=ops.accumulation_dtype(dtype), seed=3)
     dh = ops.projection_backward(grad_v, weight, D, proj_seed, proj_std, p, seed, dtype, config=config)
     assert dh.dtype == dtype and dh.shape == (B, D)
-    assert_close(dh, grad_v.double().cpu() @ dropped, tol, "dh")
+    assert_close(dh, expected_dh, tol, "dh")
 
 
 def test_projection_split_reduction_is_deterministic():
@@ -184,9 +183,9 @@ def test_projection_op_autograd_regenerates_the_mask():
     v = triton_backend.projection(h, None, 11, 5, 0.2, 0.35, 77)
     grad_v = randn(6, 11, seed=7)
     v.backward(grad_v)
-    dropped = reference.dropped_weight(None, 40, 11, 5, 0.2, 0.35, 77, torch.float64, "cpu")
-    assert_close(v, h.detach().cpu() @ dropped.t(), 1e-5, "v")
-    assert_close(h.grad, grad_v.cpu() @ dropped, 1e-5, "dh")
+    expected_v, expected_dh = projection_ground_truth(h, None, grad_v, 11, 5, 0.2, 0.35, 77)
+    assert_close(v, expected_v, 1e-5, "v")
+    assert_close(h.grad, expected_dh, 1e-5, "dh")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,15 +207,6 @@ EPILOGUE_CASES = [
 ]
 
 
-def reference_epilogue(v, target, v_prev, alignment_weight, mean, center):
-    v = v.detach().double().cpu().requires_grad_(True)
-    v_prev = v_prev.double().cpu() if v_prev is not None else None
-    target = target.cpu() if target is not None else None
-    loss, ce, alignment = reference.epilogue(v, target, v_prev, alignment_weight, mean, center)
-    loss.backward()
-    return loss.detach(), ce, alignment, v.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,C,C_prev,has_target,weight,mean,center,path", EPILOGUE_CASES)
 def test_loss_epilogue(B, C, C_prev, has_target, weight, mean, center, path, dtype):
@@ -224,7 +214,7 @@ def test_loss_epilogue(B, C, C_prev, has_target, weight, mean, center, path, dty
     target = torch.randint(0, C, (B,), generator=generator(11)).to(DEVICE) if has_target else None
     v_prev = randn(B, C_prev, dtype=dtype, seed=12) if C_prev is not None else None
     got = ops.loss_epilogue(v, target, v_prev, weight, mean, center, config=small_epilogue(path))
-    expected = reference_epilogue(v, target, v_prev, weight, mean, center)
+    expected = epilogue_ground_truth(v, target, v_prev, weight, mean, center)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for name, actual, want in zip(("loss", "ce", "alignment", "g_v"), got, expected):
         assert actual.dtype == ops.accumulation_dtype(dtype), name
@@ -249,7 +239,7 @@ def test_epilogue_zero_rows_take_the_epsilon_branch():
     target = torch.tensor([0, 1, 2, 3, 0, 1], device=DEVICE)
     for center in (False, True):
         got = ops.loss_epilogue(v, target, v_prev, 0.5, True, center, config=small_epilogue())
-        expected = reference_epilogue(v, target, v_prev, 0.5, True, center)
+        expected = epilogue_ground_truth(v, target, v_prev, 0.5, True, center)
         for name, actual, want in zip(("loss", "ce", "alignment", "g_v"), got, expected):
             assert_close(actual, want, 1e-12, f"{name} (center={center})")
 
@@ -260,7 +250,7 @@ def test_epilogue_op_autograd_and_half_inputs_widen():
     v_prev = randn(8, 4, seed=19, dtype=torch.float32)
     loss, ce, alignment = triton_backend.epilogue(v, target, v_prev, 0.3, True, True)
     (2.0 * loss).backward()
-    expected = reference_epilogue(v, target, v_prev, 0.3, True, True)
+    expected = epilogue_ground_truth(v, target, v_prev, 0.3, True, True)
     assert_close(loss, expected[0], 1e-5, "loss")
     assert_close(v.grad, 2.0 * expected[3], 1e-5, "dloss/dv")
     assert not ce.requires_grad and not alignment.requires_grad
@@ -272,7 +262,7 @@ def test_cosine_gram(B, C, center):
     v = randn(B, C, seed=20)
     S = ops.cosine_gram(v, center, config=small_epilogue())
     assert S.shape == (B, B)
-    assert_close(S, reference.cosine_gram(v.cpu(), center), 1e-12, "S")
+    assert_close(S, cosine_gram_ground_truth(v, center), 1e-12, "S")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,15 +372,14 @@ def test_half_precision_projection_on_gpu(dtype, dense):
     B, D, C = 300, 1000, 70
     h = randn(B, D, dtype=dtype, seed=31)
     weight = (randn(C, D, seed=32) / D**0.5).to(dtype) if dense else None
-    v = ops.projection_forward(h, weight, C, 5, 1.0 / D**0.5, 0.2, 9)
-    dropped = reference.dropped_weight(weight.double().cpu() if dense else None, D, C, 5, 1.0 / D**0.5, 0.2, 9,
-                                       torch.float64, "cpu")
-    assert v.dtype == torch.float32
-    assert_close(v, h.double().cpu() @ dropped.t(), 1e-5, "v")  # products exact, float32 sums
     grad_v = randn(B, C, seed=33, dtype=torch.float32)
+    expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, 5, 1.0 / D**0.5, 0.2, 9)
+    v = ops.projection_forward(h, weight, C, 5, 1.0 / D**0.5, 0.2, 9)
+    assert v.dtype == torch.float32
+    assert_close(v, expected_v, 1e-5, "v")  # products exact, float32 sums
     dh = ops.projection_backward(grad_v, weight, D, 5, 1.0 / D**0.5, 0.2, 9, dtype)
     assert dh.dtype == dtype
-    assert_close(dh, grad_v.double().cpu() @ dropped, 1e-2, "dh")  # rounded to half precision
+    assert_close(dh, expected_dh, 1e-2, "dh")  # rounded to half precision
 
 
 @pytest.mark.cuda
@@ -401,7 +390,7 @@ def test_half_precision_epilogue_on_gpu(dtype, B, C, C_prev):
     v_prev = randn(B, C_prev, dtype=dtype, seed=35)
     target = torch.randint(0, C, (B,), generator=generator(36)).to(DEVICE)
     got = ops.loss_epilogue(v, target, v_prev, 0.7, True, True)
-    expected = reference_epilogue(v, target, v_prev, 0.7, True, True)
+    expected = epilogue_ground_truth(v, target, v_prev, 0.7, True, True)
     for name, actual, want in zip(("loss", "ce", "alignment", "g_v"), got, expected):
         assert actual.dtype == torch.float32
         assert_close(actual, want, 1e-5, name)
@@ -412,12 +401,12 @@ def test_large_shapes_on_gpu():
     B, D, C = 1024, 4096, 256
     h = randn(B, D, dtype=torch.float32, seed=37)
     v = ops.projection_forward(h, None, C, 5, 1.0 / D**0.5, 0.1, 9)
-    dropped = reference.dropped_weight(None, D, C, 5, 1.0 / D**0.5, 0.1, 9, torch.float64, "cpu")
-    assert_close(v, h.double().cpu() @ dropped.t(), 1e-5, "v")
+    expected_v, _ = projection_ground_truth(h, None, torch.zeros(B, C), C, 5, 1.0 / D**0.5, 0.1, 9)
+    assert_close(v, expected_v, 1e-5, "v")
     v_prev = randn(B, 64, dtype=torch.float32, seed=38)
     for path in ("feature", "batch"):
         config = dataclasses.replace(ops.epilogue_config(B, C, torch.float32), path=path)
         got = ops.loss_epilogue(v, None, v_prev, 1.0, True, False, config=config)
-        expected = reference_epilogue(v, None, v_prev, 1.0, True, False)
+        expected = epilogue_ground_truth(v, None, v_prev, 1.0, True, False)
         for name, actual, want in zip(("loss", "ce", "alignment", "g_v"), got, expected):
             assert_close(actual, want, 1e-5, f"{name} ({path})")

@@ -1,0 +1,79 @@
+"""dropout_projection on every backend that runs here: the mask bit for bit, the implicit R, v and dh
+against the float64 reference and the float32 accuracy rule."""
+
+import pytest
+import torch
+
+import svp_kernels as sk
+from svp_kernels.philox import keep_mask
+
+from cases import device_backends, projection_ground_truth
+from helpers import assert_close, assert_equal_masks, assert_no_less_accurate
+
+FUSED = device_backends(include_reference=False)
+MASK_CASES = [(3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (1, 33, 0.9, 0), (8, 1, 0.3, 2**63 - 1), (4, 6, 0.0, 5)]
+PROJECTION_CASES = [  # (B, D, C, implicit, p)
+    (1, 5, 3, False, 0.0), (7, 13, 5, False, 0.3), (5, 9, 11, True, 0.25), (9, 40, 4, True, 0.0),
+]
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("C,D,p,seed", MASK_CASES)
+def test_mask_bit_identical(C, D, p, seed, device, backend):
+    """With R = 1 and h = I, v = R̃ᵀ: its non-zero pattern is the mask, its values 1/(1 − p)."""
+    h = torch.eye(D, dtype=torch.float32, device=device)
+    ones = torch.ones(C, D, dtype=torch.float32, device=device)
+    v = sk.dropout_projection(h, ones, p=p, seed=seed, backend=backend)
+    expected = keep_mask(seed, C, D, p)
+    assert_equal_masks(v.t() != 0, expected, f"{backend} mask C={C} D={D} p={p} seed={seed}")
+    kept = v.t()[expected.to(device)].cpu()
+    assert torch.allclose(kept, torch.full_like(kept, 1.0 / (1.0 - p)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_implicit_projection_matches_materialize(device, backend):
+    C, D = 11, 19
+    implicit = sk.ImplicitProjection(C, seed=123)
+    h = torch.eye(D, dtype=torch.float32, device=device)
+    v = sk.dropout_projection(h, implicit, p=0.0, backend=backend)
+    assert_close(v.t(), implicit.materialize(D), 2e-6, f"{backend} implicit R")
+    dropped = sk.dropout_projection(h, implicit, p=0.4, seed=9, backend=backend)
+    assert_equal_masks(dropped.t() != 0, keep_mask(9, C, D, 0.4), f"{backend} implicit mask")
+
+
+def project(backend, h, weight, C, implicit, p, seed, grad_v):
+    """(v, dh) of dropout_projection forward and backward."""
+    h = h.detach().requires_grad_(True)
+    projection = sk.ImplicitProjection(C, seed=77) if implicit else weight
+    v = sk.dropout_projection(h, projection, p=p, seed=seed, backend=backend)
+    v.backward(grad_v.to(v.dtype))
+    return v.detach(), h.grad
+
+
+def projection_inputs(B, D, C, dtype, device):
+    generator = torch.Generator().manual_seed(B * D + C)
+    h, weight, grad_v = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
+                         ((B, D), (C, D), (B, C)))
+    return h.to(dtype).to(device), (weight / D**0.5).to(dtype).to(device), grad_v.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("B,D,C,implicit,p", PROJECTION_CASES)
+def test_float64_matches_ground_truth(B, D, C, implicit, p, device, backend):
+    h, weight, grad_v = projection_inputs(B, D, C, torch.float64, device)
+    v, dh = project(backend, h, weight, C, implicit, p, 5, grad_v)
+    expected_v, expected_dh = projection_ground_truth(h, None if implicit else weight, grad_v, C, 77, D**-0.5, p, 5)
+    tol = 1e-5 if implicit else 1e-12  # an implicit R is float32 log/cos of each backend's libm
+    assert_close(v, expected_v, tol, f"{backend} v")
+    assert_close(dh, expected_dh, tol, f"{backend} dh")
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("B,D,C,implicit,p", PROJECTION_CASES)
+def test_float32_no_less_accurate_than_plain_torch(B, D, C, implicit, p, device, backend):
+    h, weight, grad_v = projection_inputs(B, D, C, torch.float32, device)
+    truth = projection_ground_truth(h, None if implicit else weight, grad_v, C, 77, D**-0.5, p, 5)
+    plain = project("reference", h, weight, C, implicit, p, 5, grad_v)
+    actual = project(backend, h, weight, C, implicit, p, 5, grad_v)
+    for name, a, r, e in zip(("v", "dh"), actual, plain, truth):
+        assert_no_less_accurate(a, r, e, f"{backend} {name} B={B} D={D} C={C} implicit={implicit} p={p}")
