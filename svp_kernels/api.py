@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -12,6 +13,8 @@ from ._ops import accumulation_dtype
 from .projection import MAX_SEED, ImplicitProjection, draw_seed
 
 Projection = Union[None, torch.Tensor, ImplicitProjection]
+# Set to 1 to check target's range on the host for CUDA tensors too (one synchronisation per call).
+CHECK_TARGETS_ENV = "SVP_KERNELS_CHECK_TARGETS"
 
 
 class LocalLoss(NamedTuple):
@@ -73,6 +76,15 @@ def _check_v_prev(v_prev, h: torch.Tensor, name: str = "v_prev") -> Optional[tor
     return v_prev.detach().contiguous()
 
 
+def _checks_target_range(target: torch.Tensor) -> bool:
+    """Whether the host checks target's range: in eager mode for CPU tensors, and for device tensors only when
+    SVP_KERNELS_CHECK_TARGETS=1 (the check synchronises). Unchecked, an out-of-range row gives NaN loss and
+    gradient in every backend (docs/design.md §4)."""
+    if _is_compiling():
+        return False
+    return target.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1"
+
+
 def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, shape (B,), got {type(target).__name__}")
@@ -81,8 +93,8 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
     if target.dim() != 1 or target.shape[0] != h.shape[0]:
         raise ValueError(f"target must have shape (B,) = ({h.shape[0]},), got shape {tuple(target.shape)}")
     _check_same_place(target, "target", h, check_dtype=False)
-    if not _is_compiling():
-        low, high = int(target.min()), int(target.max())
+    if _checks_target_range(target):
+        low, high = torch.stack(torch.aminmax(target)).tolist()  # one host synchronisation
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")

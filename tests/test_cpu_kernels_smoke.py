@@ -145,8 +145,8 @@ def test_results_do_not_depend_on_thread_count():
 
 def test_bad_inputs_raise():
     h = torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="target"):
-        ops.loss_epilogue(torch.randn(4, 3), torch.tensor([0, 1, 3, 0]), None, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="target must be"):
+        ops.loss_epilogue(torch.randn(4, 3), torch.tensor([0, 1, 2]), None, 1.0, True, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.projection_forward(h.to(torch.int32), None, 3, 0, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="weight"):

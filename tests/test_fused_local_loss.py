@@ -1,5 +1,5 @@
 """fused_local_loss on every backend that runs here against the float64 reference, plus its contract:
-gradients, NaN/inf, strides, seeds and output dtypes.
+gradients, NaN/inf, strides, seeds, output dtypes and out-of-range targets (eager and compiled).
 
 Parametrised over the registered backends, so triton (TRITON_INTERPRET=1) and cuda join by registering.
 Rows whose expected value is the reference itself leave the reference backend out.
@@ -110,3 +110,78 @@ def test_outputs_dtypes_and_detached():
 def test_available_backends_lists_reference():
     names = sk.available_backends()
     assert names[0] == "reference" and set(names) <= {"reference", "cpu", "triton", "cuda"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Out-of-range targets: an error naming target and the range, or NaN loss and gradient; never a number
+# ----------------------------------------------------------------------------------------------------
+
+TARGET_CASE = Case(4, 6, 3, 2, p=0.1)
+BAD_TARGETS = [TARGET_CASE.C, -1, 10**9]  # C itself, negative, far outside (any read there would fault)
+
+
+def bad_target(device, value):
+    return torch.tensor([0, value, 2, 1], device=device)
+
+
+def assert_nan_loss_and_gradient(loss, grad_h, name):
+    assert torch.isnan(loss), f"{name}: loss {loss.item()} should be NaN"
+    assert torch.isnan(grad_h[1]).all(), f"{name}: the gradient of the sample with a bad target should be NaN"
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("value", BAD_TARGETS)
+def test_out_of_range_target_eager(value, device, backend):
+    """Eager: the API's range check raises for CPU tensors; on CUDA it is opt-in (SVP_KERNELS_CHECK_TARGETS=1)
+    and the kernels give NaN without it."""
+    h, _, v_prev, projection = make_inputs(TARGET_CASE, device=device)
+    target = bad_target(device, value)
+    if target.device.type == "cpu":
+        with pytest.raises(ValueError, match=r"target values must be in \[0, 3\)"):
+            run(TARGET_CASE, h, target, v_prev, projection, backend)
+    else:
+        loss, _, _, _, grad_h = run(TARGET_CASE, h, target, v_prev, projection, backend)
+        assert_nan_loss_and_gradient(loss, grad_h, f"{backend} target {value}")
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_out_of_range_target_in_the_epilogue_is_nan(device, backend):
+    """Below the API (no range check): the backend's epilogue never reads through a bad target."""
+    generator = torch.Generator().manual_seed(5)
+    for value in BAD_TARGETS:
+        v = torch.randn(4, 3, generator=generator).to(device).requires_grad_(True)
+        v_prev = torch.randn(4, 2, generator=generator).to(device)
+        loss, ce, _ = sk.backends.load(backend).epilogue(v, bad_target(device, value), v_prev, 0.5, True, False)
+        (grad,) = torch.autograd.grad(loss, v)
+        assert torch.isnan(ce), f"{backend} target {value}: ce {ce.item()}"
+        assert_nan_loss_and_gradient(loss, grad, f"{backend} epilogue target {value}")
+        assert torch.isfinite(grad[[0, 2, 3]]).all(), f"{backend}: rows with valid targets stay finite"
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_out_of_range_target_compiled(device, backend):
+    """Under torch.compile the host check is skipped: every backend returns NaN loss and gradient."""
+    torch._dynamo.reset()
+    h, _, v_prev, projection = make_inputs(TARGET_CASE, device=device)
+
+    def loss_of(h, target):
+        return sk.fused_local_loss(h, target, v_prev, projection=projection, p=TARGET_CASE.p, seed=3,
+                                   backend=backend).loss
+
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    for value in BAD_TARGETS:
+        leaf = h.detach().requires_grad_(True)
+        loss = compiled(leaf, bad_target(device, value))
+        (grad_h,) = torch.autograd.grad(loss, leaf)
+        assert_nan_loss_and_gradient(loss, grad_h, f"compiled {backend} target {value}")
+
+
+def test_cuda_target_check_is_opt_in(monkeypatch):
+    """The host range check synchronises, so device tensors get it only with SVP_KERNELS_CHECK_TARGETS=1."""
+    from svp_kernels.api import CHECK_TARGETS_ENV, _checks_target_range
+
+    on_device = torch.zeros(3, dtype=torch.int64, device="meta")
+    monkeypatch.delenv(CHECK_TARGETS_ENV, raising=False)
+    assert _checks_target_range(torch.zeros(3, dtype=torch.int64)) and not _checks_target_range(on_device)
+    monkeypatch.setenv(CHECK_TARGETS_ENV, "1")
+    assert _checks_target_range(on_device)

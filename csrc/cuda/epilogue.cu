@@ -88,13 +88,15 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> 
       for (int64_t c = lane; c < P.C; c += kWarpSize) exp_sum += acc_exp(to_acc<Acc>(row[c]) - row_max);
       exp_sum = warp_sum(exp_sum);
       const int64_t y = P.target[b];
-      const bool y_valid = y >= 0 && y < P.C;  // validated by the API; never read out of bounds regardless
+      // A target outside [0, C) is never read through: the row's loss and gradient are NaN (the API checks
+      // the range on the host only on request, to keep CUDA calls free of a synchronisation).
+      const bool y_valid = y >= 0 && y < P.C;
       if (lane == 0) {
         const Acc v_y = y_valid ? to_acc<Acc>(row[y]) : static_cast<Acc>(NAN);
         P.ce_rows[b] = row_max + acc_log(exp_sum) - v_y;
       }
       if (P.g_v != nullptr) {
-        const Acc grad_scale = Acc(1) / static_cast<Acc>(P.B);
+        const Acc grad_scale = y_valid ? Acc(1) / static_cast<Acc>(P.B) : static_cast<Acc>(NAN);
         for (int64_t c = lane; c < P.C; c += kWarpSize) {
           const Acc softmax = acc_exp(to_acc<Acc>(row[c]) - row_max) / exp_sum;
           P.g_v[b * P.C + c] = (softmax - (c == y ? Acc(1) : Acc(0))) * grad_scale;

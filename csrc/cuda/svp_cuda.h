@@ -48,7 +48,8 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
 //   v_prev: (B, Cp) of dtype, or nullptr (FA = 0; Cp is then ignored).
 //   loss, ce, alignment: one Acc each (outputs).   g_v: (B, C) of Acc (output).
 // FA and its gradient use the feature-space identity when C + Cp < B, else flash-style batch-space tiles;
-// no B×B matrix is ever stored. B must be >= 1.
+// no B×B matrix is ever stored. B must be >= 1. A row whose target is outside [0, C) is not read at its
+// target: its CE term and its row of g_v are NaN, so loss and ce are NaN.
 cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
                                           size_t* bytes);
 cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,

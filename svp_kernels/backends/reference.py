@@ -20,6 +20,10 @@ def is_available() -> bool:
     return True
 
 
+def unavailable_reason():
+    return None
+
+
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -55,11 +59,19 @@ def cosine_gram(v, center):
     return normalized @ normalized.t()
 
 
+def cross_entropy(v, target):
+    """mean_b CE(v_b, y_b); a target outside [0, C) makes its row's loss and gradient NaN (never an index)."""
+    classes = v.shape[1]
+    in_range = (target >= 0) & (target < classes)
+    poison = torch.where(in_range, 0.0, float("nan")).to(v.dtype)
+    return F.cross_entropy(v + poison[:, None], target.clamp(0, classes - 1))
+
+
 def epilogue(v, target, v_prev, alignment_weight, mean, center):
     """(loss, ce, alignment): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean); loss differentiable w.r.t. v."""
     v = v.to(accumulation_dtype(v.dtype))
     zero = v.new_zeros(())
-    ce = F.cross_entropy(v, target) if target is not None else zero
+    ce = cross_entropy(v, target) if target is not None else zero
     alignment = zero
     if v_prev is not None:
         difference = cosine_gram(v, center) - cosine_gram(v_prev.to(v.dtype).detach(), center)

@@ -41,8 +41,13 @@ SVP_HD bool feature_space_is_cheaper(int64_t batch, int64_t features, int64_t pr
 }
 
 // Cross-entropy of one row: returns logsumexp(v) − v[y] and writes grad = (softmax(v) − onehot(y)) · grad_scale.
+// A target outside [0, n) is never read through: the row's loss and every gradient element are NaN.
 template <typename T>
 SVP_HD T cross_entropy_row(const T* v, int64_t n, int64_t y, T grad_scale, T* grad) {
+  if (y < 0 || y >= n) {
+    for (int64_t c = 0; c < n; ++c) grad[c] = static_cast<T>(NAN);
+    return static_cast<T>(NAN);
+  }
   T row_max = v[0];
   for (int64_t c = 1; c < n; ++c) row_max = v[c] > row_max ? v[c] : row_max;
   T exp_sum = T(0);

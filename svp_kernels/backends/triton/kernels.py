@@ -319,7 +319,8 @@ def row_statistics_kernel(x_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_pt
                           HAS_TARGET: tl.constexpr, NORMALIZE: tl.constexpr, CENTER: tl.constexpr,
                           PRECISE_MATH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per row b of x (B, C):
-    HAS_TARGET: ce[b] = logsumexp(x_b) − x_b[y_b], grad[b] = (softmax(x_b) − onehot(y_b)) / B;
+    HAS_TARGET: ce[b] = logsumexp(x_b) − x_b[y_b], grad[b] = (softmax(x_b) − onehot(y_b)) / B; a target outside
+                [0, C) is not loaded through, and ce[b] and grad[b] are NaN;
     NORMALIZE:  x_c = x_b − mean (when CENTER), norm[b] = ‖x_c‖, xhat[b] = x_c / max(‖x_c‖, ε).
     The accumulation dtype is inv_batch's (a 0-dim tensor holding 1/B); outputs are contiguous."""
     acc_dtype = inv_batch_ptr.dtype.element_ty
@@ -342,17 +343,19 @@ def row_statistics_kernel(x_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_pt
             running_max = new_max
         logsumexp = running_max + _log(running_sum, PRECISE_MATH)
         target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-        target_logit = tl.load(x_ptr + rows.to(tl.int64) * stride_xb + target, mask=row_ok, other=0.0)
-        tl.store(ce_ptr + rows, logsumexp - target_logit.to(acc_dtype), mask=row_ok)
+        target_ok = (target >= 0) & (target < C)
+        target_logit = tl.load(x_ptr + rows.to(tl.int64) * stride_xb + target, mask=row_ok & target_ok, other=0.0)
+        ce = tl.where(target_ok, logsumexp - target_logit.to(acc_dtype), float("nan"))
+        tl.store(ce_ptr + rows, ce, mask=row_ok)
         # CE gradient, written to g_v
-        inv_batch = tl.load(inv_batch_ptr)
+        inv_batch = tl.where(target_ok, tl.load(inv_batch_ptr), float("nan")).to(acc_dtype)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             valid = row_ok[:, None] & (cols[None, :] < C)
             x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
             softmax = _exp(x - logsumexp[:, None], PRECISE_MATH)
             onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0).to(acc_dtype)
-            tl.store(grad_ptr + out_rows + cols[None, :], (softmax - onehot) * inv_batch, mask=valid)
+            tl.store(grad_ptr + out_rows + cols[None, :], (softmax - onehot) * inv_batch[:, None], mask=valid)
 
     if NORMALIZE:
         mean = tl.zeros((BLOCK_B,), acc_dtype)
