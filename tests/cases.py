@@ -162,6 +162,11 @@ PROJECTION_PLANS = [
 ]
 EPILOGUE_PLANS = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
                   "epilogue_feature=0,batch_splits=2"]
+# Scaled-error tolerances of the CUDA kernels against the float64 ground truth of the same (rounded) inputs:
+# results in the accumulation dtype, outputs rounded to h's dtype (dh), and an implicit R (float32 log/cos).
+ACC_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+IMPLICIT_TOL = 1e-5
 
 
 def op_samples(dtype=torch.float64, device="cpu"):

@@ -19,8 +19,9 @@ import svp_kernels as sk
 from svp_kernels import philox
 from svp_kernels.backends import reference
 
-from cases import (EPILOGUE_PLANS, EPILOGUE_SHAPES, MASK_SHAPES, PROJECTION_PLANS, PROJECTION_SHAPES,
-                   cosine_gram_ground_truth, epilogue_ground_truth, op_samples, projection_ground_truth)
+from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
+                   PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
+                   projection_ground_truth)
 from helpers import assert_close, assert_equal_masks
 
 pytestmark = pytest.mark.cuda
@@ -33,11 +34,6 @@ if not sk._ops.extension_has_cuda():
 ops = torch.ops.svp_kernels
 DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Scaled-error tolerances against float64 ground truth computed from the same (rounded) inputs.
-ACC_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
-# dh is rounded to h's dtype on the way out.
-OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-IMPLICIT_TOL = 1e-5  # implicit R is float32 log/cos: agree to float32 rounding
 
 
 def randn(*shape, dtype=torch.float64, seed=0, scale=1.0):

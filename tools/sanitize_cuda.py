@@ -8,9 +8,11 @@ Covers: projection_forward (the 16/32/64-wide tiles; dense and implicit R; p = 0
 and regenerated panels; with and without split-K and its reduction; vector and scalar loads of h),
 projection_backward (resident and per-chunk panels), loss_epilogue (feature and batch space, split Grams,
 split column tiles, with/without target and v_prev, center, both reductions) and cosine_gram, in all four
-dtypes. Plans are forced through SVP_CUDA_PLAN (csrc/cuda/common.cuh). Values are sanity-checked (finite)
-but correctness is the test suite's job; the sanitizer reports the memory and shared-memory hazards.
-Prints one line per group and exits non-zero on a CUDA error.
+dtypes, and an epilogue whose targets are out of range (never read through: NaN rows). Shapes and plans are
+the test suite's tables (tests/cases.py); plans are forced through SVP_CUDA_PLAN (csrc/cuda/common.cuh).
+Values are checked against the suite's float64 ground truth, but correctness is the test suite's job; the
+sanitizer reports the memory and shared-memory hazards. Prints one line per group and exits non-zero on a
+CUDA error or a wrong value.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import svp_kernels as sk  # noqa: E402
+
+from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, OUT_TOL, PROJECTION_PLANS,  # noqa: E402
+                   PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth)
+from helpers import assert_close  # noqa: E402
 
 DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -44,22 +50,20 @@ def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtype).to(DEVICE)
 
 
-def check_finite(name, *tensors):
+def check_values(name, actual, expected, tolerances):
     torch.cuda.synchronize()
-    for tensor in tensors:
-        if not torch.isfinite(tensor.float()).all():
-            raise SystemExit(f"sanitize_cuda: {name} produced non-finite values")
+    try:
+        for a, e, tol in zip(actual, expected, tolerances):
+            assert_close(a, e, tol, name)
+    except AssertionError as error:
+        raise SystemExit(f"sanitize_cuda: {error}")
 
 
 def projection_kernels():
-    # (B, D, C): C picks the forward tile (16/32/64); D % 8 == 0 gives vector loads for every dtype.
-    shapes = [(5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 520, 130), (129, 64, 16), (1, 1, 1)]
-    plans = ["", "forward_panels_per_split=1,backward_btiles_per_block=1",
-             "forward_panels_per_split=2,forward_btiles_per_block=1", "forward_panels_per_split=1000,forward_btiles_per_block=2"]
     count = 0
-    for plan in plans:
+    for plan in PROJECTION_PLANS:
         set_plan(plan)
-        for B, D, C in shapes:
+        for B, D, C in PROJECTION_SHAPES:
             for dtype in DTYPES:
                 if plan and dtype in (torch.bfloat16, torch.float16):
                     continue  # the plans do not depend on the dtype beyond the loads, covered by plan ""
@@ -67,27 +71,28 @@ def projection_kernels():
                 h = randn(B, D, dtype=dtype)
                 grad_v = randn(B, C, dtype=acc, seed=1)
                 for weight in (randn(C, D, dtype=dtype, seed=2) / D**0.5, None):
+                    extra = IMPLICIT_TOL if weight is None else 0.0
                     for p in (0.0, 0.3):
                         v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, 11)
                         dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, 11, dtype)
-                        check_finite(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", v, dh)
+                        check_values(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", (v, dh),
+                                     projection_ground_truth(h, weight, grad_v, C, 7, D**-0.5, p, 11),
+                                     (max(ACC_TOL[dtype], extra), max(OUT_TOL[dtype], extra)))
                         count += 2
     # Unaligned h (storage offset of one element): the scalar-load path.
-    base = randn(9 * 64 + 1)
-    v = ops.projection_forward(base[1:].view(9, 64), None, 7, 3, 0.125, 0.2, 5)
-    check_finite("projection unaligned", v)
+    h = randn(9 * 64 + 1)[1:].view(9, 64)
+    v = ops.projection_forward(h, None, 7, 3, 0.125, 0.2, 5)
+    check_values("projection unaligned", (v,), projection_ground_truth(h, None, torch.zeros(9, 7), 7, 3, 0.125, 0.2, 5),
+                 (IMPLICIT_TOL,))
     set_plan("")
     return count + 1
 
 
 def epilogue_kernels():
-    shapes = [(1, 3, 2), (7, 5, 3), (33, 4, 4), (300, 10, 12), (70, 70, 50), (64, 130, None)]
-    plans = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
-             "epilogue_feature=0,batch_splits=2"]
     count = 0
-    for plan in plans:
+    for plan in EPILOGUE_PLANS:
         set_plan(plan)
-        for B, C, Cp in shapes:
+        for B, C, Cp in EPILOGUE_SHAPES:
             if plan and Cp is None:
                 continue
             for dtype in DTYPES:
@@ -98,15 +103,26 @@ def epilogue_kernels():
                 v_prev = None if Cp is None else randn(B, Cp, dtype=dtype, seed=3)
                 for with_target in (True, False):
                     for mean, center in ((True, False), (False, True)):
-                        outputs = ops.loss_epilogue(v, target if with_target else None, v_prev, 0.7, mean, center)
-                        check_finite(f"epilogue B={B} C={C} C'={Cp} {dtype} plan={plan!r}", *outputs)
+                        t = target if with_target else None
+                        outputs = ops.loss_epilogue(v, t, v_prev, 0.7, mean, center)
+                        check_values(f"epilogue B={B} C={C} C'={Cp} {dtype} plan={plan!r}", outputs,
+                                     epilogue_ground_truth(v, t, v_prev, 0.7, mean, center), (ACC_TOL[dtype],) * 4)
                         count += 1
                 if not plan:
                     for center in (False, True):
-                        check_finite("cosine_gram", ops.cosine_gram(v, center))
+                        check_values("cosine_gram", (ops.cosine_gram(v, center),),
+                                     (cosine_gram_ground_truth(v, center),), (ACC_TOL[dtype],))
                         count += 1
+    # Targets outside [0, C): never read through (memcheck would report it); those rows are NaN.
+    v = randn(70, 70)
+    target = torch.randint(0, 70, (70,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    target[[3, 40, 69]] = torch.tensor([70, -1, 10**9], device=DEVICE)
+    loss, ce, _, g_v = ops.loss_epilogue(v, target, randn(70, 50, seed=3), 0.7, True, False)
+    torch.cuda.synchronize()
+    if not (torch.isnan(loss) and torch.isnan(ce) and torch.isnan(g_v[[3, 40, 69]]).all()):
+        raise SystemExit("sanitize_cuda: out-of-range targets should give NaN loss, ce and g_v rows")
     set_plan("")
-    return count
+    return count + 1
 
 
 def main() -> int:

@@ -31,15 +31,15 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from svp_kernels import philox  # noqa: E402
 from svp_kernels.backends import reference  # noqa: E402
 
+from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_SHAPES,  # noqa: E402
+                   cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth)
+
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-ACC_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
-OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-IMPLICIT_TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,8 +212,7 @@ def randn(*shape, dtype=torch.float64, seed=0, scale=1.0):
 
 
 def check_masks(emu, dtypes):
-    for C, D, p, seed in [(3, 5, 0.5, 7), (20, 64, 0.3, 1), (40, 300, 0.7, 2**63 - 1), (70, 129, 0.25, 12345),
-                          (130, 33, 0.5, 99), (1, 1, 0.9, 0), (4, 6, 0.0, 5)]:
+    for C, D, p, seed in MASK_SHAPES:
         expected = philox.keep_mask(seed, C, D, p)
         for dtype in dtypes:
             ones = torch.ones(C, D, dtype=dtype)
@@ -244,20 +243,11 @@ def check_projection(emu, dtypes, shapes):
                 grad_v = randn(B, C, seed=2, dtype=acc)
                 v = emu.projection_forward(h, weight, C, proj_seed, std, p, seed)
                 dh = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype)
-                dropped = reference.dropped_weight(None if weight is None else weight.double(), D, C, proj_seed, std,
-                                                   p, seed, torch.float64, "cpu")
+                expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, proj_seed, std, p, seed)
                 name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
                 extra = IMPLICIT_TOL if implicit else 0.0
-                expect_close(v, h.double() @ dropped.t(), max(ACC_TOL[dtype], extra), f"v {name}")
-                expect_close(dh, grad_v.double() @ dropped, max(OUT_TOL[dtype], extra), f"dh {name}")
-
-
-def epilogue_truth(v, target, v_prev, weight, mean, center):
-    v64 = v.double().requires_grad_(True)
-    loss, ce, alignment = reference.epilogue(v64, target, None if v_prev is None else v_prev.double(), weight, mean,
-                                             center)
-    (g_v,) = torch.autograd.grad(loss, v64) if loss.requires_grad else (torch.zeros_like(v64),)
-    return loss.detach(), ce, alignment, g_v
+                expect_close(v, expected_v, max(ACC_TOL[dtype], extra), f"v {name}")
+                expect_close(dh, expected_dh, max(OUT_TOL[dtype], extra), f"dh {name}")
 
 
 def check_epilogue(emu, dtypes, shapes):
@@ -270,12 +260,12 @@ def check_epilogue(emu, dtypes, shapes):
                 for mean, center in ((True, False), (False, True)):
                     t = target if with_target else None
                     actual = emu.loss_epilogue(v, t, v_prev, 0.7, mean, center)
-                    expected = epilogue_truth(v, t, v_prev, 0.7, mean, center)
+                    expected = epilogue_ground_truth(v, t, v_prev, 0.7, mean, center)
                     for name, a, e in zip(("loss", "ce", "alignment", "g_v"), actual, expected):
                         expect_close(a, e, ACC_TOL[dtype], f"{name} B={B} C={C} C'={Cp} {dtype} target={with_target}"
                                                            f" mean={mean} center={center}")
             for center in (False, True):
-                expect_close(emu.cosine_gram(v, center), reference.cosine_gram(v.double(), center), ACC_TOL[dtype],
+                expect_close(emu.cosine_gram(v, center), cosine_gram_ground_truth(v, center), ACC_TOL[dtype],
                              f"cosine_gram B={B} C={C} {dtype} center={center}")
     # ‖v_b‖ <= ε rows take the g / ε branch.
     v = randn(6, 5, seed=4)
@@ -284,13 +274,19 @@ def check_epilogue(emu, dtypes, shapes):
     target = torch.tensor([0, 1, 2, 3, 4, 0])
     for center in (False, True):
         for name, a, e in zip(("loss", "ce", "alignment", "g_v"), emu.loss_epilogue(v, target, v_prev, 0.5, True, center),
-                              epilogue_truth(v, target, v_prev, 0.5, True, center)):
+                              epilogue_ground_truth(v, target, v_prev, 0.5, True, center)):
             expect_close(a, e, 1e-10, f"zero/constant rows {name} center={center}")
+    # A target outside [0, C) is never read through: its row's CE and g_v are NaN, the other rows exact.
+    v, v_prev = randn(4, 3, seed=6), randn(4, 2, seed=7)
+    for bad in (3, -1, 10**9):
+        target = torch.tensor([0, bad, 2, 1])
+        loss, ce, _, g_v = emu.loss_epilogue(v, target, v_prev, 0.5, True, False)
+        if not (torch.isnan(loss) and torch.isnan(ce) and torch.isnan(g_v[1]).all()):
+            raise AssertionError(f"target {bad}: loss {loss.item()}, ce {ce.item()}, g_v row {g_v[1].tolist()}")
+        if not torch.isfinite(g_v[[0, 2, 3]]).all():
+            raise AssertionError(f"target {bad}: rows with valid targets are not finite")
 
 
-PROJECTION_SHAPES = [(1, 5, 3), (7, 13, 5), (5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 300, 130), (129, 64, 16)]
-EPILOGUE_SHAPES = [(1, 3, 2), (7, 5, 3), (5, 11, 6), (33, 4, 4), (40, 6, 5), (300, 10, 12), (70, 70, 50),
-                   (64, 130, None)]
 PLANS = {
     "default": "",
     "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
