@@ -1,4 +1,8 @@
-"""Test setup: Triton runs in its CPU interpreter when no CUDA device exists (set before triton loads)."""
+"""Test setup: Triton runs in its CPU interpreter when no CUDA device exists (set before triton loads).
+
+SVP_KERNELS_REQUIRE=cpu,triton (CI sets it) names backends that must load: if one does not, the session
+fails at once with the reason (its import or load error) instead of skipping that backend's tests.
+"""
 
 import os
 
@@ -9,6 +13,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REQUIRE_ENV = "SVP_KERNELS_REQUIRE"
+
+
+def required_backends() -> list[str]:
+    return [name.strip() for name in os.environ.get(REQUIRE_ENV, "").split(",") if name.strip()]
+
+
+def pytest_sessionstart(session):
+    from svp_kernels import backends
+
+    failures = []
+    for name in required_backends():
+        if name not in backends.BACKEND_NAMES:
+            failures.append(f"{name!r} is not a backend (one of {backends.BACKEND_NAMES})")
+        elif not backends.is_available(name):
+            failures.append(f"{name}: {backends.unavailable_reason(name)}")
+    if failures:
+        pytest.exit(f"{REQUIRE_ENV}={os.environ[REQUIRE_ENV]}: required backends are unavailable:\n  "
+                    + "\n  ".join(failures), returncode=1)
 
 
 def pytest_collection_modifyitems(config, items):

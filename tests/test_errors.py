@@ -127,3 +127,25 @@ def test_other_ops_validate():
         sk.ImplicitProjection(3, seed=-5)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         sk.ImplicitProjection(3, seed=5).materialize(0)
+
+
+def test_unavailable_backends_say_why():
+    for name in sk.backends.BACKEND_NAMES:
+        reason = sk.backends.unavailable_reason(name)
+        assert (reason is None) == sk.backends.is_available(name), (name, reason)
+        assert reason is None or isinstance(reason, str) and reason
+    assert sk.backends.unavailable_reason("reference") is None
+
+
+def test_required_backend_that_is_missing_fails_the_session(monkeypatch):
+    import conftest
+
+    unavailable = [name for name in sk.backends.BACKEND_NAMES if not sk.backends.is_available(name)]
+    for required, message in [("reference,tpu", "'tpu' is not a backend"),
+                              *[(name, f"{name}: {sk.backends.unavailable_reason(name)}") for name in unavailable]]:
+        monkeypatch.setenv(conftest.REQUIRE_ENV, required)
+        with pytest.raises(pytest.exit.Exception, match="required backends are unavailable") as raised:
+            conftest.pytest_sessionstart(None)
+        assert message in str(raised.value)
+    monkeypatch.setenv(conftest.REQUIRE_ENV, ",".join(sk.available_backends()))
+    conftest.pytest_sessionstart(None)

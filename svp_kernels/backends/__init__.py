@@ -1,7 +1,7 @@
 """The backend registry: names, availability, and the choice made for backend="auto".
 
-Every backend module has the same interface (docs/backends.md): NAME, is_available(), supports(device,
-dtype), projection(...), epilogue(...), cosine_gram(...). Availability is decided once, at import,
+Every backend module has the same interface (docs/backends.md): NAME, is_available(), unavailable_reason(),
+supports(device, dtype), projection(...), epilogue(...), cosine_gram(...). Availability is decided once, at import,
 so that resolving a backend inside torch.compile touches only these dictionaries.
 """
 
@@ -22,6 +22,7 @@ AUTO_CPU_ORDER = ("cpu",)
 
 _MODULES: dict = {}
 _AVAILABLE: dict = {}
+_REASONS: dict = {}
 
 
 def load(name: str):
@@ -37,11 +38,20 @@ def is_available(name: str) -> bool:
     available = _AVAILABLE.get(name)
     if available is None:
         try:
-            available = bool(load(name).is_available())
-        except Exception:  # an optional dependency that is missing or broken makes the backend unavailable
+            module = load(name)
+            available = bool(module.is_available())
+            _REASONS[name] = None if available else module.unavailable_reason()
+        except Exception as error:  # an optional dependency that is missing or broken makes it unavailable
             available = False
+            _REASONS[name] = f"importing it failed: {error!r}"
         _AVAILABLE[name] = available
     return available
+
+
+def unavailable_reason(name: str):
+    """None when backend `name` is available, else why not (the import or load error where there is one)."""
+    is_available(name)
+    return _REASONS[name]
 
 
 def available_backends() -> list[str]:

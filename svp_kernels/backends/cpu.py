@@ -14,5 +14,10 @@ def is_available() -> bool:
     return _ops.extension_loaded()
 
 
+def unavailable_reason():
+    """None when available, else why not."""
+    return None if is_available() else f"svp_kernels._C did not load: {_ops.EXTENSION_ERROR!r}"
+
+
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.float64)

@@ -21,13 +21,14 @@ _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float64)
 
 
-def _triton_importable() -> bool:
+def _triton_import_error():
+    """None when Triton imports, else the exception (ImportError, or whatever a broken install raises)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
+    except Exception as error:
+        return error
+    return None
 
 
 def interpreting() -> bool:
@@ -39,11 +40,21 @@ def interpreting() -> bool:
 LOAD_ERROR = None
 
 
+def unavailable_reason():
+    """None when available, else why not: Triton does not import, the kernels did not load, or nothing runs them."""
+    if LOAD_ERROR is not None:
+        return f"its kernels failed to load: {LOAD_ERROR!r}"
+    error = _triton_import_error()
+    if error is not None:
+        return f"triton does not import: {error!r}"
+    if not (interpreting() or torch.cuda.is_available()):
+        return "needs a CUDA device or TRITON_INTERPRET=1"
+    return None
+
+
 def is_available() -> bool:
     """Triton is importable, the kernels load, and something can run them: CUDA, or the interpreter."""
-    if LOAD_ERROR is not None or not _triton_importable():
-        return False
-    return interpreting() or torch.cuda.is_available()
+    return unavailable_reason() is None
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
