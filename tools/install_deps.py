@@ -1,4 +1,5 @@
-"""Installs what `make test` / `make demo` need into the current Python, only what is missing.
+"""Installs what `make test` / `make demo` need into the current Python, only what is missing: the core
+dependencies (torch, numpy) and the extras [train], [triton] and [test] of pyproject.toml.
 
 torch is installed only when none is importable, and then pinned (a CPU build on machines without CUDA);
 an already-installed torch (say a CUDA build) is never replaced.
@@ -11,14 +12,14 @@ import sys
 TORCH_PIN = "torch==2.13.0"
 # import name -> pip requirement
 REQUIREMENTS = {
-    "triton": "triton",
-    "ninja": "ninja",
-    "pytest": "pytest",
-    "pytest_benchmark": "pytest-benchmark",
-    "sklearn": "scikit-learn",
+    "numpy": "numpy",  # core
+    "sklearn": "scikit-learn",  # [train]
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
-    "numpy": "numpy",
+    "triton": "triton",  # [triton]
+    "pytest": "pytest",  # [test]
+    "pytest_benchmark": "pytest-benchmark",
+    "ninja": "ninja",
 }
 
 

@@ -56,7 +56,7 @@ Block sizes (ops.py picks them; every tl.dot dimension is ≥ 16).
   float64), BLOCK_C ≤ 32, BLOCK_D 16; backward (grad_v is float32/float64) BLOCK_B ≤ 64, BLOCK_C 16,
   BLOCK_D 128 (64 for float64) with 8 warps; epilogue Grams 64×64 tiles over K = 16 (8 warps), S tiles
   32×32, row tiles of ≤ 1024 elements.
-- These compile for sm_90 without register spills (gpu_compile_check.py; the only stack frame is
+- These compile for sm_90 without register spills (tools/gpu_compile_check.py; the only stack frame is
   libdevice's 32 bytes). Their speed has not been tuned on a GPU yet.
 - The forward's D splits: enough that splits × B tiles × C tiles ≈ 2 × the SM count, with the
   workspace capped at 2²⁴ elements. Each program regenerates its R tile, so Philox runs

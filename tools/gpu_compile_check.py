@@ -1,14 +1,14 @@
 """Compile the Triton kernels for an NVIDIA GPU on a machine without one (CI has none).
 
-The launchers of ops.py run on meta tensors with their kernel launches recorded instead of executed;
-every distinct (kernel, argument types, constexprs, num_warps) is then compiled ahead of time for
-``GPUTarget("cuda", arch, 32)`` with the ptxas that ships in the Triton wheel, and the register and
-stack use is read off the cubin. That catches what the interpreter cannot: code that does not lower
+The launchers of svp_kernels/backends/triton/ops.py run on meta tensors with their kernel launches
+recorded instead of executed; every distinct (kernel, argument types, constexprs, num_warps) is then
+compiled ahead of time for ``GPUTarget("cuda", arch, 32)`` with the ptxas that ships in the Triton wheel,
+and the register and stack use is read off the cubin. That catches what the interpreter cannot: code that does not lower
 (dtypes, libdevice, constexpr branches), and block sizes that spill.
 
 Run it in a process where TRITON_INTERPRET is unset (the kernels must be JIT functions):
 
-    python -m svp_kernels.backends.triton.gpu_compile_check [--arch 90] [--quick]
+    python tools/gpu_compile_check.py [--arch 90] [--quick]
 """
 
 import argparse
@@ -22,14 +22,16 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from svp_kernels.backends.triton import ops  # noqa: E402  (the kernels must be JIT functions: no TRITON_INTERPRET)
+
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
                   torch.int64: "i64", torch.int32: "i32"}
 
 
 def record_launches(run: Callable[[], object]) -> List[Tuple[object, dict]]:
     """(kernel, kwargs) of every kernel launch that `run` makes through ops._launch, none executed."""
-    from . import ops
-
     launches = []
 
     class Recorder:
@@ -108,8 +110,6 @@ def compile_launches(launches, arch: int = 90):
 
 def problems(quick: bool = False):
     """Launcher calls on meta tensors covering dtypes, dense/implicit R, dropout and both alignment paths."""
-    from . import ops
-
     meta = torch.device("meta")
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     shapes = [(256, 1024, 10)] if quick else [(256, 1024, 10), (1024, 512, 256), (40, 4096, 100)]
