@@ -3,7 +3,7 @@
     out = svp_kernels.fused_local_loss(h, target, v_prev, projection=R, p=0.1)
     out.loss.backward()       # dL/dh without storing R̃, its mask or any B×B matrix
 
-See DESIGN.md §2 for the math and docs/backends.md for the backends.
+See docs/design.md §2 for the math and docs/backends.md for the backends.
 """
 
 from . import _ops  # noqa: F401  (loads the extension and registers autograd for its ops)

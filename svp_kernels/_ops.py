@@ -2,7 +2,7 @@
 
 The op schemas are defined once in csrc/bindings.cpp (namespace ``svp_kernels``); the Triton backend
 registers the same schemas as ``svp_kernels::triton_<name>`` and reuses the helpers below. Autograd keeps
-only what DESIGN.md §2 allows: ``g_v`` for the epilogue, the scalars (and a reference to a dense R) for
+only what docs/design.md §2 allows: ``g_v`` for the epilogue, the scalars (and a reference to a dense R) for
 the projection, whose backward regenerates the mask.
 """
 

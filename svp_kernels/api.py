@@ -1,4 +1,4 @@
-"""The public ops. Each validates its arguments once, picks a backend, and dispatches (DESIGN.md §2, §4)."""
+"""The public ops. Each validates its arguments once, picks a backend, and dispatches (docs/design.md §2, §4)."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
 def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto") -> torch.Tensor:
     """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored.
 
-    Replaces ``h @ (R * (torch.rand_like(R) >= p) / (1 - p)).T`` (with the mask of DESIGN.md §3).
+    Replaces ``h @ (R * (torch.rand_like(R) >= p) / (1 - p)).T`` (with the mask of docs/design.md §3).
     """
     h = _check_features(h)
     p = _check_p(p)

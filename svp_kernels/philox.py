@@ -1,4 +1,4 @@
-"""Philox4x32-10 in PyTorch, and the conversions of DESIGN.md §3 (the reference for every backend).
+"""Philox4x32-10 in PyTorch, and the conversions of docs/design.md §3 (the reference for every backend).
 
 Counter ``(lo32(n), hi32(n), 0, 0)``, key ``(lo32(seed), hi32(seed))``, 10 rounds. Words are held in
 int64 tensors with values in [0, 2³²); a wrapping 64-bit product keeps every bit of the 32×32 product.

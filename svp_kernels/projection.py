@@ -1,4 +1,4 @@
-"""The implicit random projection: R regenerated from a seed wherever it is needed (DESIGN.md §3)."""
+"""The implicit random projection: R regenerated from a seed wherever it is needed (docs/design.md §3)."""
 
 from __future__ import annotations
 

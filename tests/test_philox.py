@@ -1,4 +1,4 @@
-"""The randomness spec of DESIGN.md §3, pinned by golden values (Random123's known answer first)."""
+"""The randomness spec of docs/design.md §3, pinned by golden values (Random123's known answer first)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// CPU kernels of the loss epilogue (DESIGN.md §2) on v (B, C): cross-entropy, the alignment
+// CPU kernels of the loss epilogue (docs/design.md §2) on v (B, C): cross-entropy, the alignment
 // FA = ‖â âᵀ − b̂ b̂ᵀ‖²_F and g_v = dloss/dv in one call, with O(B·C + B·C' + C²) scratch, never B×B.
 // FA takes the feature-space identity when C + C' < B, else kGramTile × kGramTile tiles of batch-space
 // Grams. Every sum runs in an order fixed by the shapes, so results never depend on the thread count.

@@ -1,4 +1,4 @@
-// CPU kernels of the dropout projection (DESIGN.md §2): v = h R̃ᵀ and dh = grad_v R̃.
+// CPU kernels of the dropout projection (docs/design.md §2): v = h R̃ᵀ and dh = grad_v R̃.
 //
 // R̃ = R ⊙ M / (1 − p) never exists in memory. Both directions walk D in tiles of `width` columns; a task
 // generates the C × width block of R̃ it needs (Philox mask, implicit R) into a scratch buffer that stays in

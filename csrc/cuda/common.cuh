@@ -28,7 +28,7 @@ namespace detail {
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kWarpSize = 32;
 
-// ε of â_b = v_b / max(‖v_b‖, ε) (DESIGN.md §2).
+// ε of â_b = v_b / max(‖v_b‖, ε) (docs/design.md §2).
 constexpr double kNormEps = 1e-12;
 
 // Accumulation type of an element type: double for double, float for everything else.

@@ -1,4 +1,4 @@
-// Loss epilogue and cosine Gram on the (B, C) projection, DESIGN.md §2.
+// Loss epilogue and cosine Gram on the (B, C) projection, docs/design.md §2.
 //
 //   loss = CE(v, y) + λ·FA,   FA = ‖â âᵀ − b̂ b̂ᵀ‖²_F (/ B² when mean),   g_v = dloss/dv.
 //

@@ -1,4 +1,4 @@
-// Projection kernels: v = h R̃ᵀ (forward) and dh = grad_v R̃ (backward), DESIGN.md §2–3.
+// Projection kernels: v = h R̃ᵀ (forward) and dh = grad_v R̃ (backward), docs/design.md §2–3.
 //
 // R̃[c, j] = R[c, j] · keep(seed, c·D + j) / (1 − p) never exists in global memory. Both directions are
 // register-tiled GEMMs whose R̃ operand is a shared-memory "panel" generated in place from Philox (the mask,
@@ -58,7 +58,7 @@ using ForwardTile64 = Tile<128, 64, 32, 8, 4, 128>;
 using BackwardTile = Tile<128, 64, 32, 8, 4, 128>;
 
 // ---------------------------------------------------------------------------------------------------------
-// R̃[c, j] at flat offset n = c·D + j (DESIGN.md §3), in the accumulation type.
+// R̃[c, j] at flat offset n = c·D + j (docs/design.md §3), in the accumulation type.
 template <typename T, typename Acc>
 struct DroppedProjection {
   const T* weight;     // (C, D) or nullptr: implicit R of (proj_seed, proj_std)

@@ -1,4 +1,4 @@
-// Public launchers of the svp_kernels CUDA kernels (DESIGN.md §2, docs/backends.md).
+// Public launchers of the svp_kernels CUDA kernels (docs/design.md §2, docs/backends.md).
 //
 // Framework-free: raw device pointers, int64 sizes, a cudaStream_t, a cudaError_t back. No torch header
 // here or in any csrc/cuda file; csrc/bindings_cuda.cpp adapts these to the torch ops. Every tensor is
@@ -26,7 +26,7 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3
 // ---------------------------------------------------------------------------------------------------------
 // Projection forward: v (B, C) = h R̃ᵀ, R̃[c, j] = R[c, j] · keep(seed, c·D + j) / (1 − p).
 //   h:      (B, D) of dtype.
-//   weight: (C, D) of dtype, or nullptr for the implicit R of (proj_seed, proj_std) (DESIGN.md §3).
+//   weight: (C, D) of dtype, or nullptr for the implicit R of (proj_seed, proj_std) (docs/design.md §3).
 //   v:      (B, C) of Acc (output).
 // p in [0, 1); p == 0 disables the mask. The mask and an implicit R are generated in registers.
 cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes);

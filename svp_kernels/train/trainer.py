@@ -1,6 +1,6 @@
 """The layer-wise SVP trainer: every block learns from its own local loss, never from a later block.
 
-For each batch, block by block (DESIGN.md §1):
+For each batch, block by block (docs/design.md §1):
 
     h_l = block_l(h_{l-1}.detach())
     L_l = CE(v_l, y) + λ‖S(v_l) − S(v_{l-1})‖²,   v_l = Dropout(R_l) readout_l(h_l)   (fused_local_loss)

@@ -1,4 +1,4 @@
-// The per-element and per-row math of DESIGN.md §2, shared by the CPU and CUDA kernels.
+// The per-element and per-row math of docs/design.md §2, shared by the CPU and CUDA kernels.
 //
 // Header-only, no torch header; every function is __host__ __device__ under nvcc (SVP_HD). T is the
 // accumulation dtype (float or double); rows are contiguous arrays of n values.

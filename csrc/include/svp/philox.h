@@ -1,4 +1,4 @@
-// Philox4x32-10 and the word-to-value conversions of DESIGN.md §3, shared by every C++/CUDA backend.
+// Philox4x32-10 and the word-to-value conversions of docs/design.md §3, shared by every C++/CUDA backend.
 //
 // Header-only, no torch header: compiles with any C++17 host compiler and with nvcc (the functions are
 // __host__ __device__ there). Counter (lo32(n), hi32(n), 0, 0), key (lo32(seed), hi32(seed)), 10 rounds.

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused SVP local loss (the math of DESIGN.md §2, the randomness of §3).
+"""Triton kernels of the fused SVP local loss (the math of docs/design.md §2, the randomness of §3).
 
 Data flow (the launchers and block-size choices live in ``ops.py``):
 
@@ -71,7 +71,7 @@ try:  # libdevice (accurate log/cos) exists from Triton 3.0; only the compiled G
 except ImportError:  # pragma: no cover - very old Triton
     libdevice = None
 
-# Philox4x32-10 constants (DESIGN.md §3, csrc/include/svp/philox.h).
+# Philox4x32-10 constants (docs/design.md §3, csrc/include/svp/philox.h).
 PHILOX_M0 = tl.constexpr(0xD2511F53)  # multiplies counter word 0
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)  # multiplies counter word 2
 PHILOX_W0 = tl.constexpr(0x9E3779B9)  # key increment, word 0

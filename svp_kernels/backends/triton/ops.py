@@ -44,7 +44,7 @@ def input_precision() -> str:
 
 
 def keep_threshold(p: float) -> int:
-    """t such that (word0 >> 8) >= t  ⟺  u24(word0) >= float32(p), the keep rule of DESIGN.md §3."""
+    """t such that (word0 >> 8) >= t  ⟺  u24(word0) >= float32(p), the keep rule of docs/design.md §3."""
     p32 = struct.unpack("f", struct.pack("f", p))[0]  # float32(p), as the C++ backends compare
     return math.ceil(p32 * 2**24)  # exact: p32 · 2²⁴ is a double without rounding
 
