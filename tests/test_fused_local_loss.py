@@ -133,17 +133,20 @@ def assert_nan_loss_and_gradient(loss, grad_h, name):
 
 @pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("value", BAD_TARGETS)
-def test_out_of_range_target_eager(value, device, backend):
+def test_out_of_range_target_eager(value, device, backend, monkeypatch):
     """Eager: the API's range check raises for CPU tensors; on CUDA it is opt-in (SVP_KERNELS_CHECK_TARGETS=1)
     and the kernels give NaN without it."""
+    from svp_kernels.api import CHECK_TARGETS_ENV
+
     h, _, v_prev, projection = make_inputs(TARGET_CASE, device=device)
     target = bad_target(device, value)
-    if target.device.type == "cpu":
-        with pytest.raises(ValueError, match=r"target values must be in \[0, 3\)"):
-            run(TARGET_CASE, h, target, v_prev, projection, backend)
-    else:
+    monkeypatch.delenv(CHECK_TARGETS_ENV, raising=False)
+    if target.device.type != "cpu":
         loss, _, _, _, grad_h = run(TARGET_CASE, h, target, v_prev, projection, backend)
         assert_nan_loss_and_gradient(loss, grad_h, f"{backend} target {value}")
+        monkeypatch.setenv(CHECK_TARGETS_ENV, "1")
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 3\)"):
+        run(TARGET_CASE, h, target, v_prev, projection, backend)
 
 
 @quiet_nan

@@ -82,9 +82,9 @@ stage_test_cuda() {
 
 stage_test_suite() {
   # The whole suite: on a GPU the backend-parametrised tests pick up the cuda and triton backends by
-  # themselves (Triton runs compiled, not interpreted).
-  run_stage test_suite 560 "$PYTHON -m pytest tests -q -rs --durations=25 --junitxml='$OUT/test_suite.xml' \
-${PYTEST_ARGS:-}"
+  # themselves (Triton runs compiled, not interpreted); a backend that does not load fails the stage.
+  run_stage test_suite 560 "SVP_KERNELS_REQUIRE=\${SVP_KERNELS_REQUIRE:-cpu,triton,cuda} $PYTHON -m pytest tests -q -rs \
+--durations=25 --junitxml='$OUT/test_suite.xml' ${PYTEST_ARGS:-}"
 }
 
 # sanitize_with TOOL [EXTRA ARGS...]: tools/sanitize_cuda.py under compute-sanitizer --tool TOOL.
