@@ -3,6 +3,7 @@
     compute-sanitizer --tool memcheck   --error-exitcode 1 python tools/sanitize_cuda.py
     compute-sanitizer --tool racecheck  --error-exitcode 1 python tools/sanitize_cuda.py --quick
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tools/sanitize_cuda.py
+    compute-sanitizer --tool memcheck   --error-exitcode 1 python tools/sanitize_cuda.py --small  # 2 shapes per op
 
 Covers: projection_forward (the 16/32/64-wide tiles; dense and implicit R; p = 0 and p > 0; resident
 and regenerated panels; with and without split-K and its reduction; vector and scalar loads of h),
@@ -29,6 +30,14 @@ import svp_kernels as sk  # noqa: E402
 
 DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (B, D, C): C picks the forward tile (16/32/64); D % 8 == 0 gives vector loads for every dtype.
+PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 520, 130), (129, 64, 16), (1, 1, 1)]
+# (B, C, C'): both alignment paths (C + C' < B: feature space), C' = None for no alignment.
+EPILOGUE_SHAPES = [(1, 3, 2), (7, 5, 3), (33, 4, 4), (300, 10, 12), (70, 70, 50), (64, 130, None)]
+# --small: two shapes per op; every plan still runs (split-K and regenerated panels at D = 300, the
+# batch-space (7, 5, 3) and feature-space (33, 4, 4) alignment paths).
+SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17)]
+SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4)]
 ops = torch.ops.svp_kernels
 
 
@@ -51,9 +60,7 @@ def check_finite(name, *tensors):
             raise SystemExit(f"sanitize_cuda: {name} produced non-finite values")
 
 
-def projection_kernels():
-    # (B, D, C): C picks the forward tile (16/32/64); D % 8 == 0 gives vector loads for every dtype.
-    shapes = [(5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 520, 130), (129, 64, 16), (1, 1, 1)]
+def projection_kernels(shapes):
     plans = ["", "forward_panels_per_split=1,backward_btiles_per_block=1",
              "forward_panels_per_split=2,forward_btiles_per_block=1", "forward_panels_per_split=1000,forward_btiles_per_block=2"]
     count = 0
@@ -80,8 +87,7 @@ def projection_kernels():
     return count + 1
 
 
-def epilogue_kernels():
-    shapes = [(1, 3, 2), (7, 5, 3), (33, 4, 4), (300, 10, 12), (70, 70, 50), (64, 130, None)]
+def epilogue_kernels(shapes):
     plans = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
              "epilogue_feature=0,batch_splits=2"]
     count = 0
@@ -114,6 +120,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="float32 and float64 only (the shared-memory layouts differ by element size only)")
+    parser.add_argument("--small", action="store_true",
+                        help="two small shapes per op (every plan and dtype still runs)")
     args = parser.parse_args()
     if args.quick:
         DTYPES = [torch.float32, torch.float64]
@@ -121,10 +129,10 @@ def main() -> int:
         print("sanitize_cuda: needs a GPU and svp_kernels._C built with CUDA", file=sys.stderr)
         return 2
     start = time.time()
-    calls = projection_kernels()
+    calls = projection_kernels(SMALL_PROJECTION_SHAPES if args.small else PROJECTION_SHAPES)
     print(f"sanitize_cuda: projection_forward/backward: {calls} calls ok ({time.time() - start:.1f}s)", flush=True)
     start = time.time()
-    calls = epilogue_kernels()
+    calls = epilogue_kernels(SMALL_EPILOGUE_SHAPES if args.small else EPILOGUE_SHAPES)
     print(f"sanitize_cuda: loss_epilogue/cosine_gram: {calls} calls ok ({time.time() - start:.1f}s)", flush=True)
     torch.cuda.synchronize()
     return 0
