@@ -271,3 +271,46 @@ def test_unpack_files_the_dry_run_output(dry_run, tmp_path):
     lines = (results / "cpu.csv").read_text().splitlines()
     assert sum(line.startswith("op,backend") for line in lines) == 1 and len(lines) > 2
     assert os.path.getsize(results / "cpu.csv") > 0
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_path):
+    """The device-mode steps, planned from a 16-core sm_90 env, as the programs they call parse them."""
+    ctx = gpu_check.Context(dry_run=False, python=sys.executable, work=tmp_path,
+                            env={"arch": "9.0", "cpu_count": 16, "modules": {"pytest_timeout": True}})
+    plan = {stage.name: stage for stage in gpu_check.stage_plan(dry_run=False)}
+    assert tuple(plan) == gpu_check.STAGE_NAMES and sum(s.share for s in plan.values()) == gpu_check.DEFAULT_BUDGET_S
+    assert plan["sanitize"].requires == ("env", "build")
+    assert all(plan[name].requires == ("env",) for name in gpu_check.STAGE_NAMES if name not in ("env", "sanitize"))
+    steps = {name: stage.steps(ctx, stage) for name, stage in plan.items()}
+
+    build = steps["build"][0]
+    assert build.argv[1:] == ["setup.py", "build_ext", "--inplace"]
+    assert build.env == {"MAX_JOBS": "16", "SVP_KERNELS_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0"}
+
+    selections = [step.argv[step.argv.index("-k") + 1] for step in steps["tests"]]
+    assert selections == [gpu_check.CUDA_TESTS, gpu_check.TRITON_TESTS, gpu_check.SYNC_TESTS]
+    assert all("-x" in step.argv and "--timeout" in step.argv for step in steps["tests"])
+
+    run_py = load_module("bench_run_for_plan", ROOT / "bench" / "run.py")
+    parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]
+    shapes = {(name.split("-")[0], args.shapes) for name, args in parsed}
+    expected = {",".join(map(str, shape)) for shape in run_py.GPU_SHAPES}
+    assert shapes == {(kind, shape) for kind in ("kernels", "compile") for shape in expected}
+    for name, args in parsed:
+        assert args.device == "cuda" and args.dtype == "float32,bfloat16" and args.projection == "dense,implicit"
+        assert args.backends.split(",") == (["compile"] if name.startswith("compile") else
+                                            ["cuda", "triton", gpu_check.eager_baseline(ROOT / "bench" / "run.py")])
+
+    from svp_kernels.train import cli
+
+    (sweep,) = steps["memory_depth"]
+    assert sweep.argv[1:4] == ["-m", "svp_kernels.train.cli", "memory-depth"]
+    args = cli.memory_depth_parser().parse_args(sweep.argv[4:])
+    assert (args.device, args.width, args.depths, args.batch_size) == ("cuda", 1024, "2,4,8,16,32", 128)
