@@ -103,15 +103,14 @@ def test_failing_stage_is_recorded_and_the_run_goes_on(tmp_path):
 
 def test_exhausted_budget_skips_the_stages_that_cannot_start(tmp_path):
     stages = [Stage("first", 1, 0.1, [Step("sleep", py("import time; time.sleep(30)"), min_s=0.1)]),
-              Stage("second", 1, 2.0, [Step("never", py("pass"))]),
+              Stage("second", 1, 2.5, [Step("never", py("pass"))]),
               Stage("third", 1, 2.5, [Step("never", py("pass"))])]
     start = time.monotonic()
-    runner(tmp_path, stages, budget=3.0, grace=0.2).run()
+    assert runner(tmp_path, stages, budget=3.0, grace=0.2).run() == 1
     assert time.monotonic() - start < 3.5
     data = stages_by_name(summary(tmp_path))
-    assert data["first"]["state"] == "timeout"
-    # 2 s left: 1 s for "second" by share, under its 2 s minimum; then all 2 s for "third", under its 2.5 s.
-    for name in ("second", "third"):
+    assert data["first"]["state"] == "timeout" and data["first"]["seconds"] < 1.5  # its 1 s share
+    for name in ("second", "third"):  # 2 s left, under their 2.5 s minimum
         assert data[name]["state"] == "skipped" and data[name]["reason"].startswith("budget"), data[name]
         assert data[name]["steps"] == []
 
@@ -139,13 +138,27 @@ def test_summary_is_current_while_a_stage_runs(tmp_path):
     assert "seen: running running running pending" in (out / "look.log").read_text()
 
 
+def test_a_stage_gets_its_minimum_before_later_shares(tmp_path):
+    stages = [Stage("needs_two", 1, 2.0, [Step("sleep", py("import time; time.sleep(30)"), min_s=0.1)]),
+              Stage("rest", 3, 0.1, [Step("quick", py("pass"), min_s=0.1)])]
+    assert runner(tmp_path, stages, budget=4.0, grace=0.2).run() == 1  # the sleeper times out
+    data = stages_by_name(summary(tmp_path))
+    assert data["needs_two"]["limit_s"] == 2.0 and data["needs_two"]["state"] == "timeout"  # share alone: 1 s
+    assert data["rest"]["state"] == "ok"
+
+
 def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
     stages = [Stage("base", 1, 0.1, [Step("fail", py("raise SystemExit(1)"), min_s=0.1)]),
               Stage("dependent", 1, 0.1, [Step("never", py("pass"))], requires=("base",)),
+              Stage("mixed", 1, 0.1, [Step("needs_base", py("pass"), requires=("base",)),
+                                      Step("free", py("pass"), min_s=0.1)]),
               Stage("missing_tool", 1, 0.1, [Step("absent", missing="no such tool")])]
     runner(tmp_path, stages, budget=20.0).run()
     data = stages_by_name(summary(tmp_path))
     assert data["dependent"]["state"] == "skipped" and data["dependent"]["reason"] == "needs base (failed)"
+    assert [(s["state"], s.get("reason")) for s in data["mixed"]["steps"]] == [("skipped", "needs base (failed)"),
+                                                                               ("ok", None)]
+    assert data["mixed"]["state"] == "partial"
     assert data["missing_tool"]["state"] == "missing"
     assert data["missing_tool"]["steps"][0]["reason"] == "no such tool"
 
@@ -286,8 +299,8 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
                             env={"arch": "9.0", "cpu_count": 16, "modules": {"pytest_timeout": True}})
     plan = {stage.name: stage for stage in gpu_check.stage_plan(dry_run=False)}
     assert tuple(plan) == gpu_check.STAGE_NAMES and sum(s.share for s in plan.values()) == gpu_check.DEFAULT_BUDGET_S
-    assert plan["sanitize"].requires == ("env", "build")
-    assert all(plan[name].requires == ("env",) for name in gpu_check.STAGE_NAMES if name not in ("env", "sanitize"))
+    assert plan["env"].requires == () and plan["sanitize"].requires == ("gpu", "build")
+    assert all(plan[name].requires == ("gpu",) for name in gpu_check.STAGE_NAMES if name not in ("env", "sanitize"))
     steps = {name: stage.steps(ctx, stage) for name, stage in plan.items()}
 
     build = steps["build"][0]
@@ -297,6 +310,7 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
     selections = [step.argv[step.argv.index("-k") + 1] for step in steps["tests"]]
     assert selections == [gpu_check.CUDA_TESTS, gpu_check.TRITON_TESTS, gpu_check.SYNC_TESTS]
     assert all("-x" in step.argv and "--timeout" in step.argv for step in steps["tests"])
+    assert [step.requires for step in steps["tests"]] == [("build",), (), ()]
 
     run_py = load_module("bench_run_for_plan", ROOT / "bench" / "run.py")
     parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]

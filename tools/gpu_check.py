@@ -17,8 +17,9 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
     train_step    bench/train_step.py --device cuda ("missing" when the file does not exist)
     memory_depth  svp-train memory-depth --device cuda (width 1024, depths 2..32, batch 128)
 
-Time. A stage's limit is its share of what is left: remaining × share / (shares of the stages still to run),
-so time one stage leaves unused goes to the later ones; a stage whose limit is under its minimum is skipped.
+Time. A stage's limit is its share of what is left, remaining × share / (shares of the stages still to run),
+so time one stage leaves unused goes to the later ones; but at least its minimum (earlier stages are worth
+more) and at most all that is left. A stage is skipped when less than its minimum is left.
 Inside a stage the steps run in order, each with what is left of the stage's limit minus what the later
 steps reserve. Every step is a subprocess in its own process group (same session, so whatever ends the
 call's session still ends it); at its limit the group gets
@@ -28,8 +29,9 @@ never fatal: the later stages still run.
 Output: at most 8 files, what a device call brings back. OUT/summary.json is rewritten atomically whenever
 a stage or step starts or ends, and when the driver itself is interrupted (SIGINT, SIGTERM, SIGHUP);
 OUT/<stage>.log holds each stage's output. The bench CSV and the memory-depth JSON travel inside
-summary.json ("artifacts"); --unpack writes them to bench/results. Exit status 0 when no stage failed,
-timed out or was interrupted, 1 otherwise, 128 + the signal number when the driver was interrupted.
+summary.json ("artifacts"); --unpack writes them to bench/results. Exit status 0 when every stage ended ok,
+partial (some steps skipped for time) or missing (its program does not exist yet); 1 when any failed,
+timed out or was skipped; 128 + the signal number when the driver itself was interrupted.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ DEFAULT_GRACE_S = 5.0
 # Seconds of the default budget per stage (scaled to the budget given); the minimum a stage needs to start.
 STAGE_SHARES = {"env": 15, "build": 130, "tests": 140, "sanitize": 60, "bench": 90, "train_step": 25,
                 "memory_depth": 20}
-STAGE_MINIMUMS = {"env": 5, "build": 30, "tests": 20, "sanitize": 15, "bench": 15, "train_step": 10,
+STAGE_MINIMUMS = {"env": 10, "build": 30, "tests": 20, "sanitize": 15, "bench": 15, "train_step": 10,
                   "memory_depth": 10}
 STAGE_NAMES = tuple(STAGE_SHARES)
 # pytest -k expressions (keywords match test, parameter-id, file and marker names, so they survive tests
@@ -99,7 +101,8 @@ class Step:
     """One subprocess: argv run from the repository root with `env` added to the environment.
 
     reserve: fraction of the stage's limit the steps before this one leave for it. min_s: the least time
-    worth starting it with. missing: why it cannot run at all (recorded as state "missing").
+    worth starting it with. missing: why it cannot run at all (recorded as state "missing"). requires:
+    earlier stages that must have ended ok or partial (else the step is skipped).
     """
 
     name: str
@@ -108,6 +111,7 @@ class Step:
     reserve: float = 0.0
     min_s: float = 1.0
     missing: Optional[str] = None
+    requires: tuple = ()
     artifacts: tuple = ()
     pytest: bool = False
 
@@ -121,7 +125,7 @@ class Stage:
     share: float
     min_s: float
     steps: Union[list, Callable]
-    requires: tuple = ()
+    requires: tuple = ()  # names of earlier stages that must end ok or partial; "gpu": a CUDA device found
     settings: dict = field(default_factory=dict)
 
 
@@ -148,7 +152,7 @@ def stage_plan(dry_run: bool, shares: Optional[dict] = None, only: Optional[list
     shares = {**STAGE_SHARES, **(shares or {})}
     builders = {"env": env_steps, "build": build_steps, "tests": test_steps, "sanitize": sanitize_steps,
                 "bench": bench_steps, "train_step": train_step_steps, "memory_depth": memory_depth_steps}
-    needs_env = () if dry_run else ("env",)
+    needs_env = () if dry_run else ("gpu",)  # "gpu": the env probe found a CUDA device
     requires = {"sanitize": needs_env + ("build",)}
     stages = []
     for name in STAGE_NAMES:
@@ -197,8 +201,10 @@ def test_steps(ctx: Context, stage: Stage) -> list:
             base += ["--timeout", str(PER_TEST_TIMEOUT_S)]
         selections = [CUDA_TESTS, TRITON_TESTS, SYNC_TESTS]
     names, reserves = ("cuda", "triton", "host_sync"), (0.0, 0.4, 0.1)
-    return [Step(name, base + ["-k", selection], reserve=reserve, min_s=5, pytest=True)
-            for name, selection, reserve in zip(names, selections, reserves)]
+    steps = [Step(name, base + ["-k", selection], reserve=reserve, min_s=5, pytest=True)
+             for name, selection, reserve in zip(names, selections, reserves)]
+    steps[0].requires = ("build",)  # without the CUDA build its tests would only skip
+    return steps
 
 
 def find_sanitizer() -> Optional[str]:
@@ -404,7 +410,7 @@ class Runner:
         try:
             for index, stage in enumerate(self.stages):
                 self.run_stage(index, stage)
-            status = 1 if any(r["state"] in ("failed", "timeout") for r in self.summary["stages"]) else 0
+            status = 0 if all(r["state"] in ("ok", "partial", "missing") for r in self.summary["stages"]) else 1
         except Interrupted as interruption:
             for record in self.summary["stages"]:
                 if record["state"] in ("pending", "running"):
@@ -428,17 +434,17 @@ class Runner:
         record = self.stage_record(index)
         remaining = self.deadline - time.monotonic()
         shares_left = sum(s.share for s in self.stages[index:]) or 1.0
-        limit = remaining * stage.share / shares_left
+        # Its share of what is left, at least its minimum (earlier stages are worth more), at most all of it.
+        limit = min(remaining, max(stage.min_s, remaining * stage.share / shares_left))
         record["limit_s"] = round(limit, 1)
-        states = {r["name"]: r["state"] for r in self.summary["stages"]}
-        unmet = [name for name in stage.requires if states.get(name, "ok") not in ("ok", "partial")]
+        unmet = self.unmet(stage.requires)
+        if "gpu" in stage.requires and not self.ctx.env.get("cuda_available"):
+            unmet.insert(0, "a CUDA device (the env stage found none)")
         if unmet:
+            return self.finish_stage(record, "skipped", 0.0, "needs " + ", ".join(unmet))
+        if remaining < stage.min_s:
             return self.finish_stage(record, "skipped", 0.0,
-                                     "needs " + ", ".join(f"{name} ({states[name]})" for name in unmet))
-        if limit < stage.min_s:
-            return self.finish_stage(record, "skipped", 0.0,
-                                     f"budget: {max(remaining, 0):.0f} s left, {limit:.1f} s for this stage, "
-                                     f"needs ≥ {stage.min_s:.0f} s")
+                                     f"budget: {max(remaining, 0):.1f} s left, needs ≥ {stage.min_s:.0f} s")
         started = time.monotonic()
         stage_deadline = started + limit
         record.update(state="running", started_at=utc_now())
@@ -459,9 +465,13 @@ class Runner:
                 step_record = record["steps"][number]
                 left = stage_deadline - time.monotonic()
                 reserved = limit * sum(s.reserve for s in steps[number + 1:] if s.missing is None)
+                unmet = self.unmet(step.requires)
                 if step.missing:
                     step_record.update(state="missing", reason=step.missing)
                     log.write(f"\n=== [{stage.name}/{step.name}] missing: {step.missing}\n".encode())
+                elif unmet:
+                    step_record.update(state="skipped", reason="needs " + ", ".join(unmet))
+                    log.write(f"\n=== [{stage.name}/{step.name}] skipped: {step_record['reason']}\n".encode())
                 elif left - reserved < step.min_s:
                     step_record.update(state="skipped", reason=f"stage time: {max(left, 0):.1f} s left, "
                                                               f"{reserved:.1f} s reserved for later steps")
@@ -480,6 +490,12 @@ class Runner:
         self.finish_stage(record, state, time.monotonic() - started, record.get("reason"))
         record["tail"] = log_tail(log_path)
         self.write()
+
+    def unmet(self, requires: tuple) -> list:
+        """The required stages (not "gpu") that did not end ok or partial, with their states."""
+        states = {r["name"]: r["state"] for r in self.summary["stages"]}
+        return [f"{name} ({states.get(name)})" for name in requires
+                if name != "gpu" and states.get(name) not in ("ok", "partial")]
 
     def load_env(self) -> None:
         """The env probe's findings (work/env.json) become summary["env"] and what later stages plan from."""
@@ -581,7 +597,7 @@ def print_table(summary: dict) -> None:
         limit = "" if record["limit_s"] is None else f"{record['limit_s']:.0f}"
         print(f"{record['name']:<13} {record['state']:<11} {seconds:>8} {limit:>7}  {'; '.join(details)[:200]}")
     env = summary.get("env", {})
-    print(f"\n{env.get('device_name', 'no CUDA device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+    print(f"\n{env.get('device_name') or 'no CUDA device'}, torch {env.get('torch')}, triton {env.get('triton')}, "
           f"{summary['elapsed_s']:.0f} s of {summary['budget_s']:.0f} s; exit status {summary['exit_status']}")
 
 
@@ -594,7 +610,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def first_line(argv: list, timeout: float = 20) -> Optional[str]:
+def first_line(argv: list, timeout: float = 10) -> Optional[str]:
     """The last non-empty output line of a tool (nvcc --version ends with its release), or None."""
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -627,6 +643,8 @@ def probe_env(path: Path, require_gpu: bool) -> int:
                     memory_bytes=props.total_memory, l2_bytes=getattr(props, "L2_cache_size", None))
     else:
         info.update(device_name=None, device_slug="cpu", arch=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, info)  # what the build needs, before the slower tool queries
     smi = first_line(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                       "--format=csv,noheader"])
     info["nvidia_smi"] = smi
@@ -638,8 +656,10 @@ def probe_env(path: Path, require_gpu: bool) -> int:
     for key, value in info.items():
         print(f"{key}: {value}")
     if info["cuda_available"]:
-        subprocess.run(["nvidia-smi"], timeout=30, check=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["nvidia-smi"], timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as error:
+            print("nvidia-smi:", error)
     write_json_atomically(path, info)
     if require_gpu and not info["cuda_available"]:
         print("no CUDA device visible to torch", file=sys.stderr)
