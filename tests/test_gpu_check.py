@@ -152,7 +152,8 @@ def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
               Stage("dependent", 1, 0.1, [Step("never", py("pass"))], requires=("base",)),
               Stage("mixed", 1, 0.1, [Step("needs_base", py("pass"), requires=("base",)),
                                       Step("free", py("pass"), min_s=0.1)]),
-              Stage("missing_tool", 1, 0.1, [Step("absent", missing="no such tool")])]
+              Stage("missing_tool", 1, 0.1, [Step("absent", missing="no such tool")]),
+              Stage("on_gpu", 1, 0.1, [Step("never", py("pass"))], requires=("gpu",))]  # the env found none
     runner(tmp_path, stages, budget=20.0).run()
     data = stages_by_name(summary(tmp_path))
     assert data["dependent"]["state"] == "skipped" and data["dependent"]["reason"] == "needs base (failed)"
@@ -161,6 +162,7 @@ def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
     assert data["mixed"]["state"] == "partial"
     assert data["missing_tool"]["state"] == "missing"
     assert data["missing_tool"]["steps"][0]["reason"] == "no such tool"
+    assert data["on_gpu"]["state"] == "skipped" and data["on_gpu"]["reason"].startswith("needs a CUDA device")
 
 
 def test_interrupted_driver_kills_the_step_and_writes_the_summary(tmp_path):
