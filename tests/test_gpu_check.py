@@ -153,7 +153,8 @@ def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
               Stage("mixed", 1, 0.1, [Step("needs_base", py("pass"), requires=("base",)),
                                       Step("free", py("pass"), min_s=0.1)]),
               Stage("missing_tool", 1, 0.1, [Step("absent", missing="no such tool")]),
-              Stage("on_gpu", 1, 0.1, [Step("never", py("pass"))], requires=("gpu",))]  # the env found none
+              Stage("on_gpu", 1, 0.1, [Step("never", py("pass"))], requires=("gpu",)),  # the env found none
+              Stage("after_earlier_call", 1, 0.1, [Step("quick", py("pass"), min_s=0.1)], requires=("build",))]
     runner(tmp_path, stages, budget=20.0).run()
     data = stages_by_name(summary(tmp_path))
     assert data["dependent"]["state"] == "skipped" and data["dependent"]["reason"] == "needs base (failed)"
@@ -163,6 +164,7 @@ def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
     assert data["missing_tool"]["state"] == "missing"
     assert data["missing_tool"]["steps"][0]["reason"] == "no such tool"
     assert data["on_gpu"]["state"] == "skipped" and data["on_gpu"]["reason"].startswith("needs a CUDA device")
+    assert data["after_earlier_call"]["state"] == "ok"  # no build stage in this run: an earlier call built
 
 
 def test_interrupted_driver_kills_the_step_and_writes_the_summary(tmp_path):
@@ -185,7 +187,8 @@ def test_interrupted_driver_kills_the_step_and_writes_the_summary(tmp_path):
     assert data["state"] == "interrupted" and data["interrupted_by"] == "SIGTERM"
     records = stages_by_name(data)
     assert records["long"]["state"] == "interrupted" and records["long"]["steps"][0]["state"] == "interrupted"
-    assert records["never"]["state"] == "skipped"
+    assert records["never"]["state"] == "skipped" and records["never"]["reason"] == "driver got SIGTERM"
+    assert "started" in records["long"]["tail"]
     assert is_gone(int(pid_file.read_text()))
 
 

@@ -413,10 +413,15 @@ class Runner:
                 self.run_stage(index, stage)
             status = 0 if all(r["state"] in ("ok", "partial", "missing") for r in self.summary["stages"]) else 1
         except Interrupted as interruption:
+            reason = f"driver got {self.summary['interrupted_by']}"
             for record in self.summary["stages"]:
-                if record["state"] in ("pending", "running"):
-                    record["state"], record["reason"] = ("interrupted" if record["state"] == "running" else "skipped",
-                                                         f"driver got {self.summary['interrupted_by']}")
+                if record["state"] == "running":
+                    record.update(state="interrupted", reason=reason, tail=log_tail(self.out / record["log"]))
+                elif record["state"] == "pending":
+                    record.update(state="skipped", reason=reason)
+                for step in record["steps"]:
+                    if step["state"] == "pending":
+                        step.update(state="skipped", reason=reason)
             status = 128 + interruption.signum
         finally:
             for signum, handler in previous.items():
@@ -428,11 +433,8 @@ class Runner:
         self.say(f"done, exit status {status}; {self.out / 'summary.json'}")
         return status
 
-    def stage_record(self, index: int) -> dict:
-        return self.summary["stages"][index]
-
     def run_stage(self, index: int, stage: Stage) -> None:
-        record = self.stage_record(index)
+        record = self.summary["stages"][index]
         remaining = self.deadline - time.monotonic()
         shares_left = sum(s.share for s in self.stages[index:]) or 1.0
         # Its share of what is left, at least its minimum (earlier stages are worth more), at most all of it.
@@ -493,10 +495,11 @@ class Runner:
         self.write()
 
     def unmet(self, requires: tuple) -> list:
-        """The required stages (not "gpu") that did not end ok or partial, with their states."""
+        """The required stages of this run (not "gpu") that did not end ok or partial, with their states.
+        A stage left out of this run (--stages) counts as done by an earlier call on the same machine."""
         states = {r["name"]: r["state"] for r in self.summary["stages"]}
-        return [f"{name} ({states.get(name)})" for name in requires
-                if name != "gpu" and states.get(name) not in ("ok", "partial")]
+        return [f"{name} ({states[name]})" for name in requires
+                if name in states and states[name] not in ("ok", "partial")]
 
     def load_env(self) -> None:
         """The env probe's findings (work/env.json) become summary["env"] and what later stages plan from."""
@@ -557,7 +560,8 @@ class Runner:
             data = artifact.path.read_bytes()
             text = data[:ARTIFACT_LIMIT_BYTES].decode("utf-8", errors="replace")
             self.summary["artifacts"][artifact.name] = {"dest": artifact.dest, "append_csv": artifact.append_csv,
-                                                        "bytes": len(data), "truncated": len(data) > len(text),
+                                                        "bytes": len(data),
+                                                        "truncated": len(data) > ARTIFACT_LIMIT_BYTES,
                                                         "text": text}
 
 
