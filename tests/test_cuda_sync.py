@@ -69,8 +69,9 @@ def test_compiled_step_matches_eager_without_host_sync(backend):
     h, target, v_prev, projection = make_inputs(case, device="cuda")
 
     def step(h):
-        return sk.fused_local_loss(h, target, v_prev, projection=projection, p=case.p, seed=5, center=case.center,
-                                   alignment_weight=case.alignment_weight, backend=backend).loss
+        return sk.fused_local_loss(h, target, v_prev, projection=projection, p=case.p, seed=5,
+                                   alignment_weight=case.alignment_weight, reduction=case.reduction,
+                                   center=case.center, backend=backend).loss
 
     eager = step(h)
     (eager_grad,) = torch.autograd.grad(eager, h)
