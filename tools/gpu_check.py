@@ -384,8 +384,9 @@ class Runner:
             "label": label, "state": "running", "started_at": utc_now(), "updated_at": None, "finished_at": None,
             "budget_s": budget, "elapsed_s": 0.0, "grace_s": grace, "exit_status": None, "interrupted_by": None,
             "commit": git_commit(), "env": {}, "artifacts": {},
-            "stages": [{"name": s.name, "state": "pending", "share_s": s.share, "min_s": s.min_s, "log": f"{s.name}.log",
-                        "limit_s": None, "seconds": None, "reason": None, "steps": []} for s in stages],
+            "stages": [{"name": s.name, "state": "pending", "share_s": s.share, "min_s": s.min_s,
+                        "log": f"{s.name}.log", "limit_s": None, "seconds": None, "reason": None, "steps": []}
+                       for s in stages],
         }
         self.write()
 
