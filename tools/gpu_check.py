@@ -22,9 +22,9 @@ so time one stage leaves unused goes to the later ones; but at least its minimum
 more) and at most all that is left. A stage is skipped when less than its minimum is left.
 Inside a stage the steps run in order, each with what is left of the stage's limit minus what the later
 steps reserve. Every step is a subprocess in its own process group (same session, so whatever ends the
-call's session still ends it); at its limit the group gets
-SIGINT (pytest then prints its summary), and SIGKILL --grace seconds later. A failing step is recorded,
-never fatal: the later stages still run.
+call's session still ends it); at its limit the group gets SIGINT (pytest then prints its summary), and
+SIGKILL --grace seconds later. A failing step is recorded, never fatal: the later stages still run. A stage
+or step is skipped when what it requires did not end ok ("gpu": the env probe found a CUDA device).
 
 Output: at most 8 files, what a device call brings back. OUT/summary.json is rewritten atomically whenever
 a stage or step starts or ends, and when the driver itself is interrupted (SIGINT, SIGTERM, SIGHUP);
