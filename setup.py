@@ -8,6 +8,8 @@ Environment knobs:
     SVP_KERNELS_SKIP_EXT=1     build no extension at all (a pure-Python install: reference/Triton backends)
     SVP_KERNELS_FORCE_CUDA=1   fail the build, instead of building CPU kernels only, when the CUDA kernels
                                cannot be built (no CUDA build of torch or no toolkit)
+    TORCH_CUDA_ARCH_LIST=9.0   build the CUDA kernels for these architectures only (torch's own syntax, e.g.
+                               "8.0;9.0" or "9.0a"); unset: sm_80 and sm_90
     MAX_JOBS=N                 parallel compile jobs (honoured by torch's BuildExtension)
 """
 
@@ -49,6 +51,17 @@ def cuda_sources(torch) -> list[str]:
     return relative_sources("csrc/bindings_cuda.cpp", "csrc/cuda/*.cu")
 
 
+def nvcc_arch_flags() -> list[str]:
+    """-gencode flags for sm_80 and sm_90, or [] when TORCH_CUDA_ARCH_LIST is set.
+
+    torch's CUDAExtension adds the -gencode flags of TORCH_CUDA_ARCH_LIST only when the extension's own
+    nvcc flags name no architecture, so leaving ours out is what makes that variable choose the targets.
+    """
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return []
+    return ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
 def extensions() -> tuple[list, dict]:
     if env_flag("SVP_KERNELS_SKIP_EXT"):
         return [], {}
@@ -68,8 +81,7 @@ def extensions() -> tuple[list, dict]:
     gpu_sources = cuda_sources(torch)
     if gpu_sources:
         # No --use_fast_math: the implicit R needs accurate log/cos to agree with the other backends.
-        nvcc_flags = ["-O3", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80",
-                      "-gencode", "arch=compute_90,code=sm_90"]
+        nvcc_flags = ["-O3", "-std=c++17", *nvcc_arch_flags()]
         extension = CUDAExtension(
             "svp_kernels._C",
             sources + gpu_sources,
@@ -82,5 +94,6 @@ def extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

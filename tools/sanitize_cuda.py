@@ -3,6 +3,7 @@
     compute-sanitizer --tool memcheck   --error-exitcode 1 python tools/sanitize_cuda.py
     compute-sanitizer --tool racecheck  --error-exitcode 1 python tools/sanitize_cuda.py --quick
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tools/sanitize_cuda.py
+    compute-sanitizer --tool memcheck   --error-exitcode 1 python tools/sanitize_cuda.py --small  # 2 shapes per op
 
 Covers: projection_forward (the 16/32/64-wide tiles; dense and implicit R; p = 0 and p > 0; resident
 and regenerated panels; with and without split-K and its reduction; vector and scalar loads of h),
@@ -35,6 +36,10 @@ from helpers import assert_close  # noqa: E402
 
 DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# --small: two shapes per op; every plan still runs (split-K and regenerated panels at D = 300, the
+# batch-space (7, 5, 3) and feature-space (33, 4, 4) alignment paths).
+SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17)]
+SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4)]
 ops = torch.ops.svp_kernels
 
 
@@ -59,11 +64,11 @@ def check_values(name, actual, expected, tolerances):
         raise SystemExit(f"sanitize_cuda: {error}")
 
 
-def projection_kernels():
+def projection_kernels(shapes):
     count = 0
     for plan in PROJECTION_PLANS:
         set_plan(plan)
-        for B, D, C in PROJECTION_SHAPES:
+        for B, D, C in shapes:
             for dtype in DTYPES:
                 if plan and dtype in (torch.bfloat16, torch.float16):
                     continue  # the plans do not depend on the dtype beyond the loads, covered by plan ""
@@ -88,11 +93,11 @@ def projection_kernels():
     return count + 1
 
 
-def epilogue_kernels():
+def epilogue_kernels(shapes):
     count = 0
     for plan in EPILOGUE_PLANS:
         set_plan(plan)
-        for B, C, Cp in EPILOGUE_SHAPES:
+        for B, C, Cp in shapes:
             if plan and Cp is None:
                 continue
             for dtype in DTYPES:
@@ -130,6 +135,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="float32 and float64 only (the shared-memory layouts differ by element size only)")
+    parser.add_argument("--small", action="store_true",
+                        help="two small shapes per op (every plan and dtype still runs)")
     args = parser.parse_args()
     if args.quick:
         DTYPES = [torch.float32, torch.float64]
@@ -137,10 +144,10 @@ def main() -> int:
         print("sanitize_cuda: needs a GPU and svp_kernels._C built with CUDA", file=sys.stderr)
         return 2
     start = time.time()
-    calls = projection_kernels()
+    calls = projection_kernels(SMALL_PROJECTION_SHAPES if args.small else PROJECTION_SHAPES)
     print(f"sanitize_cuda: projection_forward/backward: {calls} calls ok ({time.time() - start:.1f}s)", flush=True)
     start = time.time()
-    calls = epilogue_kernels()
+    calls = epilogue_kernels(SMALL_EPILOGUE_SHAPES if args.small else EPILOGUE_SHAPES)
     print(f"sanitize_cuda: loss_epilogue/cosine_gram: {calls} calls ok ({time.time() - start:.1f}s)", flush=True)
     torch.cuda.synchronize()
     return 0

@@ -10,7 +10,7 @@ forward and in reverse order (a missing __syncthreads then gives wrong numbers i
 several SM counts, so the launch plans (split-K, resident/regenerated panels, Gram splits) change.
 
 This checks the kernels' logic (indexing, tiling, bounds, barriers, reductions, plans); it says nothing about
-performance, and the GPU's memory model is stricter than the emulator's (run tools/gpu_check.sh there).
+performance, and the GPU's memory model is stricter than the emulator's (run tools/gpu_check.py there).
 Exits non-zero on the first mismatch.
 """
 
