@@ -85,7 +85,7 @@ def _check_labels(target, reference: torch.Tensor, reference_name: str, num_clas
         raise ValueError(f"target must have shape (B,) = ({reference.shape[0]},), got shape {tuple(target.shape)}")
     _check_batch(target, "target", reference, reference_name)
     if not torch.compiler.is_compiling():
-        low, high = int(target.min()), int(target.max())
+        low, high = (int(value) for value in torch.aminmax(target))
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")

@@ -9,8 +9,7 @@ Similarity of the rows of x (B, K), with u = x − rowmean(x) when centring:
                                              r_i = 1 / max(n_i, 1e-12) ("max", SVP)
     S_ij = clamp(r_i G_ij r_j, −1, 1)
 
-n_i comes from the diagonal of the same GEMM as S, so S_ii = n_i² r_i² is exact to a few roundings (a
-separately summed norm leaves |S_ii − 1| of the order of its summation error). â = r ⊙ u never exists.
+n_i comes from torch's cascaded row reduction (as accurate as the eager formula's); â = r ⊙ u never exists.
 Loss = scale · Σ_ij (S_ij − T_ij)², T the target similarity (of target rows, or from labels).
 
 Gradient convention: the clamp is applied to the value and is transparent to the gradient
@@ -23,7 +22,7 @@ excess; torch's clamp would zero the gradient of exactly those entries. With E =
 then the row mean is removed when centring. A zero row gets dL/du = r ⊙ (E r u) (finite), where
 autograd of the eager formula returns NaN.
 
-Feature-space path (K + K′ < B): ‖âᵀâ‖² − 2 Σ S∘T + ‖T‖² with the Grams accumulated in float64, so the
+Feature-space path (4·(K + K′) < B): ‖âᵀâ‖² − 2 Σ S∘T + ‖T‖² with the Grams accumulated in float64, so the
 cancellation costs nothing at float32; S never exists elementwise there, so no clamp is applied
 (|S| ≤ 1 exactly). Batch-space rows are processed in blocks: at most BLOCK_ELEMENTS of S exist at once.
 """
@@ -39,6 +38,9 @@ from ..philox import keep_mask
 ADD_EPS = 1e-8    # local-loss: u / (1e-8 + ‖u‖)
 MAX_EPS = 1e-12   # SVP (docs/design.md §2): u / max(‖u‖, 1e-12)
 BLOCK_ELEMENTS = 1 << 22  # batch-space S is built in row blocks of at most this many entries
+# The feature-space path (float64 K × K Grams) is taken when B > FEATURE_SPACE_RATIO · (K + K′): its
+# B·(K + K′)² flops then undercut the batch-space B²·(K + K′) by that factor, which pays for float64.
+FEATURE_SPACE_RATIO = 4
 
 
 class Target(NamedTuple):
@@ -79,6 +81,13 @@ def _norm_slope(norms: torch.Tensor, additive: bool) -> torch.Tensor:
     return torch.where(active, 1.0 / torch.where(active, norms, torch.ones_like(norms)), torch.zeros_like(norms))
 
 
+def row_norms(u: torch.Tensor) -> torch.Tensor:
+    """‖u_i‖ from torch's cascaded (blocked pairwise) sum of squares, never a GEMM diagonal or
+    vector_norm: those sum each row in long FMA chains, whose error (~√(chain)·ε) would enter every
+    gradient through r."""
+    return u.square().sum(dim=1).sqrt()
+
+
 def _centre(x: torch.Tensor, center: bool) -> torch.Tensor:
     return x - x.mean(dim=1, keepdim=True) if center else x
 
@@ -97,37 +106,21 @@ def _batch_space(u, target: Target, additive, grad_scale, need_grad):
     """(Σ (S − T)², dL/du of grad_scale·Σ or None), S and T in row blocks of at most BLOCK_ELEMENTS."""
     batch = u.shape[0]
     block = max(1, min(batch, BLOCK_ELEMENTS // batch))
-    target_u = target.features
-
-    def norms_of(rows_u):
-        if block >= batch:  # one block: the norms are the diagonal of the Gram that S comes from
-            gram = rows_u @ rows_u.t()
-            return gram, gram.diagonal().clamp_min(0).sqrt()
-        return None, torch.linalg.vector_norm(rows_u, dim=1, dtype=torch.float64).to(rows_u.dtype)
-
-    whole_gram, norms = norms_of(u)
-    r = _row_scale(norms, additive)
-    if target_u is not None:
-        whole_target_gram, target_norms = norms_of(target_u)
-        target_r = _row_scale(target_norms, additive)
-    slope = _norm_slope(norms, additive) if need_grad else None
+    r = _row_scale(row_norms(u), additive)
+    if target.features is not None:
+        target_r = _row_scale(row_norms(target.features), additive)
+    slope = _norm_slope(row_norms(u), additive) if need_grad else None
     total = u.new_zeros((), dtype=torch.float64)
     grad = torch.empty_like(u) if need_grad else None
     for start in range(0, batch, block):
         rows = slice(start, min(batch, start + block))
-        if whole_gram is not None:
-            gram = whole_gram
-            similarity = (gram * r[:, None] * r[None, :]).clamp_(-1.0, 1.0)
-        else:
-            gram, similarity = _scaled_gram(u, rows, r)
+        gram, similarity = _scaled_gram(u, rows, r)
         if target.labels is not None:
             same = target.labels[rows, None] == target.labels[None, :]
-            values = torch.tensor([target.other, target.same], dtype=u.dtype, device=u.device)
-            difference = similarity.sub_(values[same.long()])
-        elif whole_gram is not None:
-            difference = similarity.sub_((whole_target_gram * target_r[:, None] * target_r[None, :]).clamp_(-1.0, 1.0))
+            difference = similarity.sub_(torch.where(same, torch.tensor(target.same, dtype=u.dtype, device=u.device),
+                                                     torch.tensor(target.other, dtype=u.dtype, device=u.device)))
         else:
-            difference = similarity.sub_(_scaled_gram(target_u, rows, target_r)[1])
+            difference = similarity.sub_(_scaled_gram(target.features, rows, target_r)[1])
         total += difference.square().sum(dtype=torch.float64)
         if need_grad:
             mixing = difference.mul_(4.0 * grad_scale).mul_(r[rows, None] * r[None, :])   # r_i E_ij r_j
@@ -178,7 +171,7 @@ def similarity_loss_and_grad(x: torch.Tensor, target: Target, *, center: bool, a
     if target.features is not None:
         target = target._replace(features=_centre(target.features, center))
     target_width = target.features.shape[1] if target.features is not None else target.classes
-    path = _feature_space if x.shape[1] + target_width < x.shape[0] else _batch_space
+    path = _feature_space if FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0] else _batch_space
     total, grad = path(u, target, additive, grad_scale, need_grad)
     if grad is not None and center:
         grad = grad - grad.mean(dim=1, keepdim=True)
@@ -276,7 +269,29 @@ def cross_entropy_and_grad(logits, labels, grad_scale, need_grad):
 # ----------------------------------------------------------------------------------------------------
 
 def _scaled(grad_output, saved, dtype):
-    return None if saved is None else (grad_output * saved).to(dtype)
+    """grad_output · saved in dtype; `saved` itself when grad_output is exactly 1 (checked on CPU only,
+    where reading the scalar costs no device sync), which is what loss.backward() passes."""
+    if saved is None:
+        return None
+    unit = (not torch.compiler.is_compiling() and grad_output.device.type == "cpu"
+            and grad_output.dim() == 0 and grad_output.item() == 1.0)
+    return (saved if unit else grad_output * saved).to(dtype)
+
+
+def _save_rows_grad(ctx, grad_rows, state):
+    """Saves dL/drows and what the reduction's backward needs; the full-size gradient is formed in
+    backward, with the incoming scale folded into the small (B, Ch) factor of a std reduction."""
+    ctx.reduce_state = state is not None
+    ctx.save_for_backward(grad_rows, *(state if state is not None else ()))
+
+
+def _saved_rows_grad(ctx, grad_output, dtype, shape):
+    grad_rows, *state = ctx.saved_tensors
+    if grad_rows is None:
+        return None
+    if not ctx.reduce_state:
+        return _scaled(grad_output, grad_rows, dtype).reshape(shape)
+    return reduce_rows_backward(_scaled(grad_output, grad_rows, grad_rows.dtype), tuple(state), shape).to(dtype)
 
 
 class SimilarityLoss(torch.autograd.Function):
@@ -292,15 +307,14 @@ class SimilarityLoss(torch.autograd.Function):
             target = feature_target(target_rows.to(dtype).contiguous())
         total, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive,
                                                     grad_scale=scale, need_grad=need_grad)
-        grad = None if grad_rows is None else reduce_rows_backward(grad_rows, state, x.shape)
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(grad)
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        _save_rows_grad(ctx, grad_rows, state)
         return (total * scale).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scaled(grad_loss, grad, ctx.x_dtype), None, None, None, None, None, None, None, None
+        grad = _saved_rows_grad(ctx, grad_loss, ctx.x_dtype, ctx.x_shape)
+        return grad, None, None, None, None, None, None, None, None
 
 
 class PredSimLoss(torch.autograd.Function):
@@ -326,17 +340,19 @@ class PredSimLoss(torch.autograd.Function):
         target = label_target(labels, classes, additive=True)
         total, grad_rows = similarity_loss_and_grad(rows, target, center=True, additive=True,
                                                     grad_scale=beta / batch ** 2, need_grad=need_h_sim and beta > 0)
-        grad_h_sim = None if grad_rows is None else reduce_rows_backward(grad_rows, state, h_sim.shape)
         sim = (total / batch ** 2).to(sim_dtype)
 
         loss_dtype = torch.promote_types(dec_dtype, sim_dtype)
         loss = (1.0 - beta) * ce.to(loss_dtype) + beta * sim.to(loss_dtype)
         ctx.dtypes = (h_dec.dtype, weight.dtype, None if bias is None else bias.dtype, h_sim.dtype)
-        ctx.save_for_backward(grad_h_dec, grad_weight, grad_bias, grad_h_sim)
+        ctx.h_sim_shape = h_sim.shape
+        ctx.decoder_grads = (grad_h_dec, grad_weight, grad_bias)  # not inputs or outputs: plain references
+        _save_rows_grad(ctx, grad_rows, state)
         ctx.mark_non_differentiable(ce, sim, logits)
         return loss, ce, sim, logits
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_sim, grad_logits):
-        grads = [_scaled(grad_loss, saved, dtype) for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads[:3], grads[3], None, None, None, None, None, None)
+        decoder = [_scaled(grad_loss, saved, dtype) for saved, dtype in zip(ctx.decoder_grads, ctx.dtypes)]
+        grad_h_sim = _saved_rows_grad(ctx, grad_loss, ctx.dtypes[3], ctx.h_sim_shape)
+        return (*decoder, grad_h_sim, None, None, None, None, None, None)
