@@ -94,6 +94,19 @@ def test_clamped_similarity_of_identical_rows():
     assert torch.isfinite(sk.alignment_loss(v, v_prev, center=True))
 
 
+def test_similarity_is_clamped_where_rounding_exceeds_one():
+    """Equal rows: r_i G_ij r_j rounds to 1 + 2⁻²³ for some pairs; S is clamped to 1 there."""
+    from svp_kernels.backends import predsim_fused
+
+    base = torch.relu(torch.randn(4, 4096, generator=torch.Generator().manual_seed(0))) + 5.0
+    u = base.repeat(8, 1)
+    r = 1.0 / predsim_fused.row_norms(u)
+    raw = (u @ u.t()) * r[:, None] * r[None, :]
+    assert raw.max().item() > 1.0  # the rounding excess the clamp removes
+    _, similarity = predsim_fused._scaled_gram(u, slice(0, 32), r)
+    assert similarity.max().item() == 1.0 and similarity.min().item() >= -1.0
+
+
 def test_no_gradient_under_no_grad():
     v = torch.randn(6, 5, requires_grad=True)
     with torch.no_grad():
