@@ -85,7 +85,8 @@ def _check_labels(target, reference: torch.Tensor, reference_name: str, num_clas
         raise ValueError(f"target must have shape (B,) = ({reference.shape[0]},), got shape {tuple(target.shape)}")
     _check_batch(target, "target", reference, reference_name)
     if not torch.compiler.is_compiling():
-        low, high = (int(value) for value in torch.aminmax(target))
+        low, high = torch.aminmax(target)
+        low, high = int(low), int(high)
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")
@@ -196,6 +197,9 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
         return PredSim(*predsim_reference.predsim_loss(upcast(h_dec), upcast(decoder_weight), upcast(decoder_bias),
                                                        upcast(h_sim), labels, beta, p, seed, reduce))
     needs = (_needs_grad(h_dec), _needs_grad(decoder_weight), _needs_grad(decoder_bias), _needs_grad(h_sim))
+    if not any(needs):  # the value only, without autograd's bookkeeping
+        return PredSim(*predsim_fused.predsim_forward(h_dec, decoder_weight, decoder_bias, h_sim, labels, beta, p,
+                                                      seed, reduce, needs)[:4])
     return PredSim(*predsim_fused.PredSimLoss.apply(h_dec.contiguous(), decoder_weight.contiguous(), decoder_bias,
                                                     h_sim.contiguous(), labels, beta, p, seed, reduce, needs))
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..philox import keep_mask
 
@@ -72,7 +73,7 @@ def label_target(labels: torch.Tensor, num_classes: int, additive: bool) -> Targ
 
 
 def _row_scale(norms: torch.Tensor, additive: bool) -> torch.Tensor:
-    return 1.0 / (norms + ADD_EPS) if additive else 1.0 / norms.clamp_min(MAX_EPS)
+    return torch.reciprocal(norms + ADD_EPS if additive else norms.clamp_min(MAX_EPS))
 
 
 def _norm_slope(norms: torch.Tensor, additive: bool) -> torch.Tensor:
@@ -94,8 +95,9 @@ def _centre(x: torch.Tensor, center: bool) -> torch.Tensor:
 
 def _scaled_gram(u: torch.Tensor, rows: slice, r: torch.Tensor):
     """(G rows (block × B), r_i G_ij r_j clamped to [−1, 1])."""
-    gram = u[rows] @ u.t()
-    return gram, (gram * r[rows, None] * r[None, :]).clamp_(-1.0, 1.0)
+    whole = rows.start == 0 and rows.stop == u.shape[0]
+    gram = (u if whole else u[rows]) @ u.t()
+    return gram, gram.mul(torch.outer(r if whole else r[rows], r)).clamp_(-1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,21 +111,24 @@ def _batch_space(u, target: Target, additive, grad_scale, need_grad):
     r = _row_scale(row_norms(u), additive)
     if target.features is not None:
         target_r = _row_scale(row_norms(target.features), additive)
+    else:
+        label_values = ((target.same, target.other) if u.dtype == torch.float32  # torch.where's scalars: float32
+                        else [torch.tensor(value, dtype=u.dtype, device=u.device) for value in (target.same, target.other)])
     slope = _norm_slope(row_norms(u), additive) if need_grad else None
-    total = u.new_zeros((), dtype=torch.float64)
+    total = 0
     grad = torch.empty_like(u) if need_grad else None
     for start in range(0, batch, block):
         rows = slice(start, min(batch, start + block))
         gram, similarity = _scaled_gram(u, rows, r)
         if target.labels is not None:
             same = target.labels[rows, None] == target.labels[None, :]
-            difference = similarity.sub_(torch.where(same, torch.tensor(target.same, dtype=u.dtype, device=u.device),
-                                                     torch.tensor(target.other, dtype=u.dtype, device=u.device)))
+            difference = similarity.sub_(torch.where(same, *label_values))
         else:
             difference = similarity.sub_(_scaled_gram(target.features, rows, target_r)[1])
-        total += difference.square().sum(dtype=torch.float64)
+        block_total = difference.square().sum(dtype=torch.float64)
+        total = block_total if start == 0 else total + block_total
         if need_grad:
-            mixing = difference.mul_(4.0 * grad_scale).mul_(r[rows, None] * r[None, :])   # r_i E_ij r_j
+            mixing = difference.mul_(torch.outer(r[rows], r).mul_(4.0 * grad_scale))   # r_i E_ij r_j
             kappa = (mixing * gram).sum(dim=1) * slope[rows] * r[rows]       # (â_i·g_i) r_i / n_i
             mixing.diagonal(offset=start).sub_(kappa)
             torch.mm(mixing, u, out=grad[rows])
@@ -189,7 +194,8 @@ def reduce_rows(x: torch.Tensor, reduce: str, dtype: torch.dtype):
         spatial = x.reshape(x.shape[0], x.shape[1], -1).to(dtype)
         std, mean = torch.std_mean(spatial, dim=2)
         return std.contiguous(), (spatial, mean, std)
-    return x.reshape(x.shape[0], -1).to(dtype).contiguous(), None
+    rows = x.reshape(x.shape[0], -1)
+    return (rows if rows.dtype == dtype else rows.to(dtype)).contiguous(), None
 
 
 def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
@@ -253,15 +259,13 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
 
 def cross_entropy_and_grad(logits, labels, grad_scale, need_grad):
     """(mean_b CE as a 0-dim tensor, grad_scale · (softmax − onehot) or None)."""
-    log_norm = torch.logsumexp(logits, dim=1)
-    picked = logits.gather(1, labels[:, None])[:, 0]
-    ce = (log_norm - picked).mean()
-    grad = None
-    if need_grad:
-        grad = torch.exp(logits - log_norm[:, None])
-        grad.scatter_add_(1, labels[:, None], torch.full_like(picked, -1.0)[:, None])
-        grad.mul_(grad_scale)
-    return ce, grad
+    if not need_grad:
+        return F.cross_entropy(logits, labels), None
+    log_probabilities = torch.log_softmax(logits, dim=1)
+    ce = F.nll_loss(log_probabilities, labels)
+    grad = log_probabilities.exp_()
+    grad[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+    return ce, grad.mul_(grad_scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,36 +321,49 @@ class SimilarityLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(x, dtype):
+    return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
+def predsim_forward(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, needs):
+    """(loss, ce, sim, logits, (dh_dec, dW, db) or Nones, dL/drows or None, reduction state)."""
+    need_h_dec, need_weight, need_bias, need_h_sim = needs
+    classes, batch = weight.shape[0], h_dec.shape[0]
+    dec_dtype = _accumulation(h_dec.dtype)
+    h, w, b = _as(h_dec, dec_dtype), _as(weight, dec_dtype), _as(bias, dec_dtype)
+    logits = decoder_logits(h, w, b, p, seed)
+    need_ce_grad = (need_h_dec or need_weight or need_bias) and beta < 1
+    ce, grad_logits = cross_entropy_and_grad(logits, labels, (1.0 - beta) / batch, need_ce_grad)
+    grad_h_dec = grad_weight = grad_bias = None
+    if need_ce_grad:
+        grad_h_dec, grad_weight = decoder_grads(grad_logits, h, w, p, seed, need_h_dec, need_weight)
+        grad_bias = grad_logits.sum(dim=0) if need_bias else None
+
+    sim_dtype = _accumulation(h_sim.dtype)
+    rows, state = reduce_rows(h_sim, reduce, sim_dtype)
+    total, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
+                                                additive=True, grad_scale=beta / batch ** 2,
+                                                need_grad=need_h_sim and beta > 0)
+    sim = total.div_(batch ** 2).to(sim_dtype)
+    loss_dtype = torch.promote_types(dec_dtype, sim_dtype)
+    loss = torch.lerp(_as(ce, loss_dtype), _as(sim, loss_dtype), beta)
+    return loss, ce, sim, logits, (grad_h_dec, grad_weight, grad_bias), grad_rows, state
+
+
 class PredSimLoss(torch.autograd.Function):
     """(1 − β)·CE(h_dec W̃ᵀ + b, y) + β·mean((S(h_sim) − S(onehot y))²); outputs (loss, ce, sim, logits)."""
 
     @staticmethod
     def forward(ctx, h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, needs):
-        need_h_dec, need_weight, need_bias, need_h_sim = needs
-        classes, batch = weight.shape[0], h_dec.shape[0]
-        dec_dtype = torch.float64 if h_dec.dtype == torch.float64 else torch.float32
-        h = h_dec.to(dec_dtype)
-        w = weight.to(dec_dtype)
-        b = None if bias is None else bias.to(dec_dtype)
-        logits = decoder_logits(h, w, b, p, seed)
-        need_ce_grad = (need_h_dec or need_weight or need_bias) and beta < 1
-        ce, grad_logits = cross_entropy_and_grad(logits, labels, (1.0 - beta) / batch, need_ce_grad)
-        grad_h_dec, grad_weight = (decoder_grads(grad_logits, h, w, p, seed, need_h_dec, need_weight)
-                                   if need_ce_grad else (None, None))
-        grad_bias = grad_logits.sum(dim=0) if need_ce_grad and need_bias else None
-
-        sim_dtype = torch.float64 if h_sim.dtype == torch.float64 else torch.float32
-        rows, state = reduce_rows(h_sim, reduce, sim_dtype)
-        target = label_target(labels, classes, additive=True)
-        total, grad_rows = similarity_loss_and_grad(rows, target, center=True, additive=True,
-                                                    grad_scale=beta / batch ** 2, need_grad=need_h_sim and beta > 0)
-        sim = (total / batch ** 2).to(sim_dtype)
-
-        loss_dtype = torch.promote_types(dec_dtype, sim_dtype)
-        loss = (1.0 - beta) * ce.to(loss_dtype) + beta * sim.to(loss_dtype)
+        loss, ce, sim, logits, decoder, grad_rows, state = predsim_forward(h_dec, weight, bias, h_sim, labels, beta,
+                                                                          p, seed, reduce, needs)
         ctx.dtypes = (h_dec.dtype, weight.dtype, None if bias is None else bias.dtype, h_sim.dtype)
         ctx.h_sim_shape = h_sim.shape
-        ctx.decoder_grads = (grad_h_dec, grad_weight, grad_bias)  # not inputs or outputs: plain references
+        ctx.decoder_grads = decoder  # (dh_dec, dW, db): neither inputs nor outputs, so plain references
         _save_rows_grad(ctx, grad_rows, state)
         ctx.mark_non_differentiable(ce, sim, logits)
         return loss, ce, sim, logits
