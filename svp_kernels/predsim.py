@@ -258,5 +258,8 @@ def _similarity(h, target_rows, labels, classes, reduce, *, center, additive, me
         rows = None if target_rows is None else target_rows.to(dtype)
         return predsim_reference.similarity_loss(h.to(dtype), rows, labels, classes, reduce, center, additive, mean)
     scale = 1.0 / h.shape[0] ** 2 if mean else 1.0
+    if not _needs_grad(h):  # the value only, without autograd's bookkeeping
+        return predsim_fused.similarity_forward(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
+                                                scale, False)[0]
     return predsim_fused.SimilarityLoss.apply(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
-                                              scale, _needs_grad(h))
+                                              scale, True)

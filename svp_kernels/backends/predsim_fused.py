@@ -79,7 +79,7 @@ def _row_scale(norms: torch.Tensor, additive: bool) -> torch.Tensor:
 def _norm_slope(norms: torch.Tensor, additive: bool) -> torch.Tensor:
     """1/n where the normalisation's norm carries a gradient, else 0."""
     active = norms > 0 if additive else norms > MAX_EPS
-    return torch.where(active, 1.0 / torch.where(active, norms, torch.ones_like(norms)), torch.zeros_like(norms))
+    return torch.where(active, torch.reciprocal(norms), 0.0)
 
 
 def row_norms(u: torch.Tensor) -> torch.Tensor:
@@ -108,13 +108,14 @@ def _batch_space(u, target: Target, additive, grad_scale, need_grad):
     """(Σ (S − T)², dL/du of grad_scale·Σ or None), S and T in row blocks of at most BLOCK_ELEMENTS."""
     batch = u.shape[0]
     block = max(1, min(batch, BLOCK_ELEMENTS // batch))
-    r = _row_scale(row_norms(u), additive)
+    norms = row_norms(u)
+    r = _row_scale(norms, additive)
     if target.features is not None:
         target_r = _row_scale(row_norms(target.features), additive)
     else:
         label_values = ((target.same, target.other) if u.dtype == torch.float32  # torch.where's scalars: float32
                         else [torch.tensor(value, dtype=u.dtype, device=u.device) for value in (target.same, target.other)])
-    slope = _norm_slope(row_norms(u), additive) if need_grad else None
+    slope = _norm_slope(norms, additive) if need_grad else None
     total = 0
     grad = torch.empty_like(u) if need_grad else None
     for start in range(0, batch, block):
@@ -302,22 +303,27 @@ def _saved_rows_grad(ctx, grad_output, dtype, shape):
     return reduce_rows_backward(_scaled(grad_output, grad_rows, grad_rows.dtype), tuple(state), shape).to(dtype)
 
 
+def similarity_forward(x, target_rows, labels, classes, reduce, center, additive, scale, need_grad):
+    """(scale · Σ (S(x) − T)² in the accumulation dtype, dL/drows or None, reduction state)."""
+    dtype = _accumulation(x.dtype)
+    rows, state = reduce_rows(x, reduce, dtype)
+    target = (label_target(labels, classes, additive) if labels is not None
+              else feature_target(_as(target_rows, dtype).contiguous()))
+    total, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive, grad_scale=scale,
+                                                need_grad=need_grad)
+    return (total * scale).to(dtype), grad_rows, state
+
+
 class SimilarityLoss(torch.autograd.Function):
     """scale · Σ (S(x) − T)² (x 2-D or 4-D), differentiable w.r.t. x only."""
 
     @staticmethod
     def forward(ctx, x, target_rows, labels, classes, reduce, center, additive, scale, need_grad):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows, state = reduce_rows(x, reduce, dtype)
-        if labels is not None:
-            target = label_target(labels, classes, additive)
-        else:
-            target = feature_target(target_rows.to(dtype).contiguous())
-        total, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive,
-                                                    grad_scale=scale, need_grad=need_grad)
+        loss, grad_rows, state = similarity_forward(x, target_rows, labels, classes, reduce, center, additive, scale,
+                                                    need_grad)
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         _save_rows_grad(ctx, grad_rows, state)
-        return (total * scale).to(dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
