@@ -1,7 +1,7 @@
 """Train a local-loss-style network (Conv and Linear blocks, predsim loss) on digits, twice: with the plain
 formulation of the loss and with sk.predsim_loss, printing test accuracy and training time of each.
 
-    python python/train_local_loss_predsim.py [--epochs 20] [--batch-size 128] [--beta 0.99]
+    python python/train_local_loss_predsim.py [--epochs 8] [--batch-size 128] [--beta 0.99] [--threads N]
 
 Every block trains on its own loss (its input detached): (1 − β)·CE of a learned decoder on the
 average-pooled block output + β·MSE between the similarity matrix of a learned 3×3 conv (Linear for the
@@ -99,12 +99,15 @@ def train(formulation, args, data):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_dataset("digits")
     results = {}
     for formulation in ("plain", "svp_kernels"):

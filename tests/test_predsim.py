@@ -182,6 +182,10 @@ def test_dropout_mask_apply_is_exact(C, D, p, seed):
     assert torch.equal(torch.ops.svp_kernels.dropout_mask_apply(x, p, seed), expected)
 
 
+def test_dropout_mask_apply_opcheck():
+    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply, (torch.randn(4, 9, dtype=torch.float64), 0.25, 3))
+
+
 def test_weight_gradient_carries_the_mask():
     h_dec, h_sim, target, weight, decoder_bias = make_predsim(8, 33, (5,), 4)
     (_, (grad_weight,)) = value_and_grads(
@@ -238,7 +242,7 @@ def test_torch_compile_matches_eager():
     def step(h_dec, weight, decoder_bias, h_sim):
         return sk.predsim_loss(h_dec, h_sim, target, weight, decoder_bias, p=0.2, seed=4).loss
 
-    compiled = torch.compile(step, backend="aot_eager")
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     tensors = [h_dec, weight, decoder_bias, h_sim]
     eager_loss, eager_grads = value_and_grads(step, tensors)
     compiled_loss, compiled_grads = value_and_grads(compiled, tensors)

@@ -217,6 +217,19 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
 # The learnable decoder head: logits = h W̃ᵀ + b, W̃ = W ⊙ M / (1 − p)
 # ----------------------------------------------------------------------------------------------------
 
+def _register_dropout_mask_fake() -> None:
+    """Shape rule of svp_kernels::dropout_mask_apply (csrc/cpu/predsim.cpp) for torch.compile."""
+    from .. import _ops
+
+    if _ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "dropout_mask_apply"):
+        @torch.library.register_fake("svp_kernels::dropout_mask_apply")
+        def _dropout_mask_apply(x, p, seed):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_register_dropout_mask_fake()
+
+
 def _compiled_dropout(h: torch.Tensor) -> bool:
     from .. import _ops
 
