@@ -112,9 +112,9 @@ def _batch_space(u, target: Target, additive, grad_scale, need_grad):
     r = _row_scale(norms, additive)
     if target.features is not None:
         target_r = _row_scale(row_norms(target.features), additive)
-    else:
-        label_values = ((target.same, target.other) if u.dtype == torch.float32  # torch.where's scalars: float32
-                        else [torch.tensor(value, dtype=u.dtype, device=u.device) for value in (target.same, target.other)])
+    else:  # T_ij = class_similarity[y_i, y_j]: two small gathers instead of a B×B comparison and select
+        class_similarity = torch.full((target.classes, target.classes), target.other, dtype=u.dtype, device=u.device)
+        class_similarity.fill_diagonal_(target.same)
     slope = _norm_slope(norms, additive) if need_grad else None
     total = 0
     grad = torch.empty_like(u) if need_grad else None
@@ -122,8 +122,8 @@ def _batch_space(u, target: Target, additive, grad_scale, need_grad):
         rows = slice(start, min(batch, start + block))
         gram, similarity = _scaled_gram(u, rows, r)
         if target.labels is not None:
-            same = target.labels[rows, None] == target.labels[None, :]
-            difference = similarity.sub_(torch.where(same, *label_values))
+            rows_similarity = class_similarity.index_select(0, target.labels[rows])
+            difference = similarity.sub_(rows_similarity.index_select(1, target.labels))
         else:
             difference = similarity.sub_(_scaled_gram(target.features, rows, target_r)[1])
         block_total = difference.square().sum(dtype=torch.float64)
