@@ -16,7 +16,7 @@ Gradient convention: the clamp is applied to the value and is transparent to the
 (straight-through). |r_i G_ij r_j| ≤ 1 holds in exact arithmetic, so the clamp only removes rounding
 excess; torch's clamp would zero the gradient of exactly those entries. With E = 4·scale·(S − T):
 
-    dL/du = F u,  F_ij = r_i E_ij r_j − δ_ij κ_i,  κ_i = r_i² (Σ_j r_i E_ij r_j G_ij) · s_i / r_i,
+    dL/du = F u,  F_ij = r_i E_ij r_j − δ_ij κ_i,  κ_i = r_i s_i Σ_j r_i E_ij r_j G_ij  (= (û_i·g_i) r_i s_i),
     s_i = 1/n_i where the norm has a gradient (n_i > 0 for "add", n_i > 1e-12 for "max"), else 0,
 
 then the row mean is removed when centring. A zero row gets dL/du = r ⊙ (E r u) (finite), where
