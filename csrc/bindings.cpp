@@ -59,3 +59,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("seed"), pybind11::arg("n"), pybind11::arg("start") = 0);
   module.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in");
 }
+
+// The learnable-head dropout gradient of predsim_loss: x ⊙ M / (1 − p), M regenerated (csrc/cpu/predsim.cpp).
+TORCH_LIBRARY_FRAGMENT(svp_kernels, m) {
+  m.def("dropout_mask_apply(Tensor x, float p, int seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) { m.impl("dropout_mask_apply", &svp::cpu::dropout_mask_apply); }

@@ -9,6 +9,7 @@ See docs/design.md §2 for the math and docs/backends.md for the backends.
 from . import _ops  # noqa: F401  (loads the extension and registers autograd for its ops)
 from . import nn
 from .api import LocalLoss, alignment_loss, available_backends, cosine_gram, dropout_projection, fused_local_loss
+from .predsim import PredSim, predsim_loss, similarity_loss
 from .projection import ImplicitProjection
 
 __version__ = "0.1.0"
@@ -16,12 +17,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ImplicitProjection",
     "LocalLoss",
+    "PredSim",
     "alignment_loss",
     "available_backends",
     "cosine_gram",
     "dropout_projection",
     "fused_local_loss",
     "nn",
+    "predsim_loss",
+    "similarity_loss",
     "train",
 ]
 

@@ -243,21 +243,17 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     return _project(module, h.contiguous(), projection_args, p, seed).to(h.dtype)
 
 
-def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto") -> torch.Tensor:
-    """‖S(v) − S(v_prev)‖²_F (/ B² for "mean"), differentiable w.r.t. v; no B×B matrix is stored.
+def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto", *,
+                   reduce: str = "std") -> torch.Tensor:
+    """‖S(v) − S(v_prev)‖²_F (/ B² for "mean"), differentiable w.r.t. v; no B×B matrix is kept.
 
-    v: (B, C), v_prev: (B, C') a constant. Uses ‖âᵀâ‖² − 2‖âᵀb̂‖² + ‖b̂ᵀb̂‖² when C + C' < B.
+    v: (B, C) or (B, Ch, H, W); v_prev: the same kinds of shape (a constant, cast to v's dtype). S is the
+    cosine Gram (Pearson when center=True) clamped to [−1, 1]; a 4-D input is reduced by `reduce`
+    ("std": each channel's std over H·W, the default; "flatten"). Implemented in svp_kernels/predsim.py.
     """
-    v = _check_features(v, "v")
-    if v_prev is None:
-        raise TypeError("v_prev must be a torch.Tensor of shape (B, C'), got None")
-    v_prev = _check_v_prev(v_prev, v)
-    mean = _check_reduction(reduction)
-    center = _check_bool(center, "center")
-    module = backends.resolve(backend, v.device, v.dtype)
-    v = v.contiguous().to(accumulation_dtype(v.dtype))
-    loss, _, _ = module.epilogue(v, None, v_prev, 1.0, mean, center)
-    return loss
+    from . import predsim
+
+    return predsim.alignment_loss(v, v_prev, reduction, center, backend, reduce)
 
 
 def cosine_gram(v, center: bool = False) -> torch.Tensor:

@@ -25,3 +25,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
 at::Tensor cosine_gram(const at::Tensor& v, bool center);
 
 }  // namespace svp::cpu
+
+namespace svp::cpu {
+
+// x ⊙ M / (1 − p) for x (C, D), M the dropout mask of docs/design.md §3 (offset c·D + j), regenerated.
+at::Tensor dropout_mask_apply(const at::Tensor& x, double p, int64_t seed);
+
+}  // namespace svp::cpu
