@@ -30,3 +30,8 @@ def assert_equal_masks(actual: torch.Tensor, expected: torch.Tensor, name: str) 
     actual, expected = actual.cpu(), expected.cpu()
     differ = (actual != expected).nonzero()
     assert differ.numel() == 0, f"{name}: {differ.shape[0]} of {actual.numel()} mask bits differ, first at {differ[:5].tolist()}"
+
+
+def seed_tensor(value: int, device="cpu") -> torch.Tensor:
+    """The ops' dropout seed: a 0-dim int64 tensor on the op's device."""
+    return torch.tensor(value, dtype=torch.int64, device=device)

@@ -56,6 +56,7 @@ def projection_kernels():
     shapes = [(5, 9, 11), (33, 300, 17), (130, 257, 70), (3, 520, 130), (129, 64, 16), (1, 1, 1)]
     plans = ["", "forward_panels_per_split=1,backward_btiles_per_block=1",
              "forward_panels_per_split=2,forward_btiles_per_block=1", "forward_panels_per_split=1000,forward_btiles_per_block=2"]
+    seed = torch.tensor(11, dtype=torch.int64, device=DEVICE)  # the ops read the dropout seed on the device
     count = 0
     for plan in plans:
         set_plan(plan)
@@ -68,13 +69,13 @@ def projection_kernels():
                 grad_v = randn(B, C, dtype=acc, seed=1)
                 for weight in (randn(C, D, dtype=dtype, seed=2) / D**0.5, None):
                     for p in (0.0, 0.3):
-                        v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, 11)
-                        dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, 11, dtype)
+                        v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, seed)
+                        dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, seed, dtype)
                         check_finite(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", v, dh)
                         count += 2
     # Unaligned h (storage offset of one element): the scalar-load path.
     base = randn(9 * 64 + 1)
-    v = ops.projection_forward(base[1:].view(9, 64), None, 7, 3, 0.125, 0.2, 5)
+    v = ops.projection_forward(base[1:].view(9, 64), None, 7, 3, 0.125, 0.2, seed)
     check_finite("projection unaligned", v)
     set_plan("")
     return count + 1
@@ -84,6 +85,7 @@ def epilogue_kernels():
     shapes = [(1, 3, 2), (7, 5, 3), (33, 4, 4), (300, 10, 12), (70, 70, 50), (64, 130, None)]
     plans = ["", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=3",
              "epilogue_feature=0,batch_splits=2"]
+    seed = torch.tensor(11, dtype=torch.int64, device=DEVICE)  # the ops read the dropout seed on the device
     count = 0
     for plan in plans:
         set_plan(plan)
