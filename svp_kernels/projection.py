@@ -1,4 +1,5 @@
-"""The implicit random projection: R regenerated from a seed wherever it is needed (DESIGN.md §3)."""
+"""The implicit random projection (R regenerated from a seed wherever it is needed) and the dropout seed
+streams of the modules (DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .philox import implicit_weight
+from .philox import MASK32, implicit_weight, philox4x32_10
 
 MAX_SEED = 2**63
 
@@ -15,6 +16,34 @@ MAX_SEED = 2**63
 def draw_seed() -> int:
     """A fresh seed in [0, 2**63) from torch's default CPU generator (so torch.manual_seed reproduces it)."""
     return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+
+
+def _stream_argument(value, name: str, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64 or value.dim() != 0:
+            raise TypeError(f"{name} must be an int or a 0-dim int64 tensor, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-dim int64 tensor, got {type(value).__name__}")
+    if not 0 <= value < MAX_SEED:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return torch.full((), value, dtype=torch.int64, device=device)
+
+
+def stream_seed(base_seed, step) -> torch.Tensor:
+    """The dropout seed of step `step` of the seed stream `base_seed`: a 0-dim int64 tensor in [0, 2**63).
+
+    seed = (w1 & 0x7FFFFFFF) · 2³² + w0, (w0, w1) the first two Philox4x32-10 words of key `base_seed` at
+    counter `step` (docs/design.md §3): distinct steps give unrelated seeds. Computed with tensor ops only, so
+    it traces under torch.compile and replays in a captured CUDA graph with the step's current value. ints
+    and 0-dim int64 tensors (on any one device; the result lives there) give identical seeds.
+    """
+    device = next((value.device for value in (base_seed, step) if isinstance(value, torch.Tensor)), None)
+    base_seed = _stream_argument(base_seed, "base_seed", device)
+    step = _stream_argument(step, "step", device)
+    word0, word1, _, _ = philox4x32_10(base_seed, step)
+    return ((word1 & (MASK32 >> 1)) << 32) | word0
 
 
 @dataclass(frozen=True)
