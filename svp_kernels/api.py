@@ -89,21 +89,21 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
     return target.to(torch.int64).contiguous()
 
 
-def _check_in_range(ok, message) -> None:
-    """ValueError(message()) unless `ok`. Under torch.compile `ok` may be symbolic (dynamic=True turns float
-    arguments and attributes into SymFloats): torch._check records it as a guard or a runtime assertion (a
-    failed trace falls back to eager, which raises the ValueError). `message` is a callable, so that no
-    string is formatted from a symbol; math.* on a symbol would not trace either."""
+def _check_in_range(ok, requirement: str, value) -> None:
+    """ValueError "{requirement}, got {value}" unless `ok`. Under torch.compile `ok` and `value` may be
+    symbolic (dynamic=True turns float arguments and attributes into SymFloats): torch._check records `ok`
+    as a guard or a runtime assertion, with a message that formats no symbol (a failed trace falls back to
+    eager, which raises the ValueError); math.* on a symbol would not trace."""
     if _is_compiling():
-        torch._check(ok, message)
+        torch._check(ok, lambda: requirement)
     elif not ok:
-        raise ValueError(message())
+        raise ValueError(f"{requirement}, got {value}")
 
 
 def _check_p(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"p must be a float in [0, 1), got {type(p).__name__}")
-    _check_in_range(0.0 <= p < 1.0, lambda: f"p must be in [0, 1), got {p}")  # also rejects NaN
+    _check_in_range(0.0 <= p < 1.0, "p must be in [0, 1)", p)  # also rejects NaN
     return float(p)
 
 
@@ -136,7 +136,7 @@ def _check_seed(seed, p: float, device: torch.device) -> torch.Tensor:
     elif isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int in [0, 2**63), a 0-dim int64 tensor or None, got {type(seed).__name__}")
     else:
-        _check_in_range(0 <= seed < MAX_SEED, lambda: f"seed must be in [0, 2**63), got {seed}")
+        _check_in_range(0 <= seed < MAX_SEED, "seed must be in [0, 2**63)", seed)
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 
@@ -157,8 +157,7 @@ def _check_alignment_weight(alignment_weight) -> float:
     if isinstance(alignment_weight, bool) or not isinstance(alignment_weight, (int, float)):
         raise TypeError(f"alignment_weight must be a float, got {type(alignment_weight).__name__}")
     # 0 <= λ < inf rejects NaN as well
-    _check_in_range(0.0 <= alignment_weight < math.inf,
-                    lambda: f"alignment_weight must be finite and ≥ 0, got {alignment_weight}")
+    _check_in_range(0.0 <= alignment_weight < math.inf, "alignment_weight must be finite and ≥ 0", alignment_weight)
     return float(alignment_weight)
 
 
