@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .philox import MASK32, implicit_weight, philox4x32_10
+from .philox import implicit_weight
 
 MAX_SEED = 2**63
 
@@ -31,19 +31,36 @@ def _stream_argument(value, name: str, device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.int64, device=device)
 
 
+def _as_int64(value: int) -> int:
+    """The int64 with value's 64 bits (for the SplitMix64 constants above 2**63)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN_GAMMA = _as_int64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = _as_int64(0xBF58476D1CE4E5B9), _as_int64(0x94D049BB133111EB)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """The logical (unsigned) right shift of int64 z."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def stream_seed(base_seed, step) -> torch.Tensor:
     """The dropout seed of step `step` of the seed stream `base_seed`: a 0-dim int64 tensor in [0, 2**63).
 
-    seed = (w1 & 0x7FFFFFFF) · 2³² + w0, (w0, w1) the first two Philox4x32-10 words of key `base_seed` at
-    counter `step` (docs/design.md §3): distinct steps give unrelated seeds. Computed with tensor ops only, so
-    it traces under torch.compile and replays in a captured CUDA graph with the step's current value. ints
-    and 0-dim int64 tensors (on any one device; the result lives there) give identical seeds.
+    The (step + 1)-th output of SplitMix64 seeded with base_seed, top bit cleared: z = base + (step + 1)·γ,
+    z ^= z >> 30, z ·= 0xBF58476D1CE4E5B9, z ^= z >> 27, z ·= 0x94D049BB133111EB, z ^= z >> 31 (all mod 2⁶⁴,
+    γ = 0x9E3779B97F4A7C15). Fourteen tensor ops, so it costs little in eager, traces under torch.compile
+    and replays in a captured CUDA graph with the step's current value. ints and 0-dim int64 tensors (on
+    any one device; the result lives there) give identical seeds.
     """
     device = next((value.device for value in (base_seed, step) if isinstance(value, torch.Tensor)), None)
     base_seed = _stream_argument(base_seed, "base_seed", device)
     step = _stream_argument(step, "step", device)
-    word0, word1, _, _ = philox4x32_10(base_seed, step)
-    return ((word1 & (MASK32 >> 1)) << 32) | word0
+    z = base_seed + (step + 1) * _GOLDEN_GAMMA  # int64 arithmetic wraps mod 2⁶⁴
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return (z ^ _shift_right(z, 31)) & (MAX_SEED - 1)
 
 
 @dataclass(frozen=True)

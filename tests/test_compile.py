@@ -99,9 +99,10 @@ def test_dynamic_scalars_trace():
 
 
 def test_stream_seed_golden_and_forms():
-    """stream_seed(0, 0) = Random123's words (0x6627e8d5, 0xe169c58d) → (w1 & 0x7fffffff)·2³² + w0; ints
+    """stream_seed(0, 0) = SplitMix64's first output from state 0, 0xE220A8397B1DCDAF, top bit cleared; ints
     and tensors agree; every step of a stream differs."""
-    assert stream_seed(0, 0).item() == (0xE169C58D & 0x7FFFFFFF) << 32 | 0x6627E8D5
+    assert stream_seed(0, 0).item() == 0xE220A8397B1DCDAF & (2**63 - 1)
+    assert stream_seed(0, 1).item() == 0x6E789E6AA1B965F4 & (2**63 - 1)
     for base, step in ((0, 0), (5, 1), (2**63 - 1, 2**40 + 7), (2**31 + 1, 2**32)):
         want = stream_seed(base, step)
         assert want.dtype == torch.int64 and want.dim() == 0 and 0 <= want.item() < 2**63
