@@ -126,12 +126,12 @@ def _check_seed(seed, p: float, device: torch.device) -> torch.Tensor:
                 raise ValueError(f"seed must be in [0, 2**63), got {value}")
         return seed.to(device)
     if seed is None:
+        if _is_compiling():  # a draw inside the graph (a host .item() would break it); compiled RNG, not eager's
+            return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64, device=device)
         if p > 0 and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise ValueError("seed=None inside CUDA-graph capture would bake one draw into the graph, the same mask "
                              "at every replay; pass seed= a 0-dim int64 tensor on the device (e.g. from "
                              "svp_kernels.projection.stream_seed) or use the svp_kernels.nn modules")
-        if _is_compiling():  # a draw inside the graph (a host .item() would break it); compiled RNG, not eager's
-            return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64, device=device)
         seed = draw_seed() if p > 0 else 0  # p = 0: no mask to draw
     elif isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int in [0, 2**63), a 0-dim int64 tensor or None, got {type(seed).__name__}")

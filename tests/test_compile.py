@@ -96,6 +96,8 @@ def test_dynamic_scalars_trace():
     compiled = torch.compile(loss, dynamic=True, fullgraph=True)
     for rows, p, weight, seed in ((7, 0.1, 0.5, 3), (6, 0.2, 0.25, 4), (6, 0.2, 0.25, torch.tensor(4))):
         assert torch.equal(compiled(h[:rows], p, weight, seed), loss(h[:rows], p, weight, seed))
+    # seed=None draws inside the graph (the compiled RNG): a fresh mask per call, no graph break
+    assert not torch.equal(compiled(h, 0.5, 0.0, None), compiled(h, 0.5, 0.0, None))
 
 
 def test_stream_seed_golden_and_forms():
