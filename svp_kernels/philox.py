@@ -19,11 +19,7 @@ def philox4x32_10(seed, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The four raw Philox words for each element offset. offsets: int64 tensor (any shape) of n ≥ 0.
 
     seed: an int in [0, 2**63) or a 0-dim int64 tensor on offsets' device (the same words for the same value).
-    An int key becomes a tensor too, so that under torch.compile(dynamic=True) a symbolic int never reaches
-    Inductor's integer-expression code generation (whose C++ for these bitwise expressions fails to compile).
     """
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.full((), seed, dtype=torch.int64, device=offsets.device)
     offsets = offsets.to(torch.int64)
     c0 = offsets & MASK32
     c1 = (offsets >> 32) & MASK32
