@@ -31,9 +31,11 @@ class RandomProjection(torch.nn.Module):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {p}")
-        if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)
-                                         or not 0 <= dropout_seed < MAX_SEED):
-            raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
+        if dropout_seed is not None:
+            if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int):
+                raise TypeError(f"dropout_seed must be an int in [0, 2**63) or None, got {type(dropout_seed).__name__}")
+            if not 0 <= dropout_seed < MAX_SEED:
+                raise ValueError(f"dropout_seed must be in [0, 2**63), got {dropout_seed}")
         self.in_features, self.out_features, self.p, self.backend = in_features, out_features, float(p), backend
         self.implicit = ImplicitProjection(out_features, draw_seed() if seed is None else seed, std)
         if implicit:
@@ -54,7 +56,7 @@ class RandomProjection(torch.nn.Module):
         self.seed_state[1].add_(1)
         return seed
 
-    def training_args(self, seed):
+    def _dropout_args(self, seed):
         """(p, seed) for one forward: no dropout in eval mode; else `seed` if given, or the stream's next seed."""
         if not self.training or self.p == 0.0:
             return 0.0, seed
@@ -62,7 +64,7 @@ class RandomProjection(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, seed=None) -> torch.Tensor:
         """h (B, D) -> v (B, C) in h's dtype. seed: None (the stream), an int or a 0-dim int64 tensor."""
-        p, seed = self.training_args(seed)
+        p, seed = self._dropout_args(seed)
         return dropout_projection(h, self.projection, p=p, seed=seed, backend=self.backend)
 
     def get_extra_state(self):
@@ -109,7 +111,7 @@ class LocalLoss(torch.nn.Module):
         projection, p = None, 0.0
         if self.projection is not None:
             projection = self.projection.projection
-            p, seed = self.projection.training_args(seed)
+            p, seed = self.projection._dropout_args(seed)
         return fused_local_loss(h, target, v_prev, projection=projection, p=p, seed=seed,
                                 alignment_weight=self.alignment_weight, reduction=self.reduction,
                                 center=self.center, backend=self.backend)

@@ -1,5 +1,6 @@
 """The modules: RandomProjection (dense / implicit, fresh dropout each training step) and LocalLoss."""
 
+import pytest
 import torch
 
 import svp_kernels as sk
@@ -72,6 +73,10 @@ def test_local_loss_seed_stream_and_override():
     first, second = layer(h, target), layer(h, target)
     assert not torch.equal(first.v, second.v), "a fresh mask each training step"
     assert layer.seed_state.tolist() == [7, 2]
+    with pytest.raises(ValueError, match="dropout_seed must be in"):
+        sk.nn.LocalLoss(10, 4, dropout_seed=2**63)
+    with pytest.raises(TypeError, match="dropout_seed must be an int"):
+        sk.nn.RandomProjection(10, 4, dropout_seed=1.5)
     pinned = layer(h, target, seed=torch.tensor(11))
     assert torch.equal(pinned.v, layer(h, target, seed=11).v)
     assert layer.seed_state.tolist() == [7, 2]
