@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import svp_kernels as sk
-from svp_kernels.projection import stream_seed
+from svp_kernels.projection import _stream_seed_tensor, stream_seed
 
 from cases import cpu_backends
 
@@ -110,6 +110,8 @@ def test_stream_seed_golden_and_forms():
         assert want.dtype == torch.int64 and want.dim() == 0 and 0 <= want.item() < 2**63
         assert torch.equal(stream_seed(torch.tensor(base), torch.tensor(step)), want)
         assert torch.equal(stream_seed(base, torch.tensor(step)), want)
+        # the tensor-op form (device tensors, compiled graphs) equals the host form eager CPU calls use
+        assert torch.equal(_stream_seed_tensor(torch.tensor(base), torch.tensor(step)), want)
     seeds = {stream_seed(7, step).item() for step in range(64)}
     assert len(seeds) == 64
     with pytest.raises(TypeError, match="step"):
