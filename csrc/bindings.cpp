@@ -36,10 +36,10 @@ bool has_cuda() {
 TORCH_LIBRARY(svp_kernels, m) {
   m.def(
       "projection_forward(Tensor h, Tensor? weight, int out_features, int proj_seed, float proj_std, float p, "
-      "int seed) -> Tensor v");
+      "Tensor seed) -> Tensor v");
   m.def(
       "projection_backward(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
-      "float p, int seed, ScalarType dtype) -> Tensor dh");
+      "float p, Tensor seed, ScalarType dtype) -> Tensor dh");
   m.def(
       "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center) "
       "-> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");

@@ -65,6 +65,15 @@ uint64_t seed_value(int64_t seed, const char* op, const char* what) {
   return static_cast<uint64_t>(seed);
 }
 
+// The dropout seed: a 0-dim int64 tensor on the op's device. Only its pointer reaches the kernels, which read
+// the value themselves: no copy to the host, so a captured graph replays with the seed's current value.
+const int64_t* seed_pointer(const at::Tensor& seed, const at::Tensor& like, const char* op) {
+  check_on_device(seed, like, op, "seed");
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.dim() == 0, "svp_kernels cuda ", op,
+              ": seed must be a 0-dim int64 tensor, got ", seed.scalar_type(), " of shape ", seed.sizes());
+  return seed.data_ptr<int64_t>();
+}
+
 // Scratch of `bytes` bytes from the caching allocator (an undefined tensor for zero bytes).
 at::Tensor workspace_like(const at::Tensor& like, size_t bytes) {
   if (bytes == 0) return at::Tensor();
@@ -76,7 +85,7 @@ void* data_or_null(const at::Tensor& tensor) { return tensor.defined() ? tensor.
 // ---------------------------------------------------------------------------------------------------------
 
 at::Tensor projection_forward_cuda(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
-                                   int64_t proj_seed, double proj_std, double p, int64_t seed) {
+                                   int64_t proj_seed, double proj_std, double p, const at::Tensor& seed) {
   constexpr const char* op = "projection_forward";
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "svp_kernels cuda ", op, ": h must be a (B, D) CUDA tensor, got ",
               h.sizes(), " on ", h.device());
@@ -87,6 +96,7 @@ at::Tensor projection_forward_cuda(const at::Tensor& h, const std::optional<at::
   const at::Tensor h_c = h.contiguous();
   const int64_t B = h_c.size(0), D = h_c.size(1), C = out_features;
   const at::Tensor w = dense_weight(weight, h_c, h_c.scalar_type(), C, D, op);
+  const int64_t* seed_ptr = seed_pointer(seed, h_c, op);
   at::Tensor v = at::empty({B, C}, h_c.options().dtype(accumulation_type(h_c.scalar_type())));
   if (B == 0 || C == 0) return v;
 
@@ -95,15 +105,15 @@ at::Tensor projection_forward_cuda(const at::Tensor& h, const std::optional<at::
   const at::Tensor workspace = workspace_like(h_c, bytes);
   check_cuda(svp_cuda::projection_forward(h_c.data_ptr(), data_or_null(w), v.data_ptr(), B, C, D,
                                           seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
-                                          seed_value(seed, op, "seed"), dtype, data_or_null(workspace), bytes,
+                                          seed_ptr, dtype, data_or_null(workspace), bytes,
                                           c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return v;
 }
 
 at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
-                                    int64_t in_features, int64_t proj_seed, double proj_std, double p, int64_t seed,
-                                    at::ScalarType dtype) {
+                                    int64_t in_features, int64_t proj_seed, double proj_std, double p,
+                                    const at::Tensor& seed, at::ScalarType dtype) {
   constexpr const char* op = "projection_backward";
   TORCH_CHECK(grad_v.is_cuda() && grad_v.dim() == 2, "svp_kernels cuda ", op,
               ": grad_v must be a (B, C) CUDA tensor, got ", grad_v.sizes(), " on ", grad_v.device());
@@ -115,12 +125,13 @@ at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optiona
   const at::Tensor grad_c = grad_v.to(accumulation_type(dtype)).contiguous();
   const int64_t B = grad_c.size(0), C = grad_c.size(1), D = in_features;
   const at::Tensor w = dense_weight(weight, grad_c, dtype, C, D, op);
+  const int64_t* seed_ptr = seed_pointer(seed, grad_c, op);
   at::Tensor dh = at::empty({B, D}, grad_c.options().dtype(dtype));
   if (B == 0 || D == 0) return dh;
 
   check_cuda(svp_cuda::projection_backward(grad_c.data_ptr(), data_or_null(w), dh.data_ptr(), B, C, D,
                                            seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
-                                           seed_value(seed, op, "seed"), kernel_type,
+                                           seed_ptr, kernel_type,
                                            c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return dh;

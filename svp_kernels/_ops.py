@@ -63,18 +63,22 @@ def register_fakes(prefix: str) -> None:
 
 
 def register_projection_autograd(forward_name: str, backward_op) -> None:
-    """dh = grad_v · R̃ through ``backward_op``; saves no activation, only the seeds and a dense R."""
+    """dh = grad_v · R̃ through ``backward_op``; saves no activation, only the seeds and a dense R.
+
+    The dropout seed tensor is saved as it is (the same device memory, checked against in-place changes by
+    autograd's version counter), so the backward regenerates the forward's mask under torch.compile and in a
+    replayed CUDA graph too."""
 
     def setup_context(ctx, inputs, output):
         h, weight, _, proj_seed, proj_std, p, seed = inputs
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight, seed)
         ctx.in_features, ctx.h_dtype = h.shape[1], h.dtype
-        ctx.proj_seed, ctx.proj_std, ctx.p, ctx.seed = proj_seed, proj_std, p, seed
+        ctx.proj_seed, ctx.proj_std, ctx.p = proj_seed, proj_std, p
 
     def backward(ctx, grad_v):
-        (weight,) = ctx.saved_tensors
+        weight, seed = ctx.saved_tensors
         grad_h = backward_op(grad_v.contiguous(), weight, ctx.in_features, ctx.proj_seed, ctx.proj_std,
-                             ctx.p, ctx.seed, ctx.h_dtype)
+                             ctx.p, seed, ctx.h_dtype)
         return grad_h, None, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)

@@ -101,24 +101,55 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
     return target.to(torch.int64).contiguous()
 
 
+def _check_in_range(ok, requirement: str, value) -> None:
+    """ValueError "{requirement}, got {value}" unless `ok`. Under torch.compile `ok` and `value` may be
+    symbolic (dynamic=True turns float arguments and attributes into SymFloats): torch._check records `ok`
+    as a guard or a runtime assertion, with a message that formats no symbol (a failed trace falls back to
+    eager, which raises the ValueError); math.* on a symbol would not trace."""
+    if _is_compiling():
+        torch._check(ok, lambda: requirement)
+    elif not ok:
+        raise ValueError(f"{requirement}, got {value}")
+
+
 def _check_p(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"p must be a float in [0, 1), got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"p must be in [0, 1), got {p}")
+    _check_in_range(0.0 <= p < 1.0, "p must be in [0, 1)", p)  # also rejects NaN
     return float(p)
 
 
-def _check_seed(seed, p: float) -> int:
+def _check_seed(seed, p: float, device: torch.device) -> torch.Tensor:
+    """The dropout seed as a 0-dim int64 tensor on `device`, the form every backend reads (on the device).
+
+    An int (or None: a fresh draw from torch's default generator) becomes ``torch.full`` on `device`: a fill
+    kernel with the value as its argument on CUDA, no host-to-device copy and no synchronisation. A seed
+    tensor is used as it is; one on another device is moved (a CPU seed for CUDA h costs a small copy: create
+    it on h's device). Its value is checked against [0, 2**63) only on the CPU outside torch.compile: reading
+    a device tensor would synchronise (and break CUDA-graph capture); the kernels use its 64 bits as the key.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise TypeError("seed must be an int in [0, 2**63), a 0-dim int64 tensor or None, got a "
+                            f"{seed.dtype} tensor of shape {tuple(seed.shape)}")
+        if seed.device.type == "cpu" and not _is_compiling():
+            value = int(seed)
+            if not 0 <= value < MAX_SEED:
+                raise ValueError(f"seed must be in [0, 2**63), got {value}")
+        return seed.to(device)
     if seed is None:
-        if p == 0.0:
-            return 0  # no mask to draw
-        return draw_seed()
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int in [0, 2**63) or None, got {type(seed).__name__}")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+        if _is_compiling():  # a draw inside the graph (a host .item() would break it); compiled RNG, not eager's
+            return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64, device=device)
+        if p > 0 and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("seed=None inside CUDA-graph capture would bake one draw into the graph, the same mask "
+                             "at every replay; pass seed= a 0-dim int64 tensor on the device (e.g. from "
+                             "svp_kernels.projection.stream_seed) or use the svp_kernels.nn modules")
+        seed = draw_seed() if p > 0 else 0  # p = 0: no mask to draw
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**63), a 0-dim int64 tensor or None, got {type(seed).__name__}")
+    else:
+        _check_in_range(0 <= seed < MAX_SEED, "seed must be in [0, 2**63)", seed)
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _check_reduction(reduction) -> bool:
@@ -137,8 +168,8 @@ def _check_bool(value, name: str) -> bool:
 def _check_alignment_weight(alignment_weight) -> float:
     if isinstance(alignment_weight, bool) or not isinstance(alignment_weight, (int, float)):
         raise TypeError(f"alignment_weight must be a float, got {type(alignment_weight).__name__}")
-    if not (math.isfinite(alignment_weight) and alignment_weight >= 0):
-        raise ValueError(f"alignment_weight must be finite and ≥ 0, got {alignment_weight}")
+    # 0 <= λ < inf rejects NaN as well
+    _check_in_range(0.0 <= alignment_weight < math.inf, "alignment_weight must be finite and ≥ 0", alignment_weight)
     return float(alignment_weight)
 
 
@@ -177,7 +208,7 @@ def _check_projection(projection, h: torch.Tensor, p: float) -> _ProjectionArgs:
     return _ProjectionArgs(False, projection.contiguous(), projection.shape[0], 0, 0.0)
 
 
-def _project(module, h, projection: _ProjectionArgs, p: float, seed: int) -> torch.Tensor:
+def _project(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tensor) -> torch.Tensor:
     """v (B, C) in the accumulation dtype, differentiable w.r.t. h."""
     if projection.identity:
         return h.to(accumulation_dtype(h.dtype))
@@ -203,7 +234,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
         v_prev: (B, C') previous layer's projection (a constant), or None for no alignment term.
         projection: None (identity: v = h, needs D = C and p = 0), a (C, D) tensor R, or ImplicitProjection.
         p: dropout probability on R's elements, in [0, 1).
-        seed: int in [0, 2**63) for the dropout mask; None draws one from torch's default generator.
+        seed: the dropout mask's seed: an int in [0, 2**63), a 0-dim int64 tensor (best on h's device: the
+            kernels read it there, so it traces and a captured CUDA graph replays with its current value), or
+            None to draw one from torch's default generator (inside torch.compile: from the compiled RNG).
         alignment_weight: λ ≥ 0.
         reduction: "mean" (FA / B²) or "sum" of the alignment term; CE is always a batch mean.
         center: subtract each row's mean before normalising (Pearson similarity).
@@ -221,7 +254,7 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     mean = _check_reduction(reduction)
     center = _check_bool(center, "center")
     alignment_weight = _check_alignment_weight(alignment_weight)
-    seed = _check_seed(seed, p)
+    seed = _check_seed(seed, p, h.device)
     module = backends.resolve(backend, h.device, h.dtype)
 
     h = h.contiguous()
@@ -238,7 +271,7 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     h = _check_features(h)
     p = _check_p(p)
     projection_args = _check_projection(projection, h, p)
-    seed = _check_seed(seed, p)
+    seed = _check_seed(seed, p, h.device)
     module = backends.resolve(backend, h.device, h.dtype)
     return _project(module, h.contiguous(), projection_args, p, seed).to(h.dtype)
 

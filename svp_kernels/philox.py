@@ -15,8 +15,11 @@ _TWO_POW_MINUS_24 = 1.0 / 16777216.0
 TWO_PI_F32 = 6.28318530717958647692
 
 
-def philox4x32_10(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four raw Philox words for each element offset. offsets: int64 tensor (any shape) of n ≥ 0."""
+def philox4x32_10(seed, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four raw Philox words for each element offset. offsets: int64 tensor (any shape) of n ≥ 0.
+
+    seed: an int in [0, 2**63) or a 0-dim int64 tensor on offsets' device (the same words for the same value).
+    """
     offsets = offsets.to(torch.int64)
     c0 = offsets & MASK32
     c1 = (offsets >> 32) & MASK32
@@ -43,8 +46,10 @@ def element_offsets(rows: int, cols: int, device=None) -> torch.Tensor:
     return torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
 
 
-def keep_mask(seed: int, out_features: int, in_features: int, p: float, device=None) -> torch.Tensor:
-    """(C, D) bool dropout mask on R: element (c, j) is kept iff u24(word0(seed, c·D + j)) ≥ p."""
+def keep_mask(seed, out_features: int, in_features: int, p: float, device=None) -> torch.Tensor:
+    """(C, D) bool dropout mask on R: element (c, j) is kept iff u24(word0(seed, c·D + j)) ≥ p.
+
+    seed: an int or a 0-dim int64 tensor on `device`."""
     word0 = philox4x32_10(seed, element_offsets(out_features, in_features, device))[0]
     return u24(word0) >= p
 

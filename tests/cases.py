@@ -174,6 +174,9 @@ def op_samples(dtype=torch.float64, device="cpu"):
     generator = torch.Generator().manual_seed(0)
     B, D, C = 5, 7, 3
 
+    def seed(value):  # the ops' dropout seed: a 0-dim int64 tensor on the op's device
+        return torch.tensor(value, dtype=torch.int64, device=device)
+
     def rand(*shape, grad=False):
         return torch.randn(*shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
 
@@ -182,10 +185,10 @@ def op_samples(dtype=torch.float64, device="cpu"):
     v, v_prev, grad_v = rand(B, C, grad=True), rand(B, 4), rand(B, C)
     ops = torch.ops.svp_kernels
     return [
-        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, 11)),
-        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, 0)),
-        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, 11, dtype)),
-        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, 4, dtype)),
+        (ops.projection_forward.default, (h, weight, C, 0, 0.0, 0.3, seed(11))),
+        (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, seed(0))),
+        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype)),
+        (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
         (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
         (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
         (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),

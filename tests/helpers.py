@@ -59,3 +59,8 @@ def assert_no_less_accurate(actual: torch.Tensor, plain: torch.Tensor, truth: to
             f"{worst}: got {actual[worst].item()!r}, plain {plain[worst].item()!r}, float64 {truth[worst].item()!r} "
             f"(error {error[worst].item():.2e} > plain's {plain_error[worst].item():.2e} + {atol:.0e}·{scale:.3g} + "
             f"{rtol:.0e}·|x|)")
+
+
+def seed_tensor(value: int, device="cpu") -> torch.Tensor:
+    """The ops' dropout seed: a 0-dim int64 tensor on the op's device."""
+    return torch.tensor(value, dtype=torch.int64, device=device)

@@ -33,8 +33,9 @@ def test_mask_is_bit_exact(dtype, p):
     out_features, in_features, seed = 13, 777, 2**62 + 99
     ones = torch.ones(out_features, in_features, dtype=dtype)
     expected = keep_mask(seed, out_features, in_features, p).to(dtype) * torch.tensor(1.0 / (1.0 - p), dtype=dtype)
-    v = ops.projection_forward(torch.eye(in_features, dtype=dtype), ones, out_features, 0, 0.0, p, seed)
-    dh = ops.projection_backward(torch.eye(out_features, dtype=dtype), ones, in_features, 0, 0.0, p, seed, dtype)
+    v = ops.projection_forward(torch.eye(in_features, dtype=dtype), ones, out_features, 0, 0.0, p, torch.tensor(seed))
+    dh = ops.projection_backward(torch.eye(out_features, dtype=dtype), ones, in_features, 0, 0.0, p,
+                              torch.tensor(seed), dtype)
     assert torch.equal(v.t(), expected)
     assert torch.equal(dh, expected)
 
@@ -52,8 +53,8 @@ def test_projection_matches_explicit_dropped_weight(dtype, implicit, p, shape):
     proj_seed, proj_std, seed = 5, 0.1, 2**40 + 9
     expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, out_features, proj_seed, proj_std, p, seed)
 
-    v = ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
-    dh = ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
+    v = ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, torch.tensor(seed))
+    dh = ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, torch.tensor(seed), dtype)
 
     assert v.dtype == dtype and v.shape == (batch, out_features)
     assert dh.dtype == dtype and dh.shape == (batch, in_features)
@@ -127,9 +128,9 @@ def test_results_do_not_depend_on_thread_count():
     previous_threads = torch.get_num_threads()
 
     def run_all():
-        v = ops.projection_forward(h, weight, 10, 0, 0.0, 0.1, 7)
+        v = ops.projection_forward(h, weight, 10, 0, 0.0, 0.1, torch.tensor(7))
         loss, ce, alignment, grad_v = ops.loss_epilogue(v, target, v_prev, 1.0, True, False)
-        dh = ops.projection_backward(grad_v, None, 9000, 3, 0.01, 0.1, 7, torch.float32)
+        dh = ops.projection_backward(grad_v, None, 9000, 3, 0.01, 0.1, torch.tensor(7), torch.float32)
         return v, loss, alignment, grad_v, dh
 
     try:
@@ -148,8 +149,12 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="target must be"):
         ops.loss_epilogue(torch.randn(4, 3), torch.tensor([0, 1, 2]), None, 1.0, True, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.projection_forward(h.to(torch.int32), None, 3, 0, 1.0, 0.0, 0)
+        ops.projection_forward(h.to(torch.int32), None, 3, 0, 1.0, 0.0, torch.tensor(0))
     with pytest.raises(RuntimeError, match="weight"):
-        ops.projection_forward(h, torch.randn(3, 9), 3, 0, 1.0, 0.0, 0)
+        ops.projection_forward(h, torch.randn(3, 9), 3, 0, 1.0, 0.0, torch.tensor(0))
     with pytest.raises(RuntimeError, match="p must be"):
-        ops.projection_forward(h, None, 3, 0, 1.0, 1.0, 0)
+        ops.projection_forward(h, None, 3, 0, 1.0, 1.0, torch.tensor(0))
+    with pytest.raises(RuntimeError, match="seed must be a 0-dim int64 CPU tensor"):
+        ops.projection_forward(h, None, 3, 0, 1.0, 0.1, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="seed must be a 0-dim int64 CPU tensor"):
+        ops.projection_backward(torch.randn(4, 3), None, 8, 0, 1.0, 0.1, torch.tensor(1.0), torch.float32)

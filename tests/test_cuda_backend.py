@@ -22,7 +22,7 @@ from svp_kernels.backends import reference
 from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
                    PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
                    projection_ground_truth)
-from helpers import assert_close, assert_equal_masks
+from helpers import assert_close, assert_equal_masks, seed_tensor
 
 pytestmark = pytest.mark.cuda
 
@@ -64,14 +64,14 @@ def test_mask_bit_identical_forward_and_backward(C, D, p, seed, dtype):
     """R = 1: forward with h = I gives v = R̃ᵀ, backward with grad_v = I gives dh = R̃; both show the mask."""
     expected = philox.keep_mask(seed, C, D, p)
     ones = torch.ones(C, D, dtype=dtype, device=DEVICE)
-    v = ops.projection_forward(torch.eye(D, dtype=dtype, device=DEVICE), ones, C, 0, 0.0, p, seed)
+    v = ops.projection_forward(torch.eye(D, dtype=dtype, device=DEVICE), ones, C, 0, 0.0, p, seed_tensor(seed, DEVICE))
     assert_equal_masks(v.t() != 0, expected, f"forward mask {dtype} C={C} D={D} p={p} seed={seed}")
     kept = v.t()[expected.to(DEVICE)].double().cpu()
     scale = torch.tensor(1.0 / (1.0 - p), dtype=v.dtype).item()
     assert torch.all(kept == scale), "kept elements must be exactly 1/(1 − p) in the accumulation dtype"
 
     grad_v = torch.eye(C, dtype=v.dtype, device=DEVICE)
-    dh = ops.projection_backward(grad_v, ones, D, 0, 0.0, p, seed, dtype)
+    dh = ops.projection_backward(grad_v, ones, D, 0, 0.0, p, seed_tensor(seed, DEVICE), dtype)
     assert dh.dtype == dtype and dh.shape == (C, D)
     assert_equal_masks(dh != 0, expected, f"backward mask {dtype} C={C} D={D} p={p} seed={seed}")
 
@@ -81,7 +81,7 @@ def test_implicit_projection_matches_materialize(p):
     C, D, proj_seed, seed = 37, 45, 123, 9
     implicit = sk.ImplicitProjection(C, seed=proj_seed)
     std = 1.0 / D**0.5
-    v = ops.projection_forward(torch.eye(D, device=DEVICE), None, C, proj_seed, std, p, seed)
+    v = ops.projection_forward(torch.eye(D, device=DEVICE), None, C, proj_seed, std, p, seed_tensor(seed, DEVICE))
     expected = reference.dropped_weight(None, D, C, proj_seed, std, p, seed, torch.float32, "cpu")
     assert_close(v.t(), expected, 2e-6, f"implicit R̃ p={p}")
     assert_equal_masks(v.t() != 0, expected != 0, "implicit mask")
@@ -94,7 +94,8 @@ def test_mask_64bit_offsets():
     columns = [0, 5, D // 2, D - 1]
     h = torch.zeros(len(columns), D, device=DEVICE)
     h[torch.arange(len(columns)), torch.tensor(columns)] = 1.0
-    v = ops.projection_forward(h, None, C, proj_seed, std, p, seed).cpu()  # v[b, c] = R̃[c, columns[b]]
+    # v[b, c] = R̃[c, columns[b]]
+    v = ops.projection_forward(h, None, C, proj_seed, std, p, seed_tensor(seed, DEVICE)).cpu()
 
     def r_tilde(c, j):
         offsets = c.to(torch.int64) * D + j.to(torch.int64)
@@ -115,7 +116,7 @@ def test_mask_64bit_offsets():
     row = C - 1
     grad_v = torch.zeros(1, C, device=DEVICE)
     grad_v[0, row] = 1.0
-    dh = ops.projection_backward(grad_v, None, D, proj_seed, std, p, seed, torch.float32)[0].cpu()
+    dh = ops.projection_backward(grad_v, None, D, proj_seed, std, p, seed_tensor(seed, DEVICE), torch.float32)[0].cpu()
     js = torch.cat([torch.arange(1000), torch.arange(D - 1000, D)])
     keep, value = r_tilde(torch.full_like(js, row), js)
     assert_equal_masks(dh[js] != 0, keep, "backward 64-bit mask")
@@ -135,8 +136,9 @@ def projection_case(B, D, C, dtype, implicit, p, seed=0):
 
 def run_projection(h, weight, grad_v, C, proj_seed, std, p, seed):
     to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
-    v = ops.projection_forward(to(h), to(weight), C, proj_seed, std, p, seed)
-    dh = ops.projection_backward(to(grad_v), to(weight), h.shape[1], proj_seed, std, p, seed, h.dtype)
+    v = ops.projection_forward(to(h), to(weight), C, proj_seed, std, p, seed_tensor(seed, DEVICE))
+    dh = ops.projection_backward(to(grad_v), to(weight), h.shape[1], proj_seed, std, p, seed_tensor(seed, DEVICE),
+                                 h.dtype)
     return v, dh
 
 
@@ -189,10 +191,10 @@ def test_projection_unaligned_and_non_contiguous_h():
     base = randn(B * D + 1, dtype=torch.float32).to(DEVICE)
     h = base[1:].view(B, D)  # 4-byte aligned only
     weight = randn(C, D, seed=1, dtype=torch.float32, scale=D**-0.5).to(DEVICE)
-    v = ops.projection_forward(h, weight, C, 0, 0.0, 0.1, 3)
+    v = ops.projection_forward(h, weight, C, 0, 0.0, 0.1, seed_tensor(3, DEVICE))
     expected, _ = projection_ground_truth(h.cpu(), weight.cpu(), torch.zeros(B, C), C, 0, 0.0, 0.1, 3)
     assert_close(v, expected, 1e-5, "unaligned h")
-    v_t = ops.projection_forward(h.t().contiguous().t(), weight, C, 0, 0.0, 0.1, 3)
+    v_t = ops.projection_forward(h.t().contiguous().t(), weight, C, 0, 0.0, 0.1, seed_tensor(3, DEVICE))
     assert_close(v_t, expected, 1e-5, "non-contiguous h")
 
 

@@ -72,3 +72,20 @@ def test_torch_compile_implicit_projection():
     loss.backward()
     assert_close(loss, expected[0], 1e-6, "compiled implicit loss")
     assert_close(h.grad, expected[4], 1e-6, "compiled implicit dh")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_seed_tensor_equals_int_seed(backend):
+    """A 0-dim int64 seed tensor gives the int's mask bit for bit; bad seed tensors name the argument."""
+    case = Case(6, 11, 5, 3, p=0.4)
+    h, target, v_prev, projection = make_inputs(case)
+    for seed in (0, 2**31 + 7, 2**63 - 1):
+        want = run(case, h, target, v_prev, projection, backend, seed=seed)
+        got = run(case, h, target, v_prev, projection, backend, seed=torch.tensor(seed))
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+    for bad in (torch.tensor(3, dtype=torch.int32), torch.tensor([3]), torch.tensor(3.0)):
+        with pytest.raises(TypeError, match="seed must be .* 0-dim int64 tensor"):
+            sk.dropout_projection(h, projection, p=0.4, seed=bad, backend=backend)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        sk.dropout_projection(h, projection, p=0.4, seed=torch.tensor(-1), backend=backend)

@@ -25,7 +25,7 @@ from svp_kernels import philox  # noqa: E402
 from svp_kernels.backends import triton as triton_backend  # noqa: E402
 
 from cases import cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth  # noqa: E402
-from helpers import assert_close, assert_equal_masks  # noqa: E402
+from helpers import assert_close, assert_equal_masks, seed_tensor  # noqa: E402
 from test_philox import GOLDEN_MASK, GOLDEN_WORDS  # noqa: E402
 
 if not triton_backend.is_available():
@@ -104,7 +104,7 @@ def test_keep_mask_golden_and_bit_exact():
     window = ops.weight_window(ones, 4, 9, 0, 1.0, 0.3, 2024)
     assert (window != 0).int().cpu().tolist() == GOLDEN_MASK
     C, D = 37, 70
-    for seed, p in ((5, 0.25), (2**40 + 1, 0.9), (123, 0.0)):
+    for seed, p in ((5, 0.25), (2**40 + 1, 0.9), (123, 0.0), (2**31 + 3, 0.5), (2**63 - 1, 0.3)):
         window = ops.weight_window(torch.ones(C, D, device=DEVICE), C, D, 0, 1.0, p, seed)
         assert_equal_masks(window != 0, philox.keep_mask(seed, C, D, p), f"mask seed={seed} p={p}")
 
@@ -159,28 +159,29 @@ def test_projection_forward_and_backward(B, D, C, dense, p, config, dtype):
     proj_seed, proj_std, seed = 2024, 1.0 / D**0.5, 2**35 + 9
     grad_v = randn(B, C, dtype=ops.accumulation_dtype(dtype), seed=3)
     expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, proj_seed, proj_std, p, seed)
-    v = ops.projection_forward(h, weight, C, proj_seed, proj_std, p, seed, config=config)
+    v = ops.projection_forward(h, weight, C, proj_seed, proj_std, p, seed_tensor(seed, DEVICE), config=config)
     assert v.dtype == ops.accumulation_dtype(dtype) and v.shape == (B, C)
     # float32 accumulation; an implicit R agrees to the float32 rounding of log/cos
     tol = 2e-6 if dtype == torch.float32 or not dense else 1e-13
     assert_close(v, expected_v, tol, "v")
 
-    dh = ops.projection_backward(grad_v, weight, D, proj_seed, proj_std, p, seed, dtype, config=config)
+    dh = ops.projection_backward(grad_v, weight, D, proj_seed, proj_std, p, seed_tensor(seed, DEVICE), dtype,
+                                 config=config)
     assert dh.dtype == dtype and dh.shape == (B, D)
     assert_close(dh, expected_dh, tol, "dh")
 
 
 def test_projection_split_reduction_is_deterministic():
     h, weight = randn(20, 70, seed=4, dtype=torch.float32), randn(9, 70, seed=5, dtype=torch.float32)
-    first = ops.projection_forward(h, weight, 9, 0, 0.0, 0.2, 3, config=SMALL_PROJECTION)
-    again = ops.projection_forward(h, weight, 9, 0, 0.0, 0.2, 3, config=SMALL_PROJECTION)
+    first = ops.projection_forward(h, weight, 9, 0, 0.0, 0.2, seed_tensor(3, DEVICE), config=SMALL_PROJECTION)
+    again = ops.projection_forward(h, weight, 9, 0, 0.0, 0.2, seed_tensor(3, DEVICE), config=SMALL_PROJECTION)
     assert torch.equal(first, again)
 
 
 def test_projection_op_autograd_regenerates_the_mask():
     """Through the op: dh from autograd equals grad_v · R̃ with the same mask as the forward."""
     h = randn(6, 40, seed=6).requires_grad_(True)
-    v = triton_backend.projection(h, None, 11, 5, 0.2, 0.35, 77)
+    v = triton_backend.projection(h, None, 11, 5, 0.2, 0.35, seed_tensor(77, DEVICE))
     grad_v = randn(6, 11, seed=7)
     v.backward(grad_v)
     expected_v, expected_dh = projection_ground_truth(h, None, grad_v, 11, 5, 0.2, 0.35, 77)
@@ -305,10 +306,10 @@ def _op_samples():
     target = torch.randint(0, 9, (6,), generator=generator(24)).to(DEVICE)
     namespace = torch.ops.svp_kernels
     return [
-        (namespace.triton_projection_forward.default, (h, weight, 3, 0, 0.0, 0.3, 11)),
-        (namespace.triton_projection_forward.default, (h, None, 7, 17, 0.5, 0.0, 0)),
+        (namespace.triton_projection_forward.default, (h, weight, 3, 0, 0.0, 0.3, seed_tensor(11, DEVICE))),
+        (namespace.triton_projection_forward.default, (h, None, 7, 17, 0.5, 0.0, seed_tensor(0, DEVICE))),
         (namespace.triton_projection_backward.default,
-         (randn(5, 7, seed=25), None, 20, 17, 0.5, 0.2, 4, torch.float32)),
+         (randn(5, 7, seed=25), None, 20, 17, 0.5, 0.2, seed_tensor(4, DEVICE), torch.float32)),
         (namespace.triton_loss_epilogue.default, (v, target, randn(6, 4, seed=26), 0.5, True, False)),
         (namespace.triton_loss_epilogue.default, (v, None, randn(6, 2, seed=27), 1.0, False, True)),
         (namespace.triton_cosine_gram.default, (v.detach(), True)),
@@ -375,10 +376,10 @@ def test_half_precision_projection_on_gpu(dtype, dense):
     weight = (randn(C, D, seed=32) / D**0.5).to(dtype) if dense else None
     grad_v = randn(B, C, seed=33, dtype=torch.float32)
     expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, 5, 1.0 / D**0.5, 0.2, 9)
-    v = ops.projection_forward(h, weight, C, 5, 1.0 / D**0.5, 0.2, 9)
+    v = ops.projection_forward(h, weight, C, 5, 1.0 / D**0.5, 0.2, seed_tensor(9, DEVICE))
     assert v.dtype == torch.float32
     assert_close(v, expected_v, 1e-5, "v")  # products exact, float32 sums
-    dh = ops.projection_backward(grad_v, weight, D, 5, 1.0 / D**0.5, 0.2, 9, dtype)
+    dh = ops.projection_backward(grad_v, weight, D, 5, 1.0 / D**0.5, 0.2, seed_tensor(9, DEVICE), dtype)
     assert dh.dtype == dtype
     assert_close(dh, expected_dh, 1e-2, "dh")  # rounded to half precision
 
@@ -401,7 +402,7 @@ def test_half_precision_epilogue_on_gpu(dtype, B, C, C_prev):
 def test_large_shapes_on_gpu():
     B, D, C = 1024, 4096, 256
     h = randn(B, D, dtype=torch.float32, seed=37)
-    v = ops.projection_forward(h, None, C, 5, 1.0 / D**0.5, 0.1, 9)
+    v = ops.projection_forward(h, None, C, 5, 1.0 / D**0.5, 0.1, seed_tensor(9, DEVICE))
     expected_v, _ = projection_ground_truth(h, None, torch.zeros(B, C), C, 5, 1.0 / D**0.5, 0.1, 9)
     assert_close(v, expected_v, 1e-5, "v")
     v_prev = randn(B, 64, dtype=torch.float32, seed=38)

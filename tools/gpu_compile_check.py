@@ -113,6 +113,7 @@ def problems(quick: bool = False):
     meta = torch.device("meta")
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     shapes = [(256, 1024, 10)] if quick else [(256, 1024, 10), (1024, 512, 256), (40, 4096, 100)]
+    seed = torch.empty((), dtype=torch.int64, device=meta)
     calls = []
     for dtype in dtypes:
         for B, D, C in shapes:
@@ -120,10 +121,10 @@ def problems(quick: bool = False):
             accumulation = ops.accumulation_dtype(dtype)
             for weight in (torch.empty(C, D, dtype=dtype, device=meta), None):
                 for p in ((0.1,) if quick else (0.0, 0.1)):
-                    calls.append(lambda h=h, w=weight, C=C, p=p: ops.projection_forward(h, w, C, 3, 0.1, p, 5))
+                    calls.append(lambda h=h, w=weight, C=C, p=p: ops.projection_forward(h, w, C, 3, 0.1, p, seed))
                     calls.append(lambda B=B, C=C, D=D, w=weight, p=p, dtype=dtype, acc=accumulation:
-                                 ops.projection_backward(torch.empty(B, C, dtype=acc, device=meta), w, D, 3, 0.1, p, 5,
-                                                         dtype))
+                                 ops.projection_backward(torch.empty(B, C, dtype=acc, device=meta), w, D, 3, 0.1, p,
+                                                         seed, dtype))
         epilogue_shapes = [(512, 10, 10)] if quick else [(512, 10, 10), (64, 300, 100), (4096, 1000, 64)]
         for B, C, C_prev in epilogue_shapes:
             v = torch.empty(B, C, dtype=dtype, device=meta)

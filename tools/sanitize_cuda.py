@@ -65,6 +65,7 @@ def check_values(name, actual, expected, tolerances):
 
 
 def projection_kernels(shapes):
+    seed = torch.tensor(11, dtype=torch.int64, device=DEVICE)  # the ops read the dropout seed on the device
     count = 0
     for plan in PROJECTION_PLANS:
         set_plan(plan)
@@ -78,16 +79,16 @@ def projection_kernels(shapes):
                 for weight in (randn(C, D, dtype=dtype, seed=2) / D**0.5, None):
                     extra = IMPLICIT_TOL if weight is None else 0.0
                     for p in (0.0, 0.3):
-                        v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, 11)
-                        dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, 11, dtype)
+                        v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, seed)
+                        dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, seed, dtype)
                         check_values(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", (v, dh),
                                      projection_ground_truth(h, weight, grad_v, C, 7, D**-0.5, p, 11),
                                      (max(ACC_TOL[dtype], extra), max(OUT_TOL[dtype], extra)))
                         count += 2
     # Unaligned h (storage offset of one element): the scalar-load path.
     h = randn(9 * 64 + 1)[1:].view(9, 64)
-    v = ops.projection_forward(h, None, 7, 3, 0.125, 0.2, 5)
-    check_values("projection unaligned", (v,), projection_ground_truth(h, None, torch.zeros(9, 7), 7, 3, 0.125, 0.2, 5),
+    v = ops.projection_forward(h, None, 7, 3, 0.125, 0.2, seed)
+    check_values("projection unaligned", (v,), projection_ground_truth(h, None, torch.zeros(9, 7), 7, 3, 0.125, 0.2, 11),
                  (IMPLICIT_TOL,))
     set_plan("")
     return count + 1

@@ -8,13 +8,14 @@
 namespace svp::cpu {
 
 // v (B, C) = h R̃ᵀ in the accumulation dtype; R̃ = R ⊙ M / (1 − p) generated tile by tile.
+// seed: the dropout seed, a 0-dim int64 CPU tensor in [0, 2**63).
 at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
-                              int64_t proj_seed, double proj_std, double p, int64_t seed);
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed);
 
 // dh (B, D) = grad_v R̃ in `dtype`, regenerating the tiles of R̃.
 at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
-                               int64_t in_features, int64_t proj_seed, double proj_std, double p, int64_t seed,
-                               at::ScalarType dtype);
+                               int64_t in_features, int64_t proj_seed, double proj_std, double p,
+                               const at::Tensor& seed, at::ScalarType dtype);
 
 // (loss, ce, alignment, g_v): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean) and g_v = dloss/dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(

@@ -195,6 +195,14 @@ void check_projection_args(const std::optional<at::Tensor>& weight, int64_t out_
   }
 }
 
+// The dropout seed of the ops: a 0-dim int64 CPU tensor, read once on the host (docs/backends.md).
+int64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.dim() == 0,
+              "svp_kernels: seed must be a 0-dim int64 CPU tensor, got ", seed.scalar_type(), " of shape ",
+              seed.sizes(), " on ", seed.device());
+  return *seed.data_ptr<int64_t>();
+}
+
 template <typename T>
 DroppedProjection<T> make_projection(const std::optional<at::Tensor>& weight, int64_t out_features,
                                      int64_t in_features, int64_t proj_seed, double proj_std, double p,
@@ -214,7 +222,8 @@ DroppedProjection<T> make_projection(const std::optional<at::Tensor>& weight, in
 using namespace projection_detail;
 
 at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
-                              int64_t proj_seed, double proj_std, double p, int64_t seed) {
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed_tensor) {
+  const int64_t seed = read_seed(seed_tensor);
   TORCH_CHECK(h.device().is_cpu(), "svp_kernels: projection_forward on CPU needs a CPU h");
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
               "svp_kernels: the CPU kernels take float32 or float64 h, got ", h.scalar_type());
@@ -232,8 +241,9 @@ at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tenso
 }
 
 at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
-                               int64_t in_features, int64_t proj_seed, double proj_std, double p, int64_t seed,
-                               at::ScalarType dtype) {
+                               int64_t in_features, int64_t proj_seed, double proj_std, double p,
+                               const at::Tensor& seed_tensor, at::ScalarType dtype) {
+  const int64_t seed = read_seed(seed_tensor);
   TORCH_CHECK(grad_v.device().is_cpu(), "svp_kernels: projection_backward on CPU needs a CPU grad_v");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "svp_kernels: the CPU kernels produce float32 or float64 dh, got ", dtype);

@@ -63,11 +63,20 @@ template <typename T, typename Acc>
 struct DroppedProjection {
   const T* weight;     // (C, D) or nullptr: implicit R of (proj_seed, proj_std)
   uint64_t proj_seed;
-  uint64_t seed;
+  const int64_t* seed_ptr;  // the dropout seed, one int64 in device memory (read by with_seed, never on the host)
+  uint64_t seed;            // *seed_ptr once with_seed() has read it
   float proj_std;
   float p;             // keep iff u24(word0) >= p, compared in float32 as the reference does
   Acc scale;           // 1 / (1 − p) rounded to Acc once (svp::dropout_scale)
   bool dropout;        // p > 0
+
+  // A copy holding the dropout seed read from device memory: every kernel calls it once, at its start, so a
+  // captured CUDA graph reads the seed tensor's value at replay time.
+  __device__ __forceinline__ DroppedProjection with_seed() const {
+    DroppedProjection loaded = *this;
+    loaded.seed = dropout ? static_cast<uint64_t>(*seed_ptr) : 0;
+    return loaded;
+  }
 
   __device__ __forceinline__ Acc operator()(uint64_t n) const {
     if (weight != nullptr) {
@@ -201,6 +210,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const Forwa
   const int64_t bt_end = tiles_b < bt_begin + P.btiles_per_block ? tiles_b : bt_begin + P.btiles_per_block;
   // One panel covers the whole split: generate it once, stream every batch tile past it.
   const bool panel_resident = d_end - d_begin <= Cfg::KP;
+  const DroppedProjection<T, Acc> r_tilde = P.r_tilde.with_seed();
   Acc* out = P.out + static_cast<int64_t>(blockIdx.x) * P.B * P.C;
 
   for (int64_t bt = bt_begin; bt < bt_end; ++bt) {
@@ -215,7 +225,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const Forwa
     for (int64_t chunk = d_begin; chunk < d_end; chunk += Cfg::KP) {
       // Stage 1: the R̃ panel for columns [chunk, chunk + KP) and classes [c0, c0 + BN). The previous
       // reader of Ps finished at the trailing __syncthreads of the last K step.
-      if (!panel_resident || bt == bt_begin) fill_forward_panel<Cfg>(Ps, P.r_tilde, P.C, P.D, c0, chunk);
+      if (!panel_resident || bt == bt_begin) fill_forward_panel<Cfg>(Ps, r_tilde, P.C, P.D, c0, chunk);
       const int64_t chunk_end = d_end < chunk + Cfg::KP ? d_end : chunk + Cfg::KP;
       for (int64_t k0 = chunk; k0 < chunk_end; k0 += Cfg::BK) {
         // Stage 2: stage the h tile (rows b0.., columns k0..k0+BK), then wait for it and the panel.
@@ -280,6 +290,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
   const int64_t bt_begin = static_cast<int64_t>(blockIdx.y) * P.btiles_per_block;
   const int64_t bt_end = tiles_b < bt_begin + P.btiles_per_block ? tiles_b : bt_begin + P.btiles_per_block;
   const bool panel_resident = P.C <= Cfg::KP;  // the whole of R̃[:, j0:j0+BN] fits: generate it once
+  const DroppedProjection<T, Acc> r_tilde = P.r_tilde.with_seed();
 
   for (int64_t bt = bt_begin; bt < bt_end; ++bt) {
     const int64_t b0 = bt * Cfg::BM;
@@ -293,7 +304,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
     for (int64_t chunk = 0; chunk < P.C; chunk += Cfg::KP) {
       // Stage 1: R̃ rows [chunk, chunk + KP), columns [j0, j0 + BN) (previous readers are past the trailing
       // __syncthreads of the last K step).
-      if (!panel_resident || bt == bt_begin) fill_backward_panel<Cfg>(Ps, P.r_tilde, P.C, P.D, chunk, j0);
+      if (!panel_resident || bt == bt_begin) fill_backward_panel<Cfg>(Ps, r_tilde, P.C, P.D, chunk, j0);
       const int64_t chunk_end = P.C < chunk + Cfg::KP ? P.C : chunk + Cfg::KP;
       for (int64_t k0 = chunk; k0 < chunk_end; k0 += Cfg::BK) {
         // Stage 2: the grad_v tile (rows b0.., classes k0..k0+BK).
@@ -394,11 +405,12 @@ cudaError_t allow_shared_memory(Kernel kernel, size_t bytes) {
 
 template <typename T, typename Acc>
 DroppedProjection<T, Acc> make_r_tilde(const void* weight, uint64_t proj_seed, float proj_std, double p,
-                                       uint64_t seed) {
+                                       const int64_t* seed) {
   DroppedProjection<T, Acc> r;
   r.weight = static_cast<const T*>(weight);
   r.proj_seed = proj_seed;
-  r.seed = seed;
+  r.seed_ptr = seed;
+  r.seed = 0;
   r.proj_std = proj_std;
   r.p = static_cast<float>(p);
   r.scale = p > 0.0 ? svp::dropout_scale<Acc>(p) : Acc(1);
@@ -408,7 +420,7 @@ DroppedProjection<T, Acc> make_r_tilde(const void* weight, uint64_t proj_seed, f
 
 template <class Cfg, typename T>
 cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B,
-                           int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, uint64_t seed,
+                           int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
                            void* workspace, int sms, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   ForwardParams<T, Acc> params;
@@ -442,7 +454,7 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
 
 template <typename T>
 cudaError_t forward_typed(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B, int64_t C,
-                          int64_t D, uint64_t proj_seed, float proj_std, double p, uint64_t seed, void* workspace,
+                          int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed, void* workspace,
                           int sms, cudaStream_t stream) {
   switch (plan.tile_n) {
     case 16:
@@ -459,7 +471,8 @@ cudaError_t forward_typed(const ForwardPlan& plan, const void* h, const void* we
 
 template <typename T>
 cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                           uint64_t proj_seed, float proj_std, double p, uint64_t seed, int sms, cudaStream_t stream) {
+                           uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int sms,
+                           cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   using Cfg = BackwardTile;
   BackwardParams<T, Acc> params;
@@ -515,10 +528,11 @@ cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, 
 }
 
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
-                               uint64_t proj_seed, float proj_std, double p, uint64_t seed, DType dtype,
+                               uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
+  if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
   if (B == 0 || C == 0) return cudaSuccess;
   if (v == nullptr || (D > 0 && h == nullptr)) return cudaErrorInvalidValue;
   int sms = 1;
@@ -543,10 +557,11 @@ cudaError_t projection_forward(const void* h, const void* weight, void* v, int64
 }
 
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                                uint64_t proj_seed, float proj_std, double p, uint64_t seed, DType dtype,
+                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                 cudaStream_t stream) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
+  if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
   if (B == 0 || D == 0) return cudaSuccess;
   if (dh == nullptr || (C > 0 && grad_v == nullptr)) return cudaErrorInvalidValue;
   int sms = 1;

@@ -28,17 +28,19 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3
 //   h:      (B, D) of dtype.
 //   weight: (C, D) of dtype, or nullptr for the implicit R of (proj_seed, proj_std) (docs/design.md §3).
 //   v:      (B, C) of Acc (output).
+// seed:   the dropout seed, one int64 in [0, 2**63) in device memory, read by the kernels (never on the host,
+//         so a captured CUDA graph uses the value the seed holds at replay); may be nullptr when p == 0.
 // p in [0, 1); p == 0 disables the mask. The mask and an implicit R are generated in registers.
 cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes);
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
-                               uint64_t proj_seed, float proj_std, double p, uint64_t seed, DType dtype,
+                               uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// Projection backward: dh (B, D) = grad_v R̃, regenerating the mask (and an implicit R).
+// Projection backward: dh (B, D) = grad_v R̃, regenerating the mask (and an implicit R); seed as above.
 //   grad_v: (B, C) of Acc.   weight: (C, D) of dtype or nullptr.   dh: (B, D) of dtype (output).
 // Needs no workspace.
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C,
-                                int64_t D, uint64_t proj_seed, float proj_std, double p, uint64_t seed,
+                                int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
                                 DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------

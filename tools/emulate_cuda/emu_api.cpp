@@ -29,13 +29,13 @@ int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int 
   return svp_cuda::projection_forward_workspace_bytes(B, C, D, static_cast<svp_cuda::DType>(dtype), bytes);
 }
 int emu_projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
-                           uint64_t proj_seed, float proj_std, double p, uint64_t seed, int dtype, void* workspace,
-                           size_t workspace_bytes) {
+                           uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype,
+                           void* workspace, size_t workspace_bytes) {
   return svp_cuda::projection_forward(h, weight, v, B, C, D, proj_seed, proj_std, p, seed,
                                       static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, nullptr);
 }
 int emu_projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                            uint64_t proj_seed, float proj_std, double p, uint64_t seed, int dtype) {
+                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype) {
   return svp_cuda::projection_backward(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed,
                                        static_cast<svp_cuda::DType>(dtype), nullptr);
 }

@@ -111,9 +111,9 @@ class Emulated:
         lib = ctypes.CDLL(library)
         i64, u64, vp, sz = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
         lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
-        lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, u64,
+        lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
                                                ctypes.c_int, vp, sz]
-        lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, u64,
+        lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
                                                 ctypes.c_int]
         lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
                                                           ctypes.POINTER(sz)]
@@ -138,6 +138,8 @@ class Emulated:
         return workspace
 
     def projection_forward(self, h, weight, C, proj_seed, std, p, seed):
+        """The launcher reads the dropout seed through a pointer, as the CUDA kernels read a device tensor."""
+        seed = torch.tensor(seed, dtype=torch.int64)
         B, D = h.shape
         code = DTYPE_CODES[h.dtype]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -146,15 +148,16 @@ class Emulated:
         workspace = self._nan_bytes(size.value)
         v = torch.full((B, C), float("nan"), dtype=acc)
         self._check(self.lib.emu_projection_forward(self._ptr(h), self._ptr(weight), self._ptr(v), B, C, D, proj_seed,
-                                                    std, p, seed, code, self._ptr(workspace), size.value),
+                                                    std, p, self._ptr(seed), code, self._ptr(workspace), size.value),
                     "projection_forward")
         return v
 
     def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype):
+        seed = torch.tensor(seed, dtype=torch.int64)
         B, C = grad_v.shape
         dh = torch.full((B, D), float("nan"), dtype=dtype)
         self._check(self.lib.emu_projection_backward(self._ptr(grad_v), self._ptr(weight), self._ptr(dh), B, C, D,
-                                                     proj_seed, std, p, seed, DTYPE_CODES[dtype]),
+                                                     proj_seed, std, p, self._ptr(seed), DTYPE_CODES[dtype]),
                     "projection_backward")
         return dh
 

@@ -112,6 +112,14 @@ def philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi):
 
 
 @triton.jit
+def load_seed(seed_ptr):
+    """(lo32(seed), hi32(seed)) as uint32 scalars of the dropout seed, an int64 read from device memory (so a
+    captured CUDA graph draws the mask of the seed's value at replay time, not at capture time)."""
+    seed = tl.load(seed_ptr)
+    return (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
 def element_counters(rows, cols, D, OFFSET_64: tl.constexpr):
     """(lo32(n), hi32(n)) of the element offsets n = row·D + col, as uint32 blocks."""
     if OFFSET_64:
@@ -220,11 +228,12 @@ def philox_words_kernel(offsets_ptr, words_ptr, N, seed_lo, seed_hi, BLOCK: tl.c
 
 @triton.jit
 def weight_window_kernel(weight_ptr, out_ptr, row_start, col_start, n_rows, n_cols, C, D, stride_wc,
-                         proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                         proj_seed_lo, proj_seed_hi, proj_std, seed_ptr, keep_threshold,
                          HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
                          PRECISE_MATH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (n_rows, n_cols) = (R ⊙ M)[row_start:, col_start:] exactly as the projection kernels see it
     (tests and materialisation; a window far into a huge R needs no memory for the rest of it)."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
     local_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     tile = masked_weight_tile(weight_ptr, stride_wc, row_start + local_rows, col_start + local_cols, C, D,
@@ -242,7 +251,7 @@ def weight_window_kernel(weight_ptr, out_ptr, row_start, col_start, n_rows, n_co
 @triton.jit
 def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
                               B, C, D, stride_hb, stride_wc, stride_os, stride_ob, d_per_split,
-                              proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                              proj_seed_lo, proj_seed_hi, proj_std, seed_ptr, keep_threshold,
                               HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
                               PRECISE_MATH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -250,6 +259,7 @@ def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
 
     d_per_split is a multiple of BLOCK_D. The accumulation dtype is out's; the dot runs in the dense R's
     dtype (h's) or, for an implicit (float32) R, in the accumulation dtype."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
     acc_dtype = out_ptr.dtype.element_ty
     if HAS_WEIGHT:
         dot_dtype = weight_ptr.dtype.element_ty
@@ -281,11 +291,12 @@ def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
 @triton.jit
 def projection_backward_kernel(grad_ptr, weight_ptr, dh_ptr, scale_ptr,
                                B, C, D, stride_gb, stride_wc, stride_dhb,
-                               proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
+                               proj_seed_lo, proj_seed_hi, proj_std, seed_ptr, keep_threshold,
                                HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
                                PRECISE_MATH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """dh (B, D) = grad_v (B, C) · (R ⊙ M) · scale, accumulated in grad_v's dtype, written in dh's."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
     acc_dtype = grad_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)

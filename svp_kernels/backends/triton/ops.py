@@ -2,7 +2,8 @@
 
 The four ops ``svp_kernels::triton_projection_forward``, ``triton_projection_backward``,
 ``triton_loss_epilogue`` and ``triton_cosine_gram`` take the arguments of the compiled ops of
-docs/backends.md (integers appear as ``SymInt`` in the inferred schemas). On a GPU they are
+docs/backends.md (integers appear as ``SymInt`` in the inferred schemas; the dropout seed is a 0-dim
+int64 tensor that the kernels load). On a GPU they are
 ``torch.library.triton_op`` with every launch wrapped in ``wrap_triton``, so torch.compile sees the
 kernels; under TRITON_INTERPRET=1 the kernels are interpreter functions, which neither fake tensors nor
 the functional decomposition of ``triton_op`` can run, so the ops are plain ``torch.library.custom_op``
@@ -102,23 +103,26 @@ def projection_config(B: int, C: int, D: int, dtype: torch.dtype, device: torch.
     return ProjectionConfig(block_b=_next_pow2(B, high=high_b), block_c=_next_pow2(C, high=32), block_d=16)
 
 
-def _weight_arguments(weight, h, C: int, D: int, proj_seed: int, proj_std: float, p: float, seed: int,
+def _weight_arguments(weight, h, C: int, D: int, proj_seed: int, proj_std: float, p: float, seed: torch.Tensor,
                       block_c: int):
-    """Kernel arguments shared by forward and backward: (weight_ptr, stride, seeds, threshold, flags)."""
+    """Kernel arguments shared by forward and backward: (weight_ptr, stride, seeds, threshold, flags).
+
+    The dropout seed is a 0-dim int64 tensor on the kernels' device; they load it themselves."""
     has_weight = weight is not None
     offset_64 = (C + block_c + 1) * D >= MAX_INT32_OFFSET  # a padded tile's offsets could pass int32
     return dict(
         weight_ptr=weight if has_weight else h,
         stride_wc=weight.stride(0) if has_weight else 0,
         proj_seed_lo=proj_seed % 2**32, proj_seed_hi=proj_seed // 2**32, proj_std=float(proj_std),
-        seed_lo=seed % 2**32, seed_hi=seed // 2**32, keep_threshold=keep_threshold(p),
+        seed_ptr=seed, keep_threshold=keep_threshold(p),
         HAS_WEIGHT=has_weight, HAS_DROPOUT=p > 0, OFFSET_64=offset_64, PRECISE_MATH=PRECISE_MATH,
         INPUT_PRECISION=input_precision(),
     )
 
 
 def projection_forward(h: torch.Tensor, weight: Optional[torch.Tensor], out_features: int, proj_seed: int,
-                       proj_std: float, p: float, seed: int, config: Optional[ProjectionConfig] = None) -> torch.Tensor:
+                       proj_std: float, p: float, seed: torch.Tensor,
+                       config: Optional[ProjectionConfig] = None) -> torch.Tensor:
     """v (B, C) = h (B, D) · R̃ᵀ in the accumulation dtype; R̃ = R ⊙ M / (1 − p) is never stored."""
     B, D = h.shape
     C = int(out_features)
@@ -159,7 +163,7 @@ def projection_backward_config(B: int, C: int, D: int, dtype: torch.dtype, devic
 
 
 def projection_backward(grad_v: torch.Tensor, weight: Optional[torch.Tensor], in_features: int, proj_seed: int,
-                        proj_std: float, p: float, seed: int, dtype: torch.dtype,
+                        proj_std: float, p: float, seed: torch.Tensor, dtype: torch.dtype,
                         config: Optional[ProjectionConfig] = None) -> torch.Tensor:
     """dh (B, D) = grad_v (B, C) · R̃ in `dtype` (h's); the mask and an implicit R are regenerated."""
     B, C = grad_v.shape
@@ -184,13 +188,15 @@ def weight_window(weight: Optional[torch.Tensor], out_features: int, in_features
                   n_rows: Optional[int] = None, n_cols: Optional[int] = None,
                   dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """(R ⊙ M)[row_start:row_start+n_rows, col_start:col_start+n_cols], unscaled, as the kernels generate it
-    (float32 for an implicit R). Only the window is computed, so offsets beyond 2³¹ cost nothing."""
+    (float32 for an implicit R). Only the window is computed, so offsets beyond 2³¹ cost nothing.
+    seed: the dropout seed, an int or a 0-dim int64 tensor."""
     C, D = int(out_features), int(in_features)
     n_rows = C - row_start if n_rows is None else n_rows
     n_cols = D - col_start if n_cols is None else n_cols
     device = weight.device if weight is not None else torch.device(device or "cpu")
     out_dtype = weight.dtype if weight is not None else dtype
     out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
     block_r, block_k = 16, 32
     args = _weight_arguments(weight.contiguous() if weight is not None else None, out, C, D, proj_seed, proj_std,
                              p, seed, block_r)
@@ -370,13 +376,13 @@ _define = torch.library.custom_op if INTERPRETED else torch.library.triton_op
 
 @_define(f"{NAMESPACE}::{PREFIX}projection_forward", mutates_args=())
 def projection_forward_op(h: torch.Tensor, weight: Optional[torch.Tensor], out_features: int, proj_seed: int,
-                          proj_std: float, p: float, seed: int) -> torch.Tensor:
+                          proj_std: float, p: float, seed: torch.Tensor) -> torch.Tensor:
     return projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
 @_define(f"{NAMESPACE}::{PREFIX}projection_backward", mutates_args=())
 def projection_backward_op(grad_v: torch.Tensor, weight: Optional[torch.Tensor], in_features: int, proj_seed: int,
-                           proj_std: float, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+                           proj_std: float, p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
 
 
