@@ -13,7 +13,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
-#include "cpu/simd.h"
+#include "cpu/random_rows.h"
 #include "svp/math.h"
 #include "svp/philox.h"
 
@@ -78,36 +78,21 @@ struct DroppedProjection {
 };
 
 // tile[c·width + jj] = R̃[c, j0 + jj] for c < C, jj < width; Philox offsets n = c·D + j are 64-bit.
-// R's fields are copied to locals: stores to a float tile could otherwise alias them and block vectorisation.
+// Row by row: the implicit R (when there is no weight), then the dropout mask, both vectorised
+// (csrc/cpu/random_rows.h).
 template <typename T>
-SVP_ALWAYS_INLINE void fill_tile_impl(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* tile) {
-  const T* weight = R.weight;
-  const int64_t out_features = R.out_features, in_features = R.in_features;
-  const uint64_t proj_seed = R.proj_seed, seed = R.seed;
-  const float proj_std = R.proj_std, p = R.p;
-  const T scale = R.scale;
-  for (int64_t c = 0; c < out_features; ++c) {
+void fill_tile(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* tile) {
+  for (int64_t c = 0; c < R.out_features; ++c) {
     T* row = tile + c * width;
-    const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(in_features) + j0;
+    const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(R.in_features) + j0;
     const T* source = row;
-    if (weight != nullptr) {
-      source = weight + c * in_features + j0;
+    if (R.weight != nullptr) {
+      source = R.weight + c * R.in_features + j0;
     } else {
-      for (int64_t jj = 0; jj < width; ++jj) row[jj] = static_cast<T>(implicit_normal(proj_seed, base + jj, proj_std));
+      implicit_normals(R.proj_seed, base, width, R.proj_std, row);
     }
-    if (p > 0) {
-      for (int64_t jj = 0; jj < width; ++jj) {
-        row[jj] = dropped_value(source[jj], philox4x32_10(seed, base + jj).w0, p, scale);
-      }
-    }
+    if (R.p > 0) dropout_run(R.seed, base, width, R.p, R.scale, source, row);
   }
-}
-
-SVP_MULTIVERSION void fill_tile(const DroppedProjection<float>& R, int64_t j0, int64_t width, float* tile) {
-  fill_tile_impl(R, j0, width, tile);
-}
-SVP_MULTIVERSION void fill_tile(const DroppedProjection<double>& R, int64_t j0, int64_t width, double* tile) {
-  fill_tile_impl(R, j0, width, tile);
 }
 
 // ---- Drivers -----------------------------------------------------------------------------------------
