@@ -109,7 +109,7 @@ sanitize_with() {
 
 stage_bench() {
   # The runner belongs to bench/; its flags may change, so a failure is recorded but does not fail the script.
-  SOFT=1 run_stage bench 560 "$PYTHON bench/run.py --device cuda --backends cuda,triton,reference,compile"
+  SOFT=1 run_stage bench 560 "$PYTHON bench/run.py --device cuda --variants cuda,triton,eager,compile"
   [[ -f bench/results/cuda.csv ]] && cp bench/results/cuda.csv "$OUT/bench_cuda.csv"
   return 0
 }
