@@ -2,6 +2,8 @@
 
     python bench/run.py                                          # CPU: six shapes, dense and implicit R
     python bench/run.py --shapes "256,4096,10;1024,4096,100" --projection implicit --repeats 30
+    python bench/run.py --threads 1 --clock thread               # one thread's CPU time (a busy machine)
+    python bench/run.py --wait-idle 30 --allocator cached        # wait for quiet; freed memory kept mapped
     python bench/run.py --device cuda                            # GPU shape set, fused cuda/triton
 
 Variants, per shape × dtype × projection:
