@@ -71,8 +71,9 @@ def extensions() -> tuple[list, dict]:
     # No -march: hot loops are multi-versioned in the source (csrc/cpu/simd.h). OpenMP backs at::parallel_for.
     # No -std either: torch's BuildExtension adds the standard its headers need (C++20 since torch 2.10);
     # the sources themselves are C++17.
+    # -fno-math-errno: the kernels never read errno, and without it sqrt cannot be vectorised.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-Wno-psabi"] + openmp
+    cxx_flags = ["-O3", "-fno-math-errno", "-Wno-psabi"] + openmp
     sources = relative_sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
     options = dict(
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],

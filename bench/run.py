@@ -1,40 +1,40 @@
-"""Benchmark runner: forward+backward time, extra peak memory and bandwidth of fused_local_loss per backend.
+"""Benchmark runner: fused_local_loss forward+backward against what a user writes, and against the roofline.
 
-    python bench/run.py                                   # CPU: the four target shapes of issue 2
-    python bench/run.py --wait-idle 90 --breakdown        # CPU, on a shared machine (how bench/results was made)
-    python bench/run.py --device cuda                     # GPU: the shape set of issue 3
-    python bench/run.py --backends cpu,reference --shapes "256,4096,10;4096,1024,10" --repeats 30
+    python bench/run.py                                          # CPU: six shapes, dense and implicit R
+    python bench/run.py --shapes "256,4096,10;1024,4096,100" --projection implicit --repeats 30
+    python bench/run.py --threads 1 --clock thread               # one thread's CPU time (a busy machine)
+    python bench/run.py --wait-idle 30 --allocator cached        # wait for quiet; freed memory kept mapped
+    python bench/run.py --device cuda                            # GPU shape set, fused cuda/triton
 
-For every shape × dtype × projection × backend it times ``fused_local_loss(...).loss.backward()``
-(w.r.t. h; target and v_prev (B, C' = C) random, from tests/cases.py) and reports p20/p50/p80 over
-the repeats after a warm-up: time.perf_counter on CPU, CUDA events with the L2 flushed before each
-call on CUDA. Backends are the registered ones that run on the device plus ``compile`` =
-torch.compile(dynamic=False) of the reference backend (mode "max-autotune-no-cudagraphs" on CUDA),
-compiled afresh per shape.
+Variants, per shape × dtype × projection:
+- the fused backends (``cpu`` on CPU; ``cuda``, ``triton`` on CUDA): ``fused_local_loss(...).loss.backward()``;
+- ``eager``: the plain formulation of bench/baselines.py (F.dropout(R, p), h @ R̃ᵀ, F.normalize, the B×B
+  Grams, F.cross_entropy); with implicit R it regenerates R from a seeded torch.randn on every call;
+- ``compile``: torch.compile(dynamic=False) of that same function, compiled afresh per shape
+  (mode "max-autotune-no-cudagraphs" on CUDA).
 
-Extra peak memory, measured, never a formula (metric extra_peak_memory; peak_memory_beyond_inputs is
-the same peak without subtracting dh):
-- CPU: in a FRESH SUBPROCESS per measurement (``--memory-repeats`` of them, default 3): build the
-  inputs, run one forward+backward at the same shape as a warm-up (loads code, starts threads,
-  compiles), free its result, record VmRSS, reset the peak (write "5" to /proc/self/clear_refs), run
-  one forward+backward, read VmHWM. extra = VmHWM − VmRSS before − bytes of the returned dh. The
-  subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so glibc returns every freed block ≥ 64 KiB to
-  the OS at once: RSS then follows live memory, and a freed warm-up buffer cannot hide a peak.
-  Resolution: one 4 KiB page, about ±70 KiB of RSS-counter lag.
-- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the allocation
-  before the run (inputs) and the bytes of dh.
+Before any timing, every fused variant is checked against the float64 oracle (tests/cases.py
+``ground_truth``: the Philox-in-torch reference backend in float64) on the benchmark's own inputs, and
+the eager function at p = 0 against the same oracle; a variant that disagrees is reported, not timed.
 
-Bandwidth = (bytes of h read + dh written + R read twice when dense) / time, next to a measured
-copy bandwidth (a large tensor copied on the device: bytes read + written / time). On CPU the run
-also records the Philox throughput of each backend (projection at B = 1) and the time of the two
-plain GEMMs of each shape (torch.mm), the inputs of the roofline in bench/NOTES.md; --breakdown adds
-projection forward / epilogue / projection backward timed one by one, at p and at p = 0.
+Timing: the variants of one problem are interleaved in one process (each repeat runs every variant once,
+in a rotating order), so load from other processes on a shared machine hits them alike; p20/p50/p80 of
+the repeats after a warm-up. time.perf_counter on CPU; CUDA events with the L2 flushed on CUDA. Each
+row records how many CPUs other processes used meanwhile (``other_load_cpus``, from /proc/stat).
 
-The CPU runs share their machine: each timing records how many CPUs other processes used meanwhile
-("other load"), and --wait-idle waits for quiet and re-times busy measurements.
+Roofline: the run measures the copy bandwidth (a 256 MiB tensor copy on CPU, 1 GiB on CUDA; read + write
+bytes / time) and the FMA peak (a 4096² float32 torch.mm, 2·n³ flops / time). For each problem,
+bytes = h read + dh written + R read twice when dense, flops = 4·B·C·D (v = h R̃ᵀ and dh = g_v R̃) plus the
+epilogue's alignment (feature space 2·B·W² + 2·B·W·C, W = C + C', when W < B; else batch space
+2·B²·W + 2·B²·C); roofline time = max(bytes / bandwidth, flops / peak), roofline_fraction = roofline
+time / measured median.
 
-Rows are appended to bench/results/<device>.csv with the columns of CSV_COLUMNS (the projection is
-part of `op`: fused_local_loss_dense / fused_local_loss_implicit); a markdown table is printed.
+Extra peak memory (measured, never a formula): CPU, in a fresh subprocess per measurement: one warm-up
+forward+backward, VmRSS, peak reset (/proc/self/clear_refs), one forward+backward, VmHWM; extra = peak −
+before − bytes of dh (MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live memory). CUDA:
+max_memory_allocated beyond the inputs and dh.
+
+Rows are appended to bench/results/<device>.csv (CSV_COLUMNS); a markdown table is printed.
 """
 
 from __future__ import annotations
@@ -56,25 +56,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 
 import svp_kernels as sk  # noqa: E402
 from svp_kernels import backends  # noqa: E402
-from tests.cases import Case, make_inputs, run as run_case  # noqa: E402  (the one baseline)
 
-CSV_COLUMNS = ["op", "backend", "B", "D", "C", "p", "dtype", "metric", "unit", "p20", "p50", "p80",
-               "device", "torch", "triton", "commit", "timestamp"]
-# (B, D, C): issue 2 (CPU targets) and issue 3 (H100 measurement).
-CPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (4096, 1024, 10), (1024, 4096, 100)]
+import baselines  # noqa: E402
+from cases import Case, ground_truth, make_inputs, run as run_fused  # noqa: E402  (the one oracle)
+
+CSV_COLUMNS = ["op", "B", "D", "C", "p", "dtype", "projection", "variant", "median_ms", "p20_ms", "p80_ms",
+               "roofline_ms", "roofline_fraction", "speedup_vs_eager", "speedup_vs_compile", "extra_peak_MiB",
+               "other_load_cpus", "copy_GBps", "fma_peak_GFLOPs", "clock", "allocator", "threads", "device",
+               "torch", "triton", "commit", "timestamp"]
+# (B, D, C) with C' = C.
+CPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (4096, 1024, 10), (1024, 4096, 100), (128, 3072, 10),
+              (512, 1024, 100)]
 GPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (1024, 65536, 100), (4096, 1024, 10), (256, 768, 1000),
               (8192, 4096, 10)]
-# Issue 2's CPU targets: minimum speed-up of the cpu backend over reference at each shape.
-CPU_SPEEDUP_TARGETS = {(256, 4096, 10): 2.0, (128, 65536, 10): 2.0, (4096, 1024, 10): 20.0,
-                       (1024, 4096, 100): 2.0}
-CPU_MEMORY_TARGET = 0.10  # extra peak memory ≤ 10 % of the reference's
+BASELINES = ("eager", "compile")
 DROPOUT_SEED = 1234
-PHILOX_SHAPE = (1, 65536, 16)  # (B, D, C) of the Philox throughput probe: C·D = 1 M evaluations per mask
+ALIGNMENT_WEIGHT = 0.7
+ORACLE_TOLERANCE = 1e-4  # float32 fused vs float64 oracle: max |error| / max(1, max |oracle|), loss and dh
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -112,89 +117,106 @@ def triton_version() -> str:
 
 
 def git_commit() -> str:
-    """Short HEAD, with "-dirty" when the tree has changes; "uncommitted" before the first commit."""
+    """Short HEAD, with "-dirty" when sources differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
-    # Changed or untracked sources make the measured code differ from HEAD.
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "svp_kernels", "setup.py"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "svp_kernels", "setup.py", "bench"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()
     return head + ("-dirty" if dirty else "")
 
 
 # ----------------------------------------------------------------------------------------------------
-# One benchmark problem: inputs and the forward+backward step of a backend
+# One problem: inputs, the forward+backward step of each variant, the oracle check
 # ----------------------------------------------------------------------------------------------------
 
 def make_problem(shape, p, dtype, projection, device):
-    """(case, h, target, v_prev, projection) with C' = C, h requiring grad, from the test helpers."""
+    """(case, h, target, v_prev, projection) with C' = C, from the test helpers."""
     B, D, C = shape
-    case = Case(B, D, C, C_prev=C, projection=projection, p=p)
+    case = Case(B, D, C, C_prev=C, projection=projection, p=p, alignment_weight=ALIGNMENT_WEIGHT)
     h, target, v_prev, proj = make_inputs(case, dtype=dtype, device=device)
     return case, h, target, v_prev, proj
 
 
-def make_step(backend: str, case, h, target, v_prev, projection, device: str):
-    """A callable running one forward+backward on `backend` and returning dh.
+def baseline_loss(case, target, v_prev, projection):
+    """The user's loss as a function of h: bench/baselines.py with this problem's other inputs."""
+    if isinstance(projection, sk.ImplicitProjection):
+        return lambda h: baselines.implicit_local_loss(h, target, v_prev, case.C, projection.seed, case.p,
+                                                       case.alignment_weight)
+    return lambda h: baselines.local_loss(h, target, v_prev, projection, case.p, case.alignment_weight)
 
-    "compile" is torch.compile of the reference backend's function (loss only; backward via AOTAutograd),
-    compiled fresh for this shape (dynamo reset, dynamic=False: no shape-generic kernels, no recompile
-    limit across shapes).
-    """
-    if backend != "compile":
-        def step():
-            return run_case(case, h, target, v_prev, projection, backend, seed=DROPOUT_SEED)[4]
 
-        return step
+def make_step(variant: str, case, h, target, v_prev, projection, device: str):
+    """A callable running one forward+backward of `variant` and returning dh."""
+    if variant not in BASELINES:
+        def fused():
+            return run_fused(case, h, target, v_prev, projection, variant, seed=DROPOUT_SEED)[4]
 
-    torch._dynamo.reset()
-    implicit = isinstance(projection, sk.ImplicitProjection)
+        return fused
+    loss = baseline_loss(case, target, v_prev, projection)
+    if variant == "compile":
+        torch._dynamo.reset()
+        loss = torch.compile(loss, dynamic=False, mode="max-autotune-no-cudagraphs" if device == "cuda" else None)
 
-    def reference_loss(h_, target_, v_prev_, weight_):
-        return sk.fused_local_loss(h_, target_, v_prev_, projection=projection if implicit else weight_,
-                                   p=case.p, seed=DROPOUT_SEED, alignment_weight=case.alignment_weight,
-                                   reduction=case.reduction, center=case.center, backend="reference").loss
-
-    mode = "max-autotune-no-cudagraphs" if device == "cuda" else None
-    compiled = torch.compile(reference_loss, dynamic=False, mode=mode)
-    weight = None if implicit else projection
-
-    def step():
+    def baseline():
         leaf = h.detach().requires_grad_(True)
-        compiled(leaf, target, v_prev, weight).backward()
+        loss(leaf).backward()
         return leaf.grad
 
-    return step
+    return baseline
+
+
+def scaled_error(actual, expected) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return (actual - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
+def oracle_check(variant: str, case, h, target, v_prev, projection):
+    """None when `variant` agrees with the float64 oracle on these inputs, else what disagrees.
+
+    Fused variants: loss and dh at the benchmark's p and seed. Baselines (their dropout is torch's RNG, not
+    Philox): the eager function at p = 0 with the dense R, which is what both baselines compute.
+    """
+    if variant in BASELINES:
+        if not isinstance(projection, torch.Tensor):
+            return None  # the dense problem of the same shape checks the same function
+        exact = Case(case.B, case.D, case.C, C_prev=case.C_prev, projection="dense", p=0.0,
+                     alignment_weight=case.alignment_weight)
+        leaf = h.detach().requires_grad_(True)
+        loss = baselines.local_loss(leaf, target, v_prev, projection, 0.0, case.alignment_weight)
+        loss.backward()
+        got = (loss, leaf.grad)
+        expected = ground_truth(exact, h, target, v_prev, projection)
+    else:
+        result = run_fused(case, h, target, v_prev, projection, variant, seed=DROPOUT_SEED)
+        got = (result[0], result[4])
+        expected = ground_truth(case, h, target, v_prev, projection, seed=DROPOUT_SEED)
+    errors = {"loss": scaled_error(got[0], expected[0]), "dh": scaled_error(got[1], expected[4])}
+    bad = {name: error for name, error in errors.items() if not error <= ORACLE_TOLERANCE}
+    return None if not bad else "disagrees with the float64 oracle: " + ", ".join(
+        f"{name} scaled error {error:.2e}" for name, error in bad.items())
 
 
 def moved_bytes(shape, dtype, projection: str) -> int:
-    """Roofline traffic: h read once, dh written once, R read twice when dense (DESIGN.md §2)."""
+    """Minimal traffic: h read once, dh written once, R read twice when dense (docs/design.md §2)."""
     B, D, C = shape
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * B * D * size + (2 * C * D * size if projection == "dense" else 0)
 
 
+def minimal_flops(shape) -> int:
+    """4·B·C·D for the two projections plus the alignment on the cheaper side (C' = C, W = 2C)."""
+    B, D, C = shape
+    W = 2 * C
+    alignment = 2 * B * W * W + 2 * B * W * C if W < B else 2 * B * B * W + 2 * B * B * C
+    return 4 * B * C * D + alignment
+
+
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
-
-def keep_freed_memory() -> None:
-    """glibc: serve every allocation from the heap and never give freed memory back (--allocator cached).
-
-    By default glibc mmaps blocks ≥ 32 MiB (and smaller ones until its dynamic threshold grows) and unmaps
-    them on free, so every call's fresh dh is page-faulted in again; in a VM a first touch can cost
-    several µs per 4 KiB page. With this the timing sees the kernels, as a caching allocator would.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt takes a C int: values must fit in 31 bits
-    if not (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
-            and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))):
-        raise RuntimeError("mallopt refused the thresholds")
-
 
 def percentiles(samples):
     """(p20, p50, p80) with linear interpolation; one sample gives it three times."""
@@ -205,10 +227,7 @@ def percentiles(samples):
 
 
 class ForeignLoad:
-    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time).
-
-    The CPU runs share their machine; a timing taken while others compute is flagged, not trusted.
-    """
+    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time)."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -230,7 +249,7 @@ class ForeignLoad:
         return False
 
 
-def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float:
+def wait_for_idle(limit_s: float, threshold: float) -> float:
     """Waits (up to limit_s) until other processes use < threshold CPUs over a 1 s sample; returns that load."""
     deadline = time.monotonic() + limit_s
     while True:
@@ -238,138 +257,86 @@ def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float:
             time.sleep(1.0)
         if load.cpus < threshold or time.monotonic() > deadline:
             return load.cpus
-        time.sleep(4.0)
+        time.sleep(2.0)
 
 
-def timed_quietly(step, timer, args):
-    """(samples, foreign load): with --wait-idle on CPU, waits for quiet, and re-times (up to --attempts
-    times) while other processes used more than --max-foreign CPUs; keeps the quietest attempt."""
-    best = None
-    for _ in range(max(1, args.attempts) if args.wait_idle else 1):
-        if args.device == "cpu" and args.wait_idle:
-            wait_for_idle(args.wait_idle, args.max_foreign)
-        with ForeignLoad() as load:
-            samples = timer(step, args.warmup, args.repeats)
-        if best is None or load.cpus < best[1]:
-            best = (samples, load.cpus)
-        if load.cpus <= args.max_foreign:
-            break
-    return best
+def keep_freed_memory() -> None:
+    """glibc: serve every allocation from the heap and keep freed memory (--allocator cached).
 
+    By default glibc mmaps large blocks and unmaps them on free, so every call's fresh dh is page-faulted in
+    again (in this VM a 4 KiB first touch can cost several µs); with this the timing sees the kernels, as a
+    caching allocator would.
+    """
+    import ctypes
 
-def time_cpu(step, warmup: int, repeats: int):
-    """Milliseconds per call (time.perf_counter), after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt takes a C int
+    if not (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
+            and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))):
+        raise RuntimeError("mallopt refused the thresholds")
 
 
 _L2_FLUSH = None
 
 
-def time_cuda(step, warmup: int, repeats: int):
-    """Milliseconds per call from CUDA events, the L2 flushed before each call (triton do_bench style)."""
+CPU_CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+_CPU_CLOCK = CPU_CLOCKS["wall"]
+
+
+def timed_call(step, device: str) -> float:
+    """Milliseconds of one call: the CPU clock (--clock), or CUDA events after an L2 flush on CUDA."""
     global _L2_FLUSH
+    if device != "cuda":
+        start = _CPU_CLOCK()
+        step()
+        return (_CPU_CLOCK() - start) * 1e3
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    for _ in range(warmup):
-        step()
+    _L2_FLUSH.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for start, end in zip(starts, ends):
-        _L2_FLUSH.zero_()
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    return start.elapsed_time(end)
 
 
-def copy_bandwidth(device: str, threads: int, repeats: int):
-    """STREAM-like copy bandwidth in GB/s (read + write bytes / time): 256 MiB on CPU, 1 GiB on CUDA."""
+def interleaved_times(steps: dict, device: str, warmup: int, repeats: int):
+    """{variant: [ms, ...]}: each repeat runs every variant once, the order rotating by one per repeat."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    names = list(steps)
+    samples = {name: [] for name in names}
+    for repeat in range(repeats):
+        for k in range(len(names)):
+            name = names[(repeat + k) % len(names)]
+            samples[name].append(timed_call(steps[name], device))
+    return samples
+
+
+def copy_bandwidth(device: str, repeats: int):
+    """(MiB, (p20, p50, p80) GB/s): a large tensor copy, read + write bytes / time."""
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     destination = torch.empty_like(source)
-    if device == "cuda":
-        samples = time_cuda(lambda: destination.copy_(source), 3, repeats)
-    else:
-        samples = time_cpu(lambda: destination.copy_(source), 2, repeats)
-    rates = sorted(2 * nbytes / (ms * 1e-3) / 1e9 for ms in samples)
-    return nbytes, percentiles(rates)
+    samples = interleaved_times({"copy": lambda: destination.copy_(source)}, device, 2, repeats)["copy"]
+    return nbytes >> 20, percentiles(sorted(2 * nbytes / (ms * 1e-3) / 1e9 for ms in samples))
 
 
-def gemm_pair_time(h, weight, device: str, warmup: int, repeats: int):
-    """(p20, p50, p80) ms of the two GEMMs of a dense p = 0 projection, v = h Rᵀ and dh = g_v R, by torch.mm.
-
-    The floor for the compute part of forward+backward (4·B·C·D flops) at this shape and thread count.
-    """
-    h = h.detach()
-    grad_v = torch.randn(h.shape[0], weight.shape[0], dtype=h.dtype, device=device)
-
-    def gemms():
-        return h @ weight.t(), grad_v @ weight
-
-    return percentiles((time_cuda if device == "cuda" else time_cpu)(gemms, warmup, repeats))
-
-
-def stage_times(backend: str, h, target, v_prev, projection, p: float, device: str, warmup: int, repeats: int):
-    """{stage: (p20, p50, p80) ms} for the three stages of `backend` run one by one through its module:
-    projection forward (no autograd), loss epilogue (CE, FA and g_v), projection backward (dh = g_v R̃).
-    """
-    from svp_kernels.api import _check_projection
-
-    module = backends.load(backend)
-    args = _check_projection(projection, h, p)
-    timer = time_cuda if device == "cuda" else time_cpu
-    h_leaf = h.detach().requires_grad_(True)
-
-    def forward():
-        with torch.no_grad():
-            return module.projection(h_leaf, args.weight, args.out_features, args.proj_seed, args.proj_std, p,
-                                     DROPOUT_SEED)
-
-    v = forward()
-
-    def epilogue():
-        with torch.no_grad():
-            return module.epilogue(v, target, v_prev, 0.7, True, False)
-
-    v_graph = module.projection(h_leaf, args.weight, args.out_features, args.proj_seed, args.proj_std, p,
-                                DROPOUT_SEED)
-    grad_v = torch.randn_like(v_graph)
-
-    def backward():
-        return torch.autograd.grad(v_graph, h_leaf, grad_v, retain_graph=True)[0]
-
-    return {name: percentiles(timer(fn, warmup, repeats))
-            for name, fn in (("projection_forward", forward), ("loss_epilogue", epilogue),
-                             ("projection_backward", backward))}
-
-
-def philox_throughput(backend: str, repeats: int):
-    """Philox evaluations per second of `backend`'s projection at B = 1 (the GEMM is negligible there).
-
-    Dense R with p > 0 needs one evaluation per element of R (the mask); the implicit R with p > 0 needs
-    two (the mask and R). Returns {"dense": (p20, p50, p80), "implicit": ...} in G evaluations / s.
-    """
-    C, D = PHILOX_SHAPE[2], PHILOX_SHAPE[1]
-    h = torch.randn(1, D)
-    result = {}
-    for name, projection, evaluations in (("dense", torch.randn(C, D) / D**0.5, C * D),
-                                          ("implicit", sk.ImplicitProjection(C, seed=7), 2 * C * D)):
-        def forward():
-            return sk.dropout_projection(h, projection, p=0.1, seed=DROPOUT_SEED, backend=backend)
-
-        samples = time_cpu(forward, 2, repeats)
-        rates = sorted(evaluations / (ms * 1e-3) / 1e9 for ms in samples)
-        result[name] = percentiles(rates)
-    return result
+def fma_peak(device: str, repeats: int, n: int = 4096):
+    """(n, (p20, p50, p80) GFLOP/s) of an n × n float32 torch.mm (2·n³ flops), TF32 off."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        samples = interleaved_times({"mm": lambda: torch.mm(a, b)}, device, 1, repeats)["mm"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    return n, percentiles(sorted(2 * n**3 / (ms * 1e-3) / 1e9 for ms in samples))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,42 +351,35 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current RSS
-
-
 def memory_probe(spec: dict) -> dict:
     """Runs in a fresh subprocess: extra peak RSS of one forward+backward (see the module docstring)."""
     torch.set_num_threads(spec["threads"])
-    dtype = DTYPES[spec["dtype"]]
-    case, h, target, v_prev, projection = make_problem(tuple(spec["shape"]), spec["p"], dtype,
+    case, h, target, v_prev, projection = make_problem(tuple(spec["shape"]), spec["p"], DTYPES[spec["dtype"]],
                                                        spec["projection"], "cpu")
-    step = make_step(spec["backend"], case, h, target, v_prev, projection, "cpu")
-    warm = step()  # code paged in, thread pool up, graph compiled
+    step = make_step(spec["variant"], case, h, target, v_prev, projection, "cpu")
+    warm = step()  # code paged in, threads up, graph compiled
     del warm
     gc.collect()
     before = _proc_status_bytes("VmRSS")
-    _reset_peak_rss()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := VmRSS
     dh = step()
     peak = _proc_status_bytes("VmHWM")
-    return {"extra": peak - before - dh.numel() * dh.element_size(), "beyond_inputs": peak - before,
-            "before": before, "peak": peak}
+    return {"extra": peak - before - dh.numel() * dh.element_size()}
 
 
 def cpu_extra_memory(spec: dict, processes: int):
-    """{"extra": (p20, p50, p80), "beyond_inputs": (...)} in bytes from `processes` fresh subprocesses,
-    or an error string."""
+    """Median extra peak bytes over `processes` fresh subprocesses, or an error string."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(spec["threads"]))
-    probes = []
+    extras = []
     for _ in range(processes):
         done = subprocess.run([sys.executable, __file__, "--_memory-probe", json.dumps(spec)], env=env,
                               capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             return f"memory probe failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
-        probes.append(json.loads(lines[-1]))
-    return {key: percentiles(sorted(probe[key] for probe in probes)) for key in ("extra", "beyond_inputs")}
+        extras.append(json.loads(lines[-1])["extra"])
+    return statistics.median(extras)
 
 
 def cuda_extra_memory(step, h):
@@ -431,9 +391,7 @@ def cuda_extra_memory(step, h):
     before = torch.cuda.memory_allocated()
     dh = step()
     torch.cuda.synchronize()
-    beyond_inputs = torch.cuda.max_memory_allocated() - before
-    extra = beyond_inputs - dh.numel() * dh.element_size()
-    return {"extra": (extra,) * 3, "beyond_inputs": (beyond_inputs,) * 3}
+    return torch.cuda.max_memory_allocated() - before - dh.numel() * dh.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,67 +399,57 @@ def cuda_extra_memory(step, h):
 # ----------------------------------------------------------------------------------------------------
 
 def parse_shapes(text: str):
-    shapes = []
-    for part in text.replace(" ", "").split(";"):
-        if part:
-            B, D, C = (int(x) for x in part.split(","))
-            shapes.append((B, D, C))
-    return shapes
+    return [tuple(int(x) for x in part.split(",")) for part in text.replace(" ", "").split(";") if part]
 
 
-def default_backends(device: str) -> list[str]:
-    """Registered backends that run on `device` (triton on CPU only when asked for), then "compile"."""
-    names = []
-    for name in backends.available_backends():
-        if device == "cpu" and name == "triton":
-            continue
-        if backends.load(name).supports(torch.device(device), torch.float32):
-            names.append(name)
-    names.remove("reference")
-    return ["reference", *names, "compile"]
+def default_variants(device: str) -> list[str]:
+    """The fused backends that run on `device` (not the reference, the oracle; triton on CPU is only its
+    interpreter), then the two baselines."""
+    fused = [name for name in backends.available_backends()
+             if name != "reference" and not (device == "cpu" and name == "triton")
+             and backends.load(name).supports(torch.device(device), torch.float32)]
+    return [*fused, *BASELINES]
 
 
-def backend_supports(backend: str, device: str, dtype) -> bool:
-    if backend == "compile":
+def variant_supports(variant: str, device: str, dtype) -> bool:
+    if variant in BASELINES:
         return True
-    return backends.is_available(backend) and backends.load(backend).supports(torch.device(device), dtype)
+    return backends.is_available(variant) and backends.load(variant).supports(torch.device(device), dtype)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--backends", help="comma list, e.g. cpu,reference,compile (default: all available)")
-    parser.add_argument("--shapes", help='"B,D,C;B,D,C" (default: the issue\'s set for the device)')
+    parser.add_argument("--variants", help="comma list of fused backends and eager/compile (default: all)")
+    parser.add_argument("--shapes", help='"B,D,C;B,D,C" (default: the set for the device)')
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--dtype", help="comma list (default: float32 on CPU, float32,bfloat16 on CUDA)")
-    parser.add_argument("--projection", help="dense,implicit (default: dense on CPU, both on CUDA)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 20 CPU, 50 CUDA)")
+    parser.add_argument("--projection", default="dense,implicit", help="dense,implicit")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 20 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
-    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per CPU memory probe")
-    parser.add_argument("--no-memory", action="store_true", help="skip extra-peak-memory measurements")
-    parser.add_argument("--no-philox", action="store_true", help="skip the CPU Philox throughput probe")
+    parser.add_argument("--memory-repeats", type=int, default=1, help="fresh processes per CPU memory probe")
+    parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurements")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="CPU: before each timing wait up to SECONDS for other processes to go idle")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time projection forward / epilogue / projection backward separately "
-                             "(at p and at p = 0), rows op=<op>:<stage>")
-    parser.add_argument("--max-foreign", type=float, default=0.15,
-                        help="with --wait-idle: CPUs other processes may use during a timing (default 0.15)")
-    parser.add_argument("--attempts", type=int, default=3, help="with --wait-idle: re-timings of a busy measurement")
+                        help="CPU: before each problem wait up to SECONDS for other processes to go idle, and "
+                             "re-time (--attempts) a problem timed while they used more than --max-foreign CPUs")
+    parser.add_argument("--max-foreign", type=float, default=0.3, help="with --wait-idle (default 0.3 CPUs)")
+    parser.add_argument("--attempts", type=int, default=3, help="with --wait-idle: timings per problem at most")
+    parser.add_argument("--clock", choices=sorted(CPU_CLOCKS), default="wall",
+                        help="CPU: wall time (perf_counter), or this thread's CPU time (thread_time; needs "
+                             "--threads 1, and then ignores time lost to other processes on a shared machine)")
+    parser.add_argument("--memory-variants", help="comma list: measure extra peak memory of these only")
     parser.add_argument("--allocator", choices=["system", "cached"], default="system",
-                        help="CPU timing: glibc as configured (default: fresh dh pages faulted in every call) "
-                             "or 'cached' (mallopt: freed memory kept and reused, like a caching allocator); "
-                             "memory probes always use their own setting")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 1 warm-up, 1 memory probe")
+                        help="CPU timing: glibc as configured (fresh dh pages faulted in on every call) or "
+                             "'cached' (freed memory kept, like a caching allocator); memory probes use their own")
     parser.add_argument("--csv", help="output CSV (default bench/results/<device>.csv); 'none' to not write")
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup, args.memory_repeats = 3, 1, 1
     if args.repeats is None:
         args.repeats = 50 if args.device == "cuda" else 20
+    if args.clock == "thread" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock thread measures one thread: it needs --device cpu --threads 1")
     return args
 
 
@@ -515,120 +463,41 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     if device == "cpu":
+        global _CPU_CLOCK
+        _CPU_CLOCK = CPU_CLOCKS[args.clock]
         torch.set_num_threads(args.threads)
         if args.allocator == "cached":
             keep_freed_memory()
     shapes = parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     dtype_names = (args.dtype or ("float32,bfloat16" if device == "cuda" else "float32")).split(",")
-    projections = (args.projection or ("dense,implicit" if device == "cuda" else "dense")).split(",")
-    backend_names = args.backends.split(",") if args.backends else default_backends(device)
-    if "reference" not in backend_names:
-        print("note: 'reference' not in --backends: no speed-up / memory ratio column", file=sys.stderr)
+    projections = args.projection.split(",")
+    variants = args.variants.split(",") if args.variants else default_variants(device)
 
     device_name = device_slug(device, args.threads)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    meta = {"device": device_name, "torch": torch.__version__, "triton": triton_version(), "commit": git_commit(),
-            "timestamp": now}
+    meta = {"clock": args.clock if device == "cpu" else "cuda-events",
+            "allocator": args.allocator if device == "cpu" else "", "threads": args.threads if device == "cpu" else "",
+            "device": device_name, "torch": torch.__version__,
+            "triton": triton_version(), "commit": git_commit(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(f"# svp_kernels benchmark on {device_name}: torch {meta['torch']}, triton {meta['triton'] or '-'}, "
-          f"commit {meta['commit']}, backends {backend_names}, p = {args.p}, repeats {args.repeats}, "
+          f"commit {meta['commit']}, variants {variants}, p = {args.p}, repeats {args.repeats}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    rows = []
-
-    def add_row(op, backend, shape, dtype_name, metric, unit, values, p=args.p):
-        B, D, C = shape if shape else ("", "", "")
-        formatted = [f"{round(v)}" if unit == "bytes" else f"{v:.6g}" for v in values]
-        rows.append({"op": op, "backend": backend, "B": B, "D": D, "C": C, "p": p, "dtype": dtype_name,
-                     "metric": metric, "unit": unit, **dict(zip(("p20", "p50", "p80"), formatted)), **meta})
-
     if device == "cpu" and args.wait_idle:
         wait_for_idle(args.wait_idle, args.max_foreign)
-    nbytes, copy_rates = copy_bandwidth(device, args.threads, max(args.repeats, 5))
-    add_row(f"copy_{nbytes >> 20}MiB", "torch", None, "float32", "bandwidth", "GB/s", copy_rates, p="")
-    print(f"copy bandwidth ({nbytes >> 20} MiB, read + write): {copy_rates[1]:.1f} GB/s "
-          f"[p20 {copy_rates[0]:.1f}, p80 {copy_rates[2]:.1f}]", flush=True)
-    if device == "cpu" and not args.no_philox:
-        for backend in backend_names:
-            if backend == "compile" or not backend_supports(backend, device, torch.float32):
-                continue
-            if args.wait_idle:
-                wait_for_idle(args.wait_idle, args.max_foreign)
-            rates = philox_throughput(backend, max(args.repeats // 2, 3))
-            for name, values in rates.items():
-                add_row(f"philox_{name}", backend, PHILOX_SHAPE, "float32", "throughput", "Geval/s", values)
-            print(f"philox ({backend}, projection at (B, D, C) = {PHILOX_SHAPE}, p = 0.1): dense mask "
-                  f"{rates['dense'][1]:.3f} Geval/s, implicit R + mask {rates['implicit'][1]:.3f} Geval/s",
-                  flush=True)
+    copy_mib, copy_rates = copy_bandwidth(device, max(args.repeats, 5))
+    gemm_n, peak_rates = fma_peak(device, 5)
+    bandwidth, peak = copy_rates[1], peak_rates[1]
+    meta.update(copy_GBps=f"{bandwidth:.4g}", fma_peak_GFLOPs=f"{peak:.4g}")
+    print(f"copy bandwidth ({copy_mib} MiB, read + write): {bandwidth:.1f} GB/s [p20 {copy_rates[0]:.1f}, "
+          f"p80 {copy_rates[2]:.1f}]; FMA peak ({gemm_n}² float32 torch.mm): {peak:.1f} GFLOP/s "
+          f"[p20 {peak_rates[0]:.1f}, p80 {peak_rates[2]:.1f}]", flush=True)
 
-    results = []  # one dict per (shape, dtype, projection, backend) for the table
+    rows = []
     for shape in shapes:
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
             for projection in projections:
-                op = f"fused_local_loss_{projection}" + ("@cached-malloc" if args.allocator == "cached" else "")
-                case, h, target, v_prev, proj = make_problem(shape, args.p, dtype, projection, device)
-                traffic = moved_bytes(shape, dtype, projection)
-                if projection == "dense":
-                    if device == "cpu" and args.wait_idle:
-                        wait_for_idle(args.wait_idle, args.max_foreign)
-                    gemm = gemm_pair_time(h, proj, device, args.warmup, args.repeats)
-                    add_row("gemm_pair", "torch.mm", shape, dtype_name, "time_fwd_bwd", "ms", gemm, p=0.0)
-                    flops = 4 * shape[0] * shape[1] * shape[2]
-                    print(f"  {shape} {dtype_name}: h @ R.T + g_v @ R with torch.mm (no mask) {gemm[1]:.3f} ms "
-                          f"= {flops / (gemm[1] * 1e-3) / 1e9:.1f} GFLOP/s", flush=True)
-                for backend in backend_names:
-                    result = {"shape": shape, "dtype": dtype_name, "projection": projection, "backend": backend}
-                    results.append(result)
-                    if not backend_supports(backend, device, dtype):
-                        result["error"] = "not supported"
-                        continue
-                    try:
-                        step = make_step(backend, case, h, target, v_prev, proj, device)
-                        timer = time_cuda if device == "cuda" else time_cpu
-                        if device == "cpu" and args.wait_idle:
-                            step()  # compile / first-touch outside the idle wait
-                        samples, result["foreign"] = timed_quietly(step, timer, args)
-                    except Exception as error:  # a failing backend (e.g. torch.compile) is reported, not fatal
-                        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                        traceback.print_exc()
-                        continue
-                    times = percentiles(samples)
-                    result["ms"] = times
-                    add_row(op, backend, shape, dtype_name, "time_fwd_bwd", "ms", times)
-                    rates = (traffic / (times[2] * 1e-3) / 1e9, traffic / (times[1] * 1e-3) / 1e9,
-                             traffic / (times[0] * 1e-3) / 1e9)
-                    result["GB/s"] = rates[1]
-                    add_row(op, backend, shape, dtype_name, "bandwidth", "GB/s", rates)
-                    if not args.no_memory:
-                        if device == "cuda":
-                            extra = cuda_extra_memory(step, h)
-                        else:
-                            spec = {"shape": list(shape), "p": args.p, "dtype": dtype_name, "projection": projection,
-                                    "backend": backend, "threads": args.threads}
-                            extra = cpu_extra_memory(spec, args.memory_repeats)
-                        if isinstance(extra, str):
-                            result["memory_error"] = extra
-                        else:
-                            result["extra"] = extra["extra"][1]
-                            add_row(op, backend, shape, dtype_name, "extra_peak_memory", "bytes", extra["extra"])
-                            add_row(op, backend, shape, dtype_name, "peak_memory_beyond_inputs", "bytes",
-                                    extra["beyond_inputs"])
-                    if args.breakdown and backend != "compile":
-                        for stage_p in sorted({args.p, 0.0}, reverse=True):
-                            if device == "cpu" and args.wait_idle:
-                                wait_for_idle(args.wait_idle, args.max_foreign)
-                            stages = stage_times(backend, h, target, v_prev, proj, stage_p, device, args.warmup,
-                                                 args.repeats)
-                            for stage, values in stages.items():
-                                add_row(f"{op}:{stage}", backend, shape, dtype_name, "time", "ms", values, p=stage_p)
-                            print(f"  {shape} {dtype_name} {projection} {backend} stages at p = {stage_p}: "
-                                  + ", ".join(f"{stage} {values[1]:.3f} ms" for stage, values in stages.items()),
-                                  flush=True)
-                    print(f"  {shape} {dtype_name} {projection} {backend}: {times[1]:.3f} ms "
-                          f"[{times[0]:.3f}, {times[2]:.3f}], {rates[1]:.1f} GB/s, other processes used "
-                          f"{result['foreign']:.2f} CPUs while timing"
-                          + (f", extra peak {result['extra'] / 2**20:.2f} MiB" if "extra" in result else ""),
-                          flush=True)
-                del case, h, target, v_prev, proj
+                rows += bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, peak, meta, args)
                 gc.collect()
 
     if args.csv != "none":
@@ -636,50 +505,98 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerows(rows)
         print(f"\nappended {len(rows)} rows to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     print()
-    print(markdown_table(results, copy_rates[1], device))
+    print(markdown_table(rows))
     return 0
 
 
-def markdown_table(results, copy_gbs: float, device: str) -> str:
-    """shape | dtype | R | backend | median ms [p20, p80] | speed-up | GB/s | extra peak MiB | % of reference."""
-    reference = {(r["shape"], r["dtype"], r["projection"]): r for r in results if r["backend"] == "reference"}
-    lines = [f"copy bandwidth: {copy_gbs:.1f} GB/s", "",
-             "| shape (B, D, C) | dtype | R | backend | median ms [p20, p80] | speed-up vs reference "
-             "| GB/s (% of copy) | extra peak MiB | % of reference memory | other load (CPUs) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        base = reference.get((r["shape"], r["dtype"], r["projection"]), {})
-        shape = "({}, {}, {})".format(*r["shape"])
-        head = f"| {shape} | {r['dtype']} | {r['projection']} | {r['backend']} |"
-        if "error" in r:
-            lines.append(f"{head} {r['error']} | | | | | |")
+def bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, peak, meta, args):
+    """CSV rows (dicts) of every variant on one problem: oracle check, interleaved timing, memory."""
+    device = args.device
+    B, D, C = shape
+    case, h, target, v_prev, proj = make_problem(shape, args.p, dtype, projection, device)
+    roofline_ms = max(moved_bytes(shape, dtype, projection) / (bandwidth * 1e9),
+                      minimal_flops(shape) / (peak * 1e9)) * 1e3
+    base = {"op": "fused_local_loss", "B": B, "D": D, "C": C, "p": args.p, "dtype": dtype_name,
+            "projection": projection, "roofline_ms": f"{roofline_ms:.4g}", **meta}
+    rows, steps = {}, {}
+    for variant in variants:
+        rows[variant] = row = {**base, "variant": variant}
+        if not variant_supports(variant, device, dtype):
+            row["error"] = "not supported"
             continue
-        p20, p50, p80 = r["ms"]
-        speedup = f"{base['ms'][1] / p50:.2f}×" if "ms" in base else ""
-        targeted = (device == "cpu" and r["backend"] == "cpu" and r["projection"] == "dense"
-                    and r["dtype"] == "float32" and r["shape"] in CPU_SPEEDUP_TARGETS)
-        target = CPU_SPEEDUP_TARGETS.get(r["shape"]) if targeted else None
-        if target and speedup:
-            speedup += f" (target ≥ {target:g}×: {'met' if base['ms'][1] / p50 >= target else 'MISSED'})"
-        rate = f"{r['GB/s']:.1f} ({100 * r['GB/s'] / copy_gbs:.0f} %)"
-        if "extra" in r:
-            extra = f"{r['extra'] / 2**20:.3f}"
-            ratio = ""
-            if "extra" in base and base["extra"] > 0:
-                fraction = r["extra"] / base["extra"]
-                ratio = f"{100 * fraction:.1f} %"
-                if targeted:
-                    ratio += f" ({'met' if fraction <= CPU_MEMORY_TARGET else 'MISSED'})"
-        else:
-            extra, ratio = r.get("memory_error", ""), ""
-        foreign = f"{r['foreign']:.2f}" if "foreign" in r else ""
-        lines.append(f"{head} {p50:.3f} [{p20:.3f}, {p80:.3f}] | {speedup} | {rate} | {extra} | {ratio} | {foreign} |")
+        try:
+            problem = oracle_check(variant, case, h, target, v_prev, proj)
+            if problem is None:
+                steps[variant] = make_step(variant, case, h, target, v_prev, proj, device)
+                steps[variant]()  # compile / first touch before the timed warm-up
+        except Exception as error:  # a failing variant (e.g. torch.compile) is reported, not fatal
+            traceback.print_exc()
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if problem is not None:
+            row["error"] = problem
+            print(f"  {shape} {projection} {variant}: {problem}", flush=True)
+    best = None
+    for _ in range(max(1, args.attempts) if args.wait_idle else 1):
+        if device == "cpu" and args.wait_idle:
+            wait_for_idle(args.wait_idle, args.max_foreign)
+        with ForeignLoad() as load:
+            samples = interleaved_times(steps, device, args.warmup, args.repeats)
+        if best is None or load.cpus < best[1].cpus:
+            best = (samples, load)
+        if load.cpus <= args.max_foreign:
+            break
+    samples, load = best
+    medians = {}
+    for variant, times in samples.items():
+        p20, p50, p80 = percentiles(times)
+        medians[variant] = p50
+        rows[variant].update(median_ms=f"{p50:.4g}", p20_ms=f"{p20:.4g}", p80_ms=f"{p80:.4g}",
+                             roofline_fraction=f"{roofline_ms / p50:.3f}", other_load_cpus=f"{load.cpus:.2f}")
+    for variant, median in medians.items():
+        row = rows[variant]
+        for baseline in BASELINES:
+            if baseline in medians:
+                row[f"speedup_vs_{baseline}"] = f"{medians[baseline] / median:.3f}"
+        measure_memory = not args.no_memory and (not args.memory_variants
+                                                 or variant in args.memory_variants.split(","))
+        if measure_memory:
+            if device == "cuda":
+                extra = cuda_extra_memory(steps[variant], h)
+            else:
+                spec = {"shape": list(shape), "p": args.p, "dtype": dtype_name, "projection": projection,
+                        "variant": variant, "threads": args.threads}
+                extra = cpu_extra_memory(spec, args.memory_repeats)
+            if isinstance(extra, str):
+                row["memory_error"] = extra
+            else:
+                row["extra_peak_MiB"] = f"{extra / 2**20:.3f}"
+        print(f"  {shape} {dtype_name} {projection} {variant}: {row['median_ms']} ms [{row['p20_ms']}, "
+              f"{row['p80_ms']}], {100 * roofline_ms / median:.0f} % of the roofline "
+              f"({roofline_ms:.3f} ms), other processes used {load.cpus:.2f} CPUs", flush=True)
+    return list(rows.values())
+
+
+def markdown_table(rows) -> str:
+    """shape | R | variant | median ms [p20, p80] | % of roofline | vs eager | vs compile | extra MiB."""
+    lines = ["| shape (B, D, C) | dtype | R | variant | median ms [p20, p80] | roofline ms | % of roofline "
+             "| speed-up vs eager | vs compile | extra peak MiB | other load (CPUs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| ({r['B']}, {r['D']}, {r['C']}) | {r['dtype']} | {r['projection']} | {r['variant']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | | | | | | |")
+            continue
+        fraction = f"{100 * float(r['roofline_fraction']):.0f} %"
+        speedups = [f"{float(r[key]):.2f}×" if key in r else "" for key in ("speedup_vs_eager", "speedup_vs_compile")]
+        extra = r.get("extra_peak_MiB", r.get("memory_error", ""))
+        lines.append(f"{head} {r['median_ms']} [{r['p20_ms']}, {r['p80_ms']}] | {r['roofline_ms']} | {fraction} | "
+                     f"{speedups[0]} | {speedups[1]} | {extra} | {r['other_load_cpus']} |")
     return "\n".join(lines)
 
 

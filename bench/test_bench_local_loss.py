@@ -3,10 +3,11 @@
     pytest bench/ --benchmark-only                      # all available CPU backends, ~1 minute
     pytest bench/ --benchmark-only -k cpu --benchmark-compare
 
-Small-to-moderate shapes (the full shape set and the memory measurement are bench/run.py's job).
-Inputs and the forward+backward call come from tests/cases.py, the same helpers the tests use, so the
-baseline here is the one reference backend. These live under bench/, outside `testpaths`, so
-`pytest tests/` never collects them; without pytest-benchmark the module is skipped.
+Small-to-moderate shapes (the full shape set, torch.compile and the memory measurement are bench/run.py's
+job). Inputs and the fused forward+backward call come from tests/cases.py, the same helpers the tests use;
+the baseline ``eager`` is the plain PyTorch formulation of bench/baselines.py. These live under bench/,
+outside `testpaths`, so `pytest tests/` never collects them; without pytest-benchmark the module is
+skipped.
 """
 
 from __future__ import annotations
@@ -21,14 +22,29 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import baselines  # noqa: E402
 from tests.cases import Case, cpu_backends, make_inputs, run  # noqa: E402
 
 THREADS = 2
 # (B, D, C): the small end of issue 2's shape set, plus a B > D case (batch-space vs feature-space epilogue).
 SHAPES = [(64, 1024, 10), (256, 4096, 10), (1024, 1024, 10), (256, 1024, 100)]
-# Triton runs on CPU only in its interpreter (a correctness tool, far too slow to time).
-BACKENDS = [name for name in cpu_backends() if name != "triton"]
+# Triton runs on CPU only in its interpreter (a correctness tool, far too slow to time); the reference
+# backend is the oracle, not a baseline.
+BACKENDS = [name for name in cpu_backends() if name not in ("triton", "reference")]
+
+
+def eager_step(case, h, target, v_prev, projection):
+    """One forward+backward of the plain formulation; returns (loss, dh)."""
+    leaf = h.detach().requires_grad_(True)
+    if isinstance(projection, torch.Tensor):
+        loss = baselines.local_loss(leaf, target, v_prev, projection, case.p, case.alignment_weight)
+    else:
+        loss = baselines.implicit_local_loss(leaf, target, v_prev, case.C, projection.seed, case.p,
+                                             case.alignment_weight)
+    loss.backward()
+    return loss.detach(), leaf.grad
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +57,19 @@ def _two_threads():
 
 @pytest.mark.parametrize("projection", ["dense", "implicit"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-D{}-C{}".format(*s))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "eager"])
 def test_fused_local_loss_forward_backward(benchmark, backend, shape, projection):
     B, D, C = shape
     case = Case(B, D, C, C_prev=C, projection=projection, p=0.1)
     h, target, v_prev, proj = make_inputs(case)
     benchmark.group = f"fused_local_loss B={B} D={D} C={C} {projection}"
     benchmark.extra_info.update(B=B, D=D, C=C, p=case.p, projection=projection, threads=THREADS)
-    loss, _, _, _, dh = benchmark.pedantic(run, args=(case, h, target, v_prev, proj, backend), rounds=15,
-                                           warmup_rounds=2, iterations=1)
+    if backend == "eager":
+        loss, dh = benchmark.pedantic(eager_step, args=(case, h, target, v_prev, proj), rounds=15, warmup_rounds=2,
+                                      iterations=1)
+    else:
+        loss, _, _, _, dh = benchmark.pedantic(run, args=(case, h, target, v_prev, proj, backend), rounds=15,
+                                               warmup_rounds=2, iterations=1)
     assert torch.isfinite(loss) and dh.shape == h.shape
 
 

@@ -268,9 +268,9 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
         return [Step("run", missing="bench/run.py not found")]
     base = [ctx.python, "bench/run.py", "--csv", str(csv)]
     if ctx.dry_run:
-        return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--backends", f"cpu,{eager}",
+        return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--variants", f"cpu,{eager}",
                                                "--dtype", "float32", "--projection", "dense", "--repeats", "3",
-                                               "--warmup", "1", "--no-memory", "--no-philox"],
+                                               "--warmup", "1", "--no-memory"],
                      artifacts=artifact)]
     base += ["--device", "cuda", "--dtype", "float32,bfloat16", "--projection", "dense,implicit"]
     steps = []
@@ -278,7 +278,7 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
         for shape in benchmark_shapes(run_py):
             shape_args = ["--shapes", ",".join(map(str, shape))] if shape else []
             label = "x".join(map(str, shape)) if shape else "default-shapes"
-            steps.append(Step(f"{prefix}-{label}", base + ["--backends", backends, *shape_args], min_s=10,
+            steps.append(Step(f"{prefix}-{label}", base + ["--variants", backends, *shape_args], min_s=10,
                               artifacts=artifact))
     return steps
 

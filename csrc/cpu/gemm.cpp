@@ -71,17 +71,18 @@ SVP_ALWAYS_INLINE void gemm_nt_impl(const T* x, int64_t ldx, int64_t rows, const
 
 // ---- out (+)= a · m ----------------------------------------------------------------------------------
 
-// RB rows × JB vectors of output columns, summed over the inner index in increasing order.
-template <typename T, int RB, int JB>
+// RB rows × JB vectors (of type V) of output columns, summed over the inner index in increasing order. The
+// vector width changes which columns share a register, never the order of any element's sum.
+template <typename T, int RB, int JB, typename V = Vec<T>>
 SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm, int64_t inner, T* out, int64_t ldo,
                                 bool accumulate) {
-  constexpr int L = kLanes<T>;
-  Vec<T> acc[RB][JB];
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[RB][JB];
   for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < JB; ++k) acc[r][k] = accumulate ? load_vec(out + r * ldo + k * L) : Vec<T>{};
+    for (int k = 0; k < JB; ++k) acc[r][k] = accumulate ? load_vec<T, V>(out + r * ldo + k * L) : V{};
   for (int64_t i = 0; i < inner; ++i) {
-    Vec<T> m_chunk[JB];
-    for (int k = 0; k < JB; ++k) m_chunk[k] = load_vec(m + i * ldm + k * L);
+    V m_chunk[JB];
+    for (int k = 0; k < JB; ++k) m_chunk[k] = load_vec<T, V>(m + i * ldm + k * L);
     for (int r = 0; r < RB; ++r) {
       const T a_value = a[r * lda + i];
       for (int k = 0; k < JB; ++k) acc[r][k] += a_value * m_chunk[k];
@@ -91,11 +92,19 @@ SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm
     for (int k = 0; k < JB; ++k) store_vec(out + r * ldo + k * L, acc[r][k]);
 }
 
-template <typename T, int RB>
+// Wide: 64-byte vectors first (AVX-512 registers), then 32-byte ones, then single columns.
+template <typename T, int RB, bool Wide>
 SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm, int64_t inner, int64_t width, T* out,
                                int64_t ldo, bool accumulate) {
   constexpr int64_t L = kLanes<T>;
   int64_t j = 0;
+  if constexpr (Wide) {
+    constexpr int64_t W = 2 * L;
+    for (; j + 2 * W <= width; j += 2 * W) {
+      nn_block<T, RB, 2, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+    }
+    for (; j + W <= width; j += W) nn_block<T, RB, 1, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+  }
   for (; j + 2 * L <= width; j += 2 * L) nn_block<T, RB, 2>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
   for (; j + L <= width; j += L) nn_block<T, RB, 1>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
   for (; j < width; ++j) {
@@ -107,29 +116,30 @@ SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm,
   }
 }
 
-template <typename T, int RB>
+template <typename T, int RB, bool Wide>
 SVP_ALWAYS_INLINE void gemm_nn_blocks(const T* a, int64_t lda, int64_t rows, const T* m, int64_t ldm, int64_t inner,
                                       int64_t width, T* out, int64_t ldo, bool accumulate) {
   int64_t r = 0;
   for (; r + RB <= rows; r += RB) {
-    nn_rows<T, RB>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+    nn_rows<T, RB, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
   }
   if constexpr (RB > kRowBlock) {
     for (; r + kRowBlock <= rows; r += kRowBlock) {
-      nn_rows<T, kRowBlock>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+      nn_rows<T, kRowBlock, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
     }
   }
-  for (; r < rows; ++r) nn_rows<T, 1>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+  for (; r < rows; ++r) nn_rows<T, 1, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
 }
 
-// 8 × 2 blocks (16 accumulators) with 32 vector registers, 4 × 2 otherwise; identical sums either way.
+// 8 rows × 2 AVX-512 registers (16 accumulators) with 32 vector registers, 4 × 2 32-byte vectors otherwise;
+// identical sums either way.
 template <typename T>
 SVP_ALWAYS_INLINE void gemm_nn_impl(const T* a, int64_t lda, int64_t rows, const T* m, int64_t ldm, int64_t inner,
                                     int64_t width, T* out, int64_t ldo, bool accumulate) {
   if (has_32_vector_registers()) {
-    gemm_nn_blocks<T, 2 * kRowBlock>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+    gemm_nn_blocks<T, 2 * kRowBlock, true>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
   } else {
-    gemm_nn_blocks<T, kRowBlock>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+    gemm_nn_blocks<T, kRowBlock, false>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
   }
 }
 

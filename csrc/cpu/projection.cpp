@@ -13,6 +13,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
+#include "cpu/random_rows.h"
 #include "cpu/simd.h"
 #include "svp/math.h"
 #include "svp/philox.h"
@@ -30,6 +31,7 @@ constexpr int64_t kPartialBytes = 8 * 1024 * 1024;   // ... and their total size
 constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kMinTaskRows = 64;  // each row block regenerates its tiles: keep blocks tall
 constexpr int64_t kRowAlign = 4;      // task rows are whole micro-kernel blocks (csrc/cpu/gemm.cpp)
+constexpr int64_t kTransposedMinClasses = 24;  // forward through a transposed tile from 3 vectors of classes on
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -78,36 +80,21 @@ struct DroppedProjection {
 };
 
 // tile[c·width + jj] = R̃[c, j0 + jj] for c < C, jj < width; Philox offsets n = c·D + j are 64-bit.
-// R's fields are copied to locals: stores to a float tile could otherwise alias them and block vectorisation.
+// Row by row: the implicit R (when there is no weight), then the dropout mask, both vectorised
+// (csrc/cpu/random_rows.h).
 template <typename T>
-SVP_ALWAYS_INLINE void fill_tile_impl(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* tile) {
-  const T* weight = R.weight;
-  const int64_t out_features = R.out_features, in_features = R.in_features;
-  const uint64_t proj_seed = R.proj_seed, seed = R.seed;
-  const float proj_std = R.proj_std, p = R.p;
-  const T scale = R.scale;
-  for (int64_t c = 0; c < out_features; ++c) {
+void fill_tile(const DroppedProjection<T>& R, int64_t j0, int64_t width, T* tile) {
+  for (int64_t c = 0; c < R.out_features; ++c) {
     T* row = tile + c * width;
-    const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(in_features) + j0;
+    const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(R.in_features) + j0;
     const T* source = row;
-    if (weight != nullptr) {
-      source = weight + c * in_features + j0;
+    if (R.weight != nullptr) {
+      source = R.weight + c * R.in_features + j0;
     } else {
-      for (int64_t jj = 0; jj < width; ++jj) row[jj] = static_cast<T>(implicit_normal(proj_seed, base + jj, proj_std));
+      implicit_normals(R.proj_seed, base, width, R.proj_std, row);
     }
-    if (p > 0) {
-      for (int64_t jj = 0; jj < width; ++jj) {
-        row[jj] = dropped_value(source[jj], philox4x32_10(seed, base + jj).w0, p, scale);
-      }
-    }
+    if (R.p > 0) dropout_run(R.seed, base, width, R.p, R.scale, source, row);
   }
-}
-
-SVP_MULTIVERSION void fill_tile(const DroppedProjection<float>& R, int64_t j0, int64_t width, float* tile) {
-  fill_tile_impl(R, j0, width, tile);
-}
-SVP_MULTIVERSION void fill_tile(const DroppedProjection<double>& R, int64_t j0, int64_t width, double* tile) {
-  fill_tile_impl(R, j0, width, tile);
 }
 
 // ---- Drivers -----------------------------------------------------------------------------------------
@@ -120,7 +107,17 @@ std::pair<const T*, int64_t> tile_for(const DroppedProjection<T>& R, int64_t j0,
   return {scratch, width};
 }
 
-// v (B, C) = h R̃ᵀ.
+// out (width × ldo) = tileᵀ for the C × width tile (leading dimension ldt); columns C..ldo of out untouched.
+template <typename T>
+void transpose_tile(const T* tile, int64_t ldt, int64_t C, int64_t width, T* out, int64_t ldo) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t jj = 0; jj < width; ++jj) out[jj * ldo + c] = tile[c * ldt + jj];
+}
+
+// v (B, C) = h R̃ᵀ. Below kTransposedMinClasses classes, dot products of rows of h with rows of the tile
+// (gemm_nt_accumulate). From there on, the tile is transposed (width × C, C padded to whole vectors) and
+// h · tileᵀ runs as gemm_nn: each accumulator then sums a whole tile in registers, with no horizontal sum
+// per (row, class) and tile, which would cost as much as the multiplies at C = 100.
 template <typename T>
 void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v) {
   const int64_t C = R.out_features, D = R.in_features;
@@ -128,32 +125,45 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
   const int64_t groups = forward_groups(batch, C, tiles.count, sizeof(T));
   const int64_t task_rows = rows_per_task(batch, groups);
   const int64_t row_tasks = ceil_div(batch, task_rows);
-  std::unique_ptr<T[]> partials(groups > 1 ? new T[groups * batch * C] : nullptr);
-  T* partial_v = groups > 1 ? partials.get() : v;
+  const bool transposed = C >= kTransposedMinClasses;
+  const int64_t ldp = transposed ? round_up(C, kLanes<T>) : C;  // leading dimension of the partial sums
+  const bool direct = groups == 1 && !transposed;                // stage 1 writes v itself
+  std::unique_ptr<T[]> partials(direct ? nullptr : new T[groups * batch * ldp]);
+  T* partial_v = direct ? v : partials.get();
 
   // Stage 1: each (row block, group) task sums its group's tiles into its block of partial_v[group].
   at::parallel_for(0, row_tasks * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
+    std::vector<T> transposed_tile(transposed ? tiles.width * ldp : 0, T(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / groups * task_rows, rows = std::min(task_rows, batch - row0);
       const int64_t group = task % groups;
-      T* out = partial_v + (group * batch + row0) * C;
-      std::fill(out, out + rows * C, T(0));
+      T* out = partial_v + (group * batch + row0) * ldp;
+      std::fill(out, out + rows * ldp, T(0));
       for (int64_t t = group * tiles.count / groups; t < (group + 1) * tiles.count / groups; ++t) {
         const int64_t j0 = t * tiles.width, width = std::min(tiles.width, D - j0);
         const auto [tile, ldt] = tile_for(R, j0, width, scratch.data());
-        gemm_nt_accumulate(h + row0 * D + j0, D, rows, tile, ldt, C, width, out, C);
+        if (transposed) {
+          transpose_tile(tile, ldt, C, width, transposed_tile.data(), ldp);
+          gemm_nn(h + row0 * D + j0, D, rows, transposed_tile.data(), ldp, width, ldp, out, ldp,
+                  /*accumulate=*/true);
+        } else {
+          gemm_nt_accumulate(h + row0 * D + j0, D, rows, tile, ldt, C, width, out, C);
+        }
       }
     }
   });
-  if (groups == 1) return;
+  if (direct) return;
 
   // Stage 2: v = Σ_group partial_v[group], in group order.
-  at::parallel_for(0, batch * C, 4096, [&](int64_t begin, int64_t end) {
-    std::copy(partial_v + begin, partial_v + end, v + begin);
-    for (int64_t group = 1; group < groups; ++group) {
-      const T* partial = partial_v + group * batch * C;
-      for (int64_t i = begin; i < end; ++i) v[i] += partial[i];
+  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* v_row = v + b * C;
+      std::copy(partial_v + b * ldp, partial_v + b * ldp + C, v_row);
+      for (int64_t group = 1; group < groups; ++group) {
+        const T* partial = partial_v + (group * batch + b) * ldp;
+        for (int64_t c = 0; c < C; ++c) v_row[c] += partial[c];
+      }
     }
   });
 }

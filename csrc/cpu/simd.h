@@ -37,6 +37,21 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int kLanes = 32 / sizeof(T);
 
+// 64-byte vectors: one AVX-512 register (for kernels that run them only where has_32_vector_registers()).
+template <typename T>
+struct WideVecOf;
+template <>
+struct WideVecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct WideVecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename T>
+using WideVec = typename WideVecOf<T>::type;
+
 // Whether 32-byte vectors get 32 registers (AVX-512, where the x86-64-v4 clone runs) rather than 16,
 // so that micro-kernels can hold larger register blocks.
 inline bool has_32_vector_registers() {
@@ -48,15 +63,15 @@ inline bool has_32_vector_registers() {
 #endif
 }
 
-template <typename T>
-SVP_ALWAYS_INLINE Vec<T> load_vec(const T* source) {
-  Vec<T> value;
+template <typename T, typename V = Vec<T>>
+SVP_ALWAYS_INLINE V load_vec(const T* source) {
+  V value;
   std::memcpy(&value, source, sizeof(value));
   return value;
 }
 
-template <typename T>
-SVP_ALWAYS_INLINE void store_vec(T* destination, const Vec<T>& value) {
+template <typename T, typename V>
+SVP_ALWAYS_INLINE void store_vec(T* destination, const V& value) {
   std::memcpy(destination, &value, sizeof(value));
 }
 
