@@ -274,7 +274,7 @@ def test_dry_run_writes_a_summary_with_every_stage(dry_run):
     train_step = stages_by_name(data)["train_step"]
     assert train_step["state"] == ("ok" if (ROOT / "bench" / "train_step.py").exists() else "missing")
     rows = list(csv.DictReader(data["artifacts"]["bench.csv"]["text"].splitlines()))
-    assert any(r["backend"] == "cpu" and r["metric"] == "time_fwd_bwd" for r in rows)
+    assert any(r["variant"] == "cpu" and float(r["median_ms"]) > 0 for r in rows)
     assert json.loads(data["artifacts"]["memory_depth_cpu.json"]["text"])
 
 
@@ -282,13 +282,13 @@ def test_unpack_files_the_dry_run_output(dry_run, tmp_path):
     base, _ = dry_run
     written = gpu_check.unpack(base / "out", tmp_path)
     results = tmp_path / "bench" / "results"
-    assert (results / "cpu.csv").read_text().startswith("op,backend")
+    assert (results / "cpu.csv").read_text().startswith("op,B,D,C,p,dtype,projection,variant")
     assert (results / "memory_depth_cpu.json").exists()
     kept = [p for p in written if p.name == "summary.json"]
     assert kept and len(list(kept[0].parent.glob("*.log"))) == len(gpu_check.STAGE_NAMES)
     gpu_check.unpack(base / "out", tmp_path)  # a second run appends its rows under the one header
     lines = (results / "cpu.csv").read_text().splitlines()
-    assert sum(line.startswith("op,backend") for line in lines) == 1 and len(lines) > 2
+    assert sum(line.startswith("op,B,D,C,p,dtype,projection,variant") for line in lines) == 1 and len(lines) > 2
     assert os.path.getsize(results / "cpu.csv") > 0
 
 
@@ -325,7 +325,7 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
     assert shapes == {(kind, shape) for kind in ("kernels", "compile") for shape in expected}
     for name, args in parsed:
         assert args.device == "cuda" and args.dtype == "float32,bfloat16" and args.projection == "dense,implicit"
-        assert args.backends.split(",") == (["compile"] if name.startswith("compile") else
+        assert args.variants.split(",") == (["compile"] if name.startswith("compile") else
                                             ["cuda", "triton", gpu_check.eager_baseline(ROOT / "bench" / "run.py")])
 
     from svp_kernels.train import cli
