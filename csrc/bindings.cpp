@@ -62,7 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 
 // The learnable-head dropout gradient of predsim_loss: x ⊙ M / (1 − p), M regenerated (csrc/cpu/predsim.cpp).
 TORCH_LIBRARY_FRAGMENT(svp_kernels, m) {
-  m.def("dropout_mask_apply(Tensor x, float p, int seed) -> Tensor");
+  m.def("dropout_mask_apply(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) { m.impl("dropout_mask_apply", &svp::cpu::dropout_mask_apply); }

@@ -155,7 +155,7 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
         target: (B,) int64 class indices in [0, C).
         decoder_weight: (C, D), may require grad; decoder_bias: (C,) or None, may require grad.
         beta: weight of the similarity term, in [0, 1]. p: dropout on decoder_weight's elements, in [0, 1).
-        seed: int in [0, 2**63) for the mask; None draws one from torch's default generator.
+        seed: int in [0, 2**63) or a 0-dim int64 tensor for the mask; None draws one from torch's default generator.
         reduce: "std" | "flatten" for a 4-D h_sim. backend: "auto" | "reference" | "cpu" | "cuda".
 
     Returns:
@@ -188,7 +188,7 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
     labels = _check_labels(target, h_sim, "h_sim", classes)
     beta = _check_beta(beta)
     p = _check_p(p)
-    seed = _check_seed(seed, p)
+    seed = _check_seed(seed, p, h_dec.device)
     h_dec = h_dec.reshape(h_dec.shape[0], -1)
 
     if _uses_reference(backend, h_dec.device):

@@ -12,7 +12,7 @@ import svp_kernels as sk
 from svp_kernels.backends import predsim_fused, predsim_reference
 from svp_kernels.philox import keep_mask
 
-from helpers import assert_close
+from helpers import assert_close, seed_tensor
 
 
 def make_predsim(B, D, sim_shape, C, dtype=torch.float64, seed=0, bias=True):
@@ -179,11 +179,11 @@ def test_label_target_values_are_exact():
 def test_dropout_mask_apply_is_exact(C, D, p, seed):
     x = torch.randn(C, D)
     expected = x * keep_mask(seed, C, D, p) * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
-    assert torch.equal(torch.ops.svp_kernels.dropout_mask_apply(x, p, seed), expected)
+    assert torch.equal(torch.ops.svp_kernels.dropout_mask_apply(x, p, seed_tensor(seed)), expected)
 
 
 def test_dropout_mask_apply_opcheck():
-    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply, (torch.randn(4, 9, dtype=torch.float64), 0.25, 3))
+    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply, (torch.randn(4, 9, dtype=torch.float64), 0.25, seed_tensor(3)))
 
 
 def test_weight_gradient_carries_the_mask():

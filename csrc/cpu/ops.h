@@ -25,11 +25,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
 // S (B, B) = â âᵀ.
 at::Tensor cosine_gram(const at::Tensor& v, bool center);
 
-}  // namespace svp::cpu
-
-namespace svp::cpu {
-
 // x ⊙ M / (1 − p) for x (C, D), M the dropout mask of docs/design.md §3 (offset c·D + j), regenerated.
-at::Tensor dropout_mask_apply(const at::Tensor& x, double p, int64_t seed);
+// seed: the dropout seed, a 0-dim int64 CPU tensor, as for the projection.
+at::Tensor dropout_mask_apply(const at::Tensor& x, double p, const at::Tensor& seed);
+
+// The value of a dropout seed tensor (0-dim int64 on the CPU), read once on the host.
+int64_t read_seed(const at::Tensor& seed);
 
 }  // namespace svp::cpu

@@ -27,12 +27,13 @@ SVP_MULTIVERSION void mask_row(double* row, int64_t width, uint64_t base, uint64
 
 }  // namespace predsim_detail
 
-at::Tensor dropout_mask_apply(const at::Tensor& x, double p, int64_t seed) {
+at::Tensor dropout_mask_apply(const at::Tensor& x, double p, const at::Tensor& seed_tensor) {
   TORCH_CHECK(x.device().is_cpu(), "svp_kernels: x must be a CPU tensor");
   TORCH_CHECK(x.dim() == 2, "svp_kernels: x must be (C, D), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "svp_kernels: x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "svp_kernels: p must be in [0, 1), got ", p);
+  const int64_t seed = read_seed(seed_tensor);
   TORCH_CHECK(seed >= 0, "svp_kernels: seed must be non-negative");
   at::Tensor out = x.contiguous().clone();
   if (p == 0.0) return out;

@@ -205,14 +205,6 @@ void check_projection_args(const std::optional<at::Tensor>& weight, int64_t out_
   }
 }
 
-// The dropout seed of the ops: a 0-dim int64 CPU tensor, read once on the host (docs/backends.md).
-int64_t read_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.dim() == 0,
-              "svp_kernels: seed must be a 0-dim int64 CPU tensor, got ", seed.scalar_type(), " of shape ",
-              seed.sizes(), " on ", seed.device());
-  return *seed.data_ptr<int64_t>();
-}
-
 template <typename T>
 DroppedProjection<T> make_projection(const std::optional<at::Tensor>& weight, int64_t out_features,
                                      int64_t in_features, int64_t proj_seed, double proj_std, double p,
@@ -230,6 +222,14 @@ DroppedProjection<T> make_projection(const std::optional<at::Tensor>& weight, in
 }  // namespace projection_detail
 
 using namespace projection_detail;
+
+// The dropout seed of the ops: a 0-dim int64 CPU tensor, read once on the host (docs/backends.md).
+int64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.dim() == 0,
+              "svp_kernels: seed must be a 0-dim int64 CPU tensor, got ", seed.scalar_type(), " of shape ",
+              seed.sizes(), " on ", seed.device());
+  return *seed.data_ptr<int64_t>();
+}
 
 at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
                               int64_t proj_seed, double proj_std, double p, const at::Tensor& seed_tensor) {
