@@ -12,6 +12,7 @@ from svp_kernels.train import LayerwiseTrainer, mlp
 from svp_kernels.train.data import synthetic
 from svp_kernels.train.run import TrainConfig, augment, learning_rate_schedule, recipe_config, run_training
 from svp_kernels.train.seeds import block_step_seed
+from svp_kernels.train.trainer import BlockSeedTable
 
 TINY = dict(dataset="synthetic", width=16, depth=2, epochs=2, batch_size=64, lr=1e-2, p=0.2,
             lr_schedule="cosine", warmup_epochs=0.5, augment_shift=1)
@@ -30,6 +31,14 @@ def test_block_step_seed_is_pinned_and_separates_blocks_and_steps():
     seeds = {block_step_seed(7, block, step) for block in range(4) for step in range(64)}
     assert len(seeds) == 4 * 64 and all(0 <= seed < 2**63 for seed in seeds)
     assert block_step_seed(7, 1, 0) != block_step_seed(8, 1, 0)
+
+
+def test_the_trainer_seed_table_is_block_step_seed():
+    table = BlockSeedTable(2**62 + 11)
+    for block, step in [(0, 0), (3, 1023), (3, 1024), (0, 5), (2**31 - 1, 2**32 - 1), (1, 2**32 - 1025)]:
+        assert table(block, step) == block_step_seed(2**62 + 11, block, step)
+    with pytest.raises(ValueError, match="block_step_seed needs"):
+        table(0, 2**32)
 
 
 @pytest.mark.parametrize("args", [(-1, 0, 0), (2**63, 0, 0), (0, -1, 0), (0, 2**31, 0), (0, 0, -1), (0, 0, 2**32)])
