@@ -63,13 +63,21 @@ def test_ctrl_c_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_pat
         assert resumed[key] == uninterrupted[method][key], key
 
 
-def test_checkpoint_every_n_steps_and_epoch_end(tmp_path, uninterrupted):
-    path = tmp_path / "run.ckpt"
+def test_checkpoint_every_n_steps_and_epoch_end(tmp_path, monkeypatch, uninterrupted):
+    import svp_kernels.train.run as run_module
+
+    path, saved = tmp_path / "run.ckpt", []
+    original = run_module.save_checkpoint
+
+    def recording_save(target, payload):
+        saved.append((payload["trainer"]["step"], payload["epoch"], payload["batch_in_epoch"]))
+        original(target, payload)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", recording_save)
     result = train(checkpoint=str(path), checkpoint_every=5)
-    payload = read_checkpoint(path)
-    assert (payload["epoch"], payload["batch_in_epoch"], payload["trainer"]["step"]) == (3, 0, 12)
+    assert saved == [(4, 1, 0), (5, 1, 1), (8, 2, 0), (10, 2, 2), (12, 3, 0)]  # 4 steps per epoch
     assert result["final_parameters_sha256"] == uninterrupted["svp"]["final_parameters_sha256"]
-    assert len(payload["progress"]["accuracy_curve"]) == 3
+    assert len(read_checkpoint(path)["progress"]["accuracy_curve"]) == 3
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
