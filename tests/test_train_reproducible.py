@@ -80,7 +80,9 @@ def test_train_block_by_block_equals_train_step(data):
         h, v = inputs, split.input_alignment(inputs)
         block_losses = []
         for index in range(split.num_blocks):
+            before_update = copy.deepcopy(split.model.blocks[index])(h)
             h, v, loss = split.train_block(index, h, v, targets, step)
+            assert torch.equal(h, before_update.detach())  # the output of the block's parameters before its step
             assert not (h.requires_grad or v.requires_grad or loss.requires_grad) and loss.dim() == 0
             block_losses.append(loss)
         assert torch.equal(torch.stack(block_losses), losses.block_losses)
