@@ -38,7 +38,8 @@ CSV_COLUMNS = ["op", "model", "method", "backend", "batch", "width", "depth", "p
 
 
 def parse_shape(text: str) -> dict:
-    """"mlp:WIDTHxDEPTH:BATCH" (784 → width×depth → 10 on 1×28×28) or "cnn:MULTIPLIER:BATCH" (VGG-11 on 3×32×32)."""
+    """"mlp:WIDTHxDEPTH:BATCH" (784 → width×depth → 10 on 1×28×28) or "cnn:MULTIPLIER:BATCH"
+    (VGG-11 on 3×32×32)."""
     kind, size, batch = text.split(":")
     if kind == "mlp":
         width, depth = (int(part) for part in size.split("x"))

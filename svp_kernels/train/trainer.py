@@ -263,8 +263,8 @@ class LayerwiseTrainer:
         if projection.weight is None:
             return _LossCall(module, tuple(flat.shape), flat.device, None, implicit.out_features, implicit.seed,
                              implicit.std_for(flat.shape[1]), False)
-        return _LossCall(module, tuple(flat.shape), flat.device, projection.weight.contiguous(), projection.weight.shape[0],
-                         0, 0.0, False)
+        weight = projection.weight.contiguous()
+        return _LossCall(module, tuple(flat.shape), flat.device, weight, weight.shape[0], 0, 0.0, False)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         lr = self.lr_at(step)
