@@ -73,7 +73,7 @@ def _one_line_error(capsys, argv, *fragments) -> str:
     (["--lr", "-1"], ["--lr must be a finite number > 0"]),
     (["--lr", "nan"], ["--lr must be a finite number > 0"]),
     (["--p", "1.5"], ["--p must be in [0, 1)"]),
-    (["--warmup-epochs", "2"], ["--warmup-epochs must be in [0, --epochs = 2)"]),
+    (["--warmup-epochs", "2.5"], ["--warmup-epochs must be in [0, --epochs = 2], got 2.5"]),
     (["--width", "0"], ["--width must be ≥ 1"]),
     (["--optimizer", "lbfgs"], ["--optimizer", "invalid choice"]),
     (["--checkpoint-every", "5"], ["--checkpoint-every", "needs --checkpoint"]),

@@ -155,6 +155,8 @@ def test_learning_rate_schedules():
     step_decay = learning_rate_schedule(TrainConfig(epochs=4, lr=1.0, lr_schedule="step"), 10)
     assert [step_decay(step) for step in (0, 19, 20, 29, 30, 39)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert learning_rate_schedule(TrainConfig(epochs=2, lr=0.5), 10)(13) == 0.5
+    whole_run_warmup = learning_rate_schedule(TrainConfig(epochs=1, lr=1.0, warmup_epochs=1.0), 10)
+    assert [whole_run_warmup(step) for step in (0, 8, 9)] == pytest.approx([1 / 9, 1.0, 1.0])
 
 
 def test_augmentation_shifts_flips_and_is_a_function_of_seed_and_step():

@@ -92,8 +92,8 @@ def validate_config(config: TrainConfig, num_train: int | None = None) -> None:
         need(config.batch_size <= num_train, "batch_size", f"≤ the {num_train} training examples")
     need(math.isfinite(config.lr) and config.lr > 0, "lr", "a finite number > 0")
     need(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
-    need(math.isfinite(config.warmup_epochs) and 0 <= config.warmup_epochs < config.epochs, "warmup_epochs",
-         f"in [0, --epochs = {config.epochs})")
+    need(math.isfinite(config.warmup_epochs) and 0 <= config.warmup_epochs <= config.epochs, "warmup_epochs",
+         f"in [0, --epochs = {config.epochs}]")
     need(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "≥ 0")
     need(config.augment_shift >= 0, "augment_shift", "≥ 0")
     need(0 <= config.p < 1, "p", "in [0, 1)")
