@@ -1,7 +1,10 @@
 # make test — install what is missing, build the extension, run the whole suite (Triton under its CPU interpreter)
 # make demo — the main job: train the digits MLP with SVP (fused kernels) and with backprop, side by side
+#             make demo DATA_DIR=/path/to/mnist adds the MNIST recipe (one seed per method; MNIST_EPOCHS=N shortens it)
 PYTHON ?= python3
 PYTEST_ARGS ?=
+DATA_DIR ?=
+MNIST_EPOCHS ?=
 
 .PHONY: deps build test demo bench check-cuda
 
@@ -15,7 +18,7 @@ test: build
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 demo: build
-	$(PYTHON) -m svp_kernels.train.demo
+	$(PYTHON) -m svp_kernels.train.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(MNIST_EPOCHS),--mnist-epochs $(MNIST_EPOCHS))
 
 bench: build
 	$(PYTHON) bench/run.py

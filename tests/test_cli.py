@@ -47,7 +47,49 @@ def test_memory_depth_writes_rows_and_plot(tmp_path):
 
 
 def test_missing_data_dir_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", "mnist", "--no-progress"])
-    assert exit_info.value.code == 2
+    assert main(["--dataset", "mnist", "--no-progress"]) == 2
     assert "data_dir" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv, *fragments) -> str:
+    """main(argv) exits 2 with one stderr line holding every fragment, and no traceback."""
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's own refusals
+        code = exit_info.code
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert error.startswith("svp-train: error: ") and error.count("\n") == 1 and "Traceback" not in error
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+    return error
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--epochs", "0"], ["--epochs must be ≥ 1, got 0"]),
+    (["--epochs", "two"], ["--epochs expects an integer, got 'two'"]),
+    (["--batch-size", "5000"], ["--batch-size must be ≤ the 2048 training examples, got 5000"]),
+    (["--lr", "-1"], ["--lr must be a finite number > 0"]),
+    (["--lr", "nan"], ["--lr must be a finite number > 0"]),
+    (["--p", "1.5"], ["--p must be in [0, 1)"]),
+    (["--warmup-epochs", "2.5"], ["--warmup-epochs must be in [0, --epochs = 2], got 2.5"]),
+    (["--width", "0"], ["--width must be ≥ 1"]),
+    (["--optimizer", "lbfgs"], ["--optimizer", "invalid choice"]),
+    (["--checkpoint-every", "5"], ["--checkpoint-every", "needs --checkpoint"]),
+    (["--threads", "0"], ["--threads must be ≥ 1"]),
+    (["--json", "/no/such/folder/run.json"], ["--json /no/such/folder/run.json", "does not exist"]),
+    (["--resume", "/no/such.ckpt"], ["--resume", "/no/such.ckpt", "cannot be read"]),
+])
+def test_bad_flags_get_one_line_naming_the_flag(capsys, flags, fragments):
+    _one_line_error(capsys, TINY + flags, *fragments)
+
+
+def test_bad_data_dirs_and_files_get_one_line_naming_the_file(tmp_path, capsys):
+    _one_line_error(capsys, ["--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"],
+                    "--data-dir", "missing train-images-idx3-ubyte", str(tmp_path))
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x08\x01" + (4).to_bytes(4, "big") + bytes(4))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    _one_line_error(capsys, ["--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"],
+                    str(tmp_path / "t10k-labels-idx1-ubyte.gz"), "corrupt gzip")

@@ -10,13 +10,15 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
 from .. import backends
 from .data import DATASETS, load_dataset
 from .models import NORMS
-from .run import MODELS, TrainConfig, memory_depth_rows, run_training
+from .checkpoint import CheckpointError
+from .run import LR_SCHEDULES, MODELS, TrainConfig, memory_depth_rows, recipe_config, run_training, validate_config
 from .trainer import METHODS, OPTIMIZERS
 
 MIB = 2.0**20
@@ -26,47 +28,88 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end with one line, `svp-train: error: …`, and exit status 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag_type(kind, flag_name: str):
+    """An argparse type whose error names the flag and the expected kind of value."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag_name} expects {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def train_parser() -> argparse.ArgumentParser:
-    default = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="svp-train", description="Train with the fused SVP local loss (or backprop) and report accuracy, "
-        "wall time and peak memory. Subcommand: `svp-train memory-depth --help`.")
-    add = parser.add_argument
-    add("--model", choices=MODELS, default=default.model)
-    add("--dataset", choices=DATASETS, default=default.dataset)
-    add("--data-dir", default=None, help="folder holding the MNIST/Fashion-MNIST IDX files or CIFAR python batches")
-    add("--method", choices=METHODS, default=default.method, help="svp: layer-wise local losses; bp: end to end")
-    add("--epochs", type=int, default=default.epochs)
-    add("--batch-size", type=int, default=default.batch_size)
-    add("--lr", type=float, default=default.lr)
-    add("--optimizer", choices=OPTIMIZERS, default=default.optimizer)
-    add("--weight-decay", type=float, default=default.weight_decay)
-    add("--p", type=float, default=default.p, help="dropout probability on R's elements (svp)")
-    add("--alignment-weight", type=float, default=default.alignment_weight, help="λ of the alignment term (svp)")
-    add("--proj-dim", type=int, default=default.proj_dim, help="rows of each R (svp; default: number of classes)")
-    add("--implicit-projection", action="store_true", help="regenerate R from a seed instead of storing it (svp)")
-    add("--backend", default=default.backend, choices=("auto",) + backends.BACKEND_NAMES)
-    add("--device", default=_default_device())
-    add("--seed", type=int, default=default.seed)
-    add("--width", type=int, default=default.width, help="MLP width / ViT embedding dim")
-    add("--depth", type=int, default=default.depth, help="MLP hidden blocks / ViT transformer blocks")
-    add("--norm", choices=NORMS, default=default.norm, help="MLP normalisation")
-    add("--cnn-width-multiplier", type=float, default=default.cnn_width_multiplier,
-        help="VGG-11 channels (64…512) times this")
-    add("--pool-size", type=int, default=default.pool_size,
-        help="CNN: adaptive average pooling to this size before each projection")
-    add("--vit-patch-size", type=int, default=default.vit_patch_size)
-    add("--vit-blocks-per-unit", type=int, default=default.vit_blocks_per_unit,
-        help="transformer blocks trained together by one local loss")
-    add("--vit-token", choices=("cls", "mean"), default=default.vit_token, help="token each ViT unit projects")
+        "wall time and peak memory. Every training flag left out takes the --dataset recipe's value "
+        "(svp_kernels.train.run.RECIPES; README, Training). Subcommand: `svp-train memory-depth --help`.")
+
+    def add(flag: str, kind=None, **options):
+        if kind in (int, float):
+            options["type"] = _flag_type(kind, flag)
+        parser.add_argument(flag, default=None, **options)
+
+    add("--model", choices=MODELS)
+    add("--dataset", choices=DATASETS, help="also picks the recipe (default digits)")
+    add("--data-dir", help="folder holding the MNIST/Fashion-MNIST IDX files or CIFAR python batches")
+    add("--method", choices=METHODS, help="svp: layer-wise local losses; bp: end to end (default svp)")
+    add("--epochs", int)
+    add("--batch-size", int)
+    add("--lr", float, help="peak learning rate")
+    add("--lr-schedule", choices=LR_SCHEDULES, help="after the warm-up: constant, cosine to 0, or ×0.1 at 50 %% "
+        "and 75 %% of the steps")
+    add("--warmup-epochs", float, help="linear learning-rate warm-up (epochs, may be fractional)")
+    add("--optimizer", choices=OPTIMIZERS)
+    add("--weight-decay", float)
+    add("--augment-shift", int, help="random translation of training images by up to N pixels (0: none)")
+    add("--augment-flip", choices=("on", "off"), help="random horizontal flips of training images")
+    add("--p", float, help="dropout probability on R's elements (svp)")
+    add("--alignment-weight", float, help="λ of the alignment term (svp)")
+    add("--proj-dim", int, help="rows of each R (svp; default: number of classes)")
+    add("--implicit-projection", action="store_const", const=True,
+        help="regenerate R from a seed instead of storing it (svp)")
+    add("--backend", choices=("auto",) + backends.BACKEND_NAMES)
+    add("--device", help=f"default {_default_device()}")
+    add("--seed", int)
+    add("--width", int, help="MLP width / ViT embedding dim")
+    add("--depth", int, help="MLP hidden blocks / ViT transformer blocks")
+    add("--norm", choices=NORMS, help="MLP normalisation")
+    add("--cnn-width-multiplier", float, help="VGG-11 channels (64…512) times this")
+    add("--pool-size", int, help="CNN: adaptive average pooling to this size before each projection")
+    add("--vit-patch-size", int)
+    add("--vit-blocks-per-unit", int, help="transformer blocks trained together by one local loss")
+    add("--vit-token", choices=("cls", "mean"), help="token each ViT unit projects")
+    add("--threads", int, help="torch CPU threads (default: torch's choice)")
+    add("--checkpoint", metavar="PATH", help="write a checkpoint here at every epoch end (and on Ctrl-C)")
+    add("--checkpoint-every", int, metavar="N", help="also write the checkpoint every N steps")
+    add("--resume", metavar="PATH", help="continue the run saved in this checkpoint (same flags)")
     add("--json", metavar="PATH", help="write the results as JSON")
     add("--plot", metavar="PATH", help="write the training curves as a PNG")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The --dataset recipe with every flag given on the command line applied on top."""
+    given = {field.name: getattr(args, field.name) for field in fields(TrainConfig)
+             if getattr(args, field.name, None) is not None}
+    if "augment_flip" in given:
+        given["augment_flip"] = given["augment_flip"] == "on"
+    given.setdefault("device", _default_device())
+    return recipe_config(given.pop("dataset", "digits"), **given)
+
+
 def memory_depth_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="svp-train memory-depth", description="Peak training memory vs depth of a wide MLP, SVP vs BP "
         "(the paper's Fig. 2a), measured at the allocator on one random MNIST-shaped batch.")
     parser.add_argument("--width", type=int, default=1024)
@@ -86,15 +129,44 @@ def main(argv: list[str] | None = None) -> int:
     return train_main(argv)
 
 
+def _fail(message: str, status: int = 2) -> int:
+    print(f"svp-train: error: {message}", file=sys.stderr)
+    return status
+
+
 def train_main(argv: list[str]) -> int:
-    parser = train_parser()
-    args = parser.parse_args(argv)
-    config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
+    args = train_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.checkpoint_every is not None and (args.checkpoint_every < 1 or args.checkpoint is None):
+        return _fail(f"--checkpoint-every must be ≥ 1 and needs --checkpoint, got {args.checkpoint_every}"
+                     + ("" if args.checkpoint else " without --checkpoint"))
+    try:
+        validate_config(config)
+        backends.resolve(config.backend, torch.device(config.device), torch.float32)
+    except (RuntimeError, ValueError) as error:
+        return _fail(str(error))
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--checkpoint", args.checkpoint)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            return _fail(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     try:
         dataset = load_dataset(config.dataset, config.data_dir)
     except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    result = run_training(config, dataset, progress=not args.no_progress)
+        return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
+    try:
+        result = run_training(config, dataset, progress=not args.no_progress, checkpoint=args.checkpoint,
+                              checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except CheckpointError as error:
+        return _fail(f"--resume: {error}")
+    except ValueError as error:  # validate_config against the dataset (e.g. --batch-size larger than it)
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        saved = f"; checkpoint written to {args.checkpoint}" if args.checkpoint else ""
+        print(f"svp-train: interrupted{saved}", file=sys.stderr)
+        return 130
     result["backend"] = backends.resolve(config.backend, torch.device(config.device), torch.float32).NAME
     print(f"{config.method} {config.model} on {config.dataset}: test accuracy {100 * result['test_accuracy']:.2f}% | "
           f"wall {result['wall_seconds']:.1f} s | peak memory {result['peak_memory_bytes'] / MIB:.2f} MiB "

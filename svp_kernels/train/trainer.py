@@ -4,44 +4,56 @@ For each batch, block by block (docs/design.md §1):
 
     h_l = block_l(h_{l-1}.detach())
     L_l = CE(v_l, y) + λ‖S(v_l) − S(v_{l-1})‖²,   v_l = Dropout(R_l) readout_l(h_l)   (fused_local_loss)
-    L_l.backward(); step; zero_grad(set_to_none=True); drop the graph — then block l + 1 runs.
+    L_l.backward(); step block l's optimizer; drop the graph — then block l + 1 runs.
 
 v_0 is a fixed random projection of the input; the last block uses the identity projection (v = logits).
-Only one block's activations and gradients are ever alive. method="bp" trains the same model end to end.
+Only one block's activations and gradients are ever alive. Block l's dropout seed at step t is
+block_step_seed(seed, l, t), so its masks do not depend on which process runs it. method="bp" trains the
+same model end to end with the same optimizer and learning-rate schedule.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
+from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
+from ..philox import philox4x32_10
 from .models import BlockwiseModel
+from .seeds import block_step_seed
 
 METHODS = ("svp", "bp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class StepLosses(NamedTuple):
-    """output_ce: cross-entropy of the model's logits (comparable across methods);
-    block_losses: each block's local loss (svp), or the single end-to-end loss (bp)."""
+    """Detached device tensors, so a step never waits on the host; read them once per logging interval.
 
-    output_ce: float
-    block_losses: list[float]
+    output_ce: 0-dim cross-entropy of the model's logits (comparable across methods);
+    block_losses: (n,) each block's local loss (svp, n = blocks), or the end-to-end loss (bp, n = 1).
+    """
+
+    output_ce: torch.Tensor
+    block_losses: torch.Tensor
 
 
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD with Nesterov momentum 0.9."""
+    """Adam, AdamW or SGD with Nesterov momentum 0.9; one multi-tensor (fused where torch has it) update."""
+    parameters = list(parameters)
+    fused = bool(parameters) and all(param.device.type in ("cpu", "cuda") for param in parameters)
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
+                               fused=fused)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
@@ -59,26 +71,84 @@ def readout_features(model: BlockwiseModel, device) -> list[int]:
     return features
 
 
+class BlockSeedTable:
+    """block_step_seed(run_seed, block, step) for every block, computed for STEPS steps at a time with one
+    vectorised Philox call per block (the scalar call costs ~150 tensor operations, i.e. milliseconds of
+    a training step). The same formula, word for word: seed = (word0 mod 2³¹)·2³² + word1."""
+
+    STEPS = 1024
+
+    def __init__(self, run_seed: int):
+        self.run_seed = run_seed
+        self._tables: dict[int, tuple[int, list[int]]] = {}  # block -> (first step, seeds)
+
+    def __call__(self, block: int, step: int) -> int:
+        first, seeds = self._tables.get(block, (-1, []))
+        if not first <= step < first + len(seeds):
+            block_step_seed(self.run_seed, block, step)  # validates the arguments
+            first = step - step % self.STEPS
+            count = min(self.STEPS, 2**32 - first)
+            counters = block * 2**32 + torch.arange(first, first + count, dtype=torch.int64)
+            word0, word1, _, _ = philox4x32_10(self.run_seed, counters)
+            seeds = ((word0 & 0x7FFFFFFF) << 32 | word1).tolist()
+            self._tables[block] = (first, seeds)
+        return seeds[step - first]
+
+
+def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
+    """Integer targets must lie in [0, num_classes): checked on the host on CPU, without a host sync (an
+    asynchronous device assert) elsewhere. Shapes and dtypes are the lean path's own condition."""
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.numel() == 0:
+        return  # fused_local_loss refuses these with its own message
+    if targets.device.type == "cpu":
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"targets must be in [0, {num_classes}), got values in [{low}, {high}]")
+    else:
+        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                            f"targets must be in [0, {num_classes})")
+
+
+class _LossCall(NamedTuple):
+    """One block's validated fused_local_loss arguments, kept for the lean path of later steps."""
+
+    module: object  # the resolved backend
+    shape: tuple[int, ...]  # (B, D) the arguments were validated for
+    device: torch.device
+    weight: torch.Tensor | None  # dense R (C, D), or None for identity / implicit
+    out_features: int
+    proj_seed: int
+    proj_std: float
+    identity: bool
+
+
 class LayerwiseTrainer:
     """Trains a BlockwiseModel with SVP (one optimizer and local loss per block) or with backprop.
 
     proj_dim: rows C of every hidden block's R (C, D_l); v_l (B, C) is the block's local logits, so
     C ≥ num_classes (default num_classes; extra columns are logits of no class). p: dropout on R's elements.
-    implicit_projection: R regenerated from a seed by the kernels instead of stored.
+    implicit_projection: R regenerated from a seed by the kernels instead of stored. seed: the run seed of
+    the per-block dropout streams. lr_at: step -> learning rate (default: the constant lr), applied before
+    every optimizer step; a pure function of the step, so a resumed run follows the same schedule.
     """
 
     def __init__(self, model: BlockwiseModel, *, method: str = "svp", optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, p: float = 0.0, alignment_weight: float = 1.0,
                  proj_dim: int | None = None, implicit_projection: bool = False, backend: str = "auto",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", seed: int = 0, lr_at: Callable[[int], float] | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         num_classes = model.num_classes
         proj_dim = num_classes if proj_dim is None else proj_dim
         if proj_dim < num_classes:
             raise ValueError(f"proj_dim must be ≥ num_classes = {num_classes} (v holds the local logits), "
                              f"got {proj_dim}")
-        self.method, self.device = method, torch.device(device)
+        self.method, self.device, self.seed = method, torch.device(device), seed
+        self.block_seed = BlockSeedTable(seed)
+        self.lr_at = lr_at if lr_at is not None else (lambda step: lr)
+        self.step = 0  # optimizer steps taken since the start of the run
         self.model = model.to(self.device)
         if method == "bp":
             self.optimizers = [make_optimizer(optimizer, model.parameters(), lr, weight_decay)]
@@ -93,46 +163,151 @@ class LayerwiseTrainer:
         self.input_projection = RandomProjection(math.prod(model.input_shape), proj_dim,
                                                  implicit=implicit_projection, backend=backend).to(self.device)
         self.readouts = list(model.readouts) + [nn.Identity()]
+        self._loss_calls: list[_LossCall | None] = [None] * len(model.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
-        """One update of every block on a batch: inputs (B, *input_shape) float, targets (B,) int64."""
+        """One update of every block on a batch: inputs (B, *input_shape) float, targets (B,) int64 in
+        [0, num_classes). Advances self.step by one."""
         self.model.train()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        if self.method == "bp":
-            return self._backprop_step(inputs, targets)
-        return self._svp_step(inputs, targets)
+        step = self.step
+        losses = self._backprop_step(inputs, targets, step) if self.method == "bp" else \
+            self._svp_step(inputs, targets, step)
+        self.step = step + 1
+        return losses
 
-    def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
-        with torch.no_grad():
-            v_prev = self.input_projection(inputs.flatten(1))  # (B, proj_dim): the first block's target geometry
-        h = inputs
+    @torch.no_grad()
+    def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
+        """v_0 (B, proj_dim) = inputs.flatten(1) Rᵀ: the alignment target of block 0 (no dropout), detached."""
+        return self.input_projection(inputs.to(self.device).flatten(1))
+
+    def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> StepLosses:
+        _check_targets(targets, self.model.num_classes)  # once for every block's lean path
+        h, v = inputs, self.input_alignment(inputs)
         block_losses = []
-        for block, readout, local_loss, optimizer in zip(self.model.blocks, self.readouts, self.local_losses,
-                                                         self.optimizers):
-            h = block(h.detach())  # no gradient flows back into earlier blocks
-            out = local_loss(readout(h), targets, v_prev)
-            out.loss.backward()  # frees this block's graph: its activations die before the next block runs
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            v_prev = out.v
-            block_losses.append(out.loss.detach())
-        return StepLosses(out.ce.item(), torch.stack(block_losses).tolist())
+        for index in range(self.num_blocks):
+            h, v, loss, ce = self._train_block(index, h, v, targets, step)
+            block_losses.append(loss)
+        return StepLosses(ce, torch.stack(block_losses))  # ce: the last block's, i.e. of the logits
 
-    def _backprop_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
+    def train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Trains block `index` (svp) on its input h (detached here) with alignment target v_prev (B, C')
+        at global step `step`. Returns (h_out, v_out, loss), all detached: the block's output computed
+        before its update, its projection v (B, C), and its local loss (0-dim, on the device)."""
+        if self.method != "svp":
+            raise ValueError(f"train_block trains one SVP block; this trainer's method is {self.method!r}")
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
+        _check_targets(targets, self.model.num_classes)
+        return self._train_block(index, h, v_prev, targets, step)[:3]
+
+    def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
+                     step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """train_block's work; also returns the block's detached cross-entropy."""
+        block, local_loss, optimizer = self.model.blocks[index], self.local_losses[index], self.optimizers[index]
+        if not (block.training and local_loss.training):
+            block.train()
+            local_loss.train()
+        h_out = block(h.detach())  # no gradient flows back into earlier blocks
+        features = self.readouts[index](h_out)
+        loss, ce, v = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step))
+        loss.backward()  # frees this block's graph: its activations die before the next block runs
+        self._set_lr(optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return h_out.detach(), v, loss.detach(), ce
+
+    def _local_loss(self, index: int, features: torch.Tensor, targets: torch.Tensor, v_prev: torch.Tensor,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, ce, v) of block index's fused_local_loss. The first call, and any call whose shapes,
+        dtypes or devices differ from it, goes through the validating public op; later calls run the
+        same backend ops on the arguments validated then (the same computation without the per-call
+        checks). The callers range-check the targets first (_check_targets)."""
+        local_loss = self.local_losses[index]
+        projection = local_loss.projection
+        p = projection.p if projection is not None and local_loss.training else 0.0
+        call = self._loss_calls[index]
+        flat = features.reshape(features.shape[0], -1)
+        if call is None or call.shape != tuple(flat.shape) or flat.device != call.device or \
+                flat.dtype != torch.float32 or v_prev.dtype != torch.float32 or v_prev.dim() != 2 or \
+                v_prev.shape[0] != flat.shape[0] or v_prev.shape[1] == 0 or v_prev.device != flat.device or \
+                targets.dtype != torch.int64 or targets.shape != flat.shape[:1] or targets.device != flat.device:
+            out = local_loss(features, targets, v_prev, seed=seed)
+            self._loss_calls[index] = self._validated_call(local_loss, flat)
+            return out.loss, out.ce, out.v
+        if call.identity:
+            v = flat
+        else:
+            v = call.module.projection(flat.contiguous(), call.weight, call.out_features, call.proj_seed,
+                                       call.proj_std, p, seed)
+        loss, ce, _ = call.module.epilogue(v, targets.contiguous(), v_prev.detach().contiguous(),
+                                           local_loss.alignment_weight, local_loss.reduction == "mean",
+                                           local_loss.center)
+        return loss, ce.detach(), v.detach()
+
+    @staticmethod
+    def _validated_call(local_loss: LocalLoss, flat: torch.Tensor) -> _LossCall | None:
+        """The arguments the lean path reuses for float32 (B, D) features, or None to stay on the public op."""
+        if flat.dtype != torch.float32:
+            return None
+        module = backends.resolve(local_loss.backend, flat.device, flat.dtype)
+        projection = local_loss.projection
+        if projection is None:
+            return _LossCall(module, tuple(flat.shape), flat.device, None, flat.shape[1], 0, 0.0, True)
+        implicit = projection.implicit
+        if projection.weight is None:
+            return _LossCall(module, tuple(flat.shape), flat.device, None, implicit.out_features, implicit.seed,
+                             implicit.std_for(flat.shape[1]), False)
+        weight = projection.weight.contiguous()
+        return _LossCall(module, tuple(flat.shape), flat.device, weight, weight.shape[0], 0, 0.0, False)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    def _backprop_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> StepLosses:
         (optimizer,) = self.optimizers
         loss = F.cross_entropy(self.model(inputs), targets)
         loss.backward()
+        self._set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
-        return StepLosses(value, [value])
+        loss = loss.detach()
+        return StepLosses(loss, loss.reshape(1))
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024) -> float:
         """Accuracy (a fraction) of the last block's logits: inputs (N, *input_shape), targets (N,)."""
         self.model.eval()
-        correct = 0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(targets), batch_size):
             logits = self.model(inputs[start:start + batch_size].to(self.device))
-            correct += (logits.argmax(dim=1).cpu() == targets[start:start + batch_size]).sum().item()
-        return correct / len(targets)
+            correct += (logits.argmax(dim=1) == targets[start:start + batch_size].to(self.device)).sum()
+        return correct.item() / len(targets)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs from the trainer: model (with BatchNorm statistics), local losses
+        (the fixed projections), input projection, optimizers and the step counter."""
+        state = {"method": self.method, "step": self.step, "model": self.model.state_dict(),
+                 "optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+        if self.method == "svp":
+            state["local_losses"] = self.local_losses.state_dict()
+            state["input_projection"] = self.input_projection.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores state_dict()'s output; the caller has checked that it belongs to this model and method."""
+        self.model.load_state_dict(state["model"])
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        if self.method == "svp":
+            self.local_losses.load_state_dict(state["local_losses"])
+            self.input_projection.load_state_dict(state["input_projection"])
+            self._loss_calls = [None] * self.num_blocks
+        self.step = state["step"]

@@ -1,0 +1,132 @@
+"""One LayerwiseTrainer.train_step, SVP (fused kernels) vs SVP (plain "reference" formulation) vs backprop.
+
+    python bench/train_step.py                     # every shape, 2 threads, CSV + markdown table
+    python bench/train_step.py --shapes mlp:1024x3:128 --repeats 40 --threads 1
+
+Each shape builds the three trainers on the same model initialisation and batch (Adam, p = 0.1,
+BatchNorm MLPs), then times one step of each in turn, repeat after repeat, in this one process, so a
+load change on a shared machine hits all three alike. Reported: median with p20/p80 (ms) and the
+median of the per-repeat ratios to BP. Rows (op=train_step) are appended to
+bench/results/train_step-<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from run import ForeignLoad, device_slug, git_commit, percentiles  # noqa: E402  (bench/run.py)
+
+from svp_kernels import backends  # noqa: E402
+from svp_kernels.train import LayerwiseTrainer, mlp, vgg11  # noqa: E402
+
+DEFAULT_SHAPES = "mlp:1024x3:128,mlp:1024x3:2048,mlp:1024x8:128,mlp:256x3:64,cnn:0.25:64"
+CSV_COLUMNS = ["op", "model", "method", "backend", "batch", "width", "depth", "p", "dtype", "threads", "metric",
+               "unit", "p20", "p50", "p80", "ratio_to_bp_p50", "foreign_cpus", "device", "torch", "commit",
+               "timestamp"]
+
+
+def parse_shape(text: str) -> dict:
+    """"mlp:WIDTHxDEPTH:BATCH" (784 → width×depth → 10 on 1×28×28) or "cnn:MULTIPLIER:BATCH"
+    (VGG-11 on 3×32×32)."""
+    kind, size, batch = text.split(":")
+    if kind == "mlp":
+        width, depth = (int(part) for part in size.split("x"))
+        return {"model": "mlp", "width": width, "depth": depth, "batch": int(batch), "input_shape": (1, 28, 28)}
+    if kind == "cnn":
+        return {"model": "cnn", "width": float(size), "depth": 8, "batch": int(batch), "input_shape": (3, 32, 32)}
+    raise ValueError(f"shape {text!r}: expected mlp:WIDTHxDEPTH:BATCH or cnn:MULTIPLIER:BATCH")
+
+
+def build(shape: dict, method: str, backend: str) -> LayerwiseTrainer:
+    torch.manual_seed(0)
+    if shape["model"] == "mlp":
+        model = mlp(shape["input_shape"], 10, width=shape["width"], depth=shape["depth"])
+    else:
+        model = vgg11(shape["input_shape"], 10, width_multiplier=shape["width"])
+    return LayerwiseTrainer(model, method=method, p=0.1, backend=backend)
+
+
+def time_shape(shape: dict, fused_backend: str, warmup: int, repeats: int) -> tuple[dict, float]:
+    """{variant: [ms per step]} for svp-fused, svp-reference and bp, interleaved; and the foreign load."""
+    inputs = torch.randn(shape["batch"], *shape["input_shape"])
+    targets = torch.randint(0, 10, (shape["batch"],))
+    trainers = {f"svp-{fused_backend}": build(shape, "svp", fused_backend),
+                "svp-reference": build(shape, "svp", "reference"),
+                "bp": build(shape, "bp", "auto")}
+    samples = {name: [] for name in trainers}
+    for _ in range(warmup):
+        for trainer in trainers.values():
+            trainer.train_step(inputs, targets)
+    with ForeignLoad() as load:
+        for _ in range(repeats):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.train_step(inputs, targets)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples, load.cpus
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated (default {DEFAULT_SHAPES})")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fused = backends.resolve("auto", torch.device("cpu"), torch.float32).NAME
+    device = device_slug("cpu", args.threads)
+    commit, stamp = git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    print(f"| model | batch | {'svp-' + fused} ms (p20–p80) | svp-reference ms | bp ms | fused / bp | "
+          f"fused / reference | other CPUs busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for text in args.shapes.split(","):
+        shape = parse_shape(text)
+        samples, foreign = time_shape(shape, fused, args.warmup, args.repeats)
+        ratios = {name: statistics.median(s / b for s, b in zip(values, samples["bp"]))
+                  for name, values in samples.items()}
+        fused_name = f"svp-{fused}"
+        fused_over_reference = statistics.median(f / r for f, r in zip(samples[fused_name], samples["svp-reference"]))
+        cells = {name: percentiles(values) for name, values in samples.items()}
+        label = (f"MLP 784→{shape['width']}×{shape['depth']}→10" if shape["model"] == "mlp"
+                 else f"VGG-11 ×{shape['width']} on 3×32×32")
+        print(f"| {label} | {shape['batch']} | " + " | ".join(
+            f"{p50:.1f} ({p20:.1f}–{p80:.1f})" for p20, p50, p80 in cells.values())
+            + f" | {ratios[fused_name]:.2f}× | {fused_over_reference:.2f}× | {foreign:.2f} |", flush=True)
+        for name, (p20, p50, p80) in cells.items():
+            method, _, backend = name.partition("-")
+            rows.append({"op": "train_step", "model": shape["model"], "method": method,
+                         "backend": backend or "autograd", "batch": shape["batch"], "width": shape["width"],
+                         "depth": shape["depth"], "p": 0.1, "dtype": "float32", "threads": args.threads,
+                         "metric": "time", "unit": "ms", "p20": f"{p20:.4g}", "p50": f"{p50:.4g}",
+                         "p80": f"{p80:.4g}", "ratio_to_bp_p50": f"{ratios[name]:.4g}",
+                         "foreign_cpus": f"{foreign:.2f}", "device": device, "torch": torch.__version__,
+                         "commit": commit, "timestamp": stamp})
+    if not args.no_csv:
+        path = REPO / "bench" / "results" / f"train_step-{device}.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"appended {len(rows)} rows to {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
