@@ -233,6 +233,7 @@ class LayerwiseTrainer:
         p = projection.p if projection is not None and local_loss.training else 0.0
         call = self._loss_calls[index]
         flat = features.reshape(features.shape[0], -1)
+        seed = torch.full((), seed, dtype=torch.int64, device=flat.device)  # the ops' 0-dim seed tensor
         if call is None or call.shape != tuple(flat.shape) or flat.device != call.device or \
                 flat.dtype != torch.float32 or v_prev.dtype != torch.float32 or v_prev.dim() != 2 or \
                 v_prev.shape[0] != flat.shape[0] or v_prev.shape[1] == 0 or v_prev.device != flat.device or \
