@@ -65,7 +65,7 @@ def build_trainer(config: TrainConfig, input_shape: tuple[int, ...], num_classes
     return LayerwiseTrainer(model, method=config.method, optimizer=config.optimizer, lr=config.lr,
                             weight_decay=config.weight_decay, p=config.p, alignment_weight=config.alignment_weight,
                             proj_dim=config.proj_dim, implicit_projection=config.implicit_projection,
-                            backend=config.backend, device=config.device)
+                            backend=config.backend, device=config.device, seed=config.seed)
 
 
 def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: bool = True) -> dict:

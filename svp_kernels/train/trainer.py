@@ -21,6 +21,7 @@ from torch import nn
 
 from ..nn import LocalLoss, RandomProjection
 from .models import BlockwiseModel
+from .seeds import block_step_seed
 
 METHODS = ("svp", "bp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -64,13 +65,14 @@ class LayerwiseTrainer:
 
     proj_dim: rows C of every hidden block's R (C, D_l); v_l (B, C) is the block's local logits, so
     C ≥ num_classes (default num_classes; extra columns are logits of no class). p: dropout on R's elements.
-    implicit_projection: R regenerated from a seed by the kernels instead of stored.
+    implicit_projection: R regenerated from a seed by the kernels instead of stored. seed: the run seed; block
+    l's dropout seed at step t is block_step_seed(seed, l, t), t counting optimizer steps since the run started.
     """
 
     def __init__(self, model: BlockwiseModel, *, method: str = "svp", optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, p: float = 0.0, alignment_weight: float = 1.0,
                  proj_dim: int | None = None, implicit_projection: bool = False, backend: str = "auto",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", seed: int = 0):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         num_classes = model.num_classes
@@ -78,7 +80,7 @@ class LayerwiseTrainer:
         if proj_dim < num_classes:
             raise ValueError(f"proj_dim must be ≥ num_classes = {num_classes} (v holds the local logits), "
                              f"got {proj_dim}")
-        self.method, self.device = method, torch.device(device)
+        self.method, self.device, self.seed, self.global_step = method, torch.device(device), seed, 0
         self.model = model.to(self.device)
         if method == "bp":
             self.optimizers = [make_optimizer(optimizer, model.parameters(), lr, weight_decay)]
@@ -98,25 +100,39 @@ class LayerwiseTrainer:
         """One update of every block on a batch: inputs (B, *input_shape) float, targets (B,) int64."""
         self.model.train()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        if self.method == "bp":
-            return self._backprop_step(inputs, targets)
-        return self._svp_step(inputs, targets)
+        step = self._backprop_step(inputs, targets) if self.method == "bp" else self._svp_step(inputs, targets)
+        self.global_step += 1
+        return step
+
+    @torch.no_grad()
+    def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
+        """v_0 (B, proj_dim): the fixed random projection of the flattened inputs (B, *input_shape), the first
+        block's alignment target."""
+        return self.input_projection(inputs.flatten(1))
+
+    def train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One update of block `index` on its input h (detached here) with alignment target v_prev (B, C′), at
+        training step `step` (its dropout seed is block_step_seed(seed, index, step)).
+
+        Returns (h_out, v_out, loss), all detached: the block's output computed before its update, its
+        projection v (B, C), and its local loss (0-dim).
+        """
+        h_out = self.model.blocks[index](h.detach())  # no gradient flows back into earlier blocks
+        out = self.local_losses[index](self.readouts[index](h_out), targets, v_prev,
+                                       seed=block_step_seed(self.seed, index, step))
+        out.loss.backward()  # frees this block's graph: its activations die before the next block runs
+        self.optimizers[index].step()
+        self.optimizers[index].zero_grad(set_to_none=True)
+        return h_out.detach(), out.v, out.loss.detach()
 
     def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
-        with torch.no_grad():
-            v_prev = self.input_projection(inputs.flatten(1))  # (B, proj_dim): the first block's target geometry
-        h = inputs
+        h, v_prev = inputs, self.input_alignment(inputs)
         block_losses = []
-        for block, readout, local_loss, optimizer in zip(self.model.blocks, self.readouts, self.local_losses,
-                                                         self.optimizers):
-            h = block(h.detach())  # no gradient flows back into earlier blocks
-            out = local_loss(readout(h), targets, v_prev)
-            out.loss.backward()  # frees this block's graph: its activations die before the next block runs
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            v_prev = out.v
-            block_losses.append(out.loss.detach())
-        return StepLosses(out.ce.item(), torch.stack(block_losses).tolist())
+        for index in range(len(self.model.blocks)):
+            h, v_prev, loss = self.train_block(index, h, v_prev, targets, self.global_step)
+            block_losses.append(loss)
+        return StepLosses(F.cross_entropy(h, targets).item(), torch.stack(block_losses).tolist())
 
     def _backprop_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
         (optimizer,) = self.optimizers
