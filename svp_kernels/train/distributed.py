@@ -211,8 +211,9 @@ def run_meta(config: TrainConfig, dataset: Dataset) -> dict:
 
 
 class Clock:
-    """Busy (computing) and idle (waiting on peers) seconds of one process. On CUDA, time is taken after a
-    synchronize, so kernels are charged to the phase that queued them."""
+    """Busy (computing) and idle (waiting on peers) seconds of one process, and the CPU seconds it used
+    (all its threads). On CUDA, time is taken after a synchronize, so kernels are charged to the phase that
+    queued them."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -220,7 +221,11 @@ class Clock:
 
     def restart(self) -> None:
         """Zero both counters and start counting now."""
-        self.busy, self.idle, self._mark = 0.0, 0.0, time.perf_counter()
+        self.busy, self.idle, self._mark, self._cpu = 0.0, 0.0, time.perf_counter(), time.process_time()
+
+    def cpu_seconds(self) -> float:
+        """CPU time this process used since the last restart."""
+        return time.process_time() - self._cpu
 
     def charge(self, phase: str) -> None:
         """Add the seconds since the last charge to `phase` ("busy" or "idle")."""
@@ -481,7 +486,7 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     outbound.flush()
     bar.close()
     stats = {"stage": rank, "blocks": [blocks.start, blocks.stop], "busy_seconds": clock.busy,
-             "idle_seconds": clock.idle, "curves": curves}
+             "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(), "curves": curves}
     everyone = [None] * stages if first else None
     dist.gather_object(stats, everyone, dst=0)
     if not first:
@@ -519,6 +524,7 @@ def _distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: flo
             "stages": plan.world_size if plan.mode == "pipeline" else 1,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],
+            "cpu_seconds": [s["cpu_seconds"] for s in everyone],
             "samples_per_second": samples_per_second, "threads_per_process": torch.get_num_threads()}
 
 
@@ -637,7 +643,7 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
                              "stage_split": None, "epoch": epochs_done, "step": step, "config": asdict(config),
                              "curves": curves, "trainer": trainer_state(trainer, everything)}, keep=2)
     bar.close()
-    stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle}
+    stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds()}
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(stats, everyone, dst=0)
     if rank != 0:
