@@ -83,10 +83,11 @@ def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_pat
 
 def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
     """2 ranks × 64 rows of every 128-row batch vs one process with 128 (LayerNorm: BatchNorm's batch
-    statistics would be per rank), to float32 rounding, dropout on R and the alignment term included."""
+    statistics would be per rank), to float32 rounding, dropout on R and the alignment term included.
+    SGD, not Adam, so that a gradient off by a constant factor shows."""
     dataset = synthetic(num_train=256, num_test=64, num_classes=5)
     config = TrainConfig(dataset="synthetic", epochs=2, batch_size=128, width=24, depth=2, norm="layernorm",
-                         p=0.2, lr=1e-2, backend="cpu", seed=1)
+                         p=0.2, lr=0.1, optimizer="sgd", backend="cpu", seed=1)
     result = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path)), config, dataset,
                     threads=1)
     trainer, loss_curve, accuracy_curve = sequential(config, dataset)
@@ -139,11 +140,15 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids, seconds: float) -> list[int]:
+def survivors(pids, seconds: float) -> list[int]:
+    """The pids still alive after `seconds` (killed then, so that a failing test leaves no orphans)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and any(map(alive, pids)):
         time.sleep(0.1)
-    return [pid for pid in pids if alive(pid)]
+    remaining = [pid for pid in pids if alive(pid)]
+    for pid in remaining:
+        os.kill(pid, signal.SIGKILL)
+    return remaining
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
@@ -162,7 +167,7 @@ def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans():
     assert time.monotonic() - start < TIMEOUT + 10
     assert process.returncode == 1
     assert "stage 1 of 2 (rank 1) failed: killed by SIGKILL" in stderr, stderr[-2000:]
-    assert not wait_gone(descendants, 10), "processes outlived the run"
+    assert not survivors(descendants, 10), "processes outlived the run"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
@@ -170,8 +175,10 @@ def test_stages_die_with_their_parent():
     process = cli_process()
     ranks = ranks_of(process)
     process.kill()
-    process.communicate()
-    assert not wait_gone(list(ranks.values()), 10), "stages outlived their parent"
+    process.wait()  # not communicate(): surviving stages would hold its pipes open
+    process.stdout.close()
+    process.stderr.close()
+    assert not survivors(list(ranks.values()), 10), "stages outlived their parent"
 
 
 def test_block_step_seed_is_a_pure_function_of_run_block_and_step():

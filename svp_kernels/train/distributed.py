@@ -335,7 +335,7 @@ class Link:
     def __init__(self, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype, device: torch.device,
                  max_in_flight: int, clock: Clock):
         self.h_shape, self.v_width, self.dtype, self.device = h_shape, v_width, dtype, device
-        self.pending: deque[list] = deque()
+        self.pending: deque[tuple[list, list]] = deque()  # (works, the tensors they read)
         self.max_in_flight, self.clock = max_in_flight, clock
 
     def send(self, message: Message, peer: int) -> None:
@@ -344,7 +344,7 @@ class Link:
         tensors = [header] + [t.contiguous() for t in (message.h, message.v, message.targets) if t is not None]
         while len(self.pending) >= self.max_in_flight:  # back-pressure: the receiver is behind
             self._wait_oldest()
-        self.pending.append(([dist.isend(tensor, peer) for tensor in tensors], tensors))  # tensors stay alive
+        self.pending.append(([dist.isend(tensor, peer) for tensor in tensors], tensors))
 
     def _wait_oldest(self) -> None:
         self.clock.charge("busy")
