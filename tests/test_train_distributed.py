@@ -17,7 +17,8 @@ import torch
 
 from svp_kernels.train import distributed
 from svp_kernels.train.data import synthetic
-from svp_kernels.train.distributed import Plan, balanced_split, epoch_batches, launch, plan_from_arguments
+from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches, launch,
+                                          plan_from_arguments)
 from svp_kernels.train.run import TrainConfig, build_trainer
 from svp_kernels.train.seeds import block_step_seed
 
@@ -97,6 +98,14 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
     assert result["test_accuracy_curve"] == accuracy_curve
+
+
+def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
+    dataset = synthetic(num_train=64, num_test=16, num_classes=4)
+    config = TrainConfig(dataset="synthetic", epochs=1, width=8, depth=3, backend="cpu")
+    with pytest.raises(DistributedTrainingError, match=r"stage \d of 2 \(rank \d\) failed: ValueError: "
+                                                        r"stage_split \(1, 1\) covers 2 blocks; the model has 4"):
+        launch(Plan("pipeline", 2, (1, 1), timeout=TIMEOUT), config, dataset, threads=1)
 
 
 def cli_process(*flags: str) -> subprocess.Popen:
