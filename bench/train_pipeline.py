@@ -10,7 +10,9 @@ training samples over the wall time from the start barrier to the last stage's e
 excluded; the pipeline's fill and drain and the evaluation batch included). The speedup is K = 2 over
 K = 1 within each round. On a machine shared with other work the wall-clock speedup measures the CPU
 share the processes got; the cpu-time speedup (K = 1's CPU seconds over the busiest stage's) is what
-K processes on K free cores would gain, before the fill and drain. Rows are appended to
+K processes on K free cores would gain, before the fill and drain. --control adds, per round, two
+independent K = 1 runs at once: their summed samples/s over one K = 1 run alone is the CPU the machine
+gives a second process, the ceiling of any 2-stage speedup there. Rows are appended to
 bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20/p50/p80 over the rounds.
 """
 
@@ -20,6 +22,7 @@ import argparse
 import csv
 import datetime
 import sys
+import threading
 from pathlib import Path
 
 from run import CSV_COLUMNS, RESULTS, device_slug, git_commit, percentiles, triton_version
@@ -39,7 +42,24 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=8, help="hidden blocks")
     parser.add_argument("--stages", default="1,2", help="the K to compare, the first being the baseline")
+    parser.add_argument("--control", action="store_true",
+                        help="also time two independent 1-stage runs at once (the machine's second-core ceiling)")
     return parser.parse_args(argv)
+
+
+def concurrent_throughput(config: TrainConfig, dataset, runs: int) -> float:
+    """Summed samples/s of `runs` independent 1-stage runs started at once."""
+    results = [None] * runs
+
+    def run(index: int) -> None:
+        results[index] = launch(Plan("pipeline", 1, timeout=300.0), config, dataset, threads=1)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(result["samples_per_second"] for result in results)
 
 
 def main(argv=None) -> int:
@@ -49,8 +69,12 @@ def main(argv=None) -> int:
     config = TrainConfig(model="mlp", dataset="synthetic", epochs=1, batch_size=args.batch_size, width=args.width,
                          depth=args.depth, p=0.1, backend="cpu", device="cpu")
     throughput, critical_cpu = {k: [] for k in stage_counts}, {k: [] for k in stage_counts}
-    splits = {}
+    splits, concurrent = {}, []
     for round_index in range(args.rounds):
+        if args.control:
+            concurrent.append(concurrent_throughput(config, dataset, 2))
+            print(f"round {round_index}: two independent K = 1 runs at once {concurrent[-1]:8.1f} samples/s in all",
+                  flush=True)
         for k in stage_counts:
             result = launch(Plan("pipeline", k, timeout=300.0), config, dataset, threads=1)
             throughput[k].append(result["samples_per_second"])
@@ -81,6 +105,12 @@ def main(argv=None) -> int:
                   f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}), cpu-time speedup "
                   f"{percentiles(cpu_ratios)[1]:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)}); "
                   f"split {splits[k]}")
+    if concurrent:
+        ratios = [both / alone for both, alone in zip(concurrent, throughput[baseline])]
+        rows.append({**common, "metric": "two_concurrent_1_stage_runs_over_one", "unit": "x",
+                     **dict(zip(("p20", "p50", "p80"), percentiles(ratios)))})
+        print(f"two independent K = 1 runs at once over one alone: median {percentiles(ratios)[1]:.2f}x "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     path = RESULTS / f"train_pipeline-{device}.csv"
     new = not path.exists()
     with open(path, "a", newline="") as file:
