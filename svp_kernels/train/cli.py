@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from . import distributed
 from .data import DATASETS, load_dataset
 from .models import NORMS
 from .checkpoint import CheckpointError
@@ -95,6 +96,14 @@ def train_parser() -> argparse.ArgumentParser:
     add("--json", metavar="PATH", help="write the results as JSON")
     add("--plot", metavar="PATH", help="write the training curves as a PNG")
     add("--no-progress", action="store_true", help="no progress bar")
+    # distributed: pipeline stages or data parallel, spawned here or run under torchrun
+    add("--stages", type=int, help="train the blocks as K pipeline stages, one process (one GPU) each")
+    add("--stage-split", help="blocks per stage, e.g. 3,2 (default: balanced by an estimate of FLOPs)")
+    add("--data-parallel", type=int, metavar="N", help="N processes each train 1/N of every --batch-size batch")
+    parser.add_argument(
+        "--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="a process waiting longer than this on a peer, or surviving a failed peer, gives up")
+    add("--stage-checkpoints", metavar="DIR", help="each process checkpoints every epoch here and resumes from it")
     return parser
 
 
@@ -156,6 +165,9 @@ def train_main(argv: list[str]) -> int:
         dataset = load_dataset(config.dataset, config.data_dir)
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
+    code = distributed.train_main(args, config, dataset)  # --stages, --data-parallel or torchrun
+    if code is not None:
+        return code
     try:
         result = run_training(config, dataset, progress=not args.no_progress, checkpoint=args.checkpoint,
                               checkpoint_every=args.checkpoint_every, resume=args.resume)

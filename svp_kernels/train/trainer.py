@@ -198,13 +198,15 @@ class LayerwiseTrainer:
                     step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Trains block `index` (svp) on its input h (detached here) with alignment target v_prev (B, C')
         at global step `step`. Returns (h_out, v_out, loss), all detached: the block's output computed
-        before its update, its projection v (B, C), and its local loss (0-dim, on the device)."""
+        before its update, its projection v (B, C), and its local loss (0-dim, on the device). The block's
+        detached cross-entropy is kept as last_block_ce (of the logits when index is the last block)."""
         if self.method != "svp":
             raise ValueError(f"train_block trains one SVP block; this trainer's method is {self.method!r}")
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
         _check_targets(targets, self.model.num_classes)
-        return self._train_block(index, h, v_prev, targets, step)[:3]
+        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, step)
+        return h_out, v, loss
 
     def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
                      step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,126 @@
+"""Pipeline-parallel SVP training throughput: samples/s with K = 1 and K = 2 stages, one thread per process.
+
+    python bench/train_pipeline.py                      # 784→1024×8→10 MLP, batch 128, 3 interleaved rounds
+    python bench/train_pipeline.py --rounds 5 --batches 24
+
+Each round trains the same model on the same random MNIST-shaped data (1 epoch of --batches batches, then
+one evaluation batch) once per K, alternating K, through svp_kernels.train.distributed.launch (K spawned
+processes; K = 1 is the same code with one process and no messages). samples/s is the run's own figure:
+training samples over the wall time from the start barrier to the last stage's end (process start-up
+excluded; the pipeline's fill and drain and the evaluation batch included). The speedup is K = 2 over
+K = 1 within each round. On a machine shared with other work the wall-clock speedup measures the CPU
+share the processes got; the cpu-time speedup (K = 1's CPU seconds over the busiest stage's) is what
+K processes on K free cores would gain, before the fill and drain. --control adds, per round, two
+independent K = 1 runs at once: their summed samples/s over one K = 1 run alone is the CPU the machine
+gives a second process, the ceiling of any 2-stage speedup there. Rows are appended to
+bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20/p50/p80 over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+import threading
+from pathlib import Path
+
+from run import CSV_COLUMNS, RESULTS, device_slug, git_commit, percentiles, triton_version
+
+import torch
+
+from svp_kernels.train.data import synthetic
+from svp_kernels.train.distributed import Plan, launch
+from svp_kernels.train.run import TrainConfig
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved K = 1, K = 2 pairs")
+    parser.add_argument("--batches", type=int, default=16, help="training batches per run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=8, help="hidden blocks")
+    parser.add_argument("--stages", default="1,2", help="the K to compare, the first being the baseline")
+    parser.add_argument("--control", action="store_true",
+                        help="also time two independent 1-stage runs at once (the machine's second-core ceiling)")
+    return parser.parse_args(argv)
+
+
+def concurrent_throughput(config: TrainConfig, dataset, runs: int) -> float:
+    """Summed samples/s of `runs` independent 1-stage runs started at once."""
+    results = [None] * runs
+
+    def run(index: int) -> None:
+        results[index] = launch(Plan("pipeline", 1, timeout=300.0), config, dataset, threads=1)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(result["samples_per_second"] for result in results)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stage_counts = [int(k) for k in args.stages.split(",")]
+    dataset = synthetic(num_train=args.batch_size * args.batches, num_test=args.batch_size, input_shape=(1, 28, 28))
+    config = TrainConfig(model="mlp", dataset="synthetic", epochs=1, batch_size=args.batch_size, width=args.width,
+                         depth=args.depth, p=0.1, backend="cpu", device="cpu")
+    throughput, critical_cpu = {k: [] for k in stage_counts}, {k: [] for k in stage_counts}
+    splits, concurrent = {}, []
+    for round_index in range(args.rounds):
+        if args.control:
+            concurrent.append(concurrent_throughput(config, dataset, 2))
+            print(f"round {round_index}: two independent K = 1 runs at once {concurrent[-1]:8.1f} samples/s in all",
+                  flush=True)
+        for k in stage_counts:
+            result = launch(Plan("pipeline", k, timeout=300.0), config, dataset, threads=1)
+            throughput[k].append(result["samples_per_second"])
+            critical_cpu[k].append(max(result["cpu_seconds"]))
+            splits[k] = result["stage_split"]
+            print(f"round {round_index}: K = {k} {result['samples_per_second']:8.1f} samples/s, split "
+                  f"{result['stage_split']}, busy/idle/cpu s per stage " + ", ".join(
+                      f"{b:.2f}/{i:.2f}/{c:.2f}" for b, i, c in zip(result["busy_seconds"], result["idle_seconds"],
+                                                                     result["cpu_seconds"])), flush=True)
+    baseline = stage_counts[0]
+    device = device_slug("cpu", 1)
+    common = {"op": "train_pipeline", "backend": "cpu", "B": args.batch_size, "D": args.width, "C": 10, "p": 0.1,
+              "dtype": "float32", "device": device, "torch": torch.__version__, "triton": triton_version(),
+              "commit": git_commit(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds")}
+    rows = []
+    for k in stage_counts:
+        rows.append({**common, "metric": f"samples_per_second_{k}_stages", "unit": "samples/s",
+                     **dict(zip(("p20", "p50", "p80"), percentiles(throughput[k])))})
+        if k != baseline:
+            ratios = [a / b for a, b in zip(throughput[k], throughput[baseline])]
+            rows.append({**common, "metric": f"speedup_{k}_over_{baseline}_stages", "unit": "x",
+                         **dict(zip(("p20", "p50", "p80"), percentiles(ratios)))})
+            cpu_ratios = [b / a for a, b in zip(critical_cpu[k], critical_cpu[baseline])]
+            rows.append({**common, "metric": f"cpu_time_speedup_{k}_over_{baseline}_stages", "unit": "x",
+                         **dict(zip(("p20", "p50", "p80"), percentiles(cpu_ratios)))})
+            print(f"K = {k} over K = {baseline}: median wall-clock speedup {percentiles(ratios)[1]:.2f}x "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}), cpu-time speedup "
+                  f"{percentiles(cpu_ratios)[1]:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)}); "
+                  f"split {splits[k]}")
+    if concurrent:
+        ratios = [both / alone for both, alone in zip(concurrent, throughput[baseline])]
+        rows.append({**common, "metric": "two_concurrent_1_stage_runs_over_one", "unit": "x",
+                     **dict(zip(("p20", "p50", "p80"), percentiles(ratios)))})
+        print(f"two independent K = 1 runs at once over one alone: median {percentiles(ratios)[1]:.2f}x "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    path = RESULTS / f"train_pipeline-{device}.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Distributed SVP training: a K-stage pipeline is bit-identical to the sequential trainer, data parallel
+matches one process with the global batch, checkpoints resume, and a dead process ends the whole run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from svp_kernels.train import distributed
+from svp_kernels.train.data import synthetic
+from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches, epoch_means,
+                                          launch,
+                                          plan_from_arguments)
+from svp_kernels.train.run import TrainConfig, augment, build_trainer
+from svp_kernels.train.seeds import block_step_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 15.0  # --dist-timeout of the failure tests
+
+
+def sequential(config: TrainConfig, dataset):
+    """The single-process trainer after config.epochs epochs on one thread, and its per-epoch curves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+        loss_curve, accuracy_curve = [], []
+        for batches in epoch_batches(config, len(dataset.train_targets)):
+            steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step), dataset.train_targets[i])
+                     for i in batches]
+            loss_curve.append(epoch_means([step.output_ce for step in steps])[0])
+            accuracy_curve.append(trainer.evaluate(dataset.test_inputs, dataset.test_targets))
+    finally:
+        torch.set_num_threads(threads)
+    return trainer, loss_curve, accuracy_curve
+
+
+def saved_tensors(directory: Path, world: int, epoch: int) -> dict[str, torch.Tensor]:
+    """Every block's parameters, buffers and optimizer state that the ranks checkpointed after `epoch`."""
+    tensors = {}
+    for rank in range(world):
+        state = torch.load(directory / f"rank-{rank}-epoch-{epoch}.pt", weights_only=False)["trainer"]
+        for index, block in state["blocks"].items():
+            tensors.update({f"block{index}.{name}": value for name, value in block.items()})
+            for key, value in state["optimizers"][index]["state"].items():
+                tensors.update({f"optimizer{index}.{key}.{name}": t for name, t in value.items()})
+    return tensors
+
+
+def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, (block, optimizer) in enumerate(zip(trainer.model.blocks, trainer.optimizers)):
+        tensors.update({f"block{index}.{name}": value for name, value in block.state_dict().items()})
+        for key, value in optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer{index}.{key}.{name}": t for name, t in value.items()})
+    return tensors
+
+
+def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_path):
+    """2 stages × 2 blocks, BatchNorm and dropout on R: after 4 and 8 steps (the second run resumed from
+    the first's checkpoints) every parameter, buffer and Adam moment equals the sequential trainer's."""
+    dataset = synthetic(num_train=200, num_test=50, num_classes=4)
+    config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
+                         backend="cpu", seed=3)
+    plan = Plan("pipeline", 2, (2, 2), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
+    first = launch(plan, config, dataset, threads=1)
+    resumed = launch(plan, dataclasses.replace(config, epochs=2), dataset, threads=1)
+    assert first["stage_blocks"] == [[0, 2], [2, 4]] and resumed["world_size"] == 2
+    for epochs, result in ((1, first), (2, resumed)):
+        trainer, loss_curve, accuracy_curve = sequential(dataclasses.replace(config, epochs=epochs), dataset)
+        expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 2, epochs)
+        assert found.keys() == expected.keys()
+        unequal = [name for name in expected if not torch.equal(found[name], expected[name])]
+        assert not unequal, f"after {epochs} epochs these differ from the sequential trainer: {unequal}"
+        assert result["train_loss_curve"] == loss_curve and result["test_accuracy_curve"] == accuracy_curve
+
+
+def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
+    """2 ranks × 64 rows of every 128-row batch vs one process with 128 (LayerNorm: BatchNorm's batch
+    statistics would be per rank), to float32 rounding, dropout on R and the alignment term included.
+    SGD, not Adam, so that a gradient off by a constant factor shows."""
+    dataset = synthetic(num_train=256, num_test=64, num_classes=5)
+    config = TrainConfig(dataset="synthetic", epochs=2, batch_size=128, width=24, depth=2, norm="layernorm",
+                         p=0.2, lr=0.1, optimizer="sgd", backend="cpu", seed=1)
+    result = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path)), config, dataset,
+                    threads=1)
+    trainer, loss_curve, accuracy_curve = sequential(config, dataset)
+    expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 1, 2)  # rank 1's copy
+    assert found.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
+    assert result["test_accuracy_curve"] == accuracy_curve
+
+
+def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
+    dataset = synthetic(num_train=64, num_test=16, num_classes=4)
+    config = TrainConfig(dataset="synthetic", epochs=1, width=8, depth=3, backend="cpu")
+    with pytest.raises(DistributedTrainingError, match=r"stage \d of 2 \(rank \d\) failed: ValueError: "
+                                                        r"stage_split \(1, 1\) covers 2 blocks; the model has 4"):
+        launch(Plan("pipeline", 2, (1, 1), timeout=TIMEOUT), config, dataset, threads=1)
+
+
+def cli_process(*flags: str) -> subprocess.Popen:
+    """svp-train with a long 2-stage run on one thread per process, stderr captured."""
+    command = [sys.executable, "-m", "svp_kernels.train.cli", "--dataset", "synthetic", "--epochs", "100000",
+               "--width", "16", "--depth", "1", "--device", "cpu", "--backend", "cpu", "--no-progress",
+               "--dist-timeout", str(TIMEOUT), "--stages", "2", *flags]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(pid: int) -> dict[str, int]:
+    """{name (/proc/<pid>/comm): pid} of the processes whose parent is pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[stat[stat.index("(") + 1:stat.rindex(")")]] = int(entry.name)
+    return found
+
+
+def ranks_of(process: subprocess.Popen) -> dict[str, int]:
+    """Wait until both ranks have joined the process group (each names itself svp-rank-<r>)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        ranks = {name: pid for name, pid in children(process.pid).items() if name.startswith("svp-rank-")}
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"the ranks never started: {process.communicate()[1][-2000:]}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def survivors(pids, seconds: float) -> list[int]:
+    """The pids still alive after `seconds` (killed then, so that a failing test leaves no orphans)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(map(alive, pids)):
+        time.sleep(0.1)
+    remaining = [pid for pid in pids if alive(pid)]
+    for pid in remaining:
+        os.kill(pid, signal.SIGKILL)
+    return remaining
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans():
+    process = cli_process()
+    ranks = ranks_of(process)
+    descendants = list(children(process.pid).values())
+    time.sleep(1.0)
+    os.kill(ranks["svp-rank-1"], signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT + 30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run did not end after one of its stages was killed")
+    assert time.monotonic() - start < TIMEOUT + 10
+    assert process.returncode == 1
+    assert "stage 1 of 2 (rank 1) failed: killed by SIGKILL" in stderr, stderr[-2000:]
+    assert not survivors(descendants, 10), "processes outlived the run"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+def test_stages_die_with_their_parent():
+    process = cli_process()
+    ranks = ranks_of(process)
+    process.kill()
+    process.wait()  # not communicate(): surviving stages would hold its pipes open
+    process.stdout.close()
+    process.stderr.close()
+    assert not survivors(list(ranks.values()), 10), "stages outlived their parent"
+
+
+def test_block_step_seed_is_a_pure_function_of_run_block_and_step():
+    seeds = {block_step_seed(7, block, step) for block in range(4) for step in range(50)}
+    assert len(seeds) == 200 and all(0 <= seed < 2**63 for seed in seeds)
+    assert block_step_seed(7, 2, 9) == block_step_seed(7, 2, 9) != block_step_seed(8, 2, 9)
+    for bad in ((-1, 0, 0), (0, -1, 0), (0, 0, 2**32), (2**63, 0, 0)):
+        with pytest.raises(ValueError, match="block_step_seed"):
+            block_step_seed(*bad)
+
+
+def test_balanced_split_minimises_the_largest_stage():
+    assert balanced_split([0.77, 1, 1, 1, 1, 1, 1, 1, 0.01], 2) == (4, 5)
+    assert balanced_split([5, 1, 1, 1, 1, 1], 2) == (1, 5)
+    assert balanced_split([1, 1, 1], 3) == (1, 1, 1)
+    with pytest.raises(ValueError, match="stages"):
+        balanced_split([1, 1], 3)
+
+
+def arguments(**values) -> argparse.Namespace:
+    defaults = {"stages": None, "stage_split": None, "data_parallel": None, "dist_timeout": 60.0,
+                "stage_checkpoints": None}
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_plans_from_flags_and_torchrun():
+    torchrun = {"rank": 0, "world_size": 2, "local_rank": 0}
+    assert plan_from_arguments(arguments(), None) is None
+    assert plan_from_arguments(arguments(), {**torchrun, "world_size": 1}) is None
+    assert plan_from_arguments(arguments(), torchrun) == Plan("data_parallel", 2)
+    assert plan_from_arguments(arguments(stages=2, stage_split="3,1"), torchrun) == Plan("pipeline", 2, (3, 1))
+    assert plan_from_arguments(arguments(data_parallel=3), None).world_size == 3
+    for flags, environment, match in [({"stages": 2, "data_parallel": 2}, None, "cannot be combined"),
+                                      ({"stage_split": "2,2"}, None, "needs --stages"),
+                                      ({"stages": 2, "stage_split": "2;2"}, None, "comma-separated"),
+                                      ({"stages": 2, "stage_split": "4"}, None, "each of the 2 stages"),
+                                      ({"stages": 3}, torchrun, "WORLD_SIZE = 3"),
+                                      ({"stages": 2, "dist_timeout": 0.0}, None, "timeout")]:
+        with pytest.raises(ValueError, match=match):
+            plan_from_arguments(arguments(**flags), environment)
+    with pytest.raises(ValueError, match="method 'svp'"):
+        distributed.validate(Plan("pipeline", 2), TrainConfig(method="bp"))
