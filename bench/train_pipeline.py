@@ -25,13 +25,17 @@ import sys
 import threading
 from pathlib import Path
 
-from run import CSV_COLUMNS, RESULTS, device_slug, git_commit, percentiles, triton_version
+from run import RESULTS, device_slug, git_commit, percentiles, triton_version
 
 import torch
 
 from svp_kernels.train.data import synthetic
+
 from svp_kernels.train.distributed import Plan, launch
 from svp_kernels.train.run import TrainConfig
+
+CSV_COLUMNS = ["op", "backend", "B", "D", "C", "p", "dtype", "metric", "unit", "p20", "p50", "p80", "device", "torch",
+               "triton", "commit", "timestamp"]
 
 
 def parse_args(argv=None):
