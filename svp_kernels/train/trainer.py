@@ -154,14 +154,19 @@ class LayerwiseTrainer:
             self.optimizers = [make_optimizer(optimizer, model.parameters(), lr, weight_decay)]
             return
         self.optimizers = [make_optimizer(optimizer, block.parameters(), lr, weight_decay) for block in model.blocks]
+        # Every step passes block_step_seed(seed, block, step) explicitly, so the modules' own seed streams are
+        # never used: their bases come from a reserved step (no global RNG draw, which would shift the
+        # projection seeds drawn after it).
         hidden_losses = [LocalLoss(features, proj_dim, p=p, alignment_weight=alignment_weight,
-                                   implicit=implicit_projection, backend=backend)
-                         for features in readout_features(model, self.device)]
+                                   implicit=implicit_projection, backend=backend,
+                                   dropout_seed=block_step_seed(seed, index, 2**32 - 1))
+                         for index, features in enumerate(readout_features(model, self.device))]
         output_loss = LocalLoss(num_classes, num_classes, identity=True, alignment_weight=alignment_weight,
                                 backend=backend)
         self.local_losses = nn.ModuleList(hidden_losses + [output_loss]).to(self.device)
         self.input_projection = RandomProjection(math.prod(model.input_shape), proj_dim,
-                                                 implicit=implicit_projection, backend=backend).to(self.device)
+                                                 implicit=implicit_projection, backend=backend,
+                                                 dropout_seed=0).to(self.device)  # p = 0: never draws a mask
         self.readouts = list(model.readouts) + [nn.Identity()]
         self._loss_calls: list[_LossCall | None] = [None] * len(model.blocks)
 
