@@ -184,12 +184,17 @@ def train_main(argv: list[str]) -> int:
           f"wall {result['wall_seconds']:.1f} s | peak memory {result['peak_memory_bytes'] / MIB:.2f} MiB "
           f"(step transient {result['activation_peak_bytes'] / MIB:.2f} MiB) | {result['device']}, "
           f"{result['backend']} kernels")
+    write_outputs(result, args)
+    return 0
+
+
+def write_outputs(result: dict, args: argparse.Namespace) -> None:
+    """The run's --json file and --plot PNG, where asked for."""
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     if args.plot:
         plot_training(result, args.plot)
-    return 0
 
 
 def memory_depth_main(argv: list[str]) -> int:

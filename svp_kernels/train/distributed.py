@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import datetime
-import json
 import math
 import os
 import signal
@@ -945,11 +944,7 @@ def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
           f"{100 * result['test_accuracy']:.2f}% | wall {result['wall_seconds']:.1f} s | "
           f"{result['samples_per_second']:.0f} samples/s | busy/idle s per rank: "
           + ", ".join(f"{b:.1f}/{i:.1f}" for b, i in zip(result["busy_seconds"], result["idle_seconds"])))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=2)
-    if args.plot:
-        from .cli import plot_training
+    from .cli import write_outputs  # cli imports this module
 
-        plot_training(result, args.plot)
+    write_outputs(result, args)
     return 0
