@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
-from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
 from ..philox import philox4x32_10
 from .models import BlockwiseModel
