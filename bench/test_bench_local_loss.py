@@ -28,7 +28,7 @@ import baselines  # noqa: E402
 from tests.cases import Case, cpu_backends, make_inputs, run  # noqa: E402
 
 THREADS = 2
-# (B, D, C): the small end of issue 2's shape set, plus a B > D case (batch-space vs feature-space epilogue).
+# (B, D, C): the small end of the CPU benchmark shapes, plus a B > D case (batch-space vs feature-space epilogue).
 SHAPES = [(64, 1024, 10), (256, 4096, 10), (1024, 1024, 10), (256, 1024, 100)]
 # Triton runs on CPU only in its interpreter (a correctness tool, far too slow to time); the reference
 # backend is the oracle, not a baseline.
