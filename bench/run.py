@@ -453,6 +453,17 @@ def parse_args(argv=None):
     return args
 
 
+def append_csv(path: Path, rows: list[dict], columns: list[str], extrasaction: str = "raise") -> None:
+    """Appends rows to the results CSV at path, writing the header first when the file is new or empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction=extrasaction)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_probe:
@@ -502,13 +513,7 @@ def main(argv=None) -> int:
 
     if args.csv != "none":
         path = Path(args.csv) if args.csv else RESULTS / f"{device_name}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(path, rows, CSV_COLUMNS, extrasaction="ignore")
         print(f"\nappended {len(rows)} rows to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     print()
     print(markdown_table(rows))

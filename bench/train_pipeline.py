@@ -19,13 +19,12 @@ bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 import threading
 from pathlib import Path
 
-from run import RESULTS, device_slug, git_commit, percentiles, triton_version
+from run import RESULTS, append_csv, device_slug, git_commit, percentiles, triton_version
 
 import torch
 
@@ -116,12 +115,7 @@ def main(argv=None) -> int:
         print(f"two independent K = 1 runs at once over one alone: median {percentiles(ratios)[1]:.2f}x "
               f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     path = RESULTS / f"train_pipeline-{device}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(path, rows, CSV_COLUMNS)
     print(f"appended {len(rows)} rows to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return 0
 

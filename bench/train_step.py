@@ -13,7 +13,6 @@ bench/results/train_step-<device>.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import statistics
 import sys
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import ForeignLoad, device_slug, git_commit, percentiles  # noqa: E402  (bench/run.py)
+from run import ForeignLoad, append_csv, device_slug, git_commit, percentiles  # noqa: E402  (bench/run.py)
 
 from svp_kernels import backends  # noqa: E402
 from svp_kernels.train import LayerwiseTrainer, mlp, vgg11  # noqa: E402
@@ -118,12 +117,7 @@ def main(argv=None) -> int:
                          "commit": commit, "timestamp": stamp})
     if not args.no_csv:
         path = REPO / "bench" / "results" / f"train_step-{device}.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(path, rows, CSV_COLUMNS)
         print(f"appended {len(rows)} rows to {path.relative_to(REPO)}")
     return 0
 
