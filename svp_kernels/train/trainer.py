@@ -23,9 +23,8 @@ from torch import nn
 
 from .. import backends
 from ..nn import LocalLoss, RandomProjection
-from ..philox import philox4x32_10
 from .models import BlockwiseModel
-from .seeds import block_step_seed
+from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
 
 METHODS = ("svp", "bp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -72,8 +71,7 @@ def readout_features(model: BlockwiseModel, device) -> list[int]:
 
 class BlockSeedTable:
     """block_step_seed(run_seed, block, step) for every block, computed for STEPS steps at a time with one
-    vectorised Philox call per block (the scalar call costs ~150 tensor operations, i.e. milliseconds of
-    a training step). The same formula, word for word: seed = (word0 mod 2³¹)·2³² + word1."""
+    block_step_seeds call per block (a scalar call costs milliseconds of a training step)."""
 
     STEPS = 1024
 
@@ -84,12 +82,9 @@ class BlockSeedTable:
     def __call__(self, block: int, step: int) -> int:
         first, seeds = self._tables.get(block, (-1, []))
         if not first <= step < first + len(seeds):
-            block_step_seed(self.run_seed, block, step)  # validates the arguments
+            check_seed_arguments(self.run_seed, block, step, step)
             first = step - step % self.STEPS
-            count = min(self.STEPS, 2**32 - first)
-            counters = block * 2**32 + torch.arange(first, first + count, dtype=torch.int64)
-            word0, word1, _, _ = philox4x32_10(self.run_seed, counters)
-            seeds = ((word0 & 0x7FFFFFFF) << 32 | word1).tolist()
+            seeds = block_step_seeds(self.run_seed, block, first, min(self.STEPS, 2**32 - first))
             self._tables[block] = (first, seeds)
         return seeds[step - first]
 
