@@ -95,7 +95,7 @@ def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.numel() == 0:
         return  # fused_local_loss refuses these with its own message
     if targets.device.type == "cpu":
-        low, high = int(targets.min()), int(targets.max())
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one pass, one read back
         if low < 0 or high >= num_classes:
             raise ValueError(f"targets must be in [0, {num_classes}), got values in [{low}, {high}]")
     else:
