@@ -216,6 +216,43 @@ def _project(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tenso
                              projection.proj_std, p, seed)
 
 
+class _FusedLocalLoss(torch.autograd.Function):
+    """fused_local_loss outside torch.compile on a fused backend: one autograd node in place of the ops' two.
+
+    The forward runs the backend's gradient interface (docs/backends.md) and keeps only g_v (B, C), the seed
+    tensor and a dense R; the backward is dh = grad_loss · g_v R̃, the mask regenerated from the seed. Same
+    kernels and the same arithmetic as the op path that torch.compile traces, so the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, module, projection: _ProjectionArgs, p, seed, target, v_prev, alignment_weight, mean,
+                center):
+        if projection.identity:
+            v = h.to(accumulation_dtype(h.dtype)).detach()  # an output must not be the input itself
+        else:
+            v = module.projection_value(h, projection.weight, projection.out_features, projection.proj_seed,
+                                        projection.proj_std, p, seed)
+        loss, ce, alignment, grad_v = module.epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center)
+        ctx.save_for_backward(grad_v, projection.weight, seed)
+        ctx.module, ctx.projection, ctx.p, ctx.h_shape, ctx.h_dtype = module, projection, p, h.shape, h.dtype
+        ctx.mark_non_differentiable(ce, alignment, v)
+        return loss, ce, alignment, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_ce, grad_alignment, grad_v_out):
+        grad_v, weight, seed = ctx.saved_tensors
+        grad_v = grad_loss * grad_v
+        projection = ctx.projection
+        if projection.identity:
+            grad_h = grad_v.to(ctx.h_dtype)
+        else:
+            grad_h = ctx.module.projection_backward(grad_v.contiguous(), weight, ctx.h_shape[1],
+                                                    projection.proj_seed, projection.proj_std, ctx.p, seed,
+                                                    ctx.h_dtype)
+        return (grad_h,) + (None,) * 9
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------------
@@ -258,6 +295,10 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     module = backends.resolve(backend, h.device, h.dtype)
 
     h = h.contiguous()
+    if not _is_compiling() and hasattr(module, "epilogue_with_grad"):
+        loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
+                                                        alignment_weight, mean, center)
+        return LocalLoss(loss, ce, alignment, v.to(h.dtype))
     v = _project(module, h, projection_args, p, seed)
     loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)
     return LocalLoss(loss, ce.detach(), alignment.detach(), v.detach().to(h.dtype))

@@ -43,6 +43,50 @@ def test_float32_no_less_accurate_than_plain_torch(case, device, backend):
         assert_no_less_accurate(a, r, e, f"{backend}/{case}: {name}")
 
 
+def _op_path(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
+    """(loss, ce, alignment, v, dh) through the backend's autograd ops, the path torch.compile traces."""
+    from svp_kernels import backends
+
+    module = backends.load(backend)
+    h = h.detach().requires_grad_()
+    seed_tensor = torch.full((), seed, dtype=torch.int64, device=h.device)
+    if case.projection == "identity":
+        v = h
+    elif case.projection == "implicit":
+        std = projection.std_for(h.shape[1])
+        v = module.projection(h, None, projection.out_features, projection.seed, std, case.p, seed_tensor)
+    else:
+        v = module.projection(h, projection, projection.shape[0], 0, 0.0, case.p, seed_tensor)
+    loss, ce, alignment = module.epilogue(v, target, v_prev, case.alignment_weight, case.reduction == "mean",
+                                          case.center)
+    (dh,) = torch.autograd.grad(loss, h)
+    return loss.detach(), ce, alignment, v.detach(), dh
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("case", LOCAL_LOSS_CASES, ids=str)
+def test_eager_node_matches_the_traced_ops_bitwise(case, device, backend):
+    """Eager calls run one autograd node over the gradient interface; compiled graphs run the ops: same bits."""
+    inputs = make_inputs(case, torch.float32, device)
+    eager = run(case, *inputs, backend)
+    ops = _op_path(case, *inputs, backend)
+    for name, a, o in zip(FIELDS, eager, ops):
+        assert a.dtype == o.dtype and torch.equal(a, o), f"{backend}/{case}: {name} differs from the op path"
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
+    """docs/design.md §2: autograd keeps g_v (B, C), the seed and a dense R — nothing of size B·D."""
+    case = Case(9, 40, 6, 5, p=0.2)
+    h, target, v_prev, projection = make_inputs(case, torch.float32, device)
+    h.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=1, backend=backend)
+    assert out.loss.grad_fn.name() == "_FusedLocalLossBackward"
+    assert sorted(saved) == sorted([(9, 6), (6, 40), ()]), saved
+
+
 @pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("case", [Case(5, 7, 4, 3, p=0.3, center=True), Case(12, 6, 3, 2, projection="implicit", p=0.2),
                                   Case(4, 0, 6, 5, projection="identity", reduction="sum")], ids=str)

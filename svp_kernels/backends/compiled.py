@@ -2,11 +2,17 @@
 
 csrc/cpu implements them for CPU tensors (float32, float64), csrc/cuda for CUDA tensors (float32,
 float64, bfloat16, float16). Autograd and fake rules are attached in svp_kernels/_ops.py.
+
+The gradient interface (projection_value, epilogue_with_grad, projection_backward) runs the same ops below
+autograd: the value and the gradient with no autograd node, for callers that apply the chain rule
+themselves (the eager path of svp_kernels/api.py, the trainer's per-block step).
 """
 
 from __future__ import annotations
 
 import torch
+
+_OPS = torch.ops.svp_kernels
 
 
 def projection(h, weight, out_features, proj_seed, proj_std, p, seed):
@@ -23,3 +29,21 @@ def epilogue(v, target, v_prev, alignment_weight, mean, center):
 def cosine_gram(v, center):
     """S (B, B) = â âᵀ."""
     return torch.ops.svp_kernels.cosine_gram(v, center)
+
+
+def projection_value(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ with no autograd node."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
+
+
+def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
+    """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C), computed in the same pass; no autograd node."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+
+
+def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
+    """dh (B, D) = grad_v R̃ in `dtype`, the mask regenerated from `seed`; no autograd node."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .compiled import cosine_gram, epilogue, projection  # noqa: F401  (the backend interface)
+from .compiled import (cosine_gram, epilogue, epilogue_with_grad, projection,  # noqa: F401
+                       projection_backward, projection_value)  # (the backend interface)
 
 NAME = "cuda"
 

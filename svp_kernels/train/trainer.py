@@ -106,10 +106,11 @@ def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
 class _LossCall(NamedTuple):
     """One block's validated fused_local_loss arguments, kept for the lean path of later steps."""
 
-    module: object  # the resolved backend
+    module: object  # the resolved backend (one with the gradient interface of docs/backends.md)
     shape: tuple[int, ...]  # (B, D) the arguments were validated for
     device: torch.device
     weight: torch.Tensor | None  # dense R (C, D), or None for identity / implicit
+    in_features: int
     out_features: int
     proj_seed: int
     proj_std: float
@@ -216,19 +217,26 @@ class LayerwiseTrainer:
             local_loss.train()
         h_out = block(h.detach())  # no gradient flows back into earlier blocks
         features = self.readouts[index](h_out)
-        loss, ce, v = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step))
-        loss.backward()  # frees this block's graph: its activations die before the next block runs
+        loss, ce, v, grad_features = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step))
+        # Either backward frees this block's graph: its activations die before the next block runs.
+        if grad_features is None:
+            loss.backward()
+        else:
+            features.backward(grad_features)
         self._set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return h_out.detach(), v, loss.detach(), ce
 
     def _local_loss(self, index: int, features: torch.Tensor, targets: torch.Tensor, v_prev: torch.Tensor,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, ce, v) of block index's fused_local_loss. The first call, and any call whose shapes,
-        dtypes or devices differ from it, goes through the validating public op; later calls run the
-        same backend ops on the arguments validated then (the same computation without the per-call
-        checks). The callers range-check the targets first (_check_targets)."""
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss, ce, v, grad_features) of block index's fused_local_loss.
+
+        The first call, and any call whose shapes, dtypes or devices differ from it, goes through the
+        validating public op and returns grad_features None (loss carries the graph). Later calls run the
+        backend's gradient interface on the arguments validated then: the same kernels without the per-call
+        checks and without an autograd node, returning loss detached and grad_features = dloss/dfeatures
+        for features.backward. The callers range-check the targets first (_check_targets)."""
         local_loss = self.local_losses[index]
         projection = local_loss.projection
         p = projection.p if projection is not None and local_loss.training else 0.0
@@ -241,32 +249,36 @@ class LayerwiseTrainer:
                 targets.dtype != torch.int64 or targets.shape != flat.shape[:1] or targets.device != flat.device:
             out = local_loss(features, targets, v_prev, seed=seed)
             self._loss_calls[index] = self._validated_call(local_loss, flat)
-            return out.loss, out.ce, out.v
-        if call.identity:
-            v = flat
-        else:
-            v = call.module.projection(flat.contiguous(), call.weight, call.out_features, call.proj_seed,
-                                       call.proj_std, p, seed)
-        loss, ce, _ = call.module.epilogue(v, targets.contiguous(), v_prev.detach().contiguous(),
-                                           local_loss.alignment_weight, local_loss.reduction == "mean",
-                                           local_loss.center)
-        return loss, ce.detach(), v.detach()
+            return out.loss, out.ce, out.v, None
+        module, h = call.module, flat.detach().contiguous()
+        v = h if call.identity else module.projection_value(h, call.weight, call.out_features, call.proj_seed,
+                                                            call.proj_std, p, seed)
+        loss, ce, _, grad_v = module.epilogue_with_grad(v, targets.contiguous(), v_prev.detach().contiguous(),
+                                                        local_loss.alignment_weight,
+                                                        local_loss.reduction == "mean", local_loss.center)
+        grad_h = grad_v if call.identity else module.projection_backward(
+            grad_v, call.weight, call.in_features, call.proj_seed, call.proj_std, p, seed, torch.float32)
+        return loss, ce, v, grad_h.view(features.shape)
 
     @staticmethod
     def _validated_call(local_loss: LocalLoss, flat: torch.Tensor) -> _LossCall | None:
-        """The arguments the lean path reuses for float32 (B, D) features, or None to stay on the public op."""
+        """The arguments the lean path reuses for float32 (B, D) features on a backend with the gradient
+        interface, or None to stay on the public op (the reference backend: its autograd formulation)."""
         if flat.dtype != torch.float32:
             return None
         module = backends.resolve(local_loss.backend, flat.device, flat.dtype)
+        if not hasattr(module, "epilogue_with_grad"):
+            return None
+        B, D = flat.shape
         projection = local_loss.projection
         if projection is None:
-            return _LossCall(module, tuple(flat.shape), flat.device, None, flat.shape[1], 0, 0.0, True)
+            return _LossCall(module, (B, D), flat.device, None, D, D, 0, 0.0, True)
         implicit = projection.implicit
         if projection.weight is None:
-            return _LossCall(module, tuple(flat.shape), flat.device, None, implicit.out_features, implicit.seed,
-                             implicit.std_for(flat.shape[1]), False)
+            return _LossCall(module, (B, D), flat.device, None, D, implicit.out_features, implicit.seed,
+                             implicit.std_for(D), False)
         weight = projection.weight.contiguous()
-        return _LossCall(module, tuple(flat.shape), flat.device, weight, weight.shape[0], 0, 0.0, False)
+        return _LossCall(module, (B, D), flat.device, weight, D, weight.shape[0], 0, 0.0, False)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         lr = self.lr_at(step)

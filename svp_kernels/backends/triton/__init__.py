@@ -94,6 +94,21 @@ def epilogue(v, target, v_prev, alignment_weight, mean, center):
     return loss, ce, alignment
 
 
+def projection_value(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ, launched directly: no op dispatch, no autograd node."""
+    return load_ops().projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
+
+
+def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
+    """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C) from the same pass; no autograd node."""
+    return load_ops().loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+
+
+def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
+    """dh (B, D) = grad_v R̃ in `dtype`, the mask regenerated from `seed`; no autograd node."""
+    return load_ops().projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
+
+
 def cosine_gram(v, center):
     """S (B, B) = â âᵀ (inspection only)."""
     load_ops()
