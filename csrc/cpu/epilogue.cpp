@@ -15,7 +15,7 @@ namespace svp::cpu {
 namespace epilogue_detail {
 
 constexpr int64_t kRowGrain = 256;    // rows per parallel_for grain in row-wise stages
-constexpr int64_t kGramRowGrain = 4;  // rows of the feature-space Gram per grain
+constexpr int64_t kGramRowGrain = 16;  // rows of the feature-space Grams per grain
 constexpr int64_t kGramTile = 64;     // batch-space tiles of S(v) − S(v_prev)
 constexpr int64_t kTransposeRows = 32;
 
@@ -57,16 +57,23 @@ void normalize_rows(const T* v, int64_t batch, int64_t n, bool center, T* out, i
 }
 
 // ---- Alignment ---------------------------------------------------------------------------------------
-// Both paths take P = [â | b̂] (B × W, W = C + C'), the normalised rows side by side, and return FA with
-// grad_a = ∂FA/∂â / 4 = â(âᵀâ) − b̂(b̂ᵀâ) written into grad_a (B × C, zero-filled).
+// Both paths take P = [â | b̂] (B × W), the normalised rows side by side, each block zero-padded to a
+// multiple of kPad columns (â in columns [0, Cp), b̂ in [Cp, Cp + C'p)), so that every product runs in
+// whole vectors; zero columns add exact zeros. They return FA with grad_a = ∂FA/∂â / 4 = â(âᵀâ) − b̂(b̂ᵀâ)
+// written into grad_a (B × Cp, zero-filled; its padding columns stay zero).
 
-// Feature space, O(B·W²) time: G = PᵀP = [[âᵀâ, âᵀb̂], [b̂ᵀâ, b̂ᵀb̂]] holds all three Grams, so
-// FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² (may round to a tiny negative; kept) and grad_a = P · [âᵀâ ; −b̂ᵀâ].
+constexpr int64_t kPad = 16;  // one 64-byte vector of floats, two of doubles
+
+int64_t padded(int64_t n) { return ceil_div(n, kPad) * kPad; }
+
+// Feature space, O(B·W·C) time: G = Pᵀ P[:, :Cp] = [âᵀâ ; b̂ᵀâ] (W × Cp) and H = b̂ᵀb̂ (C'p × C'p) hold the
+// three Grams, so FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² (may round to a tiny negative; kept) and
+// grad_a = P · [âᵀâ ; −b̂ᵀâ].
 template <typename T>
-T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_prev, T* grad_a) {
-  const int64_t W = C + C_prev;
-  // Stage 1: Pᵀ (W × B), so that each Gram entry is a dot product of two contiguous rows. Blocks of
-  // kTransposeRows rows of P keep the reads in L1 while each row of Pᵀ is written contiguously.
+T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_prev, T* grad_a) {
+  const int64_t W = Cp + Cp_prev;
+  // Stage 1: Pᵀ (W × B), the left operand of both Grams. Blocks of kTransposeRows rows of P keep the reads
+  // in L1 while each row of Pᵀ is written contiguously.
   std::vector<T> transposed(W * batch);
   for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
     const int64_t b1 = std::min(batch, b0 + kTransposeRows);
@@ -74,32 +81,40 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
       for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = joined[b * W + i];
   }
 
-  // Stage 2: G = Pᵀ (Pᵀ)ᵀ; tasks own blocks of rows of G, each entry summed over all of B. G is symmetric:
-  // a block of rows [begin, end) computes columns [0, end) only, and the upper triangle is mirrored.
-  std::vector<T> gram(W * W, T(0));
-  at::parallel_for(0, W, kGramRowGrain, [&](int64_t begin, int64_t end) {
-    gemm_nt_accumulate(transposed.data() + begin * batch, batch, end - begin, transposed.data(), batch, end, batch,
-                       gram.data() + begin * W, W);
-  });
-  for (int64_t i = 0; i < W; ++i)
-    for (int64_t j = i + 1; j < W; ++j) gram[i * W + j] = gram[j * W + i];
-
-  // Stage 3: FA from the blocks of G, and M = [âᵀâ ; −b̂ᵀâ] (W × C), the first C columns of G.
-  T feature_alignment = T(0), cross_alignment = T(0), prev_alignment = T(0);
-  std::vector<T> gradient_map(W * C);
-  for (int64_t i = 0; i < W; ++i) {
-    for (int64_t j = 0; j < W; ++j) {
-      const T value = gram[i * W + j];
-      if (i < C && j < C) feature_alignment += value * value;
-      if (i >= C && j < C) cross_alignment += value * value;
-      if (i >= C && j >= C) prev_alignment += value * value;
+  // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn, each entry summed over b in increasing order;
+  // tasks own blocks of rows of [G ; H].
+  std::vector<T> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
+  at::parallel_for(0, W + Cp_prev, kGramRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end;) {
+      if (row < W) {
+        const int64_t stop = std::min(end, W);
+        gemm_nn(transposed.data() + row * batch, batch, stop - row, joined, W, batch, Cp, gram.data() + row * Cp,
+                Cp, /*accumulate=*/false);
+        row = stop;
+      } else {
+        const int64_t i = row - W;
+        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, joined + Cp, W, batch, Cp_prev,
+                prev_gram.data() + i * Cp_prev, Cp_prev, /*accumulate=*/false);
+        row = end;
+      }
     }
-    for (int64_t j = 0; j < C; ++j) gradient_map[i * C + j] = i < C ? gram[i * W + j] : -gram[i * W + j];
+  });
+
+  // Stage 3: FA from the Grams, and M = [âᵀâ ; −b̂ᵀâ] (W × Cp).
+  T feature_alignment = T(0), cross_alignment = T(0), prev_alignment = T(0);
+  std::vector<T> gradient_map(W * Cp);
+  for (int64_t i = 0; i < W; ++i) {
+    for (int64_t j = 0; j < Cp; ++j) {
+      const T value = gram[i * Cp + j];
+      (i < Cp ? feature_alignment : cross_alignment) += value * value;
+      gradient_map[i * Cp + j] = i < Cp ? value : -value;
+    }
   }
+  for (const T value : prev_gram) prev_alignment += value * value;
 
   // Stage 4: grad_a = P · M, by blocks of rows.
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
-    gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), C, W, C, grad_a + begin * C, C,
+    gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, grad_a + begin * Cp, Cp,
             /*accumulate=*/false);
   });
   return feature_alignment - T(2) * cross_alignment + prev_alignment;
@@ -108,11 +123,11 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
 // Batch space, O(B²·W) time: Δ = â âᵀ − b̂ b̂ᵀ = P Qᵀ with Q = [â | −b̂], one kGramTile² tile at a time:
 // FA = Σ Δ², grad_a_I = Σ_J Δ_IJ â_J. Each task owns a block of rows I (and of grad_a).
 template <typename T>
-T batch_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_prev, T* grad_a) {
-  const int64_t W = C + C_prev;
+T batch_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_prev, T* grad_a) {
+  const int64_t W = Cp + Cp_prev;
   std::vector<T> signed_joined(joined, joined + batch * W);
   for (int64_t b = 0; b < batch; ++b)
-    for (int64_t i = C; i < W; ++i) signed_joined[b * W + i] = -signed_joined[b * W + i];
+    for (int64_t i = Cp; i < W; ++i) signed_joined[b * W + i] = -signed_joined[b * W + i];
 
   const int64_t blocks = ceil_div(batch, kGramTile);
   std::vector<T> block_alignment(blocks, T(0));
@@ -131,7 +146,7 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_pre
             block_alignment[block] += delta * delta;
           }
         }
-        gemm_nn(difference.data(), kGramTile, rows, joined + j0 * W, W, cols, C, grad_a + i0 * C, C,
+        gemm_nn(difference.data(), kGramTile, rows, joined + j0 * W, W, cols, Cp, grad_a + i0 * Cp, Cp,
                 /*accumulate=*/true);
       }
     }
@@ -160,19 +175,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
   // Alignment FA (/ B² when mean) and λ · its gradient through the row normalisation, added to g_v.
   T alignment = T(0);
   if (v_prev.has_value()) {
-    const int64_t C_prev = v_prev->size(1), W = C + C_prev;
-    std::vector<T> joined(batch * W), norms(batch), grad_a(batch * C, T(0));
+    const int64_t C_prev = v_prev->size(1), Cp = padded(C), Cp_prev = padded(C_prev), W = Cp + Cp_prev;
+    std::vector<T> joined(batch * W, T(0)), norms(batch), grad_a(batch * Cp, T(0));
     normalize_rows(v_data, batch, C, center, joined.data(), W, norms.data());
-    normalize_rows(v_prev->data_ptr<T>(), batch, C_prev, center, joined.data() + C, W, static_cast<T*>(nullptr));
+    normalize_rows(v_prev->data_ptr<T>(), batch, C_prev, center, joined.data() + Cp, W, static_cast<T*>(nullptr));
     const T raw_alignment = feature_space_is_cheaper(batch, C, C_prev)
-                                ? feature_space_alignment(joined.data(), batch, C, C_prev, grad_a.data())
-                                : batch_space_alignment(joined.data(), batch, C, C_prev, grad_a.data());
+                                ? feature_space_alignment(joined.data(), batch, Cp, Cp_prev, grad_a.data())
+                                : batch_space_alignment(joined.data(), batch, Cp, Cp_prev, grad_a.data());
     const T reduction = mean ? T(1) / (static_cast<T>(batch) * static_cast<T>(batch)) : T(1);
     alignment = raw_alignment * reduction;
     const T grad_a_scale = T(4) * reduction;
     at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        T* grad_row = grad_a.data() + row * C;
+        T* grad_row = grad_a.data() + row * Cp;
         for (int64_t c = 0; c < C; ++c) grad_row[c] *= grad_a_scale;
         normalize_row_backward(joined.data() + row * W, norms[row], C, center, grad_row);
         for (int64_t c = 0; c < C; ++c) grad_v_data[row * C + c] += lambda * grad_row[c];
