@@ -253,6 +253,27 @@ class _FusedLocalLoss(torch.autograd.Function):
         return (grad_h,) + (None,) * 9
 
 
+class _DropoutProjection(torch.autograd.Function):
+    """dropout_projection outside torch.compile on a fused backend: v = h R̃ᵀ through the gradient interface,
+    dh = grad_v R̃ in the backward (the mask regenerated from the seed); saves the seed and a dense R."""
+
+    @staticmethod
+    def forward(ctx, h, module, projection: _ProjectionArgs, p, seed):
+        ctx.save_for_backward(projection.weight, seed)
+        ctx.module, ctx.projection, ctx.p, ctx.h_shape, ctx.h_dtype = module, projection, p, h.shape, h.dtype
+        return module.projection_value(h, projection.weight, projection.out_features, projection.proj_seed,
+                                       projection.proj_std, p, seed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_v):
+        weight, seed = ctx.saved_tensors
+        projection = ctx.projection
+        grad_h = ctx.module.projection_backward(grad_v.contiguous(), weight, ctx.h_shape[1], projection.proj_seed,
+                                                projection.proj_std, ctx.p, seed, ctx.h_dtype)
+        return grad_h, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------------
@@ -314,7 +335,10 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     projection_args = _check_projection(projection, h, p)
     seed = _check_seed(seed, p, h.device)
     module = backends.resolve(backend, h.device, h.dtype)
-    return _project(module, h.contiguous(), projection_args, p, seed).to(h.dtype)
+    h = h.contiguous()
+    if not _is_compiling() and hasattr(module, "projection_value") and not projection_args.identity:
+        return _DropoutProjection.apply(h, module, projection_args, p, seed).to(h.dtype)
+    return _project(module, h, projection_args, p, seed).to(h.dtype)
 
 
 def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto", *,

@@ -77,3 +77,26 @@ def test_float32_no_less_accurate_than_plain_torch(B, D, C, implicit, p, device,
     actual = project(backend, h, weight, C, implicit, p, 5, grad_v)
     for name, a, r, e in zip(("v", "dh"), actual, plain, truth):
         assert_no_less_accurate(a, r, e, f"{backend} {name} B={B} D={D} C={C} implicit={implicit} p={p}")
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("B,D,C,implicit,p", PROJECTION_CASES)
+def test_eager_node_matches_the_traced_op_bitwise(B, D, C, implicit, p, device, backend):
+    """Eager calls run one autograd node over the gradient interface; compiled graphs run the op: same bits."""
+    from svp_kernels import backends
+
+    h, weight, grad_v = projection_inputs(B, D, C, torch.float32, device)
+    eager = project(backend, h, weight, C, implicit, p, 5, grad_v)
+    leaf = h.detach().requires_grad_(True)
+    seed = torch.full((), 5, dtype=torch.int64, device=h.device)
+    std = sk.ImplicitProjection(C, seed=77).std_for(D)
+    v = backends.load(backend).projection(leaf, None if implicit else weight, C, 77 if implicit else 0,
+                                          std if implicit else 0.0, p, seed)
+    v.backward(grad_v)
+    for name, a, o in zip(("v", "dh"), eager, (v.detach(), leaf.grad)):
+        assert torch.equal(a, o), f"{backend} {name} differs from the op path"
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = sk.dropout_projection(leaf, weight, p=p, seed=5, backend=backend)
+    assert out.grad_fn.name() == "_DropoutProjectionBackward"
+    assert sorted(saved) == sorted([(C, D), ()]), saved  # R and the seed: nothing of size B·D
