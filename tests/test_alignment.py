@@ -60,6 +60,22 @@ def test_epilogue_float32_no_less_accurate_than_plain_torch(B, C, C_prev, has_ta
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("C", [1, 8, 13, 100, 131])
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_cross_entropy_float32_no_less_accurate_than_plain_torch(C, spread, device, backend):
+    """The cross-entropy alone over whole vectors and tails of columns, with logits spread far enough
+    (× 40) that most of e^(v − max) underflows."""
+    v, target, _ = epilogue_inputs(37, C, None, True, torch.float64, device)
+    v = (v * spread).to(torch.float32)
+    truth = epilogue_ground_truth(v, target, None, 1.0, True, False)
+    plain = run_epilogue("reference", v, target, None, 1.0, True, False)
+    actual = run_epilogue(backend, v, target, None, 1.0, True, False)
+    for name, a, r, e in zip(("loss", "ce", "g_v"), actual[:2] + actual[3:], plain[:2] + plain[3:],
+                             truth[:2] + truth[3:]):
+        assert_no_less_accurate(a, r, e, f"{backend} {name} C={C} spread={spread}")
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_alignment_loss_matches_ground_truth(reduction, device, backend):
     v, _, v_prev = epilogue_inputs(11, 4, 6, False, torch.float64, device)

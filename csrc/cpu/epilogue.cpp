@@ -5,10 +5,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
+#include "cpu/simd.h"
 #include "svp/math.h"
 
 namespace svp::cpu {
@@ -30,6 +33,69 @@ T sum_in_order(const std::vector<T>& values) {
 
 // ---- Cross-entropy -----------------------------------------------------------------------------------
 
+using Floats = Vec<float>;
+typedef int32_t Ints __attribute__((vector_size(32)));
+constexpr int64_t kFloatLanes = kLanes<float>;
+
+// e^x on 8 lanes for x ≤ 0 (softmax arguments), within 2 ulp of expf: x = n·ln 2 + r with |r| ≤ ln 2 / 2
+// (ln 2 in two parts), e^r by its degree-7 Taylor-like polynomial (the Cephes expf coefficients), 2^n
+// through the exponent bits. Arguments below ln(FLT_MIN) give FLT_MIN-sized values; NaN stays NaN.
+SVP_ALWAYS_INLINE Floats exp_nonpositive(Floats x) {
+  const Floats lowest = Floats{} - 87.3365447504f;  // ln(FLT_MIN): 2^n stays a normal float
+  x = x < lowest ? lowest : x;
+  const Floats scaled = x * 1.44269504088896341f - 0.5f;  // n = round(x / ln 2) = ceil(scaled) for x ≤ 0
+  Ints n = __builtin_convertvector(scaled, Ints);         // truncation toward zero = ceil for negatives
+  const Floats nf = __builtin_convertvector(n, Floats);
+  Floats r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  const Floats z = r * r;
+  Floats poly = Floats{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const Floats e_r = poly * z + r + 1.0f;
+  const Ints power_bits = (n + 127) << 23;  // 2^n: n in [−126, 0]
+  return e_r * (Floats)power_bits;  // a vector cast keeps the bits
+}
+
+// cross_entropy_row (svp/math.h) for float rows, 8 columns at a time: the row max, e^(v − max) and its sum,
+// then grad = e^(v − max) · (grad_scale / sum) − grad_scale at the target. The tail columns use std::exp.
+SVP_MULTIVERSION float cross_entropy_row_vectorized(const float* v, int64_t n, int64_t y, float grad_scale,
+                                                    float* grad) {
+  if (y < 0 || y >= n) {
+    for (int64_t c = 0; c < n; ++c) grad[c] = NAN;
+    return NAN;
+  }
+  const int64_t body = n - n % kFloatLanes;
+  float row_max = v[0];
+  if (body > 0) {
+    Floats lane_max = load_vec<float>(v);
+    for (int64_t c = kFloatLanes; c < body; c += kFloatLanes) {
+      const Floats x = load_vec<float>(v + c);
+      lane_max = x > lane_max ? x : lane_max;
+    }
+    for (int lane = 0; lane < kFloatLanes; ++lane) row_max = lane_max[lane] > row_max ? lane_max[lane] : row_max;
+  }
+  for (int64_t c = body; c < n; ++c) row_max = v[c] > row_max ? v[c] : row_max;
+  Floats lane_sum{};
+  for (int64_t c = 0; c < body; c += kFloatLanes) {
+    const Floats e = exp_nonpositive(load_vec<float>(v + c) - row_max);
+    store_vec(grad + c, e);
+    lane_sum += e;
+  }
+  float exp_sum = horizontal_sum<float>(lane_sum);
+  for (int64_t c = body; c < n; ++c) {
+    grad[c] = std::exp(v[c] - row_max);
+    exp_sum += grad[c];
+  }
+  const float factor = grad_scale / exp_sum;
+  for (int64_t c = 0; c < n; ++c) grad[c] *= factor;
+  grad[y] -= grad_scale;
+  return row_max + std::log(exp_sum) - v[y];
+}
+
 // mean_b [logsumexp(v_b) − v_{b,y_b}]; writes grad = (softmax(v) − onehot(y)) / B.
 template <typename T>
 T cross_entropy(const T* v, const int64_t* target, int64_t batch, int64_t features, T* grad) {
@@ -37,7 +103,12 @@ T cross_entropy(const T* v, const int64_t* target, int64_t batch, int64_t featur
   const T grad_scale = T(1) / static_cast<T>(batch);
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      row_losses[b] = cross_entropy_row(v + b * features, features, target[b], grad_scale, grad + b * features);
+      if constexpr (std::is_same_v<T, float>) {
+        row_losses[b] = cross_entropy_row_vectorized(v + b * features, features, target[b], grad_scale,
+                                                     grad + b * features);
+      } else {
+        row_losses[b] = cross_entropy_row(v + b * features, features, target[b], grad_scale, grad + b * features);
+      }
     }
   });
   return sum_in_order(row_losses) / static_cast<T>(batch);
