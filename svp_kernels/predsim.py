@@ -188,7 +188,7 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
     labels = _check_labels(target, h_sim, "h_sim", classes)
     beta = _check_beta(beta)
     p = _check_p(p)
-    seed = _check_seed(seed, p, h_dec.device)
+    seed = _check_seed(seed, p, h_dec.device) if p > 0 or seed is not None else None  # p = 0: no mask, no seed
     h_dec = h_dec.reshape(h_dec.shape[0], -1)
 
     if _uses_reference(backend, h_dec.device):

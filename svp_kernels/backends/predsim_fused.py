@@ -173,12 +173,16 @@ def similarity_loss_and_grad(x: torch.Tensor, target: Target, *, center: bool, a
 
     x (B, K) contiguous in the accumulation dtype; target features (B, K′) in the same dtype.
     """
+    target_width = target.features.shape[1] if target.features is not None else target.classes
+    feature_space = FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0]
+    if not feature_space and x.shape[0] ** 2 <= BLOCK_ELEMENTS and _cpu_kernels(x):
+        total, grad = torch.ops.svp_kernels.similarity_loss(x, target.features, target.labels, target.same,
+                                                            target.other, center, additive, grad_scale, need_grad)
+        return total, grad if need_grad else None
     u = _centre(x, center)
     if target.features is not None:
         target = target._replace(features=_centre(target.features, center))
-    target_width = target.features.shape[1] if target.features is not None else target.classes
-    path = _feature_space if FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0] else _batch_space
-    total, grad = path(u, target, additive, grad_scale, need_grad)
+    total, grad = (_feature_space if feature_space else _batch_space)(u, target, additive, grad_scale, need_grad)
     if grad is not None and center:
         grad = grad - grad.mean(dim=1, keepdim=True)
     return total, grad
@@ -217,23 +221,35 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
 # The learnable decoder head: logits = h W̃ᵀ + b, W̃ = W ⊙ M / (1 − p)
 # ----------------------------------------------------------------------------------------------------
 
-def _register_dropout_mask_fake() -> None:
-    """Shape rule of svp_kernels::dropout_mask_apply (csrc/cpu/predsim.cpp) for torch.compile."""
+def _register_cpu_kernel_fakes() -> bool:
+    """Shape rules of the ops of csrc/cpu/predsim.cpp for torch.compile; False when they are not built."""
     from .. import _ops
 
-    if _ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "dropout_mask_apply"):
-        @torch.library.register_fake("svp_kernels::dropout_mask_apply")
-        def _dropout_mask_apply(x, p, seed):
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not (_ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "similarity_loss")):
+        return False
+
+    @torch.library.register_fake("svp_kernels::dropout_mask_apply")
+    def _dropout_mask_apply(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("svp_kernels::similarity_loss")
+    def _similarity_loss(x, target, labels, same, other, center, additive, grad_scale, need_grad):
+        grad = x.new_empty(x.shape if need_grad else (0,))
+        return x.new_empty((), dtype=torch.float64), grad
+
+    @torch.library.register_fake("svp_kernels::softmax_cross_entropy")
+    def _softmax_cross_entropy(logits, labels, grad_scale, need_grad):
+        return logits.new_empty(()), logits.new_empty(logits.shape if need_grad else (0,))
+
+    return True
 
 
-_register_dropout_mask_fake()
+CPU_KERNELS = _register_cpu_kernel_fakes()
 
 
-def _compiled_dropout(h: torch.Tensor) -> bool:
-    from .. import _ops
-
-    return _ops.extension_loaded() and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels (csrc/cpu/predsim.cpp) take x: float32/float64 on the CPU."""
+    return CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def _dropped_weight(weight, p, seed):
@@ -244,8 +260,8 @@ def _dropped_weight(weight, p, seed):
 def decoder_logits(h, weight, bias, p, seed):
     """(B, C) logits; with p > 0 the mask of docs/design.md §3 is regenerated, W̃ never stored (CPU)."""
     if p == 0:
-        logits = h @ weight.t()
-    elif _compiled_dropout(h):
+        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    if _cpu_kernels(h):
         logits = torch.ops.svp_kernels.projection_forward(h, weight, weight.shape[0], 0, 0.0, p, seed)
     else:
         logits = h @ _dropped_weight(weight, p, seed).t()
@@ -261,7 +277,7 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
         if need_weight:
             grad_weight = grad_logits.t() @ h
         return grad_h, grad_weight
-    compiled = _compiled_dropout(h)
+    compiled = _cpu_kernels(h)
     if need_h:
         if compiled:
             grad_h = torch.ops.svp_kernels.projection_backward(grad_logits, weight, h.shape[1], 0, 0.0, p, seed,
@@ -277,6 +293,9 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
 
 def cross_entropy_and_grad(logits, labels, grad_scale, need_grad):
     """(mean_b CE as a 0-dim tensor, grad_scale · (softmax − onehot) or None)."""
+    if _cpu_kernels(logits):  # one row loop; torch's log_softmax is ~20 µs at (128, 10) on one thread
+        ce, grad = torch.ops.svp_kernels.softmax_cross_entropy(logits, labels, grad_scale, need_grad)
+        return ce, grad if need_grad else None
     if not need_grad:
         return F.cross_entropy(logits, labels), None
     log_probabilities = torch.log_softmax(logits, dim=1)
