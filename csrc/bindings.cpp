@@ -66,7 +66,7 @@ TORCH_LIBRARY_FRAGMENT(svp_kernels, m) {
   m.def("dropout_mask_apply(Tensor x, float p, Tensor seed) -> Tensor");
   m.def(
       "similarity_loss(Tensor x, Tensor? target, Tensor? labels, float same, float other, bool center, "
-      "bool additive, float grad_scale, bool need_grad) -> (Tensor total, Tensor grad)");
+      "bool additive, float value_scale, float grad_scale, bool need_grad) -> (Tensor value, Tensor grad)");
   m.def("softmax_cross_entropy(Tensor logits, Tensor labels, float grad_scale, bool need_grad) -> (Tensor, Tensor)");
 }
 

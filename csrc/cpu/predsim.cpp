@@ -3,7 +3,7 @@
 // - dropout_mask_apply: the learnable-head dropout gradient dW = (g_vᵀ h) ⊙ M / (1 − p). The product g_vᵀ h
 //   is a plain GEMM (ATen's); this pass applies the mask of docs/design.md §3 in place, regenerating word0
 //   of Philox4x32-10 at offset n = c·D + j for each element, so neither M nor W̃ is ever stored.
-// - similarity_loss: Σ_ij (S(x)_ij − T_ij)² and its gradient in one call (two GEMMs and three row loops),
+// - similarity_loss: scale · Σ_ij (S(x)_ij − T_ij)² and its gradient in one call (two GEMMs and three row loops),
 //   so a small call is not a chain of a dozen tensor ops. Row means, norms and Σ are accumulated in double.
 // - softmax_cross_entropy: mean_b CE of the decoder logits and (softmax − onehot) · scale, one row loop.
 //
@@ -167,7 +167,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> similarity_loss_impl(const at::Tensor& x, const std::optional<at::Tensor>& target,
                                                         const std::optional<at::Tensor>& labels, double same,
                                                         double other, bool center, bool additive,
-                                                        double grad_scale, bool need_grad) {
+                                                        double value_scale, double grad_scale, bool need_grad) {
   const int64_t batch = x.size(0);
   RowScales rows, target_rows;
   const at::Tensor u = centred_rows<T>(x, center, additive, rows);
@@ -216,15 +216,15 @@ std::tuple<at::Tensor, at::Tensor> similarity_loss_impl(const at::Tensor& x, con
       }
     });
   }
-  return {at::scalar_tensor(total, x.options().dtype(at::kDouble)), grad};
+  return {at::scalar_tensor(value_scale * total, x.options()), grad};
 }
 
 }  // namespace predsim_detail
 
 std::tuple<at::Tensor, at::Tensor> similarity_loss(const at::Tensor& x, const std::optional<at::Tensor>& target,
                                                    const std::optional<at::Tensor>& labels, double same,
-                                                   double other, bool center, bool additive, double grad_scale,
-                                                   bool need_grad) {
+                                                   double other, bool center, bool additive, double value_scale,
+                                                   double grad_scale, bool need_grad) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(0) >= 1 && x.size(1) >= 1,
               "svp_kernels: x must be a non-empty (B, K) CPU tensor, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -246,10 +246,10 @@ std::tuple<at::Tensor, at::Tensor> similarity_loss(const at::Tensor& x, const st
       labels.has_value() ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
   if (rows.scalar_type() == at::kFloat) {
     return predsim_detail::similarity_loss_impl<float>(rows, target_rows, label_rows, same, other, center, additive,
-                                                       grad_scale, need_grad);
+                                                       value_scale, grad_scale, need_grad);
   }
   return predsim_detail::similarity_loss_impl<double>(rows, target_rows, label_rows, same, other, center, additive,
-                                                      grad_scale, need_grad);
+                                                      value_scale, grad_scale, need_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,

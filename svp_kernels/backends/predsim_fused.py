@@ -168,24 +168,26 @@ def _feature_space(u, target: Target, additive, grad_scale, need_grad):
 
 
 def similarity_loss_and_grad(x: torch.Tensor, target: Target, *, center: bool, additive: bool,
-                             grad_scale: float, need_grad: bool):
-    """(Σ_ij (S(x)_ij − T_ij)² as a float64 0-dim tensor, d(grad_scale · Σ)/dx or None).
+                             value_scale: float, grad_scale: float, need_grad: bool):
+    """(value_scale · Σ_ij (S(x)_ij − T_ij)² as a 0-dim tensor of x's dtype, Σ accumulated in float64;
+    d(grad_scale · Σ)/dx or None).
 
     x (B, K) contiguous in the accumulation dtype; target features (B, K′) in the same dtype.
     """
     target_width = target.features.shape[1] if target.features is not None else target.classes
     feature_space = FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0]
     if not feature_space and x.shape[0] ** 2 <= BLOCK_ELEMENTS and _cpu_kernels(x):
-        total, grad = torch.ops.svp_kernels.similarity_loss(x, target.features, target.labels, target.same,
-                                                            target.other, center, additive, grad_scale, need_grad)
-        return total, grad if need_grad else None
+        value, grad = torch.ops.svp_kernels.similarity_loss(x, target.features, target.labels, target.same,
+                                                            target.other, center, additive, value_scale, grad_scale,
+                                                            need_grad)
+        return value, grad if need_grad else None
     u = _centre(x, center)
     if target.features is not None:
         target = target._replace(features=_centre(target.features, center))
     total, grad = (_feature_space if feature_space else _batch_space)(u, target, additive, grad_scale, need_grad)
     if grad is not None and center:
         grad = grad - grad.mean(dim=1, keepdim=True)
-    return total, grad
+    return (total * value_scale).to(x.dtype), grad
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,9 +235,8 @@ def _register_cpu_kernel_fakes() -> bool:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("svp_kernels::similarity_loss")
-    def _similarity_loss(x, target, labels, same, other, center, additive, grad_scale, need_grad):
-        grad = x.new_empty(x.shape if need_grad else (0,))
-        return x.new_empty((), dtype=torch.float64), grad
+    def _similarity_loss(x, target, labels, same, other, center, additive, value_scale, grad_scale, need_grad):
+        return x.new_empty(()), x.new_empty(x.shape if need_grad else (0,))
 
     @torch.library.register_fake("svp_kernels::softmax_cross_entropy")
     def _softmax_cross_entropy(logits, labels, grad_scale, need_grad):
@@ -341,9 +342,9 @@ def similarity_forward(x, target_rows, labels, classes, reduce, center, additive
     rows, state = reduce_rows(x, reduce, dtype)
     target = (label_target(labels, classes, additive) if labels is not None
               else feature_target(_as(target_rows, dtype).contiguous()))
-    total, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive, grad_scale=scale,
-                                                need_grad=need_grad)
-    return (total * scale).to(dtype), grad_rows, state
+    value, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive, value_scale=scale,
+                                                grad_scale=scale, need_grad=need_grad)
+    return value, grad_rows, state
 
 
 class SimilarityLoss(torch.autograd.Function):
@@ -387,11 +388,10 @@ def predsim_forward(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, n
 
     sim_dtype = _accumulation(h_sim.dtype)
     rows, state = reduce_rows(h_sim, reduce, sim_dtype)
-    total, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
-                                                additive=True, grad_scale=beta / batch ** 2,
-                                                need_grad=need_h_sim and beta > 0)
-    sim = total.div_(batch ** 2).to(sim_dtype)
-    loss_dtype = torch.promote_types(dec_dtype, sim_dtype)
+    sim, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
+                                              additive=True, value_scale=1.0 / batch ** 2,
+                                              grad_scale=beta / batch ** 2, need_grad=need_h_sim and beta > 0)
+    loss_dtype = dec_dtype if dec_dtype == sim_dtype else torch.promote_types(dec_dtype, sim_dtype)
     loss = torch.lerp(_as(ce, loss_dtype), _as(sim, loss_dtype), beta)
     return loss, ce, sim, logits, (grad_h_dec, grad_weight, grad_bias), grad_rows, state
 
