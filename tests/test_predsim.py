@@ -243,6 +243,17 @@ def test_cpu_kernels_opcheck():
                                                                   0.5, False))
     for need_grad in (True, False):
         torch.library.opcheck(torch.ops.svp_kernels.softmax_cross_entropy, (torch.randn(5, 3), labels, 0.2, need_grad))
+    torch.library.opcheck(torch.ops.svp_kernels.channel_std, (torch.randn(3, 4, 5),))
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_channel_std_kernel(dtype):
+    x = 3.0 + torch.randn(4, 5, 37, dtype=torch.float64)  # 37 values: the vector lanes and the tail
+    mean, std = torch.ops.svp_kernels.channel_std(x.to(dtype))
+    tol = 1e-15 if dtype == torch.float64 else 1e-7
+    assert_close(mean, x.mean(dim=2), tol, "mean")
+    assert_close(std, x.std(dim=2), tol, "std")
 
 
 @cpu_kernels

@@ -43,6 +43,10 @@ std::tuple<at::Tensor, at::Tensor> similarity_loss(const at::Tensor& x, const st
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,
                                                          double grad_scale, bool need_grad);
 
+// (mean, std) (B, Ch) of x (B, Ch, L): each channel's mean and unbiased standard deviation over its L ≥ 2
+// values, accumulated in double.
+std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x);
+
 // The value of a dropout seed tensor (0-dim int64 on the CPU), read once on the host.
 int64_t read_seed(const at::Tensor& seed);
 

@@ -6,6 +6,7 @@
 // - similarity_loss: scale · Σ_ij (S(x)_ij − T_ij)² and its gradient in one call (two GEMMs and three row loops),
 //   so a small call is not a chain of a dozen tensor ops. Row means, norms and Σ are accumulated in double.
 // - softmax_cross_entropy: mean_b CE of the decoder logits and (softmax − onehot) · scale, one row loop.
+// - channel_std: each channel's mean and unbiased std over H·W (reduce="std"), one read of the input.
 //
 // Rows are split across threads; every sum runs in an order fixed by the shapes (never the thread count).
 #include <ATen/Parallel.h>
@@ -40,9 +41,10 @@ constexpr double kMaxEps = 1e-12;  // SVP: u / max(‖u‖, 1e-12)
 
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)); }
 
-// Σ_j x_j (or Σ_j x_j² with kSquares) in double: 16 partial sums in double lanes, added in a fixed order.
+// Σ_j x_j (or Σ_j (x_j − shift)² with kSquares) in double: 16 partial sums in double lanes, added in a
+// fixed order.
 template <bool kSquares, typename T>
-SVP_ALWAYS_INLINE double row_sum_impl(const T* x, int64_t width) {
+SVP_ALWAYS_INLINE double row_sum_impl(const T* x, int64_t width, double shift = 0.0) {
   using Wide = WideVec<double>;  // 8 doubles
   Wide first = {}, second = {};
   int64_t j = 0;
@@ -56,6 +58,8 @@ SVP_ALWAYS_INLINE double row_sum_impl(const T* x, int64_t width) {
       high = load_vec<double, Wide>(x + j + 8);
     }
     if constexpr (kSquares) {
+      low -= shift;
+      high -= shift;
       first += low * low;
       second += high * high;
     } else {
@@ -66,13 +70,20 @@ SVP_ALWAYS_INLINE double row_sum_impl(const T* x, int64_t width) {
   first += second;
   double sum = 0.0;
   for (int lane = 0; lane < 8; ++lane) sum += first[lane];
-  for (; j < width; ++j) sum += kSquares ? static_cast<double>(x[j]) * x[j] : static_cast<double>(x[j]);
+  for (; j < width; ++j) {
+    const double value = kSquares ? static_cast<double>(x[j]) - shift : static_cast<double>(x[j]);
+    sum += kSquares ? value * value : value;
+  }
   return sum;
 }
 SVP_MULTIVERSION double row_sum(const float* x, int64_t width) { return row_sum_impl<false>(x, width); }
 SVP_MULTIVERSION double row_sum(const double* x, int64_t width) { return row_sum_impl<false>(x, width); }
-SVP_MULTIVERSION double row_square_sum(const float* x, int64_t width) { return row_sum_impl<true>(x, width); }
-SVP_MULTIVERSION double row_square_sum(const double* x, int64_t width) { return row_sum_impl<true>(x, width); }
+SVP_MULTIVERSION double row_square_sum(const float* x, int64_t width, double shift = 0.0) {
+  return row_sum_impl<true>(x, width, shift);
+}
+SVP_MULTIVERSION double row_square_sum(const double* x, int64_t width, double shift = 0.0) {
+  return row_sum_impl<true>(x, width, shift);
+}
 
 // The rows' statistics: u (B, K) = x − rowmean(x) (x itself without centring) and, per row, the scale
 // r = 1/(‖u‖ + 1e-8) ("add") or 1/max(‖u‖, 1e-12) ("max") and the norm's slope 1/‖u‖ (0 where the
@@ -250,6 +261,33 @@ std::tuple<at::Tensor, at::Tensor> similarity_loss(const at::Tensor& x, const st
   }
   return predsim_detail::similarity_loss_impl<double>(rows, target_rows, label_rows, same, other, center, additive,
                                                       value_scale, grad_scale, need_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 2,
+              "svp_kernels: x must be a (B, Ch, L) CPU tensor with L >= 2, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "svp_kernels: x must be float32 or float64, got ", x.scalar_type());
+  const at::Tensor in = x.contiguous();
+  const int64_t rows = in.size(0) * in.size(1), length = in.size(2);
+  at::Tensor mean = at::empty({in.size(0), in.size(1)}, in.options());
+  at::Tensor std = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "svp_kernels::channel_std", [&] {
+    const scalar_t* data = in.data_ptr<scalar_t>();
+    scalar_t* means = mean.data_ptr<scalar_t>();
+    scalar_t* stds = std.data_ptr<scalar_t>();
+    // Two passes over each channel's L values (the second from cache): the mean, then Σ (x − mean)².
+    at::parallel_for(0, rows, predsim_detail::row_grain(length), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* values = data + row * length;
+        const double row_mean = predsim_detail::row_sum(values, length) / static_cast<double>(length);
+        const double squares = predsim_detail::row_square_sum(values, length, row_mean);
+        means[row] = static_cast<scalar_t>(row_mean);
+        stds[row] = static_cast<scalar_t>(std::sqrt(squares / static_cast<double>(length - 1)));
+      }
+    });
+  });
+  return {mean, std};
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,

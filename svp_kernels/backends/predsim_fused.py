@@ -9,8 +9,12 @@ Similarity of the rows of x (B, K), with u = x − rowmean(x) when centring:
                                              r_i = 1 / max(n_i, 1e-12) ("max", SVP)
     S_ij = clamp(r_i G_ij r_j, −1, 1)
 
-n_i comes from torch's cascaded row reduction (as accurate as the eager formula's); â = r ⊙ u never exists.
-Loss = scale · Σ_ij (S_ij − T_ij)², T the target similarity (of target rows, or from labels).
+n_i comes from torch's cascaded row reduction (as accurate as the eager formula's), or on the CPU from
+the svp_kernels::similarity_loss kernel (csrc/cpu/predsim.cpp), which accumulates row means and norms in
+double; â = r ⊙ u never exists. Loss = scale · Σ_ij (S_ij − T_ij)², T the target similarity (of target
+rows, or from labels). On the CPU (float32/float64, B² ≤ BLOCK_ELEMENTS) that kernel computes the loss and
+gradient below in one call (two GEMMs and row loops) and svp_kernels::softmax_cross_entropy the decoder's
+CE: at B = 128 and small K a chain of ~20 tensor ops of a few µs each would cost more than the GEMM.
 
 Gradient convention: the clamp is applied to the value and is transparent to the gradient
 (straight-through). |r_i G_ij r_j| ≤ 1 holds in exact arithmetic, so the clamp only removes rounding
@@ -200,10 +204,13 @@ def reduce_rows(x: torch.Tensor, reduce: str, dtype: torch.dtype):
     if x.dim() == 4 and reduce == "std":
         spatial = x.reshape(x.shape[0], x.shape[1], -1)
         spatial = spatial if spatial.dtype == dtype else spatial.to(dtype)
-        # Two passes over contiguous rows (mean, then the cascaded sum of squared deviations): 1.5× faster
-        # than torch.std_mean's Welford loop at (128, 128, 256) and as exact to a rounding or two.
-        mean = spatial.mean(dim=2)
-        std = (spatial - mean[:, :, None]).square_().sum(dim=2).div_(spatial.shape[2] - 1).sqrt_()
+        if _cpu_kernels(spatial):  # one read of x, sums in double (csrc/cpu/predsim.cpp)
+            mean, std = torch.ops.svp_kernels.channel_std(spatial)
+        else:
+            # Two passes over contiguous rows (mean, then the cascaded sum of squared deviations): 1.5× faster
+            # than torch.std_mean's Welford loop at (128, 128, 256) and as exact to a rounding or two.
+            mean = spatial.mean(dim=2)
+            std = (spatial - mean[:, :, None]).square_().sum(dim=2).div_(spatial.shape[2] - 1).sqrt_()
         return std, (spatial, mean, std)
     rows = x.reshape(x.shape[0], -1)
     return (rows if rows.dtype == dtype else rows.to(dtype)).contiguous(), None
@@ -237,6 +244,10 @@ def _register_cpu_kernel_fakes() -> bool:
     @torch.library.register_fake("svp_kernels::similarity_loss")
     def _similarity_loss(x, target, labels, same, other, center, additive, value_scale, grad_scale, need_grad):
         return x.new_empty(()), x.new_empty(x.shape if need_grad else (0,))
+
+    @torch.library.register_fake("svp_kernels::channel_std")
+    def _channel_std(x):
+        return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
 
     @torch.library.register_fake("svp_kernels::softmax_cross_entropy")
     def _softmax_cross_entropy(logits, labels, grad_scale, need_grad):
