@@ -70,6 +70,7 @@ TORCH_LIBRARY_FRAGMENT(svp_kernels, m) {
       "bool additive, float value_scale, float grad_scale, bool need_grad) -> (Tensor value, Tensor grad)");
   m.def("softmax_cross_entropy(Tensor logits, Tensor labels, float grad_scale, bool need_grad) -> (Tensor, Tensor)");
   m.def("channel_std(Tensor x) -> (Tensor mean, Tensor std)");
+  m.def("channel_std_backward(Tensor grad_std, Tensor x, Tensor mean, Tensor std) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
@@ -77,4 +78,5 @@ TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
   m.impl("similarity_loss", &svp::cpu::similarity_loss);
   m.impl("softmax_cross_entropy", &svp::cpu::softmax_cross_entropy);
   m.impl("channel_std", &svp::cpu::channel_std);
+  m.impl("channel_std_backward", &svp::cpu::channel_std_backward);
 }

@@ -244,6 +244,9 @@ def test_cpu_kernels_opcheck():
     for need_grad in (True, False):
         torch.library.opcheck(torch.ops.svp_kernels.softmax_cross_entropy, (torch.randn(5, 3), labels, 0.2, need_grad))
     torch.library.opcheck(torch.ops.svp_kernels.channel_std, (torch.randn(3, 4, 5),))
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.svp_kernels.channel_std_backward,
+                          (torch.randn(3, 4, dtype=torch.float64), x, x.mean(dim=2), x.std(dim=2)))
 
 
 @cpu_kernels
@@ -254,6 +257,14 @@ def test_cpu_channel_std_kernel(dtype):
     tol = 1e-15 if dtype == torch.float64 else 1e-7
     assert_close(mean, x.mean(dim=2), tol, "mean")
     assert_close(std, x.std(dim=2), tol, "std")
+    x[1, 2] = 4.0  # a constant channel: std = 0, gradient 0 (as torch's)
+    leaf = x.clone().requires_grad_(True)
+    grad_std = torch.randn(4, 5, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(leaf.std(dim=2), leaf, grad_std)
+    mean, std = torch.ops.svp_kernels.channel_std(x.to(dtype))
+    grad = torch.ops.svp_kernels.channel_std_backward(grad_std.to(dtype), x.to(dtype), mean, std)
+    assert_close(grad, expected, 1e-13 if dtype == torch.float64 else 1e-6, "grad")
+    assert torch.equal(grad[1, 2], torch.zeros(37, dtype=dtype))
 
 
 @cpu_kernels

@@ -47,6 +47,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logit
 // values, accumulated in double.
 std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x);
 
+// dL/dx (B, Ch, L) = (x − mean) · grad_std / ((L − 1) std) per channel (0 where std = 0).
+at::Tensor channel_std_backward(const at::Tensor& grad_std, const at::Tensor& x, const at::Tensor& mean,
+                                const at::Tensor& std);
+
 // The value of a dropout seed tensor (0-dim int64 on the CPU), read once on the host.
 int64_t read_seed(const at::Tensor& seed);
 

@@ -6,7 +6,8 @@
 // - similarity_loss: scale · Σ_ij (S(x)_ij − T_ij)² and its gradient in one call (two GEMMs and three row loops),
 //   so a small call is not a chain of a dozen tensor ops. Row means, norms and Σ are accumulated in double.
 // - softmax_cross_entropy: mean_b CE of the decoder logits and (softmax − onehot) · scale, one row loop.
-// - channel_std: each channel's mean and unbiased std over H·W (reduce="std"), one read of the input.
+// - channel_std: each channel's mean and unbiased std over H·W (reduce="std"), one read of the input;
+//   channel_std_backward: its gradient (x − mean) · g / ((L − 1) std), one pass.
 //
 // Rows are split across threads; every sum runs in an order fixed by the shapes (never the thread count).
 #include <ATen/Parallel.h>
@@ -288,6 +289,41 @@ std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x) {
     });
   });
   return {mean, std};
+}
+
+at::Tensor channel_std_backward(const at::Tensor& grad_std, const at::Tensor& x, const at::Tensor& mean,
+                                const at::Tensor& std) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) >= 2,
+              "svp_kernels: x must be a (B, Ch, L) CPU tensor with L >= 2, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "svp_kernels: x must be float32 or float64, got ", x.scalar_type());
+  for (const at::Tensor* statistic : {&grad_std, &mean, &std}) {
+    TORCH_CHECK(statistic->device().is_cpu() && statistic->sizes() == x.sizes().slice(0, 2) &&
+                    statistic->scalar_type() == x.scalar_type(),
+                "svp_kernels: grad_std, mean and std must be (B, Ch) CPU tensors of x's dtype, got ",
+                statistic->sizes());
+  }
+  const at::Tensor in = x.contiguous(), g = grad_std.contiguous(), m = mean.contiguous(), s = std.contiguous();
+  const int64_t rows = in.size(0) * in.size(1), length = in.size(2);
+  at::Tensor grad = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "svp_kernels::channel_std_backward", [&] {
+    const scalar_t* data = in.data_ptr<scalar_t>();
+    const scalar_t* grads = g.data_ptr<scalar_t>();
+    const scalar_t* means = m.data_ptr<scalar_t>();
+    const scalar_t* stds = s.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    // dstd/dx_l = (x_l − mean) / ((L − 1) std); 0 for a constant channel (std = 0), as torch's std gives.
+    at::parallel_for(0, rows, predsim_detail::row_grain(length), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t factor =
+            stds[row] > 0 ? grads[row] / (stds[row] * static_cast<scalar_t>(length - 1)) : scalar_t(0);
+        const scalar_t* values = data + row * length;
+        scalar_t* row_grad = out + row * length;
+        for (int64_t l = 0; l < length; ++l) row_grad[l] = (values[l] - means[row]) * factor;
+      }
+    });
+  });
+  return grad;
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,

@@ -221,6 +221,8 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
     if state is None:
         return grad_rows.reshape(shape)
     spatial, mean, std = state
+    if _cpu_kernels(spatial):  # one pass (csrc/cpu/predsim.cpp)
+        return torch.ops.svp_kernels.channel_std_backward(grad_rows, spatial, mean, std).reshape(shape)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     factor = torch.where(std > 0, grad_rows / (safe * (spatial.shape[2] - 1)), torch.zeros_like(std))
     return ((spatial - mean[:, :, None]) * factor[:, :, None]).reshape(shape)
@@ -248,6 +250,10 @@ def _register_cpu_kernel_fakes() -> bool:
     @torch.library.register_fake("svp_kernels::channel_std")
     def _channel_std(x):
         return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+
+    @torch.library.register_fake("svp_kernels::channel_std_backward")
+    def _channel_std_backward(grad_std, x, mean, std):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("svp_kernels::softmax_cross_entropy")
     def _softmax_cross_entropy(logits, labels, grad_scale, need_grad):
