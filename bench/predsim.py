@@ -7,7 +7,8 @@ op=alignment_loss (the SVP alignment term with a centred similarity, against a f
 variant = eager (the plain PyTorch formulation, svp_kernels/backends/predsim_reference.py, which is what
 local-learning code writes), compile (torch.compile of it) and fused (svp_kernels). Every timed call is
 `loss.backward()` on fresh inputs' grads (or value only for mode=no_grad). The variants of one shape are
-interleaved call by call in one process and medians taken, because the machine may be shared.
+interleaved call by call in one process, because the machine may be shared: <variant>_ms are medians,
+<variant>_over_fused the median over repeats of the time ratio of calls made back to back.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def timed(fn, args, grads, no_grad):
 
 
 def measure(variants, args, grads, repeats, no_grad):
-    """Medians (ms) of each variant, interleaved call by call after two warm-ups each."""
+    """(medians (ms) of each variant, median over repeats of each variant's time / fused's), interleaved call
+    by call after two warm-ups each: a ratio within one repeat compares calls made milliseconds apart, so
+    it follows the load of a shared machine less than a ratio of medians does."""
     for fn in variants.values():
         for _ in range(2):
             timed(fn, args, grads, no_grad)
@@ -89,7 +92,17 @@ def measure(variants, args, grads, repeats, no_grad):
     for _ in range(repeats):
         for name, fn in variants.items():
             samples[name].append(timed(fn, args, grads, no_grad))
-    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    medians = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    ratios = {name: statistics.median(t / f for t, f in zip(values, samples["fused"]))
+              for name, values in samples.items() if name != "fused"}
+    return medians, ratios
+
+
+def row_fields(times, ratios):
+    """The CSV columns of one shape and mode: <variant>_ms, then <variant>_over_fused."""
+    fields = {f"{name}_ms": round(value, 4) for name, value in times.items()}
+    fields.update({f"{name}_over_fused": round(value, 3) for name, value in ratios.items()})
+    return fields
 
 
 def predsim_rows(repeats, compile_too, only):
@@ -107,9 +120,9 @@ def predsim_rows(repeats, compile_too, only):
         if compile_too:
             variants["compile"] = torch.compile(eager_predsim, dynamic=False)
         for mode in ("fwd+bwd", "no_grad"):
-            times = measure(variants, args, (h_dec, h_sim, weight, bias), repeats, mode == "no_grad")
+            times, ratios = measure(variants, args, (h_dec, h_sim, weight, bias), repeats, mode == "no_grad")
             yield dict(op="predsim", block=name, h_dec=dec_shape, h_sim=sim_shape, reduce=reduce, classes=classes,
-                       mode=mode, **{f"{k}_ms": round(v, 4) for k, v in times.items()})
+                       mode=mode, **row_fields(times, ratios))
 
 
 def alignment_rows(repeats, compile_too, only):
@@ -124,9 +137,9 @@ def alignment_rows(repeats, compile_too, only):
         if compile_too:
             variants["compile"] = torch.compile(eager_alignment, dynamic=False)
         for mode in ("fwd+bwd", "no_grad"):
-            times = measure(variants, args, (v,), repeats, mode == "no_grad")
+            times, ratios = measure(variants, args, (v,), repeats, mode == "no_grad")
             yield dict(op="alignment_loss", block=name, h_dec="", h_sim=v_shape, reduce=reduce,
-                       classes=prev_shape[1], mode=mode, **{f"{k}_ms": round(val, 4) for k, val in times.items()})
+                       classes=prev_shape[1], mode=mode, **row_fields(times, ratios))
 
 
 def main():
@@ -152,9 +165,6 @@ def main():
         generators.append(alignment_rows(args.repeats, not args.no_compile, only))
     for generator in generators:
         for row in generator:
-            row["eager_over_fused"] = round(row["eager_ms"] / row["fused_ms"], 3)
-            if "compile_ms" in row:
-                row["compile_over_fused"] = round(row["compile_ms"] / row["fused_ms"], 3)
             row.update(torch=torch.__version__, machine=platform.processor() or platform.machine(),
                        threads=torch.get_num_threads(), repeats=args.repeats)
             print(row, flush=True)

@@ -60,9 +60,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in");
 }
 
-// The learnable-head dropout gradient of predsim_loss: x ⊙ M / (1 − p), M regenerated (csrc/cpu/predsim.cpp).
+// The similarity-matching losses (csrc/cpu/predsim.cpp): the learnable-head dropout gradient x ⊙ M / (1 − p)
+// with M regenerated, the similarity loss with its gradient, the decoder's softmax cross-entropy, and the
+// per-channel std of reduce="std".
 TORCH_LIBRARY_FRAGMENT(svp_kernels, m) {
   m.def("dropout_mask_apply(Tensor x, float p, Tensor seed) -> Tensor");
+  m.def(
+      "similarity_loss(Tensor x, Tensor? target, Tensor? labels, float same, float other, bool center, "
+      "bool additive, float value_scale, float grad_scale, bool need_grad) -> (Tensor value, Tensor grad)");
+  m.def("softmax_cross_entropy(Tensor logits, Tensor labels, float grad_scale, bool need_grad) -> (Tensor, Tensor)");
+  m.def("channel_std(Tensor x) -> (Tensor mean, Tensor std)");
+  m.def("channel_std_backward(Tensor grad_std, Tensor x, Tensor mean, Tensor std) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) { m.impl("dropout_mask_apply", &svp::cpu::dropout_mask_apply); }
+TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
+  m.impl("dropout_mask_apply", &svp::cpu::dropout_mask_apply);
+  m.impl("similarity_loss", &svp::cpu::similarity_loss);
+  m.impl("softmax_cross_entropy", &svp::cpu::softmax_cross_entropy);
+  m.impl("channel_std", &svp::cpu::channel_std);
+  m.impl("channel_std_backward", &svp::cpu::channel_std_backward);
+}

@@ -51,7 +51,8 @@ class PredSim(NamedTuple):
 
 def _check_rows(x, name: str, reduce: str) -> torch.Tensor:
     """A float tensor (B, K) or (B, Ch, H, W) whose reduction is well defined."""
-    _check_features(x, name)  # a float tensor of rank ≥ 2 with rows and features
+    if not (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and x.dim() >= 2 and x.numel() > 0):
+        _check_features(x, name)  # raises: a float tensor of rank ≥ 2 with rows and features is expected
     if x.dim() > 2 and reduce == "std":
         if x.dim() != 4:
             raise ValueError(f"reduce='std' reduces a 4-D {name} (B, Ch, H, W) over H·W, but {name} has shape "
@@ -135,7 +136,7 @@ def _uses_reference(backend, device: torch.device, allow_triton: bool = False):
 
 
 def _needs_grad(x) -> bool:
-    return x is not None and torch.is_grad_enabled() and x.requires_grad
+    return x is not None and x.requires_grad and torch.is_grad_enabled()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,8 +189,8 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
     labels = _check_labels(target, h_sim, "h_sim", classes)
     beta = _check_beta(beta)
     p = _check_p(p)
-    seed = _check_seed(seed, p, h_dec.device)
-    h_dec = h_dec.reshape(h_dec.shape[0], -1)
+    seed = _check_seed(seed, p, h_dec.device) if p > 0 or seed is not None else None  # p = 0: no mask, no seed
+    h_dec = h_dec if h_dec.dim() == 2 else h_dec.reshape(h_dec.shape[0], -1)
 
     if _uses_reference(backend, h_dec.device):
         def upcast(x):
@@ -226,7 +227,7 @@ def similarity_loss(h, target, *, num_classes=None, reduce: str = "std", target_
         classes = _check_num_classes(num_classes)
         labels = _check_labels(target, h, "h", classes)
     return _similarity(h, target_rows, labels, classes, reduce, center=True, additive=True, mean=True,
-                       backend=backend)
+                       reference=_uses_reference(backend, h.device))
 
 
 def alignment_loss(v, v_prev, reduction: str, center: bool, backend: str, reduce: str) -> torch.Tensor:
@@ -242,24 +243,31 @@ def alignment_loss(v, v_prev, reduction: str, center: bool, backend: str, reduce
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
-    target_rows = predsim_reference.reduced_rows(v_prev.detach(), reduce)
     path = _uses_reference(backend, v.device, allow_triton=True)
-    if not isinstance(path, bool):  # the Triton epilogue kernel (no clamp: its Grams are feature- or tile-space)
+    target_rows = predsim_reference.reduced_rows(v_prev.detach(), reduce)
+    if not isinstance(path, bool):
+        from .backends.triton.ops import use_feature_space
+
         dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
         rows = predsim_reference.reduced_rows(v, reduce).to(dtype).contiguous()
-        return path.epilogue(rows, None, target_rows.to(dtype).contiguous(), 1.0, reduction == "mean", center)[0]
+        if use_feature_space(rows.shape[0], rows.shape[1], target_rows.shape[1]):
+            # The Triton epilogue's feature-space Grams: no S entry exists, |S| ≤ 1 holds exactly there.
+            return path.epilogue(rows, None, target_rows.to(dtype).contiguous(), 1.0, reduction == "mean", center)[0]
+        # Its batch-space tiles of S are not clamped to [−1, 1]; the fused path on the device clamps them.
+        path = False
     return _similarity(v, target_rows, None, 0, reduce, center=center, additive=False, mean=reduction == "mean",
-                       backend="reference" if path else "auto")
+                       reference=path)
 
 
-def _similarity(h, target_rows, labels, classes, reduce, *, center, additive, mean, backend) -> torch.Tensor:
-    if _uses_reference(backend, h.device):
+def _similarity(h, target_rows, labels, classes, reduce, *, center, additive, mean, reference) -> torch.Tensor:
+    """The similarity term on the plain formulation (reference=True) or the fused path."""
+    if reference:
         dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         rows = None if target_rows is None else target_rows.to(dtype)
         return predsim_reference.similarity_loss(h.to(dtype), rows, labels, classes, reduce, center, additive, mean)
     scale = 1.0 / h.shape[0] ** 2 if mean else 1.0
     if not _needs_grad(h):  # the value only, without autograd's bookkeeping
-        return predsim_fused.similarity_forward(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
-                                                scale, False)[0]
+        return predsim_fused.similarity_forward(h, target_rows, labels, classes, reduce, center, additive, scale,
+                                                False)[0]
     return predsim_fused.SimilarityLoss.apply(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
                                               scale, True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import svp_kernels as sk
+from svp_kernels import backends
 from svp_kernels.backends import predsim_reference
 
 from helpers import assert_close
@@ -112,3 +113,23 @@ def test_no_gradient_under_no_grad():
     with torch.no_grad():
         loss = sk.alignment_loss(v, torch.randn(6, 4))
     assert not loss.requires_grad
+
+
+@pytest.mark.skipif(not backends.is_available("triton"), reason="the triton backend is not available here")
+@pytest.mark.parametrize("center", [False, True])
+def test_triton_backend_returns_the_clamped_similarity(center):
+    """Rows that are positive multiples of one row have S_ij = 1, which their unclamped Gram exceeds by
+    rounding; backend="triton" (batch space here: C + C' ≥ B) returns the clamped value of every path."""
+    generator = torch.Generator().manual_seed(20)
+    multiples = torch.arange(1, 9, dtype=torch.float32)[:, None]
+    v = (torch.randn(1, 6, generator=generator) * multiples).requires_grad_(True)
+    v_prev = torch.randn(1, 5, generator=generator) * multiples
+    u = v.detach() - v.detach().mean(dim=1, keepdim=True) if center else v.detach()
+    unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(1e-12)
+    assert (unit @ unit.t()).max().item() > 1.0  # the rounding excess the clamp removes
+    triton = sk.alignment_loss(v, v_prev, reduction="sum", center=center, backend="triton")
+    fused = sk.alignment_loss(v, v_prev, reduction="sum", center=center)
+    assert torch.equal(triton, fused)
+    assert torch.equal(torch.autograd.grad(triton, v)[0], torch.autograd.grad(fused, v)[0])
+    plain = sk.alignment_loss(v.detach().double(), v_prev.double(), reduction="sum", center=center)
+    assert abs(triton.item() - plain.item()) <= 1e-12

@@ -195,6 +195,89 @@ def test_weight_gradient_carries_the_mask():
     assert (grad_weight[~dropped] != 0).all()
 
 
+cpu_kernels = pytest.mark.skipif(not predsim_fused.CPU_KERNELS, reason="the compiled extension is not built")
+
+
+@cpu_kernels
+@pytest.mark.parametrize("center,additive", [(True, True), (False, False), (True, False)])
+def test_cpu_similarity_kernel_matches_the_torch_path(monkeypatch, center, additive):
+    """svp_kernels::similarity_loss (value and gradient) against the torch ops it replaces, in float64."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(13, 9, dtype=torch.float64, generator=generator)
+    x[4] = x[2]  # duplicated rows: S entries at 1
+    targets = [predsim_fused.feature_target(torch.randn(13, 5, dtype=torch.float64, generator=generator)),
+               predsim_fused.label_target(torch.randint(0, 4, (13,), generator=generator), 4, additive)]
+    for target in targets:
+        def run():
+            return predsim_fused.similarity_loss_and_grad(x, target, center=center, additive=additive,
+                                                          value_scale=0.25, grad_scale=0.5, need_grad=True)
+        kernel = run()
+        monkeypatch.setattr(predsim_fused, "CPU_KERNELS", False)
+        plain = run()
+        monkeypatch.undo()
+        assert_close(kernel[0], plain[0], 1e-14, "value")
+        assert_close(kernel[1], plain[1], 1e-13, "gradient")
+
+
+@cpu_kernels
+def test_cpu_similarity_kernel_clamps_s():
+    """Positive multiples of one row: S_ij = 1 exactly, r_i G_ij r_j rounds above 1 for about half the pairs
+    (G in float32). Against T = 1 the clamped loss keeps only the pairs below 1."""
+    row = torch.relu(torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))) + 5.0
+    x = row * torch.linspace(1.0, 3.0, 32)[:, None]
+    raw = (x @ x.t()).double() / torch.outer(*(2 * (torch.linalg.vector_norm(x.double(), dim=1),)))
+    clamped, unclamped = (raw.clamp(max=1.0) - 1).square().sum(), (raw - 1).square().sum()
+    assert unclamped > 1.5 * clamped > 0  # the rounding excess matters here
+    labels = torch.zeros(32, dtype=torch.int64)
+    value, _ = torch.ops.svp_kernels.similarity_loss(x, None, labels, 1.0, 1.0, False, False, 1.0, 1.0, False)
+    assert_close(value / clamped, torch.ones(()), 1e-3, "clamped loss")
+
+
+@cpu_kernels
+def test_cpu_kernels_opcheck():
+    x = torch.randn(5, 7, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 0, 2])
+    torch.library.opcheck(torch.ops.svp_kernels.similarity_loss,
+                          (x, torch.randn(5, 3, dtype=torch.float64), None, 0.0, 0.0, True, False, 0.04, 0.04, True))
+    torch.library.opcheck(torch.ops.svp_kernels.similarity_loss, (x.float(), None, labels, 0.9, -0.4, True, True, 1.0,
+                                                                  0.5, False))
+    for need_grad in (True, False):
+        torch.library.opcheck(torch.ops.svp_kernels.softmax_cross_entropy, (torch.randn(5, 3), labels, 0.2, need_grad))
+    torch.library.opcheck(torch.ops.svp_kernels.channel_std, (torch.randn(3, 4, 5),))
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.svp_kernels.channel_std_backward,
+                          (torch.randn(3, 4, dtype=torch.float64), x, x.mean(dim=2), x.std(dim=2)))
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_channel_std_kernel(dtype):
+    x = 3.0 + torch.randn(4, 5, 37, dtype=torch.float64)  # 37 values: the vector lanes and the tail
+    mean, std = torch.ops.svp_kernels.channel_std(x.to(dtype))
+    tol = 1e-15 if dtype == torch.float64 else 1e-7
+    assert_close(mean, x.mean(dim=2), tol, "mean")
+    assert_close(std, x.std(dim=2), tol, "std")
+    x[1, 2] = 4.0  # a constant channel: std = 0, gradient 0 (as torch's)
+    leaf = x.clone().requires_grad_(True)
+    grad_std = torch.randn(4, 5, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(leaf.std(dim=2), leaf, grad_std)
+    mean, std = torch.ops.svp_kernels.channel_std(x.to(dtype))
+    grad = torch.ops.svp_kernels.channel_std_backward(grad_std.to(dtype), x.to(dtype), mean, std)
+    assert_close(grad, expected, 1e-13 if dtype == torch.float64 else 1e-6, "grad")
+    assert torch.equal(grad[1, 2], torch.zeros(37, dtype=dtype))
+
+
+@cpu_kernels
+def test_cpu_cross_entropy_kernel():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 1, 2, 0])
+    ce, grad = torch.ops.svp_kernels.softmax_cross_entropy(logits, labels, 0.5, True)
+    assert_close(ce, F.cross_entropy(logits, labels), 1e-15, "ce")
+    assert_close(grad, 0.5 * (torch.softmax(logits, dim=1) - F.one_hot(labels, 4)), 1e-15, "grad")
+    ce, grad = torch.ops.svp_kernels.softmax_cross_entropy(logits, torch.tensor([0, 4, 1, -1, 2, 0]), 1.0, True)
+    assert torch.isnan(ce) and torch.isnan(grad[[1, 3]]).all() and torch.isfinite(grad[[0, 2, 4, 5]]).all()
+
+
 def test_no_gradient_work_without_grad(monkeypatch):
     calls = []
     for name in ("similarity_loss_and_grad", "cross_entropy_and_grad"):

@@ -29,6 +29,28 @@ at::Tensor cosine_gram(const at::Tensor& v, bool center);
 // seed: the dropout seed, a 0-dim int64 CPU tensor, as for the projection.
 at::Tensor dropout_mask_apply(const at::Tensor& x, double p, const at::Tensor& seed);
 
+// (value_scale · Σ_ij (S(x)_ij − T_ij)² as a 0-dim tensor of x's dtype (Σ accumulated in double),
+// d(grad_scale · Σ)/dx (B, K) or an empty tensor). S: the clamped cosine similarity of x's rows (centred when
+// `center`; û = u/(‖u‖ + 1e-8) when `additive`, else u/max(‖u‖, 1e-12)); T: the same of target (B, K'), or
+// `same` / `other` where labels agree / differ.
+std::tuple<at::Tensor, at::Tensor> similarity_loss(const at::Tensor& x, const std::optional<at::Tensor>& target,
+                                                   const std::optional<at::Tensor>& labels, double same,
+                                                   double other, bool center, bool additive, double value_scale,
+                                                   double grad_scale, bool need_grad);
+
+// (mean_b CE(logits_b, y_b) as a 0-dim tensor of logits' dtype, (softmax − onehot) · grad_scale or an empty
+// tensor). A label outside [0, C) makes its row's loss and gradient NaN (never read out of bounds).
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,
+                                                         double grad_scale, bool need_grad);
+
+// (mean, std) (B, Ch) of x (B, Ch, L): each channel's mean and unbiased standard deviation over its L ≥ 2
+// values, accumulated in double.
+std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x);
+
+// dL/dx (B, Ch, L) = (x − mean) · grad_std / ((L − 1) std) per channel (0 where std = 0).
+at::Tensor channel_std_backward(const at::Tensor& grad_std, const at::Tensor& x, const at::Tensor& mean,
+                                const at::Tensor& std);
+
 // The value of a dropout seed tensor (0-dim int64 on the CPU), read once on the host.
 int64_t read_seed(const at::Tensor& seed);
 

@@ -9,8 +9,12 @@ Similarity of the rows of x (B, K), with u = x − rowmean(x) when centring:
                                              r_i = 1 / max(n_i, 1e-12) ("max", SVP)
     S_ij = clamp(r_i G_ij r_j, −1, 1)
 
-n_i comes from torch's cascaded row reduction (as accurate as the eager formula's); â = r ⊙ u never exists.
-Loss = scale · Σ_ij (S_ij − T_ij)², T the target similarity (of target rows, or from labels).
+n_i comes from torch's cascaded row reduction (as accurate as the eager formula's), or on the CPU from
+the svp_kernels::similarity_loss kernel (csrc/cpu/predsim.cpp), which accumulates row means and norms in
+double; â = r ⊙ u never exists. Loss = scale · Σ_ij (S_ij − T_ij)², T the target similarity (of target
+rows, or from labels). On the CPU (float32/float64, B² ≤ BLOCK_ELEMENTS) that kernel computes the loss and
+gradient below in one call (two GEMMs and row loops) and svp_kernels::softmax_cross_entropy the decoder's
+CE: at B = 128 and small K a chain of ~20 tensor ops of a few µs each would cost more than the GEMM.
 
 Gradient convention: the clamp is applied to the value and is transparent to the gradient
 (straight-through). |r_i G_ij r_j| ≤ 1 holds in exact arithmetic, so the clamp only removes rounding
@@ -168,20 +172,26 @@ def _feature_space(u, target: Target, additive, grad_scale, need_grad):
 
 
 def similarity_loss_and_grad(x: torch.Tensor, target: Target, *, center: bool, additive: bool,
-                             grad_scale: float, need_grad: bool):
-    """(Σ_ij (S(x)_ij − T_ij)² as a float64 0-dim tensor, d(grad_scale · Σ)/dx or None).
+                             value_scale: float, grad_scale: float, need_grad: bool):
+    """(value_scale · Σ_ij (S(x)_ij − T_ij)² as a 0-dim tensor of x's dtype, Σ accumulated in float64;
+    d(grad_scale · Σ)/dx or None).
 
     x (B, K) contiguous in the accumulation dtype; target features (B, K′) in the same dtype.
     """
+    target_width = target.features.shape[1] if target.features is not None else target.classes
+    feature_space = FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0]
+    if not feature_space and x.shape[0] ** 2 <= BLOCK_ELEMENTS and _cpu_kernels(x):
+        value, grad = torch.ops.svp_kernels.similarity_loss(x, target.features, target.labels, target.same,
+                                                            target.other, center, additive, value_scale, grad_scale,
+                                                            need_grad)
+        return value, grad if need_grad else None
     u = _centre(x, center)
     if target.features is not None:
         target = target._replace(features=_centre(target.features, center))
-    target_width = target.features.shape[1] if target.features is not None else target.classes
-    path = _feature_space if FEATURE_SPACE_RATIO * (x.shape[1] + target_width) < x.shape[0] else _batch_space
-    total, grad = path(u, target, additive, grad_scale, need_grad)
+    total, grad = (_feature_space if feature_space else _batch_space)(u, target, additive, grad_scale, need_grad)
     if grad is not None and center:
         grad = grad - grad.mean(dim=1, keepdim=True)
-    return total, grad
+    return (total * value_scale).to(x.dtype), grad
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,10 +204,13 @@ def reduce_rows(x: torch.Tensor, reduce: str, dtype: torch.dtype):
     if x.dim() == 4 and reduce == "std":
         spatial = x.reshape(x.shape[0], x.shape[1], -1)
         spatial = spatial if spatial.dtype == dtype else spatial.to(dtype)
-        # Two passes over contiguous rows (mean, then the cascaded sum of squared deviations): 1.5× faster
-        # than torch.std_mean's Welford loop at (128, 128, 256) and as exact to a rounding or two.
-        mean = spatial.mean(dim=2)
-        std = (spatial - mean[:, :, None]).square_().sum(dim=2).div_(spatial.shape[2] - 1).sqrt_()
+        if _cpu_kernels(spatial):  # one read of x, sums in double (csrc/cpu/predsim.cpp)
+            mean, std = torch.ops.svp_kernels.channel_std(spatial)
+        else:
+            # Two passes over contiguous rows (mean, then the cascaded sum of squared deviations): 1.5× faster
+            # than torch.std_mean's Welford loop at (128, 128, 256) and as exact to a rounding or two.
+            mean = spatial.mean(dim=2)
+            std = (spatial - mean[:, :, None]).square_().sum(dim=2).div_(spatial.shape[2] - 1).sqrt_()
         return std, (spatial, mean, std)
     rows = x.reshape(x.shape[0], -1)
     return (rows if rows.dtype == dtype else rows.to(dtype)).contiguous(), None
@@ -208,6 +221,8 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
     if state is None:
         return grad_rows.reshape(shape)
     spatial, mean, std = state
+    if _cpu_kernels(spatial):  # one pass (csrc/cpu/predsim.cpp)
+        return torch.ops.svp_kernels.channel_std_backward(grad_rows, spatial, mean, std).reshape(shape)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     factor = torch.where(std > 0, grad_rows / (safe * (spatial.shape[2] - 1)), torch.zeros_like(std))
     return ((spatial - mean[:, :, None]) * factor[:, :, None]).reshape(shape)
@@ -217,23 +232,42 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
 # The learnable decoder head: logits = h W̃ᵀ + b, W̃ = W ⊙ M / (1 − p)
 # ----------------------------------------------------------------------------------------------------
 
-def _register_dropout_mask_fake() -> None:
-    """Shape rule of svp_kernels::dropout_mask_apply (csrc/cpu/predsim.cpp) for torch.compile."""
+def _register_cpu_kernel_fakes() -> bool:
+    """Shape rules of the ops of csrc/cpu/predsim.cpp for torch.compile; False when they are not built."""
     from .. import _ops
 
-    if _ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "dropout_mask_apply"):
-        @torch.library.register_fake("svp_kernels::dropout_mask_apply")
-        def _dropout_mask_apply(x, p, seed):
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not (_ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "similarity_loss")):
+        return False
+
+    @torch.library.register_fake("svp_kernels::dropout_mask_apply")
+    def _dropout_mask_apply(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("svp_kernels::similarity_loss")
+    def _similarity_loss(x, target, labels, same, other, center, additive, value_scale, grad_scale, need_grad):
+        return x.new_empty(()), x.new_empty(x.shape if need_grad else (0,))
+
+    @torch.library.register_fake("svp_kernels::channel_std")
+    def _channel_std(x):
+        return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+
+    @torch.library.register_fake("svp_kernels::channel_std_backward")
+    def _channel_std_backward(grad_std, x, mean, std):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("svp_kernels::softmax_cross_entropy")
+    def _softmax_cross_entropy(logits, labels, grad_scale, need_grad):
+        return logits.new_empty(()), logits.new_empty(logits.shape if need_grad else (0,))
+
+    return True
 
 
-_register_dropout_mask_fake()
+CPU_KERNELS = _register_cpu_kernel_fakes()
 
 
-def _compiled_dropout(h: torch.Tensor) -> bool:
-    from .. import _ops
-
-    return _ops.extension_loaded() and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels (csrc/cpu/predsim.cpp) take x: float32/float64 on the CPU."""
+    return CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def _dropped_weight(weight, p, seed):
@@ -244,8 +278,8 @@ def _dropped_weight(weight, p, seed):
 def decoder_logits(h, weight, bias, p, seed):
     """(B, C) logits; with p > 0 the mask of docs/design.md §3 is regenerated, W̃ never stored (CPU)."""
     if p == 0:
-        logits = h @ weight.t()
-    elif _compiled_dropout(h):
+        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    if _cpu_kernels(h):
         logits = torch.ops.svp_kernels.projection_forward(h, weight, weight.shape[0], 0, 0.0, p, seed)
     else:
         logits = h @ _dropped_weight(weight, p, seed).t()
@@ -261,7 +295,7 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
         if need_weight:
             grad_weight = grad_logits.t() @ h
         return grad_h, grad_weight
-    compiled = _compiled_dropout(h)
+    compiled = _cpu_kernels(h)
     if need_h:
         if compiled:
             grad_h = torch.ops.svp_kernels.projection_backward(grad_logits, weight, h.shape[1], 0, 0.0, p, seed,
@@ -277,6 +311,9 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
 
 def cross_entropy_and_grad(logits, labels, grad_scale, need_grad):
     """(mean_b CE as a 0-dim tensor, grad_scale · (softmax − onehot) or None)."""
+    if _cpu_kernels(logits):  # one row loop; torch's log_softmax is ~20 µs at (128, 10) on one thread
+        ce, grad = torch.ops.svp_kernels.softmax_cross_entropy(logits, labels, grad_scale, need_grad)
+        return ce, grad if need_grad else None
     if not need_grad:
         return F.cross_entropy(logits, labels), None
     log_probabilities = torch.log_softmax(logits, dim=1)
@@ -322,9 +359,9 @@ def similarity_forward(x, target_rows, labels, classes, reduce, center, additive
     rows, state = reduce_rows(x, reduce, dtype)
     target = (label_target(labels, classes, additive) if labels is not None
               else feature_target(_as(target_rows, dtype).contiguous()))
-    total, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive, grad_scale=scale,
-                                                need_grad=need_grad)
-    return (total * scale).to(dtype), grad_rows, state
+    value, grad_rows = similarity_loss_and_grad(rows, target, center=center, additive=additive, value_scale=scale,
+                                                grad_scale=scale, need_grad=need_grad)
+    return value, grad_rows, state
 
 
 class SimilarityLoss(torch.autograd.Function):
@@ -368,11 +405,10 @@ def predsim_forward(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, n
 
     sim_dtype = _accumulation(h_sim.dtype)
     rows, state = reduce_rows(h_sim, reduce, sim_dtype)
-    total, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
-                                                additive=True, grad_scale=beta / batch ** 2,
-                                                need_grad=need_h_sim and beta > 0)
-    sim = total.div_(batch ** 2).to(sim_dtype)
-    loss_dtype = torch.promote_types(dec_dtype, sim_dtype)
+    sim, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
+                                              additive=True, value_scale=1.0 / batch ** 2,
+                                              grad_scale=beta / batch ** 2, need_grad=need_h_sim and beta > 0)
+    loss_dtype = dec_dtype if dec_dtype == sim_dtype else torch.promote_types(dec_dtype, sim_dtype)
     loss = torch.lerp(_as(ce, loss_dtype), _as(sim, loss_dtype), beta)
     return loss, ce, sim, logits, (grad_h_dec, grad_weight, grad_bias), grad_rows, state
 
