@@ -10,8 +10,9 @@ import torch
 
 import svp_kernels as sk
 
-from cases import LOCAL_LOSS_CASES, Case, as_float64, device_backends, ground_truth, make_inputs, run
-from helpers import assert_close, assert_no_less_accurate
+from cases import (LOCAL_LOSS_CASES, Case, as_float64, device_backends, ground_truth, make_inputs, param_id, run,
+                   wide_row_inputs, wide_row_params)
+from helpers import assert_close, assert_no_less_accurate, assert_no_less_accurate_to_rounding
 
 FIELDS = ("loss", "ce", "alignment", "v", "dh")
 FUSED = device_backends(include_reference=False)
@@ -41,6 +42,22 @@ def test_float32_no_less_accurate_than_plain_torch(case, device, backend):
     for name, a, r, e in zip(FIELDS, actual, plain, expected):
         assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != plain {r.dtype}"
         assert_no_less_accurate(a, r, e, f"{backend}/{case}: {name}")
+
+
+# Wide rows (tests/cases.py): identity projection (v = h, dh = dloss/dv), reduction "sum" (gradients of order one).
+@pytest.mark.parametrize("center", [True, False], ids=["center", "raw"])
+@pytest.mark.parametrize("device,backend,shape", wide_row_params(FUSED), ids=param_id)
+def test_float32_wide_rows_no_less_accurate_than_plain_torch(device, backend, shape, center):
+    """Loss, alignment and dh, element by element, within two float32 ulps of plain torch's own error."""
+    B, C, C_prev = shape
+    case = Case(B, 0, C, C_prev, projection="identity", reduction="sum", center=center)
+    h, target, v_prev = wide_row_inputs(B, C, C_prev, device)
+    expected = ground_truth(case, h, target, v_prev, None)
+    plain = run(case, h, target, v_prev, None, "reference")
+    actual = run(case, h, target, v_prev, None, backend)
+    for name, a, r, e in zip(FIELDS, actual, plain, expected):
+        if name in ("loss", "alignment", "dh"):
+            assert_no_less_accurate_to_rounding(a, r, e, f"{backend} {shape} center={center}: {name}")
 
 
 @pytest.mark.parametrize("device,backend", ALL)

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -26,6 +27,29 @@ T sum_in_order(const std::vector<T>& values) {
   T sum = T(0);
   for (const T value : values) sum += value;
   return sum;
+}
+
+// out (rows × cols, leading dimension ldo) += x · yᵀ over `width`, the Grams' long dot products (B in
+// feature space, C + C' in batch space). float: slices of kDotStep terms are summed by gemm_nt_accumulate
+// and the slices added in WideSum, so a long width does not add in one float32 chain; double: one pass.
+constexpr int64_t kDotStep = 256;
+
+template <typename T>
+void gram_accumulate(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t ldy, int64_t cols, int64_t width,
+                     T* out, int64_t ldo) {
+  if constexpr (std::is_same_v<T, double>) {
+    gemm_nt_accumulate(x, ldx, rows, y, ldy, cols, width, out, ldo);
+  } else {
+    std::vector<WideSum> wide(rows * cols, 0.0);
+    std::vector<T> slice(rows * cols);
+    for (int64_t k0 = 0; k0 < width; k0 += kDotStep) {
+      std::fill(slice.begin(), slice.end(), T(0));
+      gemm_nt_accumulate(x + k0, ldx, rows, y + k0, ldy, cols, std::min(kDotStep, width - k0), slice.data(), cols);
+      for (int64_t e = 0; e < rows * cols; ++e) wide[e] += slice[e];
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out[i * ldo + j] += static_cast<T>(wide[i * cols + j]);
+  }
 }
 
 // ---- Cross-entropy -----------------------------------------------------------------------------------
@@ -78,18 +102,18 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
   // a block of rows [begin, end) computes columns [0, end) only, and the upper triangle is mirrored.
   std::vector<T> gram(W * W, T(0));
   at::parallel_for(0, W, kGramRowGrain, [&](int64_t begin, int64_t end) {
-    gemm_nt_accumulate(transposed.data() + begin * batch, batch, end - begin, transposed.data(), batch, end, batch,
-                       gram.data() + begin * W, W);
+    gram_accumulate(transposed.data() + begin * batch, batch, end - begin, transposed.data(), batch, end, batch,
+                    gram.data() + begin * W, W);
   });
   for (int64_t i = 0; i < W; ++i)
     for (int64_t j = i + 1; j < W; ++j) gram[i * W + j] = gram[j * W + i];
 
   // Stage 3: FA from the blocks of G, and M = [âᵀâ ; −b̂ᵀâ] (W × C), the first C columns of G.
-  T feature_alignment = T(0), cross_alignment = T(0), prev_alignment = T(0);
+  WideSum feature_alignment = 0.0, cross_alignment = 0.0, prev_alignment = 0.0;
   std::vector<T> gradient_map(W * C);
   for (int64_t i = 0; i < W; ++i) {
     for (int64_t j = 0; j < W; ++j) {
-      const T value = gram[i * W + j];
+      const WideSum value = gram[i * W + j];
       if (i < C && j < C) feature_alignment += value * value;
       if (i >= C && j < C) cross_alignment += value * value;
       if (i >= C && j >= C) prev_alignment += value * value;
@@ -102,7 +126,7 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
     gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), C, W, C, grad_a + begin * C, C,
             /*accumulate=*/false);
   });
-  return feature_alignment - T(2) * cross_alignment + prev_alignment;
+  return static_cast<T>(feature_alignment - 2.0 * cross_alignment + prev_alignment);
 }
 
 // Batch space, O(B²·W) time: Δ = â âᵀ − b̂ b̂ᵀ = P Qᵀ with Q = [â | −b̂], one kGramTile² tile at a time:
@@ -115,7 +139,7 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_pre
     for (int64_t i = C; i < W; ++i) signed_joined[b * W + i] = -signed_joined[b * W + i];
 
   const int64_t blocks = ceil_div(batch, kGramTile);
-  std::vector<T> block_alignment(blocks, T(0));
+  std::vector<WideSum> block_alignment(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> difference(kGramTile * kGramTile);
     for (int64_t block = begin; block < end; ++block) {
@@ -123,11 +147,11 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_pre
       for (int64_t j0 = 0; j0 < batch; j0 += kGramTile) {
         const int64_t cols = std::min(kGramTile, batch - j0);
         std::fill(difference.begin(), difference.end(), T(0));
-        gemm_nt_accumulate(joined + i0 * W, W, rows, signed_joined.data() + j0 * W, W, cols, W, difference.data(),
-                           kGramTile);
+        gram_accumulate(joined + i0 * W, W, rows, signed_joined.data() + j0 * W, W, cols, W, difference.data(),
+                        kGramTile);
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < cols; ++j) {
-            const T delta = difference[i * kGramTile + j];
+            const WideSum delta = difference[i * kGramTile + j];
             block_alignment[block] += delta * delta;
           }
         }
@@ -136,7 +160,7 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_pre
       }
     }
   });
-  return sum_in_order(block_alignment);
+  return static_cast<T>(sum_in_order(block_alignment));
 }
 
 // ---- The epilogue ------------------------------------------------------------------------------------
@@ -235,7 +259,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
 
 at::Tensor cosine_gram(const at::Tensor& v, bool center) {
   const at::Tensor normalized = normalized_rows_tensor(to_accumulation(v, "v"), center);
-  return at::mm(normalized, normalized.t());
+  if (normalized.scalar_type() == at::kDouble) return at::mm(normalized, normalized.t());
+  // float32: S = â âᵀ with the Grams' sliced dot products (gram_accumulate), by blocks of rows.
+  const int64_t batch = normalized.size(0), C = normalized.size(1);
+  at::Tensor gram = at::zeros({batch, batch}, normalized.options());
+  const float* rows = normalized.data_ptr<float>();
+  float* out = gram.data_ptr<float>();
+  at::parallel_for(0, batch, kGramRowGrain, [&](int64_t begin, int64_t end) {
+    gram_accumulate(rows + begin * C, C, end - begin, rows, C, batch, C, out + begin * batch, batch);
+  });
+  return gram;
 }
 
 }  // namespace svp::cpu

@@ -59,41 +59,53 @@ SVP_HD T cross_entropy_row(const T* v, int64_t n, int64_t y, T grad_scale, T* gr
   return row_max + log_of(exp_sum) - v[y];
 }
 
-// â = u / max(‖u‖, ε) with u = v (minus its mean when `center`); writes â and returns ‖u‖.
+// The accumulator of long sums in the epilogue (row means, square sums and dot products along a row, the
+// alignment's sum of squares): double for float and double data alike. Summed element by element in
+// float32, a row's error grows with its length (1e-6 relative at 4096 wide, far above torch's cascaded
+// sums); in double it stays below float32 rounding at every width the kernels see, and double data take
+// exactly the operations they took before.
+using WideSum = double;
+
+// â = u / max(‖u‖, ε) with u = v (minus its mean when `center`); writes â (rounded to T) and returns ‖u‖.
+// The mean, u and ‖u‖ are taken in WideSum.
 template <typename T>
 SVP_HD T normalize_row(const T* v, int64_t n, bool center, T* normalized) {
-  T row_mean = T(0);
+  WideSum row_mean = 0.0;
   if (center) {
-    for (int64_t c = 0; c < n; ++c) row_mean += v[c];
-    row_mean /= static_cast<T>(n);
+    for (int64_t c = 0; c < n; ++c) row_mean += static_cast<WideSum>(v[c]);
+    row_mean /= static_cast<WideSum>(n);
   }
-  T square_sum = T(0);
+  WideSum square_sum = 0.0;
   for (int64_t c = 0; c < n; ++c) {
-    normalized[c] = v[c] - row_mean;
-    square_sum += normalized[c] * normalized[c];
+    const WideSum u = static_cast<WideSum>(v[c]) - row_mean;
+    square_sum += u * u;
   }
-  const T norm = sqrt_of(square_sum);
-  const T denominator = norm > static_cast<T>(kNormEps) ? norm : static_cast<T>(kNormEps);
-  for (int64_t c = 0; c < n; ++c) normalized[c] /= denominator;
-  return norm;
+  const WideSum norm = sqrt_of(square_sum);
+  const WideSum denominator = norm > kNormEps ? norm : kNormEps;
+  for (int64_t c = 0; c < n; ++c) normalized[c] = static_cast<T>((static_cast<WideSum>(v[c]) - row_mean) / denominator);
+  return static_cast<T>(norm);
 }
 
 // In place: grad = dL/dâ becomes dL/dv through normalize_row (â and the norm it returned):
-// (g − â(â·g)) / ‖u‖ when ‖u‖ > ε, else g / ε; minus its row mean when `center`.
+// (g − â(â·g)) / ‖u‖ when ‖u‖ > ε, else g / ε; minus its row mean when `center`. â·g, each element and
+// the row mean are taken in WideSum.
 template <typename T>
 SVP_HD void normalize_row_backward(const T* normalized, T norm, int64_t n, bool center, T* grad) {
   if (norm > static_cast<T>(kNormEps)) {
-    T projection = T(0);
-    for (int64_t c = 0; c < n; ++c) projection += normalized[c] * grad[c];
-    for (int64_t c = 0; c < n; ++c) grad[c] = (grad[c] - normalized[c] * projection) / norm;
+    WideSum projection = 0.0;
+    for (int64_t c = 0; c < n; ++c) projection += static_cast<WideSum>(normalized[c]) * static_cast<WideSum>(grad[c]);
+    for (int64_t c = 0; c < n; ++c) {
+      grad[c] = static_cast<T>((static_cast<WideSum>(grad[c]) - static_cast<WideSum>(normalized[c]) * projection) /
+                               static_cast<WideSum>(norm));
+    }
   } else {
     for (int64_t c = 0; c < n; ++c) grad[c] /= static_cast<T>(kNormEps);
   }
   if (center) {
-    T grad_mean = T(0);
-    for (int64_t c = 0; c < n; ++c) grad_mean += grad[c];
-    grad_mean /= static_cast<T>(n);
-    for (int64_t c = 0; c < n; ++c) grad[c] -= grad_mean;
+    WideSum grad_mean = 0.0;
+    for (int64_t c = 0; c < n; ++c) grad_mean += static_cast<WideSum>(grad[c]);
+    grad_mean /= static_cast<WideSum>(n);
+    for (int64_t c = 0; c < n; ++c) grad[c] = static_cast<T>(static_cast<WideSum>(grad[c]) - grad_mean);
   }
 }
 

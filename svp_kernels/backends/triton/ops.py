@@ -289,7 +289,7 @@ def _matmul(a, b, config: EpilogueConfig, second: Optional[Tuple[torch.Tensor, t
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
         stride_a2m=a2.stride(0), stride_a2k=a2.stride(1), stride_b2k=b2.stride(0), stride_b2n=b2.stride(1),
         stride_om=out.stride(0), stride_on=out.stride(1),
-        HAS_SECOND=second is not None, INPUT_PRECISION=input_precision(),
+        HAS_SECOND=second is not None, INPUT_PRECISION=input_precision(), WIDE_K=out.dtype == torch.float32,
         BLOCK_M=config.matmul_tile, BLOCK_N=config.matmul_tile, BLOCK_K=config.matmul_block_k,
         num_warps=config.matmul_warps,
     )
@@ -336,7 +336,7 @@ def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optio
         chunks = triton.cdiv(C, config.grad_block_c) if compute_grad else 1
         _launch(kernels.batch_alignment_kernel)[(row_tiles, chunks)](
             a_ptr=xhat, b_ptr=xhat_prev, grad_ptr=grad_xhat, partial_ptr=partials, B=B, C=C, CP=C_prev,
-            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(),
+            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
             BLOCK_B=config.batch_tile, BLOCK_K=config.batch_block_k, BLOCK_C=config.grad_block_c,
             num_warps=config.num_warps,
         )
