@@ -158,6 +158,19 @@ def wide_row_inputs(B: int, C: int, C_prev: int, device="cpu"):
     return v, target, v_prev
 
 
+# Aligned v and v_prev (B, C = C') with C + C' < B: the feature-space identity, where FA ≪ ‖âᵀâ‖² cancels.
+ALIGNED_FEATURE_SPACE = [(40, 6), (64, 10), (33, 3)]
+
+
+def aligned_inputs(B: int, C: int, device="cpu"):
+    """(v, target, v_prev) in float32: v post-ReLU (B, C), v_prev = v + 0.01·N(0, 1), target in [0, C)."""
+    generator = torch.Generator().manual_seed(B * C)
+    v = torch.randn(B, C, generator=generator, dtype=torch.float64).relu()
+    v_prev = v + 0.01 * torch.randn(B, C, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, C, (B,), generator=generator)
+    return v.float().to(device), target.to(device), v_prev.float().to(device)
+
+
 def wide_row_params(pairs):
     """(device, backend, (B, C, C')) for each (device, backend) pair: WIDE_ROWS, or WIDE_ROWS_NARROW_C for the
     Triton interpreter."""

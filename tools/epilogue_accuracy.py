@@ -6,7 +6,8 @@ float32 PyTorch, both against the float64 ground truth of tests/cases.py.
 
 Inputs, per row (seeded): v = relu(N(0, 1)) (B, K) (post-ReLU features: positive row means, the regime
 where a float32 sum loses most), labels = arange(B) % classes, and v_prev either the labels' one-hot
-(B, classes) ("onehot") or a 3072-wide U[0, 1) input, like image pixels ("input"). The alignment term
+(B, classes) ("onehot"), a 3072-wide U[0, 1) input, like image pixels ("input"), or v + 0.01·N(0, 1)
+("aligned": C + C' < B takes the feature-space identity, and FA is far below ‖âᵀâ‖²). The alignment term
 alone (no target: the loss is λ·FA, the term the float32 row statistics feed), centred, reduction
 "mean", λ = 1.
 
@@ -33,7 +34,7 @@ from cases import epilogue_ground_truth  # noqa: E402  (the one float64 oracle)
 
 # (name, K = width of v, width of v_prev, classes)
 ROWS = [("onehot", 64, 10, 10), ("onehot", 1024, 100, 100), ("onehot", 32768, 10, 10),
-        ("input", 1024, 3072, 10), ("input", 4096, 3072, 10)]
+        ("input", 1024, 3072, 10), ("input", 4096, 3072, 10), ("aligned", 10, 10, 10)]
 
 
 def epilogue_inputs(batch: int, width: int, prev_width: int, classes: int, kind: str, seed: int = 0):
@@ -43,6 +44,8 @@ def epilogue_inputs(batch: int, width: int, prev_width: int, classes: int, kind:
     labels = torch.arange(batch) % classes
     if kind == "onehot":
         v_prev = torch.nn.functional.one_hot(labels, prev_width).double()
+    elif kind == "aligned":
+        v_prev = v[:, :prev_width] + 0.01 * torch.randn(batch, prev_width, generator=generator, dtype=torch.float64)
     else:
         v_prev = torch.rand(batch, prev_width, generator=generator, dtype=torch.float64)
     return v.float(), None, v_prev.float()

@@ -29,8 +29,8 @@ T sum_in_order(const std::vector<T>& values) {
   return sum;
 }
 
-// out (rows × cols, leading dimension ldo) += x · yᵀ over `width`, the Grams' long dot products (B in
-// feature space, C + C' in batch space). float: slices of kDotStep terms are summed by gemm_nt_accumulate
+// out (rows × cols, leading dimension ldo) += x · yᵀ over `width`, the long dot products of the batch-space
+// Δ tiles and the cosine Gram (C + C' or C). float: slices of kDotStep terms are summed by gemm_nt_accumulate
 // and the slices added in WideSum, so a long width does not add in one float32 chain; double: one pass.
 constexpr int64_t kDotStep = 256;
 
@@ -89,9 +89,12 @@ void normalize_rows(const T* v, int64_t batch, int64_t n, bool center, T* out, i
 template <typename T>
 T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_prev, T* grad_a) {
   const int64_t W = C + C_prev;
-  // Stage 1: Pᵀ (W × B), so that each Gram entry is a dot product of two contiguous rows. Blocks of
-  // kTransposeRows rows of P keep the reads in L1 while each row of Pᵀ is written contiguously.
-  std::vector<T> transposed(W * batch);
+  // Stage 1: Pᵀ (W × B) in WideSum, so that each Gram entry is a dot product of two contiguous rows. Blocks
+  // of kTransposeRows rows of P keep the reads in L1 while each row of Pᵀ is written contiguously.
+  // G is formed and kept in WideSum: FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² cancels when v and v_prev are aligned
+  // (FA ≪ ‖âᵀâ‖²), and a float32 G would lose FA's leading digits there (products of floats are exact
+  // in double, so G is exact to double rounding).
+  std::vector<WideSum> transposed(W * batch);
   for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
     const int64_t b1 = std::min(batch, b0 + kTransposeRows);
     for (int64_t i = 0; i < W; ++i)
@@ -100,17 +103,26 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
 
   // Stage 2: G = Pᵀ (Pᵀ)ᵀ; tasks own blocks of rows of G, each entry summed over all of B. G is symmetric:
   // a block of rows [begin, end) computes columns [0, end) only, and the upper triangle is mirrored.
-  std::vector<T> gram(W * W, T(0));
-  at::parallel_for(0, W, kGramRowGrain, [&](int64_t begin, int64_t end) {
-    gram_accumulate(transposed.data() + begin * batch, batch, end - begin, transposed.data(), batch, end, batch,
-                    gram.data() + begin * W, W);
-  });
+  std::vector<WideSum> gram(W * W, 0.0);
+  if constexpr (std::is_same_v<T, double>) {
+    at::parallel_for(0, W, kGramRowGrain, [&](int64_t begin, int64_t end) {
+      gemm_nt_accumulate(transposed.data() + begin * batch, batch, end - begin, transposed.data(), batch, end, batch,
+                         gram.data() + begin * W, W);
+    });
+  } else {
+    // float data: G = Pᵀ · P as outer products over B (gemm_nn: no horizontal sum per entry), in double.
+    const std::vector<WideSum> joined_wide(joined, joined + batch * W);
+    at::parallel_for(0, W, kGramRowGrain, [&](int64_t begin, int64_t end) {
+      gemm_nn(transposed.data() + begin * batch, batch, end - begin, joined_wide.data(), W, batch, end,
+              gram.data() + begin * W, W, /*accumulate=*/false);
+    });
+  }
   for (int64_t i = 0; i < W; ++i)
     for (int64_t j = i + 1; j < W; ++j) gram[i * W + j] = gram[j * W + i];
 
   // Stage 3: FA from the blocks of G, and M = [âᵀâ ; −b̂ᵀâ] (W × C), the first C columns of G.
   WideSum feature_alignment = 0.0, cross_alignment = 0.0, prev_alignment = 0.0;
-  std::vector<T> gradient_map(W * C);
+  std::vector<WideSum> gradient_map(W * C);
   for (int64_t i = 0; i < W; ++i) {
     for (int64_t j = 0; j < W; ++j) {
       const WideSum value = gram[i * W + j];
@@ -121,10 +133,17 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t C, int64_t C_p
     for (int64_t j = 0; j < C; ++j) gradient_map[i * C + j] = i < C ? gram[i * W + j] : -gram[i * W + j];
   }
 
-  // Stage 4: grad_a = P · M, by blocks of rows.
+  // Stage 4: grad_a = P · M, by blocks of rows, in WideSum too (â(âᵀâ) and b̂(b̂ᵀâ) cancel likewise).
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
-    gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), C, W, C, grad_a + begin * C, C,
-            /*accumulate=*/false);
+    if constexpr (std::is_same_v<T, double>) {
+      gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), C, W, C, grad_a + begin * C, C,
+              /*accumulate=*/false);
+    } else {
+      const std::vector<WideSum> rows(joined + begin * W, joined + end * W);
+      std::vector<WideSum> product((end - begin) * C);
+      gemm_nn(rows.data(), W, end - begin, gradient_map.data(), C, W, C, product.data(), C, /*accumulate=*/false);
+      for (int64_t e = 0; e < (end - begin) * C; ++e) grad_a[begin * C + e] = static_cast<T>(product[e]);
+    }
   });
   return static_cast<T>(feature_alignment - 2.0 * cross_alignment + prev_alignment);
 }

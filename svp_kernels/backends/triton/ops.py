@@ -323,12 +323,15 @@ def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optio
     path = config.path or ("feature" if use_feature_space(B, C, C_prev) else "batch")
     grad_xhat = None
     if path == "feature":
-        gram = _matmul(xhat.t(), xhat, config)  # âᵀâ (C, C)
-        cross = _matmul(xhat_prev.t(), xhat, config)  # b̂ᵀâ (C', C)
-        gram_prev = _matmul(xhat_prev.t(), xhat_prev, config)  # b̂ᵀb̂ (C', C')
-        alignment = gram.square().sum() - 2.0 * cross.square().sum() + gram_prev.square().sum()
-        if compute_grad:
-            grad_xhat = _matmul(xhat, gram, config, second=(xhat_prev, cross))  # â(âᵀâ) − b̂(b̂ᵀâ)
+        # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² cancels when
+        # v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
+        wide, wide_prev = xhat.double(), xhat_prev.double()
+        gram = _matmul(wide.t(), wide, config)  # âᵀâ (C, C)
+        cross = _matmul(wide_prev.t(), wide, config)  # b̂ᵀâ (C', C)
+        gram_prev = _matmul(wide_prev.t(), wide_prev, config)  # b̂ᵀb̂ (C', C')
+        alignment = (gram.square().sum() - 2.0 * cross.square().sum() + gram_prev.square().sum()).to(acc)
+        if compute_grad:  # â(âᵀâ) − b̂(b̂ᵀâ), which cancel likewise: in float64 too
+            grad_xhat = _matmul(wide, gram, config, second=(wide_prev, cross)).to(acc)
     elif path == "batch":
         row_tiles = triton.cdiv(B, config.batch_tile)
         partials = torch.empty(row_tiles, dtype=acc, device=device)
