@@ -86,13 +86,20 @@ def projection_ground_truth(h, weight, grad_v, out_features: int, proj_seed: int
     return _cpu_float64(h) @ dropped.t(), _cpu_float64(grad_v) @ dropped
 
 
+def plain_epilogue(v, target, v_prev, alignment_weight: float, mean: bool, center: bool):
+    """(loss, ce, alignment, g_v) of the reference epilogue on CPU in v's dtype (plain PyTorch: F.normalize,
+    the B×B Grams, F.cross_entropy), g_v = dloss/dv by autograd."""
+    v = v.detach().cpu().requires_grad_(True)
+    target = None if target is None else target.cpu()
+    v_prev = None if v_prev is None else v_prev.detach().cpu()
+    loss, ce, alignment = reference.epilogue(v, target, v_prev, alignment_weight, mean, center)
+    (g_v,) = torch.autograd.grad(loss, v) if loss.requires_grad else (torch.zeros_like(v),)
+    return loss.detach(), ce, alignment, g_v
+
+
 def epilogue_ground_truth(v, target, v_prev, alignment_weight: float, mean: bool, center: bool):
     """(loss, ce, alignment, g_v) in float64 on CPU: the reference epilogue, g_v = dloss/dv by autograd."""
-    v64 = _cpu_float64(v).requires_grad_(True)
-    target = None if target is None else target.cpu()
-    loss, ce, alignment = reference.epilogue(v64, target, _cpu_float64(v_prev), alignment_weight, mean, center)
-    (g_v,) = torch.autograd.grad(loss, v64) if loss.requires_grad else (torch.zeros_like(v64),)
-    return loss.detach(), ce, alignment, g_v
+    return plain_epilogue(_cpu_float64(v), target, _cpu_float64(v_prev), alignment_weight, mean, center)
 
 
 def cosine_gram_ground_truth(v, center: bool):
@@ -133,6 +140,48 @@ LOCAL_LOSS_CASES = [
     Case(9, 21, 7, None, p=0.5),                                        # no v_prev: CE only
     Case(3, 70, 13, 20, projection="implicit", p=0.1, center=True),     # batch-space, C' > C > B
 ]
+
+# Wide rows (B, C, C'), for the float32 accuracy of the epilogue's row statistics (means, norms, the backward's
+# dot products) against plain float32 torch: C ≠ C', rows up to 8192 wide. The Triton interpreter and the
+# CUDA emulator run the narrower-C set (their cost grows with C·(C + C')).
+WIDE_ROWS = [(16, 1024, 300), (17, 4096, 3000), (24, 2048, 4096), (33, 3000, 7)]
+WIDE_ROWS_NARROW_C = [(16, 32, 4096), (20, 100, 2048), (17, 16, 8192)]
+
+
+def wide_row_inputs(B: int, C: int, C_prev: int, device="cpu"):
+    """(v, target, v_prev) in float32: v post-ReLU (relu of N(0, 1): positive row means, where centring
+    cancels most), v_prev U[0, 1), target uniform in [0, C)."""
+    generator = torch.Generator().manual_seed(B + C + C_prev)
+    v = torch.randn(B, C, generator=generator, dtype=torch.float64).relu().float().to(device)
+    v_prev = torch.rand(B, C_prev, generator=generator, dtype=torch.float64).float().to(device)
+    target = torch.randint(0, C, (B,), generator=generator).to(device)
+    return v, target, v_prev
+
+
+# Aligned v and v_prev (B, C = C') with C + C' < B: the feature-space identity, where FA ≪ ‖âᵀâ‖² cancels.
+ALIGNED_FEATURE_SPACE = [(40, 6), (64, 10), (33, 3)]
+
+
+def aligned_inputs(B: int, C: int, device="cpu"):
+    """(v, target, v_prev) in float32: v post-ReLU (B, C), v_prev = v + 0.01·N(0, 1), target in [0, C)."""
+    generator = torch.Generator().manual_seed(B * C)
+    v = torch.randn(B, C, generator=generator, dtype=torch.float64).relu()
+    v_prev = v + 0.01 * torch.randn(B, C, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, C, (B,), generator=generator)
+    return v.float().to(device), target.to(device), v_prev.float().to(device)
+
+
+def wide_row_params(pairs):
+    """(device, backend, (B, C, C')) for each (device, backend) pair: WIDE_ROWS, or WIDE_ROWS_NARROW_C for the
+    Triton interpreter."""
+    return [(device, backend, shape) for device, backend in pairs
+            for shape in (WIDE_ROWS_NARROW_C if (device, backend) == ("cpu", "triton") else WIDE_ROWS)]
+
+
+def param_id(value) -> str:
+    """pytest id of a parameter: shapes as BxCxC'."""
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
 
 # Kernel-level tables of the CUDA tests, the CUDA emulator and the sanitizer script (tools/).
 MASK_SHAPES = [  # (C, D, p, seed): C spans the three forward tiles (16/32/64), D one and several panels

@@ -61,6 +61,19 @@ def assert_no_less_accurate(actual: torch.Tensor, plain: torch.Tensor, truth: to
             f"{rtol:.0e}·|x|)")
 
 
+# Two float32 ulps (2⁻²²) of a tensor's largest |truth|: the rounding of the result itself. The tolerance of
+# the checks whose inputs make the float32 sums the dominant error (wide rows), where plain PyTorch's own
+# error is the bar and nothing else should be granted.
+FLOAT32_ROUNDING = 2.0 ** -22
+
+
+def assert_no_less_accurate_to_rounding(actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor,
+                                        name: str) -> None:
+    """assert_no_less_accurate with atol·scale = 2⁻²²·max |truth| and no rtol."""
+    largest = truth.detach().double().abs().max().item() if truth.numel() else 0.0
+    assert_no_less_accurate(actual, plain, truth, name, atol=FLOAT32_ROUNDING * largest / max(1.0, largest), rtol=0.0)
+
+
 def seed_tensor(value: int, device="cpu") -> torch.Tensor:
     """The ops' dropout seed: a 0-dim int64 tensor on the op's device."""
     return torch.tensor(value, dtype=torch.int64, device=device)

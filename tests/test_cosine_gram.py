@@ -8,8 +8,9 @@ import torch
 
 import svp_kernels as sk
 
-from cases import cosine_gram_ground_truth, device_backends
-from helpers import assert_close
+from cases import cosine_gram_ground_truth, device_backends, param_id, wide_row_inputs, wide_row_params
+from helpers import assert_close, assert_no_less_accurate_to_rounding
+from svp_kernels.backends import reference
 
 FUSED = device_backends(include_reference=False)
 
@@ -28,6 +29,20 @@ def test_cosine_gram_matches_ground_truth(B, C, center, device, backend):
     assert S.shape == (B, B) and S.dtype == torch.float64
     assert_close(S, cosine_gram_ground_truth(v, center), 1e-12, f"{backend} cosine_gram")
     assert sk.backends.load(backend).cosine_gram(v.float(), center).dtype == torch.float32
+
+
+# Wide float32 rows (tests/cases.py): v_prev's U[0, 1) rows and v's post-ReLU rows, B × C' and B × C.
+@pytest.mark.parametrize("center", [True, False], ids=["center", "raw"])
+@pytest.mark.parametrize("device,backend,shape", wide_row_params(FUSED), ids=param_id)
+def test_float32_wide_rows_no_less_accurate_than_plain_torch(device, backend, shape, center):
+    """S of float32 rows up to 8192 wide, element by element within two float32 ulps of plain torch's error."""
+    B, C, C_prev = shape
+    v, _, v_prev = wide_row_inputs(B, C, C_prev, device)
+    for rows in (v, v_prev):
+        S = sk.backends.load(backend).cosine_gram(rows, center)
+        assert_no_less_accurate_to_rounding(S, reference.cosine_gram(rows.cpu(), center),
+                                            cosine_gram_ground_truth(rows, center),
+                                            f"{backend} cosine_gram {tuple(rows.shape)} center={center}")
 
 
 def test_public_cosine_gram_and_zero_rows():

@@ -31,6 +31,29 @@ T sum_in_order(const std::vector<T>& values) {
   return sum;
 }
 
+// out (rows × cols, leading dimension ldo) += x · yᵀ over `width`, the long dot products of the batch-space
+// Δ tiles and the cosine Gram (C + C' or C). float: slices of kDotStep terms are summed by gemm_nt_accumulate
+// and the slices added in WideSum, so a long width does not add in one float32 chain; double: one pass.
+constexpr int64_t kDotStep = 256;
+
+template <typename T>
+void gram_accumulate(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t ldy, int64_t cols, int64_t width,
+                     T* out, int64_t ldo) {
+  if constexpr (std::is_same_v<T, double>) {
+    gemm_nt_accumulate(x, ldx, rows, y, ldy, cols, width, out, ldo);
+  } else {
+    std::vector<WideSum> wide(rows * cols, 0.0);
+    std::vector<T> slice(rows * cols);
+    for (int64_t k0 = 0; k0 < width; k0 += kDotStep) {
+      std::fill(slice.begin(), slice.end(), T(0));
+      gemm_nt_accumulate(x + k0, ldx, rows, y + k0, ldy, cols, std::min(kDotStep, width - k0), slice.data(), cols);
+      for (int64_t e = 0; e < rows * cols; ++e) wide[e] += slice[e];
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out[i * ldo + j] += static_cast<T>(wide[i * cols + j]);
+  }
+}
+
 // ---- Cross-entropy -----------------------------------------------------------------------------------
 
 using Floats = Vec<float>;
@@ -139,32 +162,35 @@ int64_t padded(int64_t n) { return ceil_div(n, kPad) * kPad; }
 
 // Feature space, O(B·W·C) time: G = Pᵀ P[:, :Cp] = [âᵀâ ; b̂ᵀâ] (W × Cp) and H = b̂ᵀb̂ (C'p × C'p) hold the
 // three Grams, so FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² (may round to a tiny negative; kept) and
-// grad_a = P · [âᵀâ ; −b̂ᵀâ].
+// grad_a = P · [âᵀâ ; −b̂ᵀâ]. Everything after the normalisation runs in WideSum: FA cancels when v and
+// v_prev are aligned (FA ≪ ‖âᵀâ‖²), and so do â(âᵀâ) and b̂(b̂ᵀâ); float32 Grams would lose the leading
+// digits there (products of floats are exact in double, so G is exact to double rounding).
 template <typename T>
 T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_prev, T* grad_a) {
   const int64_t W = Cp + Cp_prev;
-  // Stage 1: Pᵀ (W × B), the left operand of both Grams. Blocks of kTransposeRows rows of P keep the reads
-  // in L1 while each row of Pᵀ is written contiguously.
-  std::vector<T> transposed(W * batch);
+  // Stage 1: P and Pᵀ (W × B) in WideSum, Pᵀ the left operand of both Grams. Blocks of kTransposeRows rows
+  // of P keep the reads in L1 while each row of Pᵀ is written contiguously.
+  const std::vector<WideSum> wide(joined, joined + batch * W);
+  std::vector<WideSum> transposed(W * batch);
   for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
     const int64_t b1 = std::min(batch, b0 + kTransposeRows);
     for (int64_t i = 0; i < W; ++i)
-      for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = joined[b * W + i];
+      for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = wide[b * W + i];
   }
 
-  // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn, each entry summed over b in increasing order;
-  // tasks own blocks of rows of [G ; H].
-  std::vector<T> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
+  // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn (outer products over B, no horizontal sum per
+  // entry), each entry summed over b in increasing order; tasks own blocks of rows of [G ; H].
+  std::vector<WideSum> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
   at::parallel_for(0, W + Cp_prev, kGramRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end;) {
       if (row < W) {
         const int64_t stop = std::min(end, W);
-        gemm_nn(transposed.data() + row * batch, batch, stop - row, joined, W, batch, Cp, gram.data() + row * Cp,
-                Cp, /*accumulate=*/false);
+        gemm_nn(transposed.data() + row * batch, batch, stop - row, wide.data(), W, batch, Cp,
+                gram.data() + row * Cp, Cp, /*accumulate=*/false);
         row = stop;
       } else {
         const int64_t i = row - W;
-        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, joined + Cp, W, batch, Cp_prev,
+        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, wide.data() + Cp, W, batch, Cp_prev,
                 prev_gram.data() + i * Cp_prev, Cp_prev, /*accumulate=*/false);
         row = end;
       }
@@ -172,23 +198,25 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   });
 
   // Stage 3: FA from the Grams, and M = [âᵀâ ; −b̂ᵀâ] (W × Cp).
-  T feature_alignment = T(0), cross_alignment = T(0), prev_alignment = T(0);
-  std::vector<T> gradient_map(W * Cp);
+  WideSum feature_alignment = 0.0, cross_alignment = 0.0, prev_alignment = 0.0;
+  std::vector<WideSum> gradient_map(W * Cp);
   for (int64_t i = 0; i < W; ++i) {
     for (int64_t j = 0; j < Cp; ++j) {
-      const T value = gram[i * Cp + j];
+      const WideSum value = gram[i * Cp + j];
       (i < Cp ? feature_alignment : cross_alignment) += value * value;
       gradient_map[i * Cp + j] = i < Cp ? value : -value;
     }
   }
-  for (const T value : prev_gram) prev_alignment += value * value;
+  for (const WideSum value : prev_gram) prev_alignment += value * value;
 
-  // Stage 4: grad_a = P · M, by blocks of rows.
+  // Stage 4: grad_a = P · M, by blocks of rows, in WideSum and rounded once.
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
-    gemm_nn(joined + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, grad_a + begin * Cp, Cp,
+    std::vector<WideSum> product((end - begin) * Cp);
+    gemm_nn(wide.data() + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, product.data(), Cp,
             /*accumulate=*/false);
+    for (int64_t e = 0; e < (end - begin) * Cp; ++e) grad_a[begin * Cp + e] = static_cast<T>(product[e]);
   });
-  return feature_alignment - T(2) * cross_alignment + prev_alignment;
+  return static_cast<T>(feature_alignment - 2.0 * cross_alignment + prev_alignment);
 }
 
 // Batch space, O(B²·W) time: Δ = â âᵀ − b̂ b̂ᵀ = P Qᵀ with Q = [â | −b̂], one kGramTile² tile at a time:
@@ -201,7 +229,7 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_p
     for (int64_t i = Cp; i < W; ++i) signed_joined[b * W + i] = -signed_joined[b * W + i];
 
   const int64_t blocks = ceil_div(batch, kGramTile);
-  std::vector<T> block_alignment(blocks, T(0));
+  std::vector<WideSum> block_alignment(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> difference(kGramTile * kGramTile);
     for (int64_t block = begin; block < end; ++block) {
@@ -209,11 +237,11 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_p
       for (int64_t j0 = 0; j0 < batch; j0 += kGramTile) {
         const int64_t cols = std::min(kGramTile, batch - j0);
         std::fill(difference.begin(), difference.end(), T(0));
-        gemm_nt_accumulate(joined + i0 * W, W, rows, signed_joined.data() + j0 * W, W, cols, W, difference.data(),
-                           kGramTile);
+        gram_accumulate(joined + i0 * W, W, rows, signed_joined.data() + j0 * W, W, cols, W, difference.data(),
+                        kGramTile);
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < cols; ++j) {
-            const T delta = difference[i * kGramTile + j];
+            const WideSum delta = difference[i * kGramTile + j];
             block_alignment[block] += delta * delta;
           }
         }
@@ -222,7 +250,7 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_p
       }
     }
   });
-  return sum_in_order(block_alignment);
+  return static_cast<T>(sum_in_order(block_alignment));
 }
 
 // ---- The epilogue ------------------------------------------------------------------------------------
@@ -321,7 +349,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
 
 at::Tensor cosine_gram(const at::Tensor& v, bool center) {
   const at::Tensor normalized = normalized_rows_tensor(to_accumulation(v, "v"), center);
-  return at::mm(normalized, normalized.t());
+  if (normalized.scalar_type() == at::kDouble) return at::mm(normalized, normalized.t());
+  // float32: S = â âᵀ with the Grams' sliced dot products (gram_accumulate), by blocks of rows.
+  const int64_t batch = normalized.size(0), C = normalized.size(1);
+  at::Tensor gram = at::zeros({batch, batch}, normalized.options());
+  const float* rows = normalized.data_ptr<float>();
+  float* out = gram.data_ptr<float>();
+  at::parallel_for(0, batch, kGramRowGrain, [&](int64_t begin, int64_t end) {
+    gram_accumulate(rows + begin * C, C, end - begin, rows, C, batch, C, out + begin * batch, batch);
+  });
+  return gram;
 }
 
 }  // namespace svp::cpu

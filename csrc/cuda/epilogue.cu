@@ -19,11 +19,52 @@
 #include <cuda_runtime.h>
 
 #include "common.cuh"
+#include "svp/math.h"
 #include "svp_cuda.h"
 
 namespace svp_cuda {
 namespace detail {
 namespace {
+
+using svp::WideSum;
+
+// Whether the backward through the normalisation divides by ‖u‖ (double data, bit for bit as before) or
+// multiplies by its double reciprocal (float data, rounded to float afterwards; see svp::divided).
+template <typename Acc>
+constexpr bool kDividesByNorm = sizeof(Acc) == sizeof(double);
+
+// The dot products of the Grams (K = B for ZᵀZ, C + C' for Δ, C for the cosine Gram): float accumulators
+// hold one K step (32 terms) and are folded into WideSum after each step (KFold::step), so a long K adds in
+// double rather than in one float32 chain per thread; double accumulators run the K loop unchanged.
+template <typename Acc>
+struct KFold {
+  template <int M, int N>
+  __device__ __forceinline__ static void step(Acc (&partial)[M][N], WideSum (&wide)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        wide[i][j] += static_cast<WideSum>(partial[i][j]);
+        partial[i][j] = Acc(0);
+      }
+    }
+  }
+  template <int M, int N>
+  __device__ __forceinline__ static void finish(const WideSum (&wide)[M][N], Acc (&acc)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc[i][j] = static_cast<Acc>(wide[i][j]);
+    }
+  }
+};
+template <>
+struct KFold<double> {
+  template <int M, int N>
+  __device__ __forceinline__ static void step(double (&)[M][N], WideSum (&)[M][N]) {}
+  template <int M, int N>
+  __device__ __forceinline__ static void finish(const WideSum (&)[M][N], double (&)[M][N]) {}
+};
 
 constexpr int kThreads = 256;                       // every kernel here: 8 warps
 constexpr int kRowsPerBlock = kThreads / kWarpSize;  // row kernels: one warp per row
@@ -49,26 +90,31 @@ struct RowParams {
 };
 
 // â = u / max(‖u‖, ε), u = row (minus its mean when `center`), into out[0, n) when out != nullptr.
-// Returns ‖u‖ (identical in every lane). Two passes over the row keep ‖u‖ free of cancellation.
+// Returns ‖u‖ (identical in every lane). Two passes over the row keep ‖u‖ free of cancellation. The mean, u
+// and ‖u‖ are taken in WideSum (double, svp/math.h): each lane's strided float32 chain would otherwise carry
+// n/32 terms (1024 at n = 32768). The row is read twice or three times from memory either way, and float64
+// runs at half the float32 rate on H100/H200, so the wide arithmetic hides behind the loads.
 template <typename T, typename Acc>
 __device__ Acc normalize_row_warp(const T* row, int64_t n, bool center, Acc* out, int lane) {
-  Acc mean = Acc(0);
+  WideSum mean = 0.0;
   if (center && n > 0) {
-    Acc sum = Acc(0);
-    for (int64_t c = lane; c < n; c += kWarpSize) sum += to_acc<Acc>(row[c]);
-    mean = warp_sum(sum) / static_cast<Acc>(n);
+    WideSum sum = 0.0;
+    for (int64_t c = lane; c < n; c += kWarpSize) sum += static_cast<WideSum>(to_acc<Acc>(row[c]));
+    mean = warp_sum(sum) / static_cast<WideSum>(n);
   }
-  Acc square_sum = Acc(0);
+  WideSum square_sum = 0.0;
   for (int64_t c = lane; c < n; c += kWarpSize) {
-    const Acc u = to_acc<Acc>(row[c]) - mean;
+    const WideSum u = static_cast<WideSum>(to_acc<Acc>(row[c])) - mean;
     square_sum += u * u;
   }
-  const Acc norm = acc_sqrt(warp_sum(square_sum));
-  const Acc denominator = norm > static_cast<Acc>(kNormEps) ? norm : static_cast<Acc>(kNormEps);
+  const WideSum norm = acc_sqrt(warp_sum(square_sum));
+  const WideSum denominator = norm > kNormEps ? norm : kNormEps, inverse = 1.0 / denominator;
   if (out != nullptr) {
-    for (int64_t c = lane; c < n; c += kWarpSize) out[c] = (to_acc<Acc>(row[c]) - mean) / denominator;
+    for (int64_t c = lane; c < n; c += kWarpSize) {
+      out[c] = svp::divided<Acc>(static_cast<WideSum>(to_acc<Acc>(row[c])) - mean, denominator, inverse);
+    }
   }
-  return norm;
+  return static_cast<Acc>(norm);
 }
 
 template <typename T, typename Acc>
@@ -183,20 +229,23 @@ __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, con
   const int64_t k_end = K < k_begin + k_per_split ? K : k_begin + k_per_split;
 
   Acc acc[Cfg::TM][Cfg::TN];
+  WideSum wide[Cfg::TM][Cfg::TN];
 #pragma unroll
   for (int i = 0; i < Cfg::TM; ++i) {
 #pragma unroll
-    for (int j = 0; j < Cfg::TN; ++j) acc[i][j] = Acc(0);
+    for (int j = 0; j < Cfg::TN; ++j) acc[i][j] = Acc(0), wide[i][j] = 0.0;
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += Cfg::BK) {
     // Stage 1: both operand tiles of this K step.
     load_operand_tile<Cfg::BM, Cfg::A_LD, Cfg::BK, Cfg::NT>(As, a_op, m0, M, k0, k_end);
     load_operand_tile<Cfg::BN, Cfg::B_LD, Cfg::BK, Cfg::NT>(Bs, b_op, n0, N, k0, k_end);
     __syncthreads();
-    // Stage 2: register-tiled FMAs.
+    // Stage 2: register-tiled FMAs (float: folded into WideSum per step).
     register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::B_LD>(acc, As, Bs, tx, ty);
+    KFold<Acc>::step(acc, wide);
     __syncthreads();
   }
+  KFold<Acc>::finish(wide, acc);
   // Stage 3: this split's tile.
   Acc* slot = out + split * split_stride;
 #pragma unroll
@@ -284,6 +333,7 @@ __global__ void __launch_bounds__(kThreads) batch_alignment_kernel(const Acc* __
 
     // Stage A: Δ_IJ = Σ_k Z[i, k] s_k Z[j, k], K-stepped through shared memory (zero-filled outside B).
     Acc delta[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
+    WideSum wide_delta[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
     for (int64_t k0 = 0; k0 < Ctot; k0 += kBatchK) {
 #pragma unroll
       for (int it = 0; it < kBatchK * kBatchTile / kThreads; ++it) {
@@ -306,8 +356,10 @@ __global__ void __launch_bounds__(kThreads) batch_alignment_kernel(const Acc* __
         delta[1][0] += a1 * b0;
         delta[1][1] += a1 * b1;
       }
+      KFold<Acc>::step(delta, wide_delta);
       __syncthreads();
     }
+    KFold<Acc>::finish(wide_delta, delta);
 
     // Stage B: FA partial and Δ into shared memory (rows/columns outside B are exactly zero).
 #pragma unroll
@@ -377,22 +429,29 @@ __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(const Acc* __r
       for (int64_t s = 1; s < splits; ++s) sum += p_row[s * plane + c];
       return grad_scale * sum;
     };
-    Acc projection = Acc(0);
-    for (int64_t c = lane; c < C; c += kWarpSize) projection += a_hat[c] * grad_a_hat(c);
+    // â·g, each element through the normalisation and their row mean in WideSum, as in normalize_row_warp.
+    WideSum projection = 0.0;
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      projection += static_cast<WideSum>(a_hat[c]) * static_cast<WideSum>(grad_a_hat(c));
+    }
     projection = warp_sum(projection);
     const Acc norm = norms[b];
     const bool regular = norm > static_cast<Acc>(kNormEps);
-    auto grad_v_row = [&](int64_t c) {
-      const Acc g = grad_a_hat(c);
-      return regular ? (g - a_hat[c] * projection) / norm : g / static_cast<Acc>(kNormEps);
+    const WideSum wide_norm = norm, inverse = 1.0 / wide_norm;
+    // double data divide (as they always did); float data multiply by the reciprocal (svp::divided).
+    auto grad_v_row = [&](int64_t c) -> WideSum {
+      const WideSum g = grad_a_hat(c);
+      if (!regular) return g / kNormEps;
+      const WideSum through = g - static_cast<WideSum>(a_hat[c]) * projection;
+      return kDividesByNorm<Acc> ? through / wide_norm : through * inverse;
     };
-    Acc mean = Acc(0);
+    WideSum mean = 0.0;
     if (center && C > 0) {
-      Acc sum = Acc(0);
+      WideSum sum = 0.0;
       for (int64_t c = lane; c < C; c += kWarpSize) sum += grad_v_row(c);
-      mean = warp_sum(sum) / static_cast<Acc>(C);
+      mean = warp_sum(sum) / static_cast<WideSum>(C);
     }
-    for (int64_t c = lane; c < C; c += kWarpSize) g_v[b * C + c] += weight * (grad_v_row(c) - mean);
+    for (int64_t c = lane; c < C; c += kWarpSize) g_v[b * C + c] += weight * static_cast<Acc>(grad_v_row(c) - mean);
   }
 }
 

@@ -59,41 +59,82 @@ SVP_HD T cross_entropy_row(const T* v, int64_t n, int64_t y, T grad_scale, T* gr
   return row_max + log_of(exp_sum) - v[y];
 }
 
-// â = u / max(‖u‖, ε) with u = v (minus its mean when `center`); writes â and returns ‖u‖.
+// The accumulator of long sums in the epilogue (row means, square sums and dot products along a row, the
+// alignment's sum of squares): double for float and double data alike. Summed element by element in
+// float32, a row's error grows with its length (1e-6 relative at 4096 wide, far above torch's cascaded
+// sums); in double it stays below float32 rounding at every width the kernels see, and double data take
+// exactly the operations they took before.
+using WideSum = double;
+
+// u / d rounded to T, given inverse = 1 / d. double divides (the operations double data always took); float
+// multiplies by the double reciprocal: within two double ulps of the quotient, so its float32 rounding is the
+// quotient's except within that distance of a float32 rounding boundary, at a fraction of a division's cost.
+template <typename T>
+SVP_HD T divided(WideSum u, WideSum d, WideSum inverse);
+template <>
+SVP_HD double divided<double>(WideSum u, WideSum d, WideSum) {
+  return u / d;
+}
+template <>
+SVP_HD float divided<float>(WideSum u, WideSum, WideSum inverse) {
+  return static_cast<float>(u * inverse);
+}
+
+// Σ_{c < n} term(c) in WideSum, in an order fixed by n: double data in one chain, as always; float data in
+// four interleaved chains (c mod 4, summed pairwise at the end), whose double adds the CPU overlaps.
+template <typename T, typename Term>
+SVP_HD WideSum row_sum(int64_t n, Term term) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    WideSum sum = 0.0;
+    for (int64_t c = 0; c < n; ++c) sum += term(c);
+    return sum;
+  } else {
+    WideSum sums[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) {
+      for (int lane = 0; lane < 4; ++lane) sums[lane] += term(c + lane);
+    }
+    for (; c < n; ++c) sums[0] += term(c);
+    return (sums[0] + sums[1]) + (sums[2] + sums[3]);
+  }
+}
+
+// â = u / max(‖u‖, ε) with u = v (minus its mean when `center`); writes â (rounded to T) and returns ‖u‖.
+// The mean, u and ‖u‖ are taken in WideSum.
 template <typename T>
 SVP_HD T normalize_row(const T* v, int64_t n, bool center, T* normalized) {
-  T row_mean = T(0);
-  if (center) {
-    for (int64_t c = 0; c < n; ++c) row_mean += v[c];
-    row_mean /= static_cast<T>(n);
-  }
-  T square_sum = T(0);
-  for (int64_t c = 0; c < n; ++c) {
-    normalized[c] = v[c] - row_mean;
-    square_sum += normalized[c] * normalized[c];
-  }
-  const T norm = sqrt_of(square_sum);
-  const T denominator = norm > static_cast<T>(kNormEps) ? norm : static_cast<T>(kNormEps);
-  for (int64_t c = 0; c < n; ++c) normalized[c] /= denominator;
-  return norm;
+  WideSum row_mean = 0.0;
+  if (center) row_mean = row_sum<T>(n, [&](int64_t c) { return static_cast<WideSum>(v[c]); }) / static_cast<WideSum>(n);
+  const WideSum square_sum = row_sum<T>(n, [&](int64_t c) {
+    const WideSum u = static_cast<WideSum>(v[c]) - row_mean;
+    return u * u;
+  });
+  const WideSum norm = sqrt_of(square_sum);
+  const WideSum denominator = norm > kNormEps ? norm : kNormEps, inverse = 1.0 / denominator;
+  for (int64_t c = 0; c < n; ++c) normalized[c] = divided<T>(static_cast<WideSum>(v[c]) - row_mean, denominator, inverse);
+  return static_cast<T>(norm);
 }
 
 // In place: grad = dL/dâ becomes dL/dv through normalize_row (â and the norm it returned):
-// (g − â(â·g)) / ‖u‖ when ‖u‖ > ε, else g / ε; minus its row mean when `center`.
+// (g − â(â·g)) / ‖u‖ when ‖u‖ > ε, else g / ε; minus its row mean when `center`. â·g, each element and
+// the row mean are taken in WideSum.
 template <typename T>
 SVP_HD void normalize_row_backward(const T* normalized, T norm, int64_t n, bool center, T* grad) {
   if (norm > static_cast<T>(kNormEps)) {
-    T projection = T(0);
-    for (int64_t c = 0; c < n; ++c) projection += normalized[c] * grad[c];
-    for (int64_t c = 0; c < n; ++c) grad[c] = (grad[c] - normalized[c] * projection) / norm;
+    const WideSum projection = row_sum<T>(
+        n, [&](int64_t c) { return static_cast<WideSum>(normalized[c]) * static_cast<WideSum>(grad[c]); });
+    const WideSum wide_norm = norm, inverse = 1.0 / wide_norm;
+    for (int64_t c = 0; c < n; ++c) {
+      grad[c] = divided<T>(static_cast<WideSum>(grad[c]) - static_cast<WideSum>(normalized[c]) * projection, wide_norm,
+                           inverse);
+    }
   } else {
     for (int64_t c = 0; c < n; ++c) grad[c] /= static_cast<T>(kNormEps);
   }
   if (center) {
-    T grad_mean = T(0);
-    for (int64_t c = 0; c < n; ++c) grad_mean += grad[c];
-    grad_mean /= static_cast<T>(n);
-    for (int64_t c = 0; c < n; ++c) grad[c] -= grad_mean;
+    const WideSum grad_mean =
+        row_sum<T>(n, [&](int64_t c) { return static_cast<WideSum>(grad[c]); }) / static_cast<WideSum>(n);
+    for (int64_t c = 0; c < n; ++c) grad[c] = static_cast<T>(static_cast<WideSum>(grad[c]) - grad_mean);
   }
 }
 

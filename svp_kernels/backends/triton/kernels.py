@@ -79,6 +79,11 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)  # key increment, word 1
 TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)
 TWO_PI = tl.constexpr(6.28318530717958647692)  # rounded to float32 where used, like the C++ `kTwoPi` literal
 NORM_EPS = tl.constexpr(1e-12)
+# The accumulator of the epilogue's row sums (mean, square sum, x̂·g, the gradient's row mean) and of the
+# values they combine: float64 for float32 and float64 data alike (an element-by-element float32 sum of a
+# long row is far less accurate than torch's cascaded sums). The row kernels are memory-bound, and float64
+# runs at half the float32 rate on H100/H200, so the wider arithmetic costs little there.
+WIDE_SUM = tl.constexpr(tl.float64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,68 +374,81 @@ def row_statistics_kernel(x_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_pt
             tl.store(grad_ptr + out_rows + cols[None, :], (softmax - onehot) * inv_batch[:, None], mask=valid)
 
     if NORMALIZE:
-        mean = tl.zeros((BLOCK_B,), acc_dtype)
+        # The mean, the square sum and x_c itself in float64 (WIDE_SUM), rounded to acc_dtype once at the end.
+        mean = tl.zeros((BLOCK_B,), WIDE_SUM)
         if CENTER:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-                mean += tl.sum(x.to(acc_dtype), axis=1)
+                mean += tl.sum(x.to(WIDE_SUM), axis=1)
             mean = mean / C
-        squares = tl.zeros((BLOCK_B,), acc_dtype)
+        squares = tl.zeros((BLOCK_B,), WIDE_SUM)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             valid = row_ok[:, None] & (cols[None, :] < C)
-            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
             x = tl.where(valid, x - mean[:, None], 0.0)
             squares += tl.sum(x * x, axis=1)
         norm = _sqrt(squares, PRECISE_MATH)
-        tl.store(norm_ptr + rows, norm, mask=row_ok)
+        tl.store(norm_ptr + rows, norm.to(acc_dtype), mask=row_ok)
         denominator = tl.maximum(norm, NORM_EPS)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             valid = row_ok[:, None] & (cols[None, :] < C)
-            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
-            tl.store(xhat_ptr + out_rows + cols[None, :], (x - mean[:, None]) / denominator[:, None], mask=valid)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
+            tl.store(xhat_ptr + out_rows + cols[None, :], ((x - mean[:, None]) / denominator[:, None]).to(acc_dtype),
+                     mask=valid)
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr, M, N, K, K2,
-                  stride_am, stride_ak, stride_bk, stride_bn,
-                  stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_om, stride_on,
-                  HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (M, N) = A (M, K) · B (K, N) [− A2 (M, K2) · B2 (K2, N)], any strides (so Aᵀ is free).
-
-    Used for the feature-space Grams (âᵀâ, b̂ᵀâ, b̂ᵀb̂: reductions over the batch), the feature-space
-    gradient â(âᵀâ) − b̂(b̂ᵀâ), and the inspection Gram â âᵀ. Operands and out share one dtype."""
-    acc_dtype = out_ptr.dtype.element_ty
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+def dot_over_k(a_ptr, b_ptr, rows, cols, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, acc_dtype: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A[rows, :K] · B[:K, cols] in acc_dtype (zero outside (M, N)); with WIDE_K the BLOCK_K-step products are
+    summed in float64 (WIDE_SUM) and rounded once."""
+    if WIDE_K:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), WIDE_SUM)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        if WIDE_K:
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype).to(WIDE_SUM)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+    return acc.to(acc_dtype)
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr, M, N, K, K2,
+                  stride_am, stride_ak, stride_bk, stride_bn,
+                  stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_om, stride_on,
+                  HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (M, N) = A (M, K) · B (K, N) [− A2 (M, K2) · B2 (K2, N)], any strides (so Aᵀ is free).
+
+    Used for the feature-space Grams (âᵀâ, b̂ᵀâ, b̂ᵀb̂: reductions over the batch), the feature-space
+    gradient â(âᵀâ) − b̂(b̂ᵀâ), and the inspection Gram â âᵀ. Operands and out share one dtype. WIDE_K
+    (float32): each BLOCK_K step's product is added in float64, so a long K is not one float32 chain."""
+    acc_dtype = out_ptr.dtype.element_ty
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = dot_over_k(a_ptr, b_ptr, rows, cols, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                     acc_dtype, INPUT_PRECISION, WIDE_K, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SECOND:
-        second = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
-        for k0 in range(0, K2, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a2_ptr + rows[:, None] * stride_a2m + ks[None, :] * stride_a2k,
-                        mask=(rows[:, None] < M) & (ks[None, :] < K2), other=0.0)
-            b = tl.load(b2_ptr + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n,
-                        mask=(ks[:, None] < K2) & (cols[None, :] < N), other=0.0)
-            second = tl.dot(a, b, second, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
-        acc = acc - second
+        acc = acc - dot_over_k(a2_ptr, b2_ptr, rows, cols, M, N, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+                               acc_dtype, INPUT_PRECISION, WIDE_K, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc,
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
 def batch_alignment_kernel(a_ptr, b_ptr, grad_ptr, partial_ptr, B, C, CP,
-                           COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Batch-space FA for row tile i and gradient columns [c-chunk]: for every column tile j,
     Δ = â_i â_jᵀ − b̂_i b̂_jᵀ (BLOCK_B × BLOCK_B, registers only); partial[i] = Σ Δ² (written by the
@@ -443,22 +461,11 @@ def batch_alignment_kernel(a_ptr, b_ptr, grad_ptr, partial_ptr, B, C, CP,
     grad = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
     for j0 in range(0, B, BLOCK_B):
         rows_j = j0 + tl.arange(0, BLOCK_B)
-        gram_a = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a_i = tl.load(a_ptr + rows_i[:, None] * C + ks[None, :], mask=(rows_i[:, None] < B) & (ks[None, :] < C),
-                          other=0.0)
-            a_jt = tl.load(a_ptr + rows_j[None, :] * C + ks[:, None], mask=(rows_j[None, :] < B) & (ks[:, None] < C),
-                           other=0.0)
-            gram_a = tl.dot(a_i, a_jt, gram_a, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
-        gram_b = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
-        for k0 in range(0, CP, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            b_i = tl.load(b_ptr + rows_i[:, None] * CP + ks[None, :],
-                          mask=(rows_i[:, None] < B) & (ks[None, :] < CP), other=0.0)
-            b_jt = tl.load(b_ptr + rows_j[None, :] * CP + ks[:, None],
-                           mask=(rows_j[None, :] < B) & (ks[:, None] < CP), other=0.0)
-            gram_b = tl.dot(b_i, b_jt, gram_b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        # â_i â_jᵀ and b̂_i b̂_jᵀ: row-major (B, C) operands, the second one read transposed
+        gram_a = dot_over_k(a_ptr, a_ptr, rows_i, rows_j, B, B, C, C, 1, 1, C, acc_dtype, INPUT_PRECISION, WIDE_K,
+                            BLOCK_B, BLOCK_B, BLOCK_K)
+        gram_b = dot_over_k(b_ptr, b_ptr, rows_i, rows_j, B, B, CP, CP, 1, 1, CP, acc_dtype, INPUT_PRECISION, WIDE_K,
+                            BLOCK_B, BLOCK_B, BLOCK_K)
         difference = gram_a - gram_b
         squares += difference * difference
         if COMPUTE_GRAD:
@@ -473,6 +480,16 @@ def batch_alignment_kernel(a_ptr, b_ptr, grad_ptr, partial_ptr, B, C, CP,
 
 
 @triton.jit
+def normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection, above_eps,
+                                safe_norm):
+    """(g − x̂ (x̂·g)) / ‖v‖ (g / ε where ‖v‖ ≤ ε) for one BLOCK_B × BLOCK_C tile, in float64 (WIDE_SUM);
+    g = coef · grad_xhat."""
+    xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
+    g = (tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef).to(WIDE_SUM)
+    return tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
+
+
+@triton.jit
 def normalization_backward_kernel(xhat_ptr, norm_ptr, grad_xhat_ptr, grad_v_ptr, coef_ptr, B, C,
                                   CENTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad_v[b] += P((g − x̂_b (x̂_b·g)) / ‖v_b‖) with g = coef · grad_xhat[b] (g / ε when ‖v_b‖ ≤ ε);
@@ -482,32 +499,30 @@ def normalization_backward_kernel(xhat_ptr, norm_ptr, grad_xhat_ptr, grad_v_ptr,
     row_ok = rows < B
     offsets = rows.to(tl.int64)[:, None] * C
     coef = tl.load(coef_ptr)
-    norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
-    # x̂·g per row
-    projection = tl.zeros((BLOCK_B,), acc_dtype)
+    norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0).to(WIDE_SUM)
+    # x̂·g per row, in float64 (WIDE_SUM) like every row sum here
+    projection = tl.zeros((BLOCK_B,), WIDE_SUM)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         valid = row_ok[:, None] & (cols[None, :] < C)
         xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
         g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
-        projection += tl.sum(xhat * g, axis=1)
+        projection += tl.sum(xhat.to(WIDE_SUM) * g.to(WIDE_SUM), axis=1)
     above_eps = norm > NORM_EPS
     safe_norm = tl.where(above_eps, norm, 1.0)  # no 0/0 in the branch tl.where discards
-    mean = tl.zeros((BLOCK_B,), acc_dtype)
+    mean = tl.zeros((BLOCK_B,), WIDE_SUM)
     if CENTER:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             valid = row_ok[:, None] & (cols[None, :] < C)
-            xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
-            g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
-            through = tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
+            through = normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection,
+                                                  above_eps, safe_norm)
             mean += tl.sum(tl.where(valid, through, 0.0), axis=1)
         mean = mean / C
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         valid = row_ok[:, None] & (cols[None, :] < C)
-        xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
-        g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
-        through = tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
+        through = normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection,
+                                              above_eps, safe_norm)
         grad_v = tl.load(grad_v_ptr + offsets + cols[None, :], mask=valid, other=0.0)
-        tl.store(grad_v_ptr + offsets + cols[None, :], grad_v + through - mean[:, None], mask=valid)
+        tl.store(grad_v_ptr + offsets + cols[None, :], (grad_v + through - mean[:, None]).to(acc_dtype), mask=valid)

@@ -289,7 +289,7 @@ def _matmul(a, b, config: EpilogueConfig, second: Optional[Tuple[torch.Tensor, t
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
         stride_a2m=a2.stride(0), stride_a2k=a2.stride(1), stride_b2k=b2.stride(0), stride_b2n=b2.stride(1),
         stride_om=out.stride(0), stride_on=out.stride(1),
-        HAS_SECOND=second is not None, INPUT_PRECISION=input_precision(),
+        HAS_SECOND=second is not None, INPUT_PRECISION=input_precision(), WIDE_K=out.dtype == torch.float32,
         BLOCK_M=config.matmul_tile, BLOCK_N=config.matmul_tile, BLOCK_K=config.matmul_block_k,
         num_warps=config.matmul_warps,
     )
@@ -323,12 +323,15 @@ def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optio
     path = config.path or ("feature" if use_feature_space(B, C, C_prev) else "batch")
     grad_xhat = None
     if path == "feature":
-        gram = _matmul(xhat.t(), xhat, config)  # âᵀâ (C, C)
-        cross = _matmul(xhat_prev.t(), xhat, config)  # b̂ᵀâ (C', C)
-        gram_prev = _matmul(xhat_prev.t(), xhat_prev, config)  # b̂ᵀb̂ (C', C')
-        alignment = gram.square().sum() - 2.0 * cross.square().sum() + gram_prev.square().sum()
-        if compute_grad:
-            grad_xhat = _matmul(xhat, gram, config, second=(xhat_prev, cross))  # â(âᵀâ) − b̂(b̂ᵀâ)
+        # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² cancels when
+        # v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
+        wide, wide_prev = xhat.double(), xhat_prev.double()
+        gram = _matmul(wide.t(), wide, config)  # âᵀâ (C, C)
+        cross = _matmul(wide_prev.t(), wide, config)  # b̂ᵀâ (C', C)
+        gram_prev = _matmul(wide_prev.t(), wide_prev, config)  # b̂ᵀb̂ (C', C')
+        alignment = (gram.square().sum() - 2.0 * cross.square().sum() + gram_prev.square().sum()).to(acc)
+        if compute_grad:  # â(âᵀâ) − b̂(b̂ᵀâ), which cancel likewise: in float64 too
+            grad_xhat = _matmul(wide, gram, config, second=(wide_prev, cross)).to(acc)
     elif path == "batch":
         row_tiles = triton.cdiv(B, config.batch_tile)
         partials = torch.empty(row_tiles, dtype=acc, device=device)
@@ -336,7 +339,7 @@ def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optio
         chunks = triton.cdiv(C, config.grad_block_c) if compute_grad else 1
         _launch(kernels.batch_alignment_kernel)[(row_tiles, chunks)](
             a_ptr=xhat, b_ptr=xhat_prev, grad_ptr=grad_xhat, partial_ptr=partials, B=B, C=C, CP=C_prev,
-            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(),
+            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
             BLOCK_B=config.batch_tile, BLOCK_K=config.batch_block_k, BLOCK_C=config.grad_block_c,
             num_warps=config.num_warps,
         )
