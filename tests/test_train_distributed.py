@@ -66,15 +66,21 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_path):
-    """2 stages × 2 blocks, BatchNorm and dropout on R: after 4 and 8 steps (the second run resumed from
-    the first's checkpoints) every parameter, buffer and Adam moment equals the sequential trainer's."""
+    """2 stages (3 + 1 blocks), BatchNorm and dropout on R: after 4 and 8 steps (the second run resumed
+    from the first's checkpoints, with the split left to the run: it keeps the checkpoints' 3 + 1, which
+    no timing of these blocks would choose) every parameter, buffer and Adam moment equals the sequential
+    trainer's."""
     dataset = synthetic(num_train=200, num_test=50, num_classes=4)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
                          backend="cpu", seed=3)
-    plan = Plan("pipeline", 2, (2, 2), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
+    plan = Plan("pipeline", 2, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
     first = launch(plan, config, dataset, threads=1)
-    resumed = launch(plan, dataclasses.replace(config, epochs=2), dataset, threads=1)
-    assert first["stage_blocks"] == [[0, 2], [2, 4]] and resumed["world_size"] == 2
+    resumed = launch(dataclasses.replace(plan, stage_split=None), dataclasses.replace(config, epochs=2), dataset,
+                     threads=1)
+    assert first["stage_blocks"] == resumed["stage_blocks"] == [[0, 3], [3, 4]] and resumed["world_size"] == 2
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:  # each stage pinned to its own core
+        assert first["cores"] == [cores[:len(cores) // 2], cores[len(cores) // 2:2 * (len(cores) // 2)]]
     for epochs, result in ((1, first), (2, resumed)):
         trainer, loss_curve, accuracy_curve = sequential(dataclasses.replace(config, epochs=epochs), dataset)
         expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 2, epochs)
@@ -201,6 +207,15 @@ def test_block_step_seed_is_a_pure_function_of_run_block_and_step():
             block_step_seed(*bad)
 
 
+def test_measured_block_costs_time_every_block_and_leave_the_global_rng_alone():
+    dataset = synthetic(num_train=40, num_test=8, num_classes=4)
+    config = TrainConfig(dataset="synthetic", batch_size=16, width=12, depth=2, backend="cpu")
+    rng = torch.get_rng_state()
+    costs = distributed.measured_block_costs(config, dataset, repeats=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(costs) == 3 and all(0 < cost < 10 for cost in costs)
+
+
 def test_balanced_split_minimises_the_largest_stage():
     assert balanced_split([0.77, 1, 1, 1, 1, 1, 1, 1, 0.01], 2) == (4, 5)
     assert balanced_split([5, 1, 1, 1, 1, 1], 2) == (1, 5)
@@ -211,7 +226,7 @@ def test_balanced_split_minimises_the_largest_stage():
 
 def arguments(**values) -> argparse.Namespace:
     defaults = {"stages": None, "stage_split": None, "data_parallel": None, "dist_timeout": 60.0,
-                "stage_checkpoints": None}
+                "stage_checkpoints": None, "no_pin_cores": False}
     return argparse.Namespace(**{**defaults, **values})
 
 
@@ -222,6 +237,7 @@ def test_plans_from_flags_and_torchrun():
     assert plan_from_arguments(arguments(), torchrun) == Plan("data_parallel", 2)
     assert plan_from_arguments(arguments(stages=2, stage_split="3,1"), torchrun) == Plan("pipeline", 2, (3, 1))
     assert plan_from_arguments(arguments(data_parallel=3), None).world_size == 3
+    assert plan_from_arguments(arguments(stages=2, no_pin_cores=True), None) == Plan("pipeline", 2, pin_cores=False)
     for flags, environment, match in [({"stages": 2, "data_parallel": 2}, None, "cannot be combined"),
                                       ({"stage_split": "2,2"}, None, "needs --stages"),
                                       ({"stages": 2, "stage_split": "2;2"}, None, "comma-separated"),
