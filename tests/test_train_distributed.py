@@ -28,13 +28,15 @@ TIMEOUT = 15.0  # --dist-timeout of the failure tests
 
 
 def sequential(config: TrainConfig, dataset):
-    """The single-process trainer after config.epochs epochs on one thread, and its per-epoch curves."""
+    """The single-process trainer after config.epochs epochs on one thread (with run_training's learning-rate
+    schedule), and its per-epoch curves."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+        epochs = list(epoch_batches(config, len(dataset.train_targets)))
+        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, len(epochs[0]))
         loss_curve, accuracy_curve = [], []
-        for batches in epoch_batches(config, len(dataset.train_targets)):
+        for batches in epochs:
             steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step), dataset.train_targets[i])
                      for i in batches]
             loss_curve.append(epoch_means([step.output_ce for step in steps])[0])
@@ -66,13 +68,13 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_path):
-    """2 stages (3 + 1 blocks), BatchNorm and dropout on R: after 4 and 8 steps (the second run resumed
+    """2 stages (3 + 1 blocks), BatchNorm, dropout on R and a 2-step learning-rate warm-up: after 4 and 8 steps (the second run resumed
     from the first's checkpoints, with the split left to the run: it keeps the checkpoints' 3 + 1, which
     no timing of these blocks would choose) every parameter, buffer and Adam moment equals the sequential
     trainer's."""
     dataset = synthetic(num_train=200, num_test=50, num_classes=4)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
-                         backend="cpu", seed=3)
+                         warmup_epochs=0.5, backend="cpu", seed=3)  # the same warm-up in 1 and 2 epochs
     plan = Plan("pipeline", 2, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
     first = launch(plan, config, dataset, threads=1)
     resumed = launch(dataclasses.replace(plan, stage_split=None), dataclasses.replace(config, epochs=2), dataset,

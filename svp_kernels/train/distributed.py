@@ -510,7 +510,7 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     resume_epoch = common_resume_epoch(plan, rank)
     state = load_checkpoint(plan, rank, resume_epoch)
     split = choose_split(plan, rank, config, dataset, None if state is None else state["stage_split"])
-    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
     if sum(split) != len(trainer.model.blocks):
         raise ValueError(f"stage_split {split} covers {sum(split)} blocks; the model has {len(trainer.model.blocks)}")
     blocks = stage_blocks(split, rank)
@@ -708,7 +708,7 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     if config.batch_size < world:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be ≥ the "
                          f"{world} data-parallel ranks")
-    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
     everything = range(len(trainer.model.blocks))
     clock, device = Clock(trainer.device), trainer.device
     state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
