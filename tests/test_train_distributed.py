@@ -209,13 +209,18 @@ def test_block_step_seed_is_a_pure_function_of_run_block_and_step():
             block_step_seed(*bad)
 
 
-def test_measured_block_costs_time_every_block_and_leave_the_global_rng_alone():
+def test_measured_block_costs_time_every_block_and_leave_the_trainer_and_global_rng_alone():
     dataset = synthetic(num_train=40, num_test=8, num_classes=4)
-    config = TrainConfig(dataset="synthetic", batch_size=16, width=12, depth=2, backend="cpu")
-    rng = torch.get_rng_state()
-    costs = distributed.measured_block_costs(config, dataset, repeats=2)
-    assert torch.equal(torch.get_rng_state(), rng)
+    config = TrainConfig(dataset="synthetic", batch_size=16, width=12, depth=2, p=0.2, backend="cpu")
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+    before, rng = trainer_tensors(trainer), torch.get_rng_state()
+    costs = distributed.measured_block_costs(trainer, dataset.train_inputs[:16], dataset.train_targets[:16],
+                                             repeats=2)
     assert len(costs) == 3 and all(0 < cost < 10 for cost in costs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = trainer_tensors(trainer)
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert trainer.step == 0 and all(not optimizer.state for optimizer in trainer.optimizers)
 
 
 def test_balanced_split_minimises_the_largest_stage():

@@ -6,7 +6,8 @@ Pipeline (``--stages K``): the blocks are split into K contiguous stages, one pr
 in another order (each block's dropout seed is block_step_seed(run seed, block, step)), so with the same
 device type and thread count the parameters after any number of steps are bit-identical to ``svp-train``
 without ``--stages``. A stage keeps at most ``max_in_flight`` unfinished sends, so a slow stage
-back-pressures its predecessors instead of growing their memory.
+back-pressures its predecessors instead of growing their memory; it receives batch t + 1 while it computes
+batch t. Unless given, the split balances the blocks' measured step times.
 
 Data parallel (``--data-parallel N`` or torchrun without ``--stages``): every rank holds the whole model and
 trains each global batch (``--batch-size``) on its contiguous 1/N share of the rows. The SVP loss couples a
@@ -27,6 +28,7 @@ a restarted run resumes from the newest epoch that every rank has saved.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -68,7 +70,7 @@ class Plan:
     """How a run is distributed.
 
     mode: "pipeline" (world_size stages) or "data_parallel" (world_size replicas). stage_split: blocks per
-    stage (pipeline; None balances a FLOP estimate). timeout: seconds a process waits on a peer, and the
+    stage (pipeline; None: choose_split decides). timeout: seconds a process waits on a peer, and the
     parent on the survivors of a failure. max_in_flight: unfinished sends a stage may hold.
     checkpoint_dir: where every process writes and resumes its per-epoch checkpoint (None: none).
     pin_cores: processes spawned by launch (not torchrun's) each run on their own share of the cores when
@@ -104,42 +106,44 @@ class Plan:
 # Stage boundaries
 # ----------------------------------------------------------------------------------------------------
 
-def measured_block_costs(config: TrainConfig, dataset: Dataset, repeats: int = 5) -> list[float]:
+def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, targets: torch.Tensor,
+                         repeats: int = 5) -> list[float]:
     """Seconds of one training step of every block (forward, local loss, backward, optimizer step), the
-    input projection charged to block 0: `repeats` training steps of a throw-away trainer built from config
-    on the first --batch-size training examples, after one warm-up step, each block's fastest. Every step
-    times all the blocks in turn, so a burst of other work on the machine slows them alike rather than one
-    block's samples. Needs the whole model's optimizer state on this device; leaves the global RNG as it was
-    (build_trainer reseeds it)."""
-    device = torch.device(config.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = build_trainer(config, dataset.input_shape, dataset.num_classes)
-        inputs = dataset.train_inputs[:config.batch_size].to(device)
-        targets = dataset.train_targets[:config.batch_size].to(device)
-        samples = [[] for _ in range(probe.num_blocks)]
-        for step in range(1 + repeats):
-            clock = Clock(device)
-            h, v = inputs, probe.input_alignment(inputs)
-            for index in range(probe.num_blocks):
-                h, v, _ = probe.train_block(index, h, v, targets, step)
-                clock.charge("busy")
-                samples[index].append(clock.busy)
-                clock.restart()
-        return [min(seconds[1:]) for seconds in samples]
+    input projection charged to block 0: `repeats` training steps of a copy of the trainer on the batch
+    (inputs (B, *input_shape), targets (B,)), after one warm-up step, each block's fastest. Every step times
+    all the blocks in turn, so a burst of other work on the machine slows them alike rather than one
+    block's samples. The trainer is left as it was (the copy holds the whole model's optimizer state while
+    it runs), and no global RNG is drawn from (the dropout seeds are explicit)."""
+    device = trainer.device
+    inputs, targets = inputs.to(device), targets.to(device)
+    probe = copy.deepcopy(trainer)
+    samples = [[] for _ in range(probe.num_blocks)]
+    for step in range(1 + repeats):
+        clock = Clock(device)
+        h, v = inputs, probe.input_alignment(inputs)
+        for index in range(probe.num_blocks):
+            h, v, _ = probe.train_block(index, h, v, targets, step)
+            clock.charge("busy")
+            samples[index].append(clock.busy)
+            clock.restart()
+    return [min(seconds[1:]) for seconds in samples]
 
 
-def choose_split(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset,
+def choose_split(plan: Plan, rank: int, trainer: LayerwiseTrainer, dataset: Dataset, batch_size: int,
                  saved_split: tuple[int, ...] | None) -> tuple[int, ...]:
-    """Blocks per stage: plan.stage_split when given; else rank 0's choice, broadcast to every stage (so
-    that all agree although timings differ between processes): the split of the checkpoint being resumed
-    (saved_split), or the balanced_split of measured_block_costs. Collective unless plan.stage_split is set.
-    Which process trains a block does not change the result, so neither does the split."""
+    """Blocks per stage: plan.stage_split when given; all blocks for a single stage; else rank 0's choice,
+    broadcast to every stage (so that all agree although timings differ between processes): the split of
+    the checkpoint being resumed (saved_split), or the balanced_split of measured_block_costs on the first
+    batch_size training examples. Collective in that last case. Which process trains a block does not
+    change the result, so neither does the split."""
     if plan.stage_split is not None:
         return plan.stage_split
+    if plan.world_size == 1:
+        return (trainer.num_blocks,)
     choice = [None]
     if rank == 0:
-        choice[0] = tuple(saved_split) if saved_split is not None else \
-            balanced_split(measured_block_costs(config, dataset), plan.world_size)
+        choice[0] = tuple(saved_split) if saved_split is not None else balanced_split(measured_block_costs(
+            trainer, dataset.train_inputs[:batch_size], dataset.train_targets[:batch_size]), plan.world_size)
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
@@ -509,8 +513,9 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     stages, meta = plan.world_size, run_meta(config, dataset)
     resume_epoch = common_resume_epoch(plan, rank)
     state = load_checkpoint(plan, rank, resume_epoch)
-    split = choose_split(plan, rank, config, dataset, None if state is None else state["stage_split"])
     trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
+    split = choose_split(plan, rank, trainer, dataset, config.batch_size,
+                         None if state is None else state["stage_split"])
     if sum(split) != len(trainer.model.blocks):
         raise ValueError(f"stage_split {split} covers {sum(split)} blocks; the model has {len(trainer.model.blocks)}")
     blocks = stage_blocks(split, rank)
