@@ -36,6 +36,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -109,11 +110,12 @@ class Plan:
 def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, targets: torch.Tensor,
                          repeats: int = 5) -> list[float]:
     """Seconds of one training step of every block (forward, local loss, backward, optimizer step), the
-    input projection charged to block 0: `repeats` training steps of a copy of the trainer on the batch
-    (inputs (B, *input_shape), targets (B,)), after one warm-up step, each block's fastest. Every step times
-    all the blocks in turn, so a burst of other work on the machine slows them alike rather than one
-    block's samples. The trainer is left as it was (the copy holds the whole model's optimizer state while
-    it runs), and no global RNG is drawn from (the dropout seeds are explicit)."""
+    input projection charged to block 0, from `repeats` training steps of a copy of the trainer on the
+    batch (inputs (B, *input_shape), targets (B,)) after one warm-up step: block l costs the median over
+    steps of its share of the step, times the median step. Shares, not raw times, so that other work on the
+    machine slowing a whole step cancels, and medians, so that a burst during part of one step does not
+    move a block. The trainer is left as it was (the copy holds the whole model's optimizer state while it
+    runs), and no global RNG is drawn from (the dropout seeds are explicit)."""
     device = trainer.device
     inputs, targets = inputs.to(device), targets.to(device)
     probe = copy.deepcopy(trainer)
@@ -126,7 +128,9 @@ def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, target
             clock.charge("busy")
             samples[index].append(clock.busy)
             clock.restart()
-    return [min(seconds[1:]) for seconds in samples]
+    steps = [sum(seconds) for seconds in zip(*samples)][1:]
+    shares = [statistics.median(t / step for t, step in zip(seconds[1:], steps)) for seconds in samples]
+    return [share * statistics.median(steps) for share in shares]
 
 
 def choose_split(plan: Plan, rank: int, trainer: LayerwiseTrainer, dataset: Dataset, batch_size: int,
