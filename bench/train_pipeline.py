@@ -12,7 +12,8 @@ K = 1 within each round. On a machine shared with other work the wall-clock spee
 share the processes got; the cpu-time speedup (K = 1's CPU seconds over the busiest stage's) is what
 K processes on K free cores would gain, before the fill and drain. --control adds, per round, two
 independent K = 1 runs at once: their summed samples/s over one K = 1 run alone is the CPU the machine
-gives a second process, the ceiling of any 2-stage speedup there. Rows are appended to
+gives a second process, the ceiling of any 2-stage speedup there. --pin-cores both adds, per round, a
+K-stage run with its stages left to the scheduler (svp-train pins them by default). Rows are appended to
 bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20/p50/p80 over the rounds.
 """
 

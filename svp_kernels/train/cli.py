@@ -98,9 +98,9 @@ def train_parser() -> argparse.ArgumentParser:
     add("--no-progress", action="store_true", help="no progress bar")
     # distributed: pipeline stages or data parallel, spawned here or run under torchrun
     add("--stages", type=int, help="train the blocks as K pipeline stages, one process (one GPU) each")
-    add("--stage-split", help="blocks per stage, e.g. 3,2 (default: rank 0 times one training step of every "
-        "block on a copy of the model and the first batch, and splits the blocks so that the slowest stage is "
-        "as fast as it can be; a resumed run keeps its checkpoints' split)")
+    add("--stage-split", help="blocks per stage, e.g. 3,2 (default: rank 0 times every block's training step "
+        "over 5 steps of a copy of the model on the first batch and splits the blocks so that the slowest stage "
+        "is as fast as it can be; a resumed run keeps its checkpoints' split)")
     add("--data-parallel", type=int, metavar="N", help="N processes each train 1/N of every --batch-size batch")
     parser.add_argument(
         "--dist-timeout", type=float, default=60.0, metavar="SECONDS",
