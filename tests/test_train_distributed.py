@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from svp_kernels.train import distributed
 from svp_kernels.train.data import synthetic
@@ -108,6 +110,58 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
     assert result["test_accuracy_curve"] == accuracy_curve
+
+
+def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
+    """Rank 0 sends a TRAIN message of step sent_step (odd shapes: B = 3, h (3, 5, 2), v (3, 3)) and, if it
+    is step 4, STOP; rank 1 receives expecting step 4 and puts what it got (or the error) on the queue."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
+    cpu = torch.device("cpu")
+    clock = distributed.Clock(cpu)
+    h, v, targets = torch.randn(3, 5, 2), torch.randn(3, 3), torch.tensor([2, 0, 1])
+    try:
+        if rank == 0:
+            outbound = distributed.Outbound(1, (5, 2), 3, torch.float32, cpu, 2, clock)
+            outbound.send(distributed.Message(distributed.TRAIN, sent_step, h, v, targets))
+            if sent_step == 4:
+                outbound.send(distributed.Message(distributed.STOP))
+            outbound.flush()
+            queue.put(("sent", (h, v, targets)))
+        else:
+            schedule = [(distributed.TRAIN, 4, range(3)), (distributed.STOP, 0, None)]
+            inbound = distributed.Inbound(0, schedule, (5, 2), 3, torch.float32, cpu, clock)
+            try:
+                received = [(m.kind, m.step, *(None if t is None else t.clone() for t in (m.h, m.v, m.targets)))
+                            for m in inbound]
+                queue.put(("received", received))
+            except DistributedTrainingError as error:
+                queue.put(("error", str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sent_step", [4, 5])
+def test_a_link_delivers_packed_messages_exactly_and_checks_them_against_the_schedule(sent_step):
+    context = torch.multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), distributed.free_port()
+    processes = [context.Process(target=_link_worker, args=(rank, port, sent_step, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        reports = dict(queue.get(timeout=TIMEOUT + 60) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=TIMEOUT)
+            if process.is_alive():
+                process.kill()
+    if sent_step != 4:
+        assert "sent (kind, rows, step) = (0, 3, 5), the schedule expects (0, 3, 4)" in reports["error"]
+        return
+    (train, stop), (h, v, targets) = reports["received"], reports["sent"]
+    assert train[:2] == (distributed.TRAIN, 4) and stop == (distributed.STOP, 0, None, None, None)
+    assert torch.equal(train[2], h) and torch.equal(train[3], v) and torch.equal(train[4], targets)
 
 
 def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
