@@ -70,10 +70,10 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_path):
-    """2 stages (3 + 1 blocks), BatchNorm, dropout on R and a 2-step learning-rate warm-up: after 4 and 8 steps (the second run resumed
-    from the first's checkpoints, with the split left to the run: it keeps the checkpoints' 3 + 1, which
-    no timing of these blocks would choose) every parameter, buffer and Adam moment equals the sequential
-    trainer's."""
+    """2 stages (3 + 1 blocks), BatchNorm, dropout on R and a 2-step learning-rate warm-up: after 4 and 8
+    steps (the second run resumed from the first's checkpoints, with the split left to the run: it keeps
+    the checkpoints' 3 + 1, which no timing of these blocks would choose) every parameter, buffer and Adam
+    moment equals the sequential trainer's."""
     dataset = synthetic(num_train=200, num_test=50, num_classes=4)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
                          warmup_epochs=0.5, backend="cpu", seed=3)  # the same warm-up in 1 and 2 epochs
@@ -114,7 +114,8 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
 
 def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
     """Rank 0 sends a TRAIN message of step sent_step (odd shapes: B = 3, h (3, 5, 2), v (3, 3)) and, if it
-    is step 4, STOP; rank 1 receives expecting step 4 and puts what it got (or the error) on the queue."""
+    is step 4, STOP; rank 1 receives expecting step 4. Each puts what it sent or got (or the error) on the
+    queue as Python lists (exact for float32; a tensor would need this process alive to be unpickled)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT))
@@ -128,12 +129,12 @@ def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
             if sent_step == 4:
                 outbound.send(distributed.Message(distributed.STOP))
             outbound.flush()
-            queue.put(("sent", (h, v, targets)))
+            queue.put(("sent", (h.tolist(), v.tolist(), targets.tolist())))
         else:
             schedule = [(distributed.TRAIN, 4, range(3)), (distributed.STOP, 0, None)]
             inbound = distributed.Inbound(0, schedule, (5, 2), 3, torch.float32, cpu, clock)
             try:
-                received = [(m.kind, m.step, *(None if t is None else t.clone() for t in (m.h, m.v, m.targets)))
+                received = [(m.kind, m.step, *(t if t is None else t.tolist() for t in (m.h, m.v, m.targets)))
                             for m in inbound]
                 queue.put(("received", received))
             except DistributedTrainingError as error:
@@ -161,7 +162,7 @@ def test_a_link_delivers_packed_messages_exactly_and_checks_them_against_the_sch
         return
     (train, stop), (h, v, targets) = reports["received"], reports["sent"]
     assert train[:2] == (distributed.TRAIN, 4) and stop == (distributed.STOP, 0, None, None, None)
-    assert torch.equal(train[2], h) and torch.equal(train[3], v) and torch.equal(train[4], targets)
+    assert train[2:] == (h, v, targets)
 
 
 def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
