@@ -12,7 +12,8 @@ K = 1 within each round. On a machine shared with other work the wall-clock spee
 share the processes got; the cpu-time speedup (K = 1's CPU seconds over the busiest stage's) is what
 K processes on K free cores would gain, before the fill and drain. --control adds, per round, two
 independent K = 1 runs at once: their summed samples/s over one K = 1 run alone is the CPU the machine
-gives a second process, the ceiling of any 2-stage speedup there. Rows are appended to
+gives a second process, the ceiling of any 2-stage speedup there. --pin-cores both adds, per round, a
+K-stage run with its stages left to the scheduler (svp-train pins them by default). Rows are appended to
 bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20/p50/p80 over the rounds.
 """
 
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default="1,2", help="the K to compare, the first being the baseline")
     parser.add_argument("--control", action="store_true",
                         help="also time two independent 1-stage runs at once (the machine's second-core ceiling)")
+    parser.add_argument("--pin-cores", choices=("on", "off", "both"), default="on",
+                        help="stages pinned to their own cores (svp-train's default), not pinned, or both "
+                        "interleaved (rows of the unpinned runs end in _unpinned)")
     return parser.parse_args(argv)
 
 
@@ -71,43 +75,53 @@ def main(argv=None) -> int:
     dataset = synthetic(num_train=args.batch_size * args.batches, num_test=args.batch_size, input_shape=(1, 28, 28))
     config = TrainConfig(model="mlp", dataset="synthetic", epochs=1, batch_size=args.batch_size, width=args.width,
                          depth=args.depth, p=0.1, backend="cpu", device="cpu")
-    throughput, critical_cpu = {k: [] for k in stage_counts}, {k: [] for k in stage_counts}
+    pins = {"on": [True], "off": [False], "both": [True, False]}[args.pin_cores]
+    # (K, pinned, suffix of its metrics) of every run in a round; pinning changes nothing for one process
+    variants = [(k, pin, "_unpinned" if not pin and args.pin_cores == "both" else "")
+                for k in stage_counts for pin in (pins if k > 1 else pins[:1])]
+    throughput = {(k, suffix): [] for k, _, suffix in variants}
+    critical_cpu = {(k, suffix): [] for k, _, suffix in variants}
     splits, concurrent = {}, []
     for round_index in range(args.rounds):
         if args.control:
             concurrent.append(concurrent_throughput(config, dataset, 2))
             print(f"round {round_index}: two independent K = 1 runs at once {concurrent[-1]:8.1f} samples/s in all",
                   flush=True)
-        for k in stage_counts:
-            result = launch(Plan("pipeline", k, timeout=300.0), config, dataset, threads=1)
-            throughput[k].append(result["samples_per_second"])
-            critical_cpu[k].append(max(result["cpu_seconds"]))
-            splits[k] = result["stage_split"]
-            print(f"round {round_index}: K = {k} {result['samples_per_second']:8.1f} samples/s, split "
-                  f"{result['stage_split']}, busy/idle/cpu s per stage " + ", ".join(
+        for k, pin, suffix in variants:
+            label = k, suffix
+            result = launch(Plan("pipeline", k, timeout=300.0, pin_cores=pin), config, dataset, threads=1)
+            throughput[label].append(result["samples_per_second"])
+            critical_cpu[label].append(max(result["cpu_seconds"]))
+            splits[label] = result["stage_split"]
+            print(f"round {round_index}: K = {k}{suffix.replace('_', ' ')} "
+                  f"{result['samples_per_second']:8.1f} samples/s, split {result['stage_split']}, cores "
+                  f"{result['cores']}, busy/idle/cpu s per stage " + ", ".join(
                       f"{b:.2f}/{i:.2f}/{c:.2f}" for b, i, c in zip(result["busy_seconds"], result["idle_seconds"],
                                                                      result["cpu_seconds"])), flush=True)
-    baseline = stage_counts[0]
+    base_k = variants[0][0]
+    baseline = base_k, variants[0][2]
     device = device_slug("cpu", 1)
     common = {"op": "train_pipeline", "backend": "cpu", "B": args.batch_size, "D": args.width, "C": 10, "p": 0.1,
               "dtype": "float32", "device": device, "torch": torch.__version__, "triton": triton_version(),
               "commit": git_commit(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds")}
     rows = []
-    for k in stage_counts:
-        rows.append({**common, "metric": f"samples_per_second_{k}_stages", "unit": "samples/s",
-                     **dict(zip(("p20", "p50", "p80"), percentiles(throughput[k])))})
-        if k != baseline:
-            ratios = [a / b for a, b in zip(throughput[k], throughput[baseline])]
-            rows.append({**common, "metric": f"speedup_{k}_over_{baseline}_stages", "unit": "x",
+    for k, _, suffix in variants:
+        label = k, suffix
+        rows.append({**common, "metric": f"samples_per_second_{k}_stages{suffix}", "unit": "samples/s",
+                     **dict(zip(("p20", "p50", "p80"), percentiles(throughput[label])))})
+        if label != baseline:
+            ratios = [a / b for a, b in zip(throughput[label], throughput[baseline])]
+            rows.append({**common, "metric": f"speedup_{k}_over_{base_k}_stages{suffix}", "unit": "x",
                          **dict(zip(("p20", "p50", "p80"), percentiles(ratios)))})
-            cpu_ratios = [b / a for a, b in zip(critical_cpu[k], critical_cpu[baseline])]
-            rows.append({**common, "metric": f"cpu_time_speedup_{k}_over_{baseline}_stages", "unit": "x",
+            cpu_ratios = [b / a for a, b in zip(critical_cpu[label], critical_cpu[baseline])]
+            rows.append({**common, "metric": f"cpu_time_speedup_{k}_over_{base_k}_stages{suffix}", "unit": "x",
                          **dict(zip(("p20", "p50", "p80"), percentiles(cpu_ratios)))})
-            print(f"K = {k} over K = {baseline}: median wall-clock speedup {percentiles(ratios)[1]:.2f}x "
+            print(f"K = {k}{suffix.replace('_', ' ')} over K = {base_k}: median wall-clock speedup "
+                  f"{percentiles(ratios)[1]:.2f}x "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}), cpu-time speedup "
                   f"{percentiles(cpu_ratios)[1]:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)}); "
-                  f"split {splits[k]}")
+                  f"split {splits[label]}")
     if concurrent:
         ratios = [both / alone for both, alone in zip(concurrent, throughput[baseline])]
         rows.append({**common, "metric": "two_concurrent_1_stage_runs_over_one", "unit": "x",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from svp_kernels.train import distributed
 from svp_kernels.train.data import synthetic
@@ -28,13 +30,15 @@ TIMEOUT = 15.0  # --dist-timeout of the failure tests
 
 
 def sequential(config: TrainConfig, dataset):
-    """The single-process trainer after config.epochs epochs on one thread, and its per-epoch curves."""
+    """The single-process trainer after config.epochs epochs on one thread (with run_training's learning-rate
+    schedule), and its per-epoch curves."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+        epochs = list(epoch_batches(config, len(dataset.train_targets)))
+        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, len(epochs[0]))
         loss_curve, accuracy_curve = [], []
-        for batches in epoch_batches(config, len(dataset.train_targets)):
+        for batches in epochs:
             steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step), dataset.train_targets[i])
                      for i in batches]
             loss_curve.append(epoch_means([step.output_ce for step in steps])[0])
@@ -66,15 +70,21 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_path):
-    """2 stages × 2 blocks, BatchNorm and dropout on R: after 4 and 8 steps (the second run resumed from
-    the first's checkpoints) every parameter, buffer and Adam moment equals the sequential trainer's."""
+    """2 stages (3 + 1 blocks), BatchNorm, dropout on R and a 2-step learning-rate warm-up: after 4 and 8
+    steps (the second run resumed from the first's checkpoints, with the split left to the run: it keeps
+    the checkpoints' 3 + 1, which no timing of these blocks would choose) every parameter, buffer and Adam
+    moment equals the sequential trainer's."""
     dataset = synthetic(num_train=200, num_test=50, num_classes=4)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
-                         backend="cpu", seed=3)
-    plan = Plan("pipeline", 2, (2, 2), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
+                         warmup_epochs=0.5, backend="cpu", seed=3)  # the same warm-up in 1 and 2 epochs
+    plan = Plan("pipeline", 2, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
     first = launch(plan, config, dataset, threads=1)
-    resumed = launch(plan, dataclasses.replace(config, epochs=2), dataset, threads=1)
-    assert first["stage_blocks"] == [[0, 2], [2, 4]] and resumed["world_size"] == 2
+    resumed = launch(dataclasses.replace(plan, stage_split=None), dataclasses.replace(config, epochs=2), dataset,
+                     threads=1)
+    assert first["stage_blocks"] == resumed["stage_blocks"] == [[0, 3], [3, 4]] and resumed["world_size"] == 2
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:  # each stage pinned to its own core
+        assert first["cores"] == [cores[:len(cores) // 2], cores[len(cores) // 2:2 * (len(cores) // 2)]]
     for epochs, result in ((1, first), (2, resumed)):
         trainer, loss_curve, accuracy_curve = sequential(dataclasses.replace(config, epochs=epochs), dataset)
         expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 2, epochs)
@@ -100,6 +110,59 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
     assert result["test_accuracy_curve"] == accuracy_curve
+
+
+def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
+    """Rank 0 sends a TRAIN message of step sent_step (odd shapes: B = 3, h (3, 5, 2), v (3, 3)) and, if it
+    is step 4, STOP; rank 1 receives expecting step 4. Each puts what it sent or got (or the error) on the
+    queue as Python lists (exact for float32; a tensor would need this process alive to be unpickled)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
+    cpu = torch.device("cpu")
+    clock = distributed.Clock(cpu)
+    h, v, targets = torch.randn(3, 5, 2), torch.randn(3, 3), torch.tensor([2, 0, 1])
+    try:
+        if rank == 0:
+            outbound = distributed.Outbound(1, (5, 2), 3, torch.float32, cpu, 2, clock)
+            outbound.send(distributed.Message(distributed.TRAIN, sent_step, h, v, targets))
+            if sent_step == 4:
+                outbound.send(distributed.Message(distributed.STOP))
+            outbound.flush()
+            queue.put(("sent", (h.tolist(), v.tolist(), targets.tolist())))
+        else:
+            schedule = [(distributed.TRAIN, 4, range(3)), (distributed.STOP, 0, None)]
+            inbound = distributed.Inbound(0, schedule, (5, 2), 3, torch.float32, cpu, clock)
+            try:
+                received = [(m.kind, m.step, *(t if t is None else t.tolist() for t in (m.h, m.v, m.targets)))
+                            for m in inbound]
+                queue.put(("received", received))
+            except DistributedTrainingError as error:
+                queue.put(("error", str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sent_step", [4, 5])
+def test_a_link_delivers_packed_messages_exactly_and_checks_them_against_the_schedule(sent_step):
+    context = torch.multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), distributed.free_port()
+    processes = [context.Process(target=_link_worker, args=(rank, port, sent_step, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        reports = dict(queue.get(timeout=TIMEOUT + 60) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=TIMEOUT)
+            if process.is_alive():
+                process.kill()
+    if sent_step != 4:
+        assert "sent (kind, rows, step) = (0, 3, 5), the schedule expects (0, 3, 4)" in reports["error"]
+        return
+    (train, stop), (h, v, targets) = reports["received"], reports["sent"]
+    assert train[:2] == (distributed.TRAIN, 4) and stop == (distributed.STOP, 0, None, None, None)
+    assert train[2:] == (h, v, targets)
 
 
 def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
@@ -201,6 +264,20 @@ def test_block_step_seed_is_a_pure_function_of_run_block_and_step():
             block_step_seed(*bad)
 
 
+def test_measured_block_costs_time_every_block_and_leave_the_trainer_and_global_rng_alone():
+    dataset = synthetic(num_train=40, num_test=8, num_classes=4)
+    config = TrainConfig(dataset="synthetic", batch_size=16, width=12, depth=2, p=0.2, backend="cpu")
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+    before, rng = trainer_tensors(trainer), torch.get_rng_state()
+    costs = distributed.measured_block_costs(trainer, dataset.train_inputs[:16], dataset.train_targets[:16],
+                                             repeats=2)
+    assert len(costs) == 3 and all(0 < cost < 10 for cost in costs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = trainer_tensors(trainer)
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert trainer.step == 0 and all(not optimizer.state for optimizer in trainer.optimizers)
+
+
 def test_balanced_split_minimises_the_largest_stage():
     assert balanced_split([0.77, 1, 1, 1, 1, 1, 1, 1, 0.01], 2) == (4, 5)
     assert balanced_split([5, 1, 1, 1, 1, 1], 2) == (1, 5)
@@ -211,7 +288,7 @@ def test_balanced_split_minimises_the_largest_stage():
 
 def arguments(**values) -> argparse.Namespace:
     defaults = {"stages": None, "stage_split": None, "data_parallel": None, "dist_timeout": 60.0,
-                "stage_checkpoints": None}
+                "stage_checkpoints": None, "no_pin_cores": False}
     return argparse.Namespace(**{**defaults, **values})
 
 
@@ -222,6 +299,7 @@ def test_plans_from_flags_and_torchrun():
     assert plan_from_arguments(arguments(), torchrun) == Plan("data_parallel", 2)
     assert plan_from_arguments(arguments(stages=2, stage_split="3,1"), torchrun) == Plan("pipeline", 2, (3, 1))
     assert plan_from_arguments(arguments(data_parallel=3), None).world_size == 3
+    assert plan_from_arguments(arguments(stages=2, no_pin_cores=True), None) == Plan("pipeline", 2, pin_cores=False)
     for flags, environment, match in [({"stages": 2, "data_parallel": 2}, None, "cannot be combined"),
                                       ({"stage_split": "2,2"}, None, "needs --stages"),
                                       ({"stages": 2, "stage_split": "2;2"}, None, "comma-separated"),

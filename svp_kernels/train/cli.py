@@ -98,12 +98,17 @@ def train_parser() -> argparse.ArgumentParser:
     add("--no-progress", action="store_true", help="no progress bar")
     # distributed: pipeline stages or data parallel, spawned here or run under torchrun
     add("--stages", type=int, help="train the blocks as K pipeline stages, one process (one GPU) each")
-    add("--stage-split", help="blocks per stage, e.g. 3,2 (default: balanced by an estimate of FLOPs)")
+    add("--stage-split", help="blocks per stage, e.g. 3,2 (default: rank 0 times every block's training step "
+        "over 5 steps of a copy of the model on the first batch and splits the blocks so that the slowest stage "
+        "is as fast as it can be; a resumed run keeps its checkpoints' split)")
     add("--data-parallel", type=int, metavar="N", help="N processes each train 1/N of every --batch-size batch")
     parser.add_argument(
         "--dist-timeout", type=float, default=60.0, metavar="SECONDS",
         help="a process waiting longer than this on a peer, or surviving a failed peer, gives up")
     add("--stage-checkpoints", metavar="DIR", help="each process checkpoints every epoch here and resumes from it")
+    add("--no-pin-cores", action="store_true",
+        help="do not restrict each spawned process to its own share of the cores (pinned by default when there "
+        "are at least as many cores as processes; processes started by torchrun are never pinned)")
     return parser
 
 

@@ -6,7 +6,8 @@ Pipeline (``--stages K``): the blocks are split into K contiguous stages, one pr
 in another order (each block's dropout seed is block_step_seed(run seed, block, step)), so with the same
 device type and thread count the parameters after any number of steps are bit-identical to ``svp-train``
 without ``--stages``. A stage keeps at most ``max_in_flight`` unfinished sends, so a slow stage
-back-pressures its predecessors instead of growing their memory.
+back-pressures its predecessors instead of growing their memory; it receives batch t + 1 while it computes
+batch t. Unless given, the split balances the blocks' measured step times.
 
 Data parallel (``--data-parallel N`` or torchrun without ``--stages``): every rank holds the whole model and
 trains each global batch (``--batch-size``) on its contiguous 1/N share of the rows. The SVP loss couples a
@@ -27,6 +28,7 @@ a restarted run resumes from the newest epoch that every rank has saved.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -34,6 +36,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -46,7 +49,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..api import fused_local_loss
 from .data import Dataset, batch_indices
@@ -69,9 +71,11 @@ class Plan:
     """How a run is distributed.
 
     mode: "pipeline" (world_size stages) or "data_parallel" (world_size replicas). stage_split: blocks per
-    stage (pipeline; None balances a FLOP estimate). timeout: seconds a process waits on a peer, and the
+    stage (pipeline; None: choose_split decides). timeout: seconds a process waits on a peer, and the
     parent on the survivors of a failure. max_in_flight: unfinished sends a stage may hold.
     checkpoint_dir: where every process writes and resumes its per-epoch checkpoint (None: none).
+    pin_cores: processes spawned by launch (not torchrun's) each run on their own share of the cores when
+    there are at least as many cores as processes (pin_to_cores).
     """
 
     mode: str
@@ -80,6 +84,7 @@ class Plan:
     timeout: float = 60.0
     max_in_flight: int = 2
     checkpoint_dir: str | None = None
+    pin_cores: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,22 +107,49 @@ class Plan:
 # Stage boundaries
 # ----------------------------------------------------------------------------------------------------
 
-def block_costs(trainer: LayerwiseTrainer) -> list[float]:
-    """Estimated training FLOPs per example of every block: its forward FLOPs (counted by FlopCounterMode on
-    one zero example in eval mode, so no statistic changes) plus its projection's 2·C·D."""
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    h = torch.zeros(1, *model.input_shape, device=trainer.device)
-    costs = []
-    for block, readout, local_loss in zip(model.blocks, trainer.readouts, trainer.local_losses):
-        with FlopCounterMode(display=False) as counter:
-            h = block(h).detach()
-        projection = local_loss.projection
-        projection_flops = 0 if projection is None else 2 * projection.in_features * projection.out_features
-        costs.append(float(counter.get_total_flops() + projection_flops))
-    model.train(was_training)
-    return costs
+def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, targets: torch.Tensor,
+                         repeats: int = 5) -> list[float]:
+    """Seconds of one training step of every block (forward, local loss, backward, optimizer step), the
+    input projection charged to block 0, from `repeats` training steps of a copy of the trainer on the
+    batch (inputs (B, *input_shape), targets (B,)) after one warm-up step: block l costs the median over
+    steps of its share of the step, times the median step. Shares, not raw times, so that other work on the
+    machine slowing a whole step cancels, and medians, so that a burst during part of one step does not
+    move a block. The trainer is left as it was (the copy holds the whole model's optimizer state while it
+    runs), and no global RNG is drawn from (the dropout seeds are explicit)."""
+    device = trainer.device
+    inputs, targets = inputs.to(device), targets.to(device)
+    probe = copy.deepcopy(trainer)
+    samples = [[] for _ in range(probe.num_blocks)]
+    for step in range(1 + repeats):
+        clock = Clock(device)
+        h, v = inputs, probe.input_alignment(inputs)
+        for index in range(probe.num_blocks):
+            h, v, _ = probe.train_block(index, h, v, targets, step)
+            clock.charge("busy")
+            samples[index].append(clock.busy)
+            clock.restart()
+    steps = [sum(seconds) for seconds in zip(*samples)][1:]
+    shares = [statistics.median(t / step for t, step in zip(seconds[1:], steps)) for seconds in samples]
+    return [share * statistics.median(steps) for share in shares]
+
+
+def choose_split(plan: Plan, rank: int, trainer: LayerwiseTrainer, dataset: Dataset, batch_size: int,
+                 saved_split: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Blocks per stage: plan.stage_split when given; all blocks for a single stage; else rank 0's choice,
+    broadcast to every stage (so that all agree although timings differ between processes): the split of
+    the checkpoint being resumed (saved_split), or the balanced_split of measured_block_costs on the first
+    batch_size training examples. Collective in that last case. Which process trains a block does not
+    change the result, so neither does the split."""
+    if plan.stage_split is not None:
+        return plan.stage_split
+    if plan.world_size == 1:
+        return (trainer.num_blocks,)
+    choice = [None]
+    if rank == 0:
+        choice[0] = tuple(saved_split) if saved_split is not None else balanced_split(measured_block_costs(
+            trainer, dataset.train_inputs[:batch_size], dataset.train_targets[:batch_size]), plan.world_size)
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
@@ -268,7 +300,10 @@ def saved_epochs(directory: str | None, rank: int) -> list[int]:
 
 
 def common_resume_epoch(plan: Plan, rank: int) -> int:
-    """The newest epoch every rank has a checkpoint of (0: start afresh). Collective."""
+    """The newest epoch every rank has a checkpoint of (0: start afresh; always 0 without a checkpoint
+    directory). Collective when plan.checkpoint_dir is set."""
+    if plan.checkpoint_dir is None:
+        return 0
     everyone = [None] * plan.world_size
     dist.all_gather_object(everyone, saved_epochs(plan.checkpoint_dir, rank))
     common = set.intersection(*(set(epochs) for epochs in everyone))
@@ -297,17 +332,25 @@ def load_trainer_state(trainer: LayerwiseTrainer, state: dict) -> None:
         trainer.input_projection.load_state_dict(state["input_projection"])
 
 
-def resume(plan: Plan, rank: int, config: TrainConfig, trainer: LayerwiseTrainer, split) -> tuple[int, int, dict]:
-    """Load this rank's newest checkpoint that every rank has (collective when plan.checkpoint_dir is set).
-    Returns (epochs done, steps done, curves so far): (0, 0, empty curves) for a fresh start."""
-    curves = {"block": [], "loss": [], "accuracy": []}
-    epoch = 0 if plan.checkpoint_dir is None else common_resume_epoch(plan, rank)
+def load_checkpoint(plan: Plan, rank: int, epoch: int) -> dict | None:
+    """This rank's checkpoint of `epoch` (None when epoch is 0: a fresh start)."""
     if not epoch:
-        return 0, 0, curves
+        return None
     state = torch.load(_checkpoint_path(plan.checkpoint_dir, rank, epoch), weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} file (format {state.get('format')!r})")
+    return state
+
+
+def resume(state: dict | None, plan: Plan, config: TrainConfig, trainer: LayerwiseTrainer,
+           split) -> tuple[int, int, dict]:
+    """Load a checkpoint (load_checkpoint's) into the trainer, after checking that this run wrote it.
+    Returns (epochs done, steps done, curves so far): (0, 0, empty curves) for a fresh start (state None)."""
+    if state is None:
+        return 0, 0, {"block": [], "loss": [], "accuracy": []}
     check_resumable(state, config, plan, split)
     load_trainer_state(trainer, state["trainer"])
-    return epoch, state["step"], state["curves"]
+    return state["epoch"], state["step"], state["curves"]
 
 
 def _comparable(config: TrainConfig) -> dict:
@@ -330,79 +373,141 @@ class Message:
     targets: torch.Tensor | None = None
 
 
-class Link:
-    """Point-to-point messages between neighbouring stages: a 3-int64 header (kind, B, step), then h, v
-    and targets (whose per-example shapes both sides know). At most max_in_flight sends are unfinished."""
+def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, start_step: int):
+    """(kind, step, rows) of every message stage 0 sends, in order: per epoch from start_epoch on, its
+    training batches (rows: the example indices, drawn as run_training draws them), the test set in
+    EVAL_BATCH slices (rows: a range), EPOCH_END; then STOP (rows None). Every stage computes it, so a
+    receiver knows the size of each message before it arrives."""
+    step, num_test = start_step, len(dataset.test_targets)
+    for batches in epoch_batches(config, len(dataset.train_targets), start_epoch):
+        for indices in batches:
+            yield TRAIN, step, indices
+            step += 1
+        for start in range(0, num_test, EVAL_BATCH):
+            yield EVAL, 0, range(start, min(start + EVAL_BATCH, num_test))
+        yield EPOCH_END, 0, None
+    yield STOP, 0, None
 
-    def __init__(self, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype, device: torch.device,
-                 max_in_flight: int, clock: Clock):
-        self.h_shape, self.v_width, self.dtype, self.device = h_shape, v_width, dtype, device
-        self.pending: deque[tuple[list, list]] = deque()  # (works, the tensors they read)
+
+class Packing:
+    """The byte layout of one packed message, a uint8 buffer: header (kind, B, step) as 3 int64, then h
+    (B, *h_shape) and v (B, C) in dtype, then targets (B,) int64, each field 8-byte aligned; v in TRAIN
+    only, h and targets in TRAIN and EVAL."""
+
+    def __init__(self, kind: int, batch: int, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype):
+        fields = [("header", (3,), torch.int64)]
+        if kind in (TRAIN, EVAL):
+            fields.append(("h", (batch, *h_shape), dtype))
+            if kind == TRAIN:
+                fields.append(("v", (batch, v_width), dtype))
+            fields.append(("targets", (batch,), torch.int64))
+        self.fields, self.nbytes = {}, 0
+        for name, shape, field_dtype in fields:
+            self.fields[name] = (self.nbytes, shape, field_dtype)
+            self.nbytes += -(-math.prod(shape) * field_dtype.itemsize // 8) * 8
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of buffer (uint8, nbytes), one per field."""
+        return {name: buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for name, (offset, shape, dtype) in self.fields.items()}
+
+
+class Outbound:
+    """Messages to the next stage: each packed into one buffer and sent with one isend. At most
+    max_in_flight sends are unfinished (a full link waits on the oldest: back-pressure); a buffer is reused
+    once its send has completed."""
+
+    def __init__(self, peer: int, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype,
+                 device: torch.device, max_in_flight: int, clock: Clock):
+        self.peer, self.h_shape, self.v_width, self.dtype, self.device = peer, h_shape, v_width, dtype, device
         self.max_in_flight, self.clock = max_in_flight, clock
+        self.pending: deque[tuple[object, torch.Tensor]] = deque()  # (work, the buffer it reads)
+        self.free: list[torch.Tensor] = []
 
-    def send(self, message: Message, peer: int) -> None:
-        batch = 0 if message.targets is None else len(message.targets)
-        header = torch.tensor([message.kind, batch, message.step], dtype=torch.int64, device=self.device)
-        tensors = [header] + [t.contiguous() for t in (message.h, message.v, message.targets) if t is not None]
-        while len(self.pending) >= self.max_in_flight:  # back-pressure: the receiver is behind
+    def send(self, message: Message) -> None:
+        while len(self.pending) >= self.max_in_flight:
             self._wait_oldest()
-        self.pending.append(([dist.isend(tensor, peer) for tensor in tensors], tensors))
+        batch = 0 if message.targets is None else len(message.targets)
+        packing = Packing(message.kind, batch, self.h_shape, self.v_width, self.dtype)
+        buffer = _take(self.free, packing.nbytes, self.device)
+        views = packing.views(buffer)
+        views["header"].copy_(torch.tensor([message.kind, batch, message.step], dtype=torch.int64))
+        for name in ("h", "v", "targets"):
+            if name in views:
+                views[name].copy_(getattr(message, name))
+        self.pending.append((dist.isend(buffer, self.peer), buffer))
 
     def _wait_oldest(self) -> None:
         self.clock.charge("busy")
-        works, _ = self.pending.popleft()
-        for work in works:
-            work.wait()
+        work, buffer = self.pending.popleft()
+        work.wait()
+        self.free.append(buffer)
         self.clock.charge("idle")
 
     def flush(self) -> None:
         while self.pending:
             self._wait_oldest()
 
-    def receive(self, peer: int) -> Message:
-        self.clock.charge("busy")
-        header = torch.empty(3, dtype=torch.int64, device=self.device)
-        dist.recv(header, peer)
-        kind, batch, step = header.tolist()
-        message = Message(kind, step)
-        if kind in (TRAIN, EVAL):
-            message.h = torch.empty(batch, *self.h_shape, dtype=self.dtype, device=self.device)
-            works = [dist.irecv(message.h, peer)]
-            if kind == TRAIN:
-                message.v = torch.empty(batch, self.v_width, dtype=self.dtype, device=self.device)
-                works.append(dist.irecv(message.v, peer))
-            message.targets = torch.empty(batch, dtype=torch.int64, device=self.device)
-            works.append(dist.irecv(message.targets, peer))
-            for work in works:
-                work.wait()
-        self.clock.charge("idle")
-        return message
+
+class Inbound:
+    """Messages from the previous stage, in the order of `expected` ((kind, step, rows) as pipeline_schedule
+    yields them). The receive of message t + 1 is posted before message t is handed out, so its transfer
+    overlaps the computation on message t (two buffers, reused); every header is checked against the
+    schedule."""
+
+    def __init__(self, peer: int, expected, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype,
+                 device: torch.device, clock: Clock):
+        self.peer, self.expected, self.clock = peer, expected, clock
+        self.h_shape, self.v_width, self.dtype, self.device = h_shape, v_width, dtype, device
+        self.free: list[torch.Tensor] = []
+
+    def _post(self, entry):
+        kind, step, rows = entry
+        batch = 0 if rows is None else len(rows)
+        packing = Packing(kind, batch, self.h_shape, self.v_width, self.dtype)
+        buffer = _take(self.free, packing.nbytes, self.device)
+        return (kind, batch, step), buffer, packing.views(buffer), dist.irecv(buffer, self.peer)
+
+    def __iter__(self):
+        upcoming = iter(self.expected)
+        posted = self._post(next(upcoming))
+        while posted is not None:
+            expected, buffer, views, work = posted
+            self.clock.charge("busy")
+            work.wait()
+            self.clock.charge("idle")
+            header = tuple(views["header"].tolist())
+            if header != expected:
+                raise DistributedTrainingError(
+                    f"stage {self.peer} sent (kind, rows, step) = {header}, the schedule expects {expected}: "
+                    f"the stages disagree on the data or the config")
+            following = next(upcoming, None)
+            posted = None if following is None else self._post(following)  # in flight while t is computed
+            yield Message(expected[0], expected[2], views.get("h"), views.get("v"), views.get("targets"))
+            self.free.append(buffer)  # the stage is done with message t
 
 
-def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Dataset, epochs, start_step: int,
-                     bar):
-    """Stage 0's messages: every epoch's training batches, the test set in EVAL_BATCH slices, EPOCH_END;
-    then STOP."""
-    step, device = start_step, trainer.device
-    for batches in epochs:
-        for indices in batches:
-            yield Message(TRAIN, step, augment(dataset.train_inputs[indices], config, step).to(device), None,
-                          dataset.train_targets[indices].to(device))
-            step += 1
+def _take(free: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 buffer of nbytes: a free one of that size if there is one, else a new one."""
+    for index, buffer in enumerate(free):
+        if buffer.numel() == nbytes:
+            return free.pop(index)
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Dataset, schedule, bar):
+    """Stage 0's messages, following the schedule: the batches with their inputs and targets on the device."""
+    device = trainer.device
+    for kind, step, rows in schedule:
+        if kind == TRAIN:
+            yield Message(TRAIN, step, augment(dataset.train_inputs[rows], config, step).to(device), None,
+                          dataset.train_targets[rows].to(device))
             bar.update()
-        for start in range(0, len(dataset.test_targets), EVAL_BATCH):
-            yield Message(EVAL, 0, dataset.test_inputs[start:start + EVAL_BATCH].to(device), None,
-                          dataset.test_targets[start:start + EVAL_BATCH].to(device))
-        yield Message(EPOCH_END)
-    yield Message(STOP)
-
-
-def _received_messages(link: Link, peer: int):
-    while True:
-        message = link.receive(peer)
-        yield message
-        if message.kind == STOP:
-            return
+        elif kind == EVAL:
+            rows = slice(rows.start, rows.stop)
+            yield Message(EVAL, 0, dataset.test_inputs[rows].to(device), None, dataset.test_targets[rows].to(device))
+        else:
+            yield Message(kind)
 
 
 def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, progress: bool) -> dict | None:
@@ -410,32 +515,36 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     from tqdm.auto import tqdm
 
     stages, meta = plan.world_size, run_meta(config, dataset)
-    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
-    split = plan.stage_split or balanced_split(block_costs(trainer), stages)
+    resume_epoch = common_resume_epoch(plan, rank)
+    state = load_checkpoint(plan, rank, resume_epoch)
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
+    split = choose_split(plan, rank, trainer, dataset, config.batch_size,
+                         None if state is None else state["stage_split"])
     if sum(split) != len(trainer.model.blocks):
         raise ValueError(f"stage_split {split} covers {sum(split)} blocks; the model has {len(trainer.model.blocks)}")
     blocks = stage_blocks(split, rank)
     shapes = [dataset.input_shape] + block_output_shapes(trainer)
     keep_blocks(trainer, blocks)
+    epochs_done, step, curves = resume(state, plan, config, trainer, split)
     dtype = next(trainer.model.blocks[blocks.start].parameters()).dtype
     v_width = meta["proj_dim"]
     clock = Clock(trainer.device)
-    inbound = Link(shapes[blocks.start], v_width, dtype, trainer.device, plan.max_in_flight, clock)
-    outbound = Link(shapes[blocks.stop], v_width, dtype, trainer.device, plan.max_in_flight, clock)
     first, last = rank == 0, rank == stages - 1
-
-    epochs_done, step, curves = resume(plan, rank, config, trainer, split)
+    schedule = pipeline_schedule(config, dataset, epochs_done, step)
     messages_per_epoch = meta["batches_per_epoch"] + math.ceil(meta["num_test"] / EVAL_BATCH) + 1
-    keep = 2 + (stages - 1) * (plan.max_in_flight + 1) // messages_per_epoch  # epochs stage 0 may run ahead
+    # epochs stage 0 may run ahead of the last: per link, the message computed, the one received ahead and
+    # the unfinished sends
+    keep = 2 + (stages - 1) * (plan.max_in_flight + 2) // messages_per_epoch
 
     bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step", disable=not progress,
                desc=f"svp {config.model} {config.dataset}, {stages} stages")
     epochs_run = config.epochs - epochs_done
     if first:
-        messages = _source_messages(trainer, config, dataset, epoch_batches(config, meta["num_train"], epochs_done),
-                                    step, bar)
+        messages = _source_messages(trainer, config, dataset, schedule, bar)
     else:
-        messages = _received_messages(inbound, rank - 1)
+        messages = Inbound(rank - 1, schedule, shapes[blocks.start], v_width, dtype, trainer.device, clock)
+    outbound = None if last else Outbound(rank + 1, shapes[blocks.stop], v_width, dtype, trainer.device,
+                                          plan.max_in_flight, clock)
     block_losses, output_ce, correct, evaluated, mode = [], [], 0, 0, None
     dist.barrier()
     start = time.perf_counter()
@@ -483,13 +592,15 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                                  "trainer": trainer_state(trainer, blocks)}, keep)
         clock.charge("busy")
         if not last:
-            outbound.send(message, rank + 1)
+            outbound.send(message)
         if message.kind == STOP:
             break
-    outbound.flush()
+    if not last:
+        outbound.flush()
     bar.close()
     stats = {"stage": rank, "blocks": [blocks.start, blocks.stop], "busy_seconds": clock.busy,
-             "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(), "curves": curves}
+             "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(), "cores": process_cores(),
+             "curves": curves}
     everyone = [None] * stages if first else None
     dist.gather_object(stats, everyone, dst=0)
     if not first:
@@ -506,8 +617,6 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
 
 def check_resumable(state: dict, config: TrainConfig, plan: Plan, split) -> None:
     """ValueError unless the checkpoint was written by this kind of run (same config but epochs, same layout)."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a {CHECKPOINT_FORMAT} file (format {state.get('format')!r})")
     expected = {"mode": plan.mode, "world_size": plan.world_size, "stage_split": split,
                 "config": _comparable(config)}
     found = {"mode": state["mode"], "world_size": state["world_size"], "stage_split": state["stage_split"],
@@ -528,6 +637,7 @@ def _distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: flo
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],
             "cpu_seconds": [s["cpu_seconds"] for s in everyone],
+            "cores": [s["cores"] for s in everyone],
             "samples_per_second": samples_per_second, "threads_per_process": torch.get_num_threads()}
 
 
@@ -607,10 +717,11 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     if config.batch_size < world:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be ≥ the "
                          f"{world} data-parallel ranks")
-    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes)
+    trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
     everything = range(len(trainer.model.blocks))
     clock, device = Clock(trainer.device), trainer.device
-    epochs_done, step, curves = resume(plan, rank, config, trainer, None)
+    state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
+    epochs_done, step, curves = resume(state, plan, config, trainer, None)
     trainer.step = step
     bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
                disable=not progress or rank != 0, desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
@@ -648,7 +759,8 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
                              "stage_split": None, "epoch": epochs_done, "step": step, "config": asdict(config),
                              "curves": curves, "trainer": trainer_state(trainer, everything)}, keep=2)
     bar.close()
-    stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds()}
+    stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(),
+             "cores": process_cores()}
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(stats, everyone, dst=0)
     if rank != 0:
@@ -679,6 +791,11 @@ def _sharded_accuracy(trainer: LayerwiseTrainer, dataset: Dataset, rank: int, wo
 # ----------------------------------------------------------------------------------------------------
 # Processes: one worker per rank, started here or by torchrun; failures end the whole run
 # ----------------------------------------------------------------------------------------------------
+
+def process_cores() -> list[int] | None:
+    """The cores this process may run on (None where the platform does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
 
 def role(plan: Plan, rank: int) -> str:
     """How errors name a process: "stage 1 of 2 (rank 1)" or "data-parallel rank 1 of 2"."""
@@ -761,6 +878,8 @@ def _spawned_entry(rank: int, parent_pid: int, plan: Plan, config: TrainConfig, 
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
     if threads is not None:
         torch.set_num_threads(threads)
+    if plan.pin_cores:
+        pin_to_cores(rank, plan.world_size)
     try:
         result = run_worker(plan, rank, rank, config, dataset, init_method, progress)
         connection.send(("result", result))
@@ -771,6 +890,22 @@ def _spawned_entry(rank: int, parent_pid: int, plan: Plan, config: TrainConfig, 
     connection.close()
     sys.stderr.flush()
     os._exit(code)
+
+
+def pin_to_cores(local_rank: int, local_processes: int) -> list[int] | None:
+    """Restrict this process (and the threads it starts from now on) to the local_rank-th of
+    local_processes equal, contiguous groups of the cores it may run on. Nothing happens for a single
+    process, with fewer cores than processes, or without sched_setaffinity (not Linux). Returns the cores,
+    or None when left unpinned."""
+    if local_processes < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < local_processes:
+        return None
+    share = len(allowed) // local_processes
+    cores = allowed[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, cores)
+    return cores
 
 
 def free_port() -> int:
@@ -882,8 +1017,8 @@ def validate(plan: Plan, config: TrainConfig) -> None:
 
 
 def plan_from_arguments(args, environment: dict | None) -> Plan | None:
-    """The Plan that the CLI's --stages/--stage-split/--data-parallel/--dist-timeout/--stage-checkpoints
-    and torchrun's environment ask for; None for a single-process run."""
+    """The Plan that the CLI's --stages/--stage-split/--data-parallel/--dist-timeout/--stage-checkpoints/
+    --no-pin-cores and torchrun's environment ask for; None for a single-process run."""
     stages, replicas = args.stages, args.data_parallel
     if stages is not None and replicas is not None:
         raise ValueError("--stages and --data-parallel cannot be combined")
@@ -907,7 +1042,7 @@ def plan_from_arguments(args, environment: dict | None) -> Plan | None:
         return None
     mode = "pipeline" if stages is not None else "data_parallel"
     return Plan(mode, stages or replicas or world, split, args.dist_timeout,
-                checkpoint_dir=args.stage_checkpoints)
+                checkpoint_dir=args.stage_checkpoints, pin_cores=not args.no_pin_cores)
 
 
 def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
