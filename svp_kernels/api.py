@@ -216,6 +216,24 @@ def _project(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tenso
                              projection.proj_std, p, seed)
 
 
+def _save_projection(ctx, h, module, projection: _ProjectionArgs, p: float) -> None:
+    """What the backward of the eager nodes needs besides the saved tensors."""
+    ctx.module, ctx.projection, ctx.p, ctx.in_features, ctx.h_dtype = module, projection, p, h.shape[1], h.dtype
+
+
+def _projection_value(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """v (B, C) = h R̃ᵀ through the gradient interface (no autograd node)."""
+    return module.projection_value(h, projection.weight, projection.out_features, projection.proj_seed,
+                                   projection.proj_std, p, seed)
+
+
+def _projection_grad(ctx, grad_v: torch.Tensor, weight, seed: torch.Tensor) -> torch.Tensor:
+    """dh (B, D) = grad_v R̃ in h's dtype, the mask regenerated from the seed (arguments kept by _save_projection)."""
+    projection = ctx.projection
+    return ctx.module.projection_backward(grad_v.contiguous(), weight, ctx.in_features, projection.proj_seed,
+                                          projection.proj_std, ctx.p, seed, ctx.h_dtype)
+
+
 class _FusedLocalLoss(torch.autograd.Function):
     """fused_local_loss outside torch.compile on a fused backend: one autograd node in place of the ops' two.
 
@@ -230,11 +248,10 @@ class _FusedLocalLoss(torch.autograd.Function):
         if projection.identity:
             v = h.to(accumulation_dtype(h.dtype)).detach()  # an output must not be the input itself
         else:
-            v = module.projection_value(h, projection.weight, projection.out_features, projection.proj_seed,
-                                        projection.proj_std, p, seed)
+            v = _projection_value(module, h, projection, p, seed)
         loss, ce, alignment, grad_v = module.epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center)
         ctx.save_for_backward(grad_v, projection.weight, seed)
-        ctx.module, ctx.projection, ctx.p, ctx.h_shape, ctx.h_dtype = module, projection, p, h.shape, h.dtype
+        _save_projection(ctx, h, module, projection, p)
         ctx.mark_non_differentiable(ce, alignment, v)
         return loss, ce, alignment, v
 
@@ -243,13 +260,7 @@ class _FusedLocalLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_ce, grad_alignment, grad_v_out):
         grad_v, weight, seed = ctx.saved_tensors
         grad_v = grad_loss * grad_v
-        projection = ctx.projection
-        if projection.identity:
-            grad_h = grad_v.to(ctx.h_dtype)
-        else:
-            grad_h = ctx.module.projection_backward(grad_v.contiguous(), weight, ctx.h_shape[1],
-                                                    projection.proj_seed, projection.proj_std, ctx.p, seed,
-                                                    ctx.h_dtype)
+        grad_h = grad_v.to(ctx.h_dtype) if ctx.projection.identity else _projection_grad(ctx, grad_v, weight, seed)
         return (grad_h,) + (None,) * 9
 
 
@@ -260,18 +271,14 @@ class _DropoutProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, module, projection: _ProjectionArgs, p, seed):
         ctx.save_for_backward(projection.weight, seed)
-        ctx.module, ctx.projection, ctx.p, ctx.h_shape, ctx.h_dtype = module, projection, p, h.shape, h.dtype
-        return module.projection_value(h, projection.weight, projection.out_features, projection.proj_seed,
-                                       projection.proj_std, p, seed)
+        _save_projection(ctx, h, module, projection, p)
+        return _projection_value(module, h, projection, p, seed)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v):
         weight, seed = ctx.saved_tensors
-        projection = ctx.projection
-        grad_h = ctx.module.projection_backward(grad_v.contiguous(), weight, ctx.h_shape[1], projection.proj_seed,
-                                                projection.proj_std, ctx.p, seed, ctx.h_dtype)
-        return grad_h, None, None, None, None
+        return _projection_grad(ctx, grad_v, weight, seed), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
