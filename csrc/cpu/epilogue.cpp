@@ -168,9 +168,17 @@ int64_t padded(int64_t n) { return ceil_div(n, kPad) * kPad; }
 template <typename T>
 T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_prev, T* grad_a) {
   const int64_t W = Cp + Cp_prev;
-  // Stage 1: P and Pᵀ (W × B) in WideSum, Pᵀ the left operand of both Grams. Blocks of kTransposeRows rows
-  // of P keep the reads in L1 while each row of Pᵀ is written contiguously.
-  const std::vector<WideSum> wide(joined, joined + batch * W);
+  // Stage 1: P and Pᵀ (W × B) in WideSum, Pᵀ the left operand of both Grams (float data are widened once,
+  // double data used in place). Blocks of kTransposeRows rows of P keep the reads in L1 while each row of
+  // Pᵀ is written contiguously.
+  std::vector<WideSum> widened;
+  const WideSum* wide = nullptr;
+  if constexpr (std::is_same_v<T, WideSum>) {
+    wide = joined;
+  } else {
+    widened.assign(joined, joined + batch * W);
+    wide = widened.data();
+  }
   std::vector<WideSum> transposed(W * batch);
   for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
     const int64_t b1 = std::min(batch, b0 + kTransposeRows);
@@ -185,12 +193,12 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
     for (int64_t row = begin; row < end;) {
       if (row < W) {
         const int64_t stop = std::min(end, W);
-        gemm_nn(transposed.data() + row * batch, batch, stop - row, wide.data(), W, batch, Cp,
+        gemm_nn(transposed.data() + row * batch, batch, stop - row, wide, W, batch, Cp,
                 gram.data() + row * Cp, Cp, /*accumulate=*/false);
         row = stop;
       } else {
         const int64_t i = row - W;
-        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, wide.data() + Cp, W, batch, Cp_prev,
+        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, wide + Cp, W, batch, Cp_prev,
                 prev_gram.data() + i * Cp_prev, Cp_prev, /*accumulate=*/false);
         row = end;
       }
@@ -212,7 +220,7 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   // Stage 4: grad_a = P · M, by blocks of rows, in WideSum and rounded once.
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<WideSum> product((end - begin) * Cp);
-    gemm_nn(wide.data() + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, product.data(), Cp,
+    gemm_nn(wide + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, product.data(), Cp,
             /*accumulate=*/false);
     for (int64_t e = 0; e < (end - begin) * Cp; ++e) grad_a[begin * Cp + e] = static_cast<T>(product[e]);
   });
