@@ -100,3 +100,38 @@ def test_eager_node_matches_the_traced_op_bitwise(B, D, C, implicit, p, device, 
         out = sk.dropout_projection(leaf, weight, p=p, seed=5, backend=backend)
     assert out.grad_fn.name() == "_DropoutProjectionBackward"
     assert sorted(saved) == sorted([(C, D), ()]), saved  # R and the seed: nothing of size B·D
+
+
+def transparent_huge_pages() -> bool:
+    """Whether the kernel grants MADV_HUGEPAGE requests (THP mode "always" or "madvise")."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as modes:
+            return "[never]" not in modes.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sk.backends.is_available("cpu"), reason="the cpu backend did not load")
+def test_cpu_large_dh_correct_and_written_through_huge_pages():
+    """A dh of ≥ 32 MiB is a fresh mapping on every call; the cpu backend asks for 2 MiB pages before
+    writing it (csrc/cpu/memory.h): the values are unchanged and the call takes far fewer page faults than
+    one per 4 KiB page."""
+    import resource
+
+    from svp_kernels.backends import cpu
+
+    B, C, D = 3, 2, (12 << 20) // 4 + 5  # dh: 36 MiB of float32
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(C, D, generator=generator, dtype=torch.float64)
+    grad_v = torch.randn(B, C, generator=generator, dtype=torch.float64)
+    seed = torch.tensor(11)
+    expected = grad_v @ (weight * keep_mask(11, C, D, 0.2) / 0.8)
+    args = (grad_v.float(), weight.float(), D, 0, 0.0, 0.2, seed, torch.float32)
+    cpu.projection_backward(*args)  # warm-up: the thread pool and the tiles' scratch
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    dh = cpu.projection_backward(*args)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert_close(dh, expected, 1e-5, "cpu dh of 36 MiB")
+    small_pages = B * D * 4 // 4096
+    if transparent_huge_pages():
+        assert faults < small_pages // 4, f"{faults} page faults writing {small_pages} pages of dh"

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/memory.h"
 #include "cpu/ops.h"
 #include "cpu/random_rows.h"
 #include "cpu/simd.h"
@@ -265,6 +266,7 @@ at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at:
   const std::optional<at::Tensor> weight_contiguous =
       weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
   at::Tensor dh = at::empty({grad_v.size(0), in_features}, grad_v.options().dtype(dtype));
+  advise_huge_pages(dh.data_ptr(), dh.nbytes());  // before the first write: see csrc/cpu/memory.h
   AT_DISPATCH_FLOATING_TYPES(dtype, "svp_kernels::projection_backward", [&] {
     const auto R =
         make_projection<scalar_t>(weight_contiguous, grad_v.size(1), in_features, proj_seed, proj_std, p, seed);
