@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/memory.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 #include "svp/math.h"
@@ -171,15 +172,16 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   // Stage 1: P and Pᵀ (W × B) in WideSum, Pᵀ the left operand of both Grams (float data are widened once,
   // double data used in place). Blocks of kTransposeRows rows of P keep the reads in L1 while each row of
   // Pᵀ is written contiguously.
-  std::vector<WideSum> widened;
+  ThreadScratch<struct WidenedP, WideSum> widened(std::is_same_v<T, WideSum> ? 0 : batch * W);
   const WideSum* wide = nullptr;
   if constexpr (std::is_same_v<T, WideSum>) {
     wide = joined;
   } else {
-    widened.assign(joined, joined + batch * W);
+    std::copy(joined, joined + batch * W, widened.data());
     wide = widened.data();
   }
-  std::vector<WideSum> transposed(W * batch);
+  ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * batch);
+  WideSum* transposed = transposed_scratch.data();
   for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
     const int64_t b1 = std::min(batch, b0 + kTransposeRows);
     for (int64_t i = 0; i < W; ++i)
@@ -187,23 +189,30 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   }
 
   // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn (outer products over B, no horizontal sum per
-  // entry), each entry summed over b in increasing order; tasks own blocks of rows of [G ; H].
+  // entry), each entry summed over b in increasing order. Tasks own blocks of kPad rows of [G ; H]. âᵀâ and
+  // H are symmetric: a block of their rows starting at r is computed from column r on, and the entries left
+  // of it are copied from their mirror images, which are bit for bit the same sums (products commute).
   std::vector<WideSum> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
-  at::parallel_for(0, W + Cp_prev, kGramRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end;) {
+  at::parallel_for(0, (W + Cp_prev) / kPad, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row = block * kPad;
       if (row < W) {
-        const int64_t stop = std::min(end, W);
-        gemm_nn(transposed.data() + row * batch, batch, stop - row, wide, W, batch, Cp,
-                gram.data() + row * Cp, Cp, /*accumulate=*/false);
-        row = stop;
+        const int64_t first = row < Cp ? row : 0;  // âᵀâ rows: the upper triangle of blocks only
+        gemm_nn(transposed + row * batch, batch, kPad, wide + first, W, batch, Cp - first,
+                gram.data() + row * Cp + first, Cp, /*accumulate=*/false);
       } else {
         const int64_t i = row - W;
-        gemm_nn(transposed.data() + (Cp + i) * batch, batch, end - row, wide + Cp, W, batch, Cp_prev,
-                prev_gram.data() + i * Cp_prev, Cp_prev, /*accumulate=*/false);
-        row = end;
+        gemm_nn(transposed + (Cp + i) * batch, batch, kPad, wide + Cp + i, W, batch, Cp_prev - i,
+                prev_gram.data() + i * Cp_prev + i, Cp_prev, /*accumulate=*/false);
       }
     }
   });
+  const auto mirror_lower_blocks = [](WideSum* square, int64_t n) {
+    for (int64_t i = kPad; i < n; ++i)
+      for (int64_t j = 0; j < i / kPad * kPad; ++j) square[i * n + j] = square[j * n + i];
+  };
+  mirror_lower_blocks(gram.data(), Cp);  // the first Cp rows of G are âᵀâ (Cp × Cp, row stride Cp)
+  mirror_lower_blocks(prev_gram.data(), Cp_prev);
 
   // Stage 3: FA from the Grams, and M = [âᵀâ ; −b̂ᵀâ] (W × Cp).
   WideSum feature_alignment = 0.0, cross_alignment = 0.0, prev_alignment = 0.0;
@@ -283,20 +292,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
   T alignment = T(0);
   if (v_prev.has_value()) {
     const int64_t C_prev = v_prev->size(1), Cp = padded(C), Cp_prev = padded(C_prev), W = Cp + Cp_prev;
-    std::vector<T> joined(batch * W, T(0)), norms(batch), grad_a(batch * Cp, T(0));
-    normalize_rows(v_data, batch, C, center, joined.data(), W, norms.data());
-    normalize_rows(v_prev->data_ptr<T>(), batch, C_prev, center, joined.data() + Cp, W, static_cast<T*>(nullptr));
+    // P = [â | b̂] (zero padding columns) and grad_a (zero-filled), in blocks reused from call to call.
+    ThreadScratch<struct JoinedRows, T> joined_scratch(batch * W);
+    ThreadScratch<struct AlignmentGradient, T> grad_a_scratch(batch * Cp);
+    T* joined = joined_scratch.data();
+    T* grad_a = grad_a_scratch.data();
+    std::fill(joined, joined + batch * W, T(0));
+    std::fill(grad_a, grad_a + batch * Cp, T(0));
+    std::vector<T> norms(batch);
+    normalize_rows(v_data, batch, C, center, joined, W, norms.data());
+    normalize_rows(v_prev->data_ptr<T>(), batch, C_prev, center, joined + Cp, W, static_cast<T*>(nullptr));
     const T raw_alignment = feature_space_is_cheaper(batch, C, C_prev)
-                                ? feature_space_alignment(joined.data(), batch, Cp, Cp_prev, grad_a.data())
-                                : batch_space_alignment(joined.data(), batch, Cp, Cp_prev, grad_a.data());
+                                ? feature_space_alignment(joined, batch, Cp, Cp_prev, grad_a)
+                                : batch_space_alignment(joined, batch, Cp, Cp_prev, grad_a);
     const T reduction = mean ? T(1) / (static_cast<T>(batch) * static_cast<T>(batch)) : T(1);
     alignment = raw_alignment * reduction;
     const T grad_a_scale = T(4) * reduction;
     at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        T* grad_row = grad_a.data() + row * Cp;
+        T* grad_row = grad_a + row * Cp;
         for (int64_t c = 0; c < C; ++c) grad_row[c] *= grad_a_scale;
-        normalize_row_backward(joined.data() + row * W, norms[row], C, center, grad_row);
+        normalize_row_backward(joined + row * W, norms[row], C, center, grad_row);
         for (int64_t c = 0; c < C; ++c) grad_v_data[row * C + c] += lambda * grad_row[c];
       }
     });
