@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -29,9 +30,12 @@ constexpr int64_t kTileAlign = 64;           // tile widths are whole numbers of
 constexpr int64_t kMaxTileWidth = 2048;
 constexpr int64_t kMaxGroups = 64;                    // forward partial v buffers ...
 constexpr int64_t kPartialBytes = 8 * 1024 * 1024;   // ... and their total size
-constexpr int64_t kTasksPerThread = 2;
-constexpr int64_t kMinTaskRows = 64;  // each row block regenerates its tiles: keep blocks tall
+constexpr int64_t kMaxRowBlocks = 64;
+constexpr int64_t kMinTaskRows = 16;  // rows per task at least (one micro-kernel pass over a tile)
 constexpr int64_t kRowAlign = 4;      // task rows are whole micro-kernel blocks (csrc/cpu/gemm.cpp)
+// Generating one element of R̃ (a Philox call, plus the Gaussian of an implicit R) costs about as much as
+// this many multiply-adds of one row against it (≈ 5 cycles against 32 float multiply-adds per cycle).
+constexpr int64_t kGenerationCost = 160;
 constexpr int64_t kTransposedMinClasses = 24;  // forward through a transposed tile from 3 vectors of classes on
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -50,12 +54,20 @@ TilePlan plan_tiles(int64_t out_features, int64_t in_features, int64_t element_s
   return {width, ceil_div(in_features, width)};
 }
 
-// Rows per task: enough tasks to keep every thread busy, rows in multiples of the micro-kernel block.
-// (Row blocking changes no arithmetic, so it may depend on the thread count.)
-int64_t rows_per_task(int64_t batch, int64_t column_tasks) {
-  const int64_t wanted_blocks = ceil_div(kTasksPerThread * at::get_num_threads(), column_tasks);
-  const int64_t blocks = std::clamp<int64_t>(wanted_blocks, 1, std::max<int64_t>(1, batch / kMinTaskRows));
-  return round_up(ceil_div(batch, blocks), kRowAlign);
+// Rows per task. Every (row block, column block) task generates its own tiles of R̃, so splitting the batch
+// repeats the generation; the split minimises (rounds of tasks over the threads) × (a task's generation +
+// multiply-adds), per element of its tiles. (Row blocking changes no arithmetic, so it may depend on the
+// thread count.)
+int64_t rows_per_task(int64_t batch, int64_t column_tasks, int64_t generation_cost) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t max_blocks = std::clamp<int64_t>(batch / kMinTaskRows, 1, kMaxRowBlocks);
+  int64_t best_blocks = 1, best_cost = INT64_MAX;
+  for (int64_t blocks = 1; blocks <= max_blocks; ++blocks) {
+    const int64_t rounds = ceil_div(blocks * column_tasks, threads);
+    const int64_t cost = rounds * (generation_cost + ceil_div(batch, blocks));
+    if (cost < best_cost) best_blocks = blocks, best_cost = cost;
+  }
+  return round_up(ceil_div(batch, best_blocks), kRowAlign);
 }
 
 // Forward reduction groups: consecutive tiles summing into one partial (B, C) buffer.
@@ -78,6 +90,8 @@ struct DroppedProjection {
 
   // A dense R with p = 0 is R̃ itself: kernels read it in place.
   bool needs_tile() const { return weight == nullptr || p > 0; }
+  // Cost of generating one tile element, in multiply-adds (kGenerationCost per Philox-derived quantity).
+  int64_t generation_cost() const { return kGenerationCost * ((weight == nullptr ? 2 : 0) + (p > 0 ? 1 : 0)); }
 };
 
 // tile[c·width + jj] = R̃[c, j0 + jj] for c < C, jj < width; Philox offsets n = c·D + j are 64-bit.
@@ -124,7 +138,7 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
   const int64_t C = R.out_features, D = R.in_features;
   const TilePlan tiles = plan_tiles(C, D, sizeof(T));
   const int64_t groups = forward_groups(batch, C, tiles.count, sizeof(T));
-  const int64_t task_rows = rows_per_task(batch, groups);
+  const int64_t task_rows = rows_per_task(batch, groups, R.generation_cost());
   const int64_t row_tasks = ceil_div(batch, task_rows);
   const bool transposed = C >= kTransposedMinClasses;
   const int64_t ldp = transposed ? round_up(C, kLanes<T>) : C;  // leading dimension of the partial sums
@@ -169,12 +183,19 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
   });
 }
 
-// dh (B, D) = grad_v R̃: one task per (row block, tile), each writing its own block of dh.
+// dh (B, D) = grad_v R̃: one task per (row block, tile), each writing its own block of dh. Every element
+// of dh sums over the C classes alone, so the tiles may be narrowed freely: when R̃ is generated, into at
+// least one per thread before the batch is split (which would generate each tile once per row block).
 template <typename T>
 void run_backward(const T* grad_v, int64_t batch, const DroppedProjection<T>& R, T* dh) {
   const int64_t C = R.out_features, D = R.in_features;
-  const TilePlan tiles = plan_tiles(C, D, sizeof(T));
-  const int64_t task_rows = rows_per_task(batch, tiles.count);
+  TilePlan tiles = plan_tiles(C, D, sizeof(T));
+  const int64_t threads = at::get_num_threads();
+  if (R.needs_tile() && tiles.count < threads) {
+    tiles.width = round_up(ceil_div(D, std::min(threads, ceil_div(D, kTileAlign))), kTileAlign);
+    tiles.count = ceil_div(D, tiles.width);
+  }
+  const int64_t task_rows = rows_per_task(batch, tiles.count, R.generation_cost());
   const int64_t row_tasks = ceil_div(batch, task_rows);
   at::parallel_for(0, row_tasks * tiles.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
