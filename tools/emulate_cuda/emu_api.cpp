@@ -26,6 +26,15 @@ cudaError_t cudaFuncSetAttribute(const void* function, cudaFuncAttribute attribu
 }
 const char* cudaGetErrorString(cudaError_t error) { return error == cudaSuccess ? "no error" : "emulated error"; }
 
+// The heuristic plan (a default-constructed LaunchPlan), for the ctypes mirror to check its layout against.
+void emu_default_launch_plan(svp_cuda::LaunchPlan* plan) { *plan = svp_cuda::LaunchPlan{}; }
+// Thread blocks the emulated launches have run since the last call (then reset to zero).
+uint64_t emu_take_blocks_run(void) {
+  const uint64_t blocks = svp_emu::g_blocks_run;
+  svp_emu::g_blocks_run = 0;
+  return blocks;
+}
+
 int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int dtype, size_t* bytes,
                                            const svp_cuda::LaunchPlan* plan) {
   return svp_cuda::projection_forward_workspace_bytes(B, C, D, static_cast<svp_cuda::DType>(dtype), bytes, *plan);

@@ -8,7 +8,8 @@ a shared library, and driven through ctypes on CPU tensors. Outputs and workspac
 of anything no kernel wrote shows up. Every check runs twice, with the fibers of a block scheduled in
 forward and in reverse order (a missing __syncthreads then gives wrong numbers in one of them), and with
 several SM counts and under every forced plan of PLANS (passed to the launchers as a svp_cuda::LaunchPlan),
-so the launch plans (split-K, resident/regenerated panels, Gram splits) change.
+so the launch plans (split-K, resident/regenerated panels, Gram splits) change; a first check proves that a
+forced plan reaches the launchers (workspace sizes and block counts change with it).
 
 This checks the kernels' logic (indexing, tiling, bounds, barriers, reductions, plans); it says nothing about
 performance, and the GPU's memory model is stricter than the emulator's (run tools/gpu_check.py there).
@@ -120,6 +121,9 @@ class LaunchPlan(ctypes.Structure):
         """From a "key=value,..." plan string ("" = the heuristic)."""
         return cls(**parse_launch_plan(text))
 
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in LAUNCH_PLAN_FIELDS}
+
 
 class Emulated:
     """The launchers on CPU tensors; every launch and workspace query gets the LaunchPlan `plan`."""
@@ -128,6 +132,8 @@ class Emulated:
         lib = ctypes.CDLL(library)
         i64, u64, vp, sz = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
         plan = ctypes.POINTER(LaunchPlan)
+        lib.emu_default_launch_plan.argtypes = [plan]
+        lib.emu_take_blocks_run.restype = u64
         lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz), plan]
         lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
                                                ctypes.c_int, vp, sz, plan]
@@ -141,6 +147,15 @@ class Emulated:
         lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
         self.lib = lib
         self.plan = LaunchPlan.parse("")
+        default = LaunchPlan()
+        lib.emu_default_launch_plan(ctypes.byref(default))
+        if default.as_dict() != self.plan.as_dict():
+            raise SystemExit(f"run_emulation: the C++ default LaunchPlan {default.as_dict()} differs from the "
+                             f"heuristic plan of svp_kernels.backends.cuda {self.plan.as_dict()}")
+
+    def take_blocks_run(self) -> int:
+        """Thread blocks launched since the last call."""
+        return self.lib.emu_take_blocks_run()
 
     def projection_forward_workspace_bytes(self, B, C, D, dtype):
         size = ctypes.c_size_t()
@@ -337,6 +352,56 @@ def check_wide_rows(emu):
                                                 f"cosine_gram B={B} C={Cp} center={center}")
 
 
+def check_plans_reach_launchers(emu):
+    """Each LaunchPlan field changes what the launchers do (a plan silently ignored fails here): the workspace
+    sizes of split-K, of the two alignment forms and of split Grams / column tiles, and the blocks launched
+    for a batch tiling. The results of every plan are checked by the other groups."""
+    saved = emu.plan
+
+    def workspace(plan, query, *args):
+        emu.plan = LaunchPlan.parse(plan)
+        return query(*args)
+
+    def blocks(plan, run):
+        emu.plan = LaunchPlan.parse(plan)
+        emu.take_blocks_run()
+        run()
+        return emu.take_blocks_run()
+
+    def expect(condition, what):
+        if not condition:
+            raise AssertionError(f"a forced launch plan did not reach the launchers: {what}")
+
+    try:
+        f32 = torch.float32
+        forward = emu.projection_forward_workspace_bytes
+        # (33, 300, 17): two 256-column panels of D; one panel per split is split-K with a (2, B, C) partial.
+        split, whole = (workspace(f"forward_panels_per_split={n}", forward, 33, 17, 300, f32) for n in (1, 1000))
+        expect(split == 2 * 33 * 17 * 4 and whole == 0, f"forward workspace {split} / {whole} bytes")
+        # B = 300: three 128-row batch tiles, one block per tile or one block for all.
+        h, grad_v = randn(300, 64, dtype=f32), randn(300, 10, seed=1, dtype=f32)
+        weight = randn(10, 64, seed=2, dtype=f32)
+        counts = [blocks(f"forward_panels_per_split=1000,forward_btiles_per_block={n}",
+                         lambda: emu.projection_forward(h, weight, 10, 0, 0.0, 0.0, 0)) for n in (1, 3)]
+        expect(counts[0] > counts[1], f"forward blocks {counts} for 1 / 3 batch tiles per block")
+        counts = [blocks(f"backward_btiles_per_block={n}",
+                         lambda: emu.projection_backward(grad_v, weight, 64, 0, 0.0, 0.0, 0, f32)) for n in (1, 3)]
+        expect(counts[0] == 3 * counts[1], f"backward blocks {counts} for 1 / 3 batch tiles per block")
+        # (300, 10, 12): C + C' < B, so the heuristic takes feature space.
+        epilogue = emu.loss_epilogue_workspace_bytes
+        sizes = {plan: workspace(plan, epilogue, 300, 10, 12, True, f32)
+                 for plan in ("", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=1",
+                              "epilogue_feature=1,gram_splits=3", "epilogue_feature=0,batch_splits=1",
+                              "epilogue_feature=0,batch_splits=2")}
+        expect(sizes[""] == sizes["epilogue_feature=1"] != sizes["epilogue_feature=0"], f"epilogue workspace {sizes}")
+        expect(sizes["epilogue_feature=1,gram_splits=1"] < sizes["epilogue_feature=1,gram_splits=3"],
+               f"epilogue workspace {sizes}")
+        expect(sizes["epilogue_feature=0,batch_splits=1"] < sizes["epilogue_feature=0,batch_splits=2"],
+               f"epilogue workspace {sizes}")
+    finally:
+        emu.plan = saved
+
+
 PLANS = {
     "default": "",
     "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
@@ -367,7 +432,8 @@ def main() -> int:
     epilogue_shapes = [EPILOGUE_SHAPES[i] for i in (0, 2, 3, 5, 6)] if args.quick else EPILOGUE_SHAPES
     # (name, launch plan, emulator knobs, check): the plan goes to every launcher as a LaunchPlan argument;
     # SVP_EMU_REVERSE and SVP_EMU_SMS are read by the emulator (svp_emu.h, emu_api.cpp).
-    groups = []
+    groups = [("plans reach the launchers", "", {"SVP_EMU_REVERSE": "0", "SVP_EMU_SMS": "4"},
+               lambda: check_plans_reach_launchers(emu))]
     for plan_name, plan in (PLANS.items() if not args.quick else [("default", "")]):
         for reverse in ("0", "1"):
             for sms in ("4", "132") if plan_name == "default" else ("4",):
