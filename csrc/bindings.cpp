@@ -3,8 +3,16 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "cpu/ops.h"
 #include "svp/philox.h"
+#if defined(SVP_WITH_CUDA)
+#include <string>
+#include <utility>
+
+#include "bindings_cuda.h"
+#endif
 
 namespace {
 
@@ -30,6 +38,43 @@ bool has_cuda() {
   return false;
 #endif
 }
+
+#if defined(SVP_WITH_CUDA)
+// The fields of svp_cuda::LaunchPlan by name, for the testing hook below.
+constexpr std::pair<const char*, int64_t svp_cuda::LaunchPlan::*> kLaunchPlanFields[] = {
+    {"forward_panels_per_split", &svp_cuda::LaunchPlan::forward_panels_per_split},
+    {"forward_btiles_per_block", &svp_cuda::LaunchPlan::forward_btiles_per_block},
+    {"backward_btiles_per_block", &svp_cuda::LaunchPlan::backward_btiles_per_block},
+    {"gram_splits", &svp_cuda::LaunchPlan::gram_splits},
+    {"batch_splits", &svp_cuda::LaunchPlan::batch_splits},
+    {"epilogue_feature", &svp_cuda::LaunchPlan::epilogue_feature},
+};
+
+// The CUDA ops' process-wide launch plan as {field: value}.
+pybind11::dict cuda_launch_plan() {
+  const svp_cuda::LaunchPlan plan = svp_cuda_adapter::launch_plan();
+  pybind11::dict fields;
+  for (const auto& [name, member] : kLaunchPlanFields) fields[name] = plan.*member;
+  return fields;
+}
+
+// Sets it from {field: value}; the fields not given take the heuristic. ValueError for an unknown field.
+void set_cuda_launch_plan(const pybind11::dict& fields) {
+  svp_cuda::LaunchPlan plan;
+  for (const auto& item : fields) {
+    const std::string key = pybind11::cast<std::string>(item.first);
+    bool known = false;
+    for (const auto& [name, member] : kLaunchPlanFields) {
+      if (key == name) {
+        plan.*member = pybind11::cast<int64_t>(item.second);
+        known = true;
+      }
+    }
+    if (!known) throw pybind11::value_error("_set_cuda_launch_plan: unknown LaunchPlan field '" + key + "'");
+  }
+  svp_cuda_adapter::set_launch_plan(plan);
+}
+#endif
 
 }  // namespace
 
@@ -58,6 +103,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("philox_words", &philox_words, "(n, 4) int64 Philox4x32-10 words of offsets start..start+n-1",
              pybind11::arg("seed"), pybind11::arg("n"), pybind11::arg("start") = 0);
   module.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in");
+#if defined(SVP_WITH_CUDA)
+  // Testing and diagnostic hook (docs/backends.md); use svp_kernels.backends.cuda.launch_plan, which
+  // validates the values and restores the previous plan.
+  module.def("_cuda_launch_plan", &cuda_launch_plan, "The CUDA ops' launch plan (svp_cuda::LaunchPlan) as a dict");
+  module.def("_set_cuda_launch_plan", &set_cuda_launch_plan,
+             "Set the CUDA ops' launch plan from a dict of LaunchPlan fields (the others: the heuristic)",
+             pybind11::arg("fields"));
+#endif
 }
 
 // The similarity-matching losses (csrc/cpu/predsim.cpp): the learnable-head dropout gradient x ⊙ M / (1 − p)

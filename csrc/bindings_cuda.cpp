@@ -2,7 +2,9 @@
 //
 // A thin adapter: check and normalise the tensors, allocate outputs and scratch with torch's caching
 // allocator, call the framework-free launchers of csrc/cuda/svp_cuda.h on the current stream, and turn a
-// cudaError_t into a torch error naming the kernel. Compiled only on CUDA builds (setup.py).
+// cudaError_t into a torch error naming the kernel. Every op launches with the process-wide LaunchPlan held
+// here (the heuristic unless a test or a diagnosis sets it through svp_kernels._C._set_cuda_launch_plan); the
+// workspace query and the launch of one call get the same copy. Compiled only on CUDA builds (setup.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,10 +13,32 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
+#include "bindings_cuda.h"
 #include "cuda/svp_cuda.h"
+
+namespace svp_cuda_adapter {
+namespace {
+
+std::mutex launch_plan_mutex;
+svp_cuda::LaunchPlan launch_plan_value;  // guarded by launch_plan_mutex
+
+}  // namespace
+
+svp_cuda::LaunchPlan launch_plan() {
+  const std::lock_guard<std::mutex> lock(launch_plan_mutex);
+  return launch_plan_value;
+}
+
+void set_launch_plan(const svp_cuda::LaunchPlan& plan) {
+  const std::lock_guard<std::mutex> lock(launch_plan_mutex);
+  launch_plan_value = plan;
+}
+
+}  // namespace svp_cuda_adapter
 
 namespace {
 
@@ -100,12 +124,13 @@ at::Tensor projection_forward_cuda(const at::Tensor& h, const std::optional<at::
   at::Tensor v = at::empty({B, C}, h_c.options().dtype(accumulation_type(h_c.scalar_type())));
   if (B == 0 || C == 0) return v;
 
+  const svp_cuda::LaunchPlan plan = svp_cuda_adapter::launch_plan();
   size_t bytes = 0;
-  check_cuda(svp_cuda::projection_forward_workspace_bytes(B, C, D, dtype, &bytes), op);
+  check_cuda(svp_cuda::projection_forward_workspace_bytes(B, C, D, dtype, &bytes, plan), op);
   const at::Tensor workspace = workspace_like(h_c, bytes);
   check_cuda(svp_cuda::projection_forward(h_c.data_ptr(), data_or_null(w), v.data_ptr(), B, C, D,
                                           seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
-                                          seed_ptr, dtype, data_or_null(workspace), bytes,
+                                          seed_ptr, dtype, data_or_null(workspace), bytes, plan,
                                           c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return v;
@@ -131,7 +156,7 @@ at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optiona
 
   check_cuda(svp_cuda::projection_backward(grad_c.data_ptr(), data_or_null(w), dh.data_ptr(), B, C, D,
                                            seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
-                                           seed_ptr, kernel_type,
+                                           seed_ptr, kernel_type, svp_cuda_adapter::launch_plan(),
                                            c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return dh;
@@ -172,14 +197,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
   at::Tensor alignment = at::empty({}, acc_options);
   at::Tensor g_v = at::empty({B, C}, acc_options);
 
+  const svp_cuda::LaunchPlan plan = svp_cuda_adapter::launch_plan();
   size_t bytes = 0;
-  check_cuda(svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, v_prev_c.defined(), dtype, &bytes), op);
+  check_cuda(svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, v_prev_c.defined(), dtype, &bytes, plan), op);
   const at::Tensor workspace = workspace_like(v_c, bytes);
   check_cuda(svp_cuda::loss_epilogue(v_c.data_ptr(),
                                      target_c.defined() ? target_c.data_ptr<int64_t>() : nullptr,
                                      data_or_null(v_prev_c), loss.data_ptr(), ce.data_ptr(), alignment.data_ptr(),
                                      g_v.data_ptr(), B, C, Cp, alignment_weight, mean, center, dtype,
-                                     data_or_null(workspace), bytes, c10::cuda::getCurrentCUDAStream().stream()),
+                                     data_or_null(workspace), bytes, plan, c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return std::make_tuple(loss, ce, alignment, g_v);
 }

@@ -202,7 +202,8 @@ EPILOGUE_SHAPES = [  # (B, C, C'): C' None = no v_prev
     (70, 70, 50),                             # batch space, several 32-row tiles, C > 64 classes per step
     (64, 130, None),                          # CE only, C > 128
 ]
-# Launch plans forced through SVP_CUDA_PLAN (csrc/cuda/common.cuh).
+# Launch plans ("key=value,...": fields of svp_cuda::LaunchPlan, csrc/cuda/svp_cuda.h) forced through
+# svp_kernels.backends.cuda.launch_plan, which parses them (parse_launch_plan, also used by the emulator).
 PROJECTION_PLANS = [
     "",                                                        # the heuristic
     "forward_panels_per_split=1,backward_btiles_per_block=1",  # max split-K (resident panels), 1 tile/block

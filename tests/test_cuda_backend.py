@@ -4,8 +4,9 @@ The per-op files (test_projection.py, test_alignment.py, ...) already run "cuda"
 when it is available; this file aims at the kernels themselves: masks bit-identical to the reference (including
 64-bit offsets), forward/backward/epilogue/cosine_gram against the float64 reference on odd shapes in all
 four dtypes, every code path of the launch plans (split-K and its reduction, resident vs regenerated R̃
-panels, feature- vs batch-space alignment, split Grams) forced on small shapes through the test-only
-SVP_CUDA_PLAN knob (csrc/cuda/common.cuh), bitwise determinism, and opcheck of the four ops.
+panels, feature- vs batch-space alignment, split Grams) forced on small shapes through the testing hook
+svp_kernels.backends.cuda.launch_plan (a LaunchPlan, csrc/cuda/svp_cuda.h), bitwise determinism, and opcheck
+of the four ops.
 
 Every test is @pytest.mark.cuda and skipped without a GPU or without a CUDA build of svp_kernels._C.
 """
@@ -18,6 +19,7 @@ import torch
 import svp_kernels as sk
 from svp_kernels import philox
 from svp_kernels.backends import reference
+from svp_kernels.backends.cuda import launch_plan
 
 from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
                    PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
@@ -39,19 +41,6 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 def randn(*shape, dtype=torch.float64, seed=0, scale=1.0):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-
-
-@pytest.fixture
-def plan(monkeypatch):
-    """Set SVP_CUDA_PLAN (read by the C++ launchers on every call) for one test."""
-
-    def set_plan(value: str):
-        if value:
-            monkeypatch.setenv("SVP_CUDA_PLAN", value)
-        else:
-            monkeypatch.delenv("SVP_CUDA_PLAN", raising=False)
-
-    return set_plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,27 +151,26 @@ def test_projection_matches_float64(B, D, C, implicit, p, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("plan_value", PROJECTION_PLANS[1:])
 @pytest.mark.parametrize("B,D,C", PROJECTION_SHAPES)
-def test_projection_plans(B, D, C, plan_value, dtype, plan):
+def test_projection_plans(B, D, C, plan_value, dtype):
     """Every forced launch plan gives the heuristic's answer (to rounding: split-K changes the sum order)."""
     proj_seed, std, seed, p = 5, D**-0.5, 77, 0.2
     for implicit in (False, True):
         h, weight, grad_v = projection_case(B, D, C, dtype, implicit, p, seed=3)
-        plan(plan_value)
-        v, dh = run_projection(h, weight, grad_v, C, proj_seed, std, p, seed)
-        plan("")
+        with launch_plan(plan_value):
+            v, dh = run_projection(h, weight, grad_v, C, proj_seed, std, p, seed)
         v_expected, dh_expected = projection_ground_truth(h, weight, grad_v, C, proj_seed, std, p, seed)
         tol = max(ACC_TOL[dtype], IMPLICIT_TOL if implicit else 0.0)
         assert_close(v, v_expected, tol, f"v plan={plan_value!r} {dtype} implicit={implicit}")
         assert_close(dh, dh_expected, tol, f"dh plan={plan_value!r} {dtype} implicit={implicit}")
 
 
-def test_projection_is_deterministic(plan):
-    plan("forward_panels_per_split=1")  # many D splits: the split-K reduction must still be bitwise stable
+def test_projection_is_deterministic():
     h, weight, grad_v = projection_case(64, 3000, 10, torch.float32, False, 0.3)
-    first = run_projection(h, weight, grad_v, 10, 0, 0.0, 0.3, 5)
-    for _ in range(3):
-        again = run_projection(h, weight, grad_v, 10, 0, 0.0, 0.3, 5)
-        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    with launch_plan(forward_panels_per_split=1):  # many D splits: the split-K reduction must be bitwise stable
+        first = run_projection(h, weight, grad_v, 10, 0, 0.0, 0.3, 5)
+        for _ in range(3):
+            again = run_projection(h, weight, grad_v, 10, 0, 0.0, 0.3, 5)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_projection_unaligned_and_non_contiguous_h():
@@ -233,13 +221,12 @@ def test_epilogue_matches_float64(B, C, Cp, with_target, mean, center, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("plan_value", EPILOGUE_PLANS[1:])
 @pytest.mark.parametrize("B,C,Cp", [s for s in EPILOGUE_SHAPES if s[2] is not None])
-def test_epilogue_plans(B, C, Cp, plan_value, dtype, plan):
+def test_epilogue_plans(B, C, Cp, plan_value, dtype):
     """Both alignment paths (and split Grams / split column tiles) agree on every shape."""
     for mean, center in ((True, True), (False, False)):
         v, target, v_prev = epilogue_inputs(B, C, Cp, dtype, seed=B)
-        plan(plan_value)
-        actual = run_epilogue(v, target, v_prev, 1.3, mean, center)
-        plan("")
+        with launch_plan(plan_value):
+            actual = run_epilogue(v, target, v_prev, 1.3, mean, center)
         expected = epilogue_ground_truth(v, target, v_prev, 1.3, mean, center)
         for name, a, e in zip(("loss", "ce", "alignment", "g_v"), actual, expected):
             assert_close(a, e, ACC_TOL[dtype], f"{name} plan={plan_value!r} {dtype} mean={mean} center={center}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA sources without a GPU (CI runs this; so can anyone with nvcc):
 #   1. every csrc/cuda/*.cu -> object, for sm_80 and sm_90, with -I csrc/include only (no torch header);
-#   2. csrc/bindings_cuda.cpp, syntax only, against the installed torch's headers (skipped when torch is
-#      not importable).
+#   2. csrc/bindings_cuda.cpp and csrc/bindings.cpp (its SVP_WITH_CUDA parts included), syntax only, against
+#      the installed torch's headers (skipped when torch is not importable).
 #
 #   bash tools/check_cuda.sh            # NVCC=/path/to/nvcc, CXX=g++ and JOBS=N override the defaults
 #   bash tools/check_cuda.sh --emulate  # then also run the kernels on the CPU under the fiber emulator
@@ -37,11 +37,14 @@ done
 OUT_DIR="$(mktemp -d "${TMPDIR:-/tmp}/svp_check_cuda.XXXXXX")"
 trap 'rm -rf "$OUT_DIR"' EXIT
 
-# Torch include flags for the adapter (-isystem: torch's own headers may warn; ours may not). CPU wheels ship
-# c10/cuda but not the generated c10/cuda/impl/cuda_cmake_macros.h: stub it for the syntax check.
+# Torch include flags for the adapter (-isystem: torch's own headers may warn; ours may not), plus Python's
+# and the extension name for bindings.cpp's pybind11 module. CPU wheels ship c10/cuda but not the generated
+# c10/cuda/impl/cuda_cmake_macros.h: stub it for the syntax check.
 TORCH_FLAGS=""
 if TORCH_INCLUDES="$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))' 2>/dev/null)"; then
   for dir in $TORCH_INCLUDES; do TORCH_FLAGS+=" -isystem $dir"; done
+  TORCH_FLAGS+=" -isystem $("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  TORCH_FLAGS+=" -DTORCH_EXTENSION_NAME=_C"
   first="${TORCH_INCLUDES%% *}"
   if [[ ! -f "$first/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
     mkdir -p "$OUT_DIR/stub/c10/cuda/impl"
@@ -99,7 +102,7 @@ if [[ ${#sources[@]} -eq 0 ]]; then
   echo "check_cuda: no csrc/cuda/*.cu files" >&2
   exit 2
 fi
-[[ -f "$ROOT/csrc/bindings_cuda.cpp" ]] && sources+=("$ROOT/csrc/bindings_cuda.cpp")
+sources+=("$ROOT/csrc/bindings_cuda.cpp" "$ROOT/csrc/bindings.cpp")
 echo "check_cuda: $("$NVCC" --version | tail -1), sm_80 + sm_90, ${#sources[@]} file(s), $JOBS job(s)"
 # Largest first, so the parallel jobs finish together.
 ls -S "${sources[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$1"' _ {}

@@ -10,7 +10,7 @@ and regenerated panels; with and without split-K and its reduction; vector and s
 projection_backward (resident and per-chunk panels), loss_epilogue (feature and batch space, split Grams,
 split column tiles, with/without target and v_prev, center, both reductions) and cosine_gram, in all four
 dtypes, and an epilogue whose targets are out of range (never read through: NaN rows). Shapes and plans are
-the test suite's tables (tests/cases.py); plans are forced through SVP_CUDA_PLAN (csrc/cuda/common.cuh).
+the test suite's tables (tests/cases.py); plans are forced through svp_kernels.backends.cuda.launch_plan.
 Values are checked against the suite's float64 ground truth, but correctness is the test suite's job; the
 sanitizer reports the memory and shared-memory hazards. Prints one line per group and exits non-zero on a
 CUDA error or a wrong value.
@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import svp_kernels as sk  # noqa: E402
+from svp_kernels.backends.cuda import launch_plan  # noqa: E402
 
 from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, OUT_TOL, PROJECTION_PLANS,  # noqa: E402
                    PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth)
@@ -41,13 +42,6 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17)]
 SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4)]
 ops = torch.ops.svp_kernels
-
-
-def set_plan(value: str) -> None:
-    if value:
-        os.environ["SVP_CUDA_PLAN"] = value
-    else:
-        os.environ.pop("SVP_CUDA_PLAN", None)
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -68,57 +62,57 @@ def projection_kernels(shapes):
     seed = torch.tensor(11, dtype=torch.int64, device=DEVICE)  # the ops read the dropout seed on the device
     count = 0
     for plan in PROJECTION_PLANS:
-        set_plan(plan)
-        for B, D, C in shapes:
-            for dtype in DTYPES:
-                if plan and dtype in (torch.bfloat16, torch.float16):
-                    continue  # the plans do not depend on the dtype beyond the loads, covered by plan ""
-                acc = torch.float64 if dtype == torch.float64 else torch.float32
-                h = randn(B, D, dtype=dtype)
-                grad_v = randn(B, C, dtype=acc, seed=1)
-                for weight in (randn(C, D, dtype=dtype, seed=2) / D**0.5, None):
-                    extra = IMPLICIT_TOL if weight is None else 0.0
-                    for p in (0.0, 0.3):
-                        v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, seed)
-                        dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, seed, dtype)
-                        check_values(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", (v, dh),
-                                     projection_ground_truth(h, weight, grad_v, C, 7, D**-0.5, p, 11),
-                                     (max(ACC_TOL[dtype], extra), max(OUT_TOL[dtype], extra)))
-                        count += 2
+        with launch_plan(plan):
+            for B, D, C in shapes:
+                for dtype in DTYPES:
+                    if plan and dtype in (torch.bfloat16, torch.float16):
+                        continue  # the plans do not depend on the dtype beyond the loads, covered by plan ""
+                    acc = torch.float64 if dtype == torch.float64 else torch.float32
+                    h = randn(B, D, dtype=dtype)
+                    grad_v = randn(B, C, dtype=acc, seed=1)
+                    for weight in (randn(C, D, dtype=dtype, seed=2) / D**0.5, None):
+                        extra = IMPLICIT_TOL if weight is None else 0.0
+                        for p in (0.0, 0.3):
+                            v = ops.projection_forward(h, weight, C, 7, D**-0.5, p, seed)
+                            dh = ops.projection_backward(grad_v, weight, D, 7, D**-0.5, p, seed, dtype)
+                            check_values(f"projection B={B} D={D} C={C} {dtype} plan={plan!r}", (v, dh),
+                                         projection_ground_truth(h, weight, grad_v, C, 7, D**-0.5, p, 11),
+                                         (max(ACC_TOL[dtype], extra), max(OUT_TOL[dtype], extra)))
+                            count += 2
     # Unaligned h (storage offset of one element): the scalar-load path.
     h = randn(9 * 64 + 1)[1:].view(9, 64)
     v = ops.projection_forward(h, None, 7, 3, 0.125, 0.2, seed)
     check_values("projection unaligned", (v,), projection_ground_truth(h, None, torch.zeros(9, 7), 7, 3, 0.125, 0.2, 11),
                  (IMPLICIT_TOL,))
-    set_plan("")
     return count + 1
 
 
 def epilogue_kernels(shapes):
     count = 0
     for plan in EPILOGUE_PLANS:
-        set_plan(plan)
-        for B, C, Cp in shapes:
-            if plan and Cp is None:
-                continue
-            for dtype in DTYPES:
-                if plan and dtype in (torch.bfloat16, torch.float16):
+        with launch_plan(plan):
+            for B, C, Cp in shapes:
+                if plan and Cp is None:
                     continue
-                v = randn(B, C, dtype=dtype)
-                target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(B)).to(DEVICE)
-                v_prev = None if Cp is None else randn(B, Cp, dtype=dtype, seed=3)
-                for with_target in (True, False):
-                    for mean, center in ((True, False), (False, True)):
-                        t = target if with_target else None
-                        outputs = ops.loss_epilogue(v, t, v_prev, 0.7, mean, center)
-                        check_values(f"epilogue B={B} C={C} C'={Cp} {dtype} plan={plan!r}", outputs,
-                                     epilogue_ground_truth(v, t, v_prev, 0.7, mean, center), (ACC_TOL[dtype],) * 4)
-                        count += 1
-                if not plan:
-                    for center in (False, True):
-                        check_values("cosine_gram", (ops.cosine_gram(v, center),),
-                                     (cosine_gram_ground_truth(v, center),), (ACC_TOL[dtype],))
-                        count += 1
+                for dtype in DTYPES:
+                    if plan and dtype in (torch.bfloat16, torch.float16):
+                        continue
+                    v = randn(B, C, dtype=dtype)
+                    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(B)).to(DEVICE)
+                    v_prev = None if Cp is None else randn(B, Cp, dtype=dtype, seed=3)
+                    for with_target in (True, False):
+                        for mean, center in ((True, False), (False, True)):
+                            t = target if with_target else None
+                            outputs = ops.loss_epilogue(v, t, v_prev, 0.7, mean, center)
+                            check_values(f"epilogue B={B} C={C} C'={Cp} {dtype} plan={plan!r}", outputs,
+                                         epilogue_ground_truth(v, t, v_prev, 0.7, mean, center),
+                                         (ACC_TOL[dtype],) * 4)
+                            count += 1
+                    if not plan:
+                        for center in (False, True):
+                            check_values("cosine_gram", (ops.cosine_gram(v, center),),
+                                         (cosine_gram_ground_truth(v, center),), (ACC_TOL[dtype],))
+                            count += 1
     # Targets outside [0, C): never read through (memcheck would report it); those rows are NaN.
     v = randn(70, 70)
     target = torch.randint(0, 70, (70,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -127,7 +121,6 @@ def epilogue_kernels(shapes):
     torch.cuda.synchronize()
     if not (torch.isnan(loss) and torch.isnan(ce) and torch.isnan(g_v[[3, 40, 69]]).all()):
         raise SystemExit("sanitize_cuda: out-of-range targets should give NaN loss, ce and g_v rows")
-    set_plan("")
     return count + 1
 
 

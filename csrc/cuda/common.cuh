@@ -8,8 +8,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "svp_cuda.h"
 
@@ -180,25 +178,6 @@ inline cudaError_t current_sm_count(int* sms) {
   SVP_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
   if (*sms < 1) *sms = 1;
   return cudaSuccess;
-}
-
-// Test-only plan overrides: SVP_CUDA_PLAN="key=value,key=value" (read on every call, by the workspace query
-// and the launch alike, so they agree). Lets the tests and the sanitizer drive every code path (split-K,
-// regenerated panels, both alignment paths) on small shapes. Returns -1 when `key` is not set. Keys:
-//   forward_panels_per_split, forward_btiles_per_block, backward_btiles_per_block,
-//   epilogue_feature (1: feature space, 0: batch space), gram_splits, batch_splits.
-inline int64_t plan_override(const char* key) {
-  const char* env = std::getenv("SVP_CUDA_PLAN");
-  if (env == nullptr) return -1;
-  const size_t key_length = std::strlen(key);
-  for (const char* cursor = env; *cursor != '\0';) {
-    while (*cursor == ',' || *cursor == ' ') ++cursor;
-    if (std::strncmp(cursor, key, key_length) == 0 && cursor[key_length] == '=') {
-      return std::strtoll(cursor + key_length + 1, nullptr, 10);
-    }
-    while (*cursor != '\0' && *cursor != ',') ++cursor;
-  }
-  return -1;
 }
 
 inline bool aligned16(const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; }

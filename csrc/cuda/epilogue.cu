@@ -501,7 +501,8 @@ struct EpiloguePlan {
   int64_t row_blocks = 1;
 };
 
-EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bool has_v_prev, int sms) {
+EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bool has_v_prev, int sms,
+                           const LaunchPlan& launch_plan) {
   EpiloguePlan plan;
   plan.has_target = has_target;
   plan.alignment = has_v_prev;
@@ -511,13 +512,13 @@ EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bo
   plan.Ctot = C + Cp;
   // Cost of the two forms: B·(C+C')² (feature) vs B²·(C+C') (batch), i.e. feature iff C + C' < B.
   plan.feature_space = plan.Ctot < B;
-  if (plan_override("epilogue_feature") >= 0) plan.feature_space = plan_override("epilogue_feature") > 0;
+  if (launch_plan.epilogue_feature >= 0) plan.feature_space = launch_plan.epilogue_feature > 0;
   if (plan.feature_space) {
     // ZᵀZ has few output tiles and a long K = B: split K so that ~4 blocks per SM run, each at least 256
     // rows deep; the partial Grams are summed in split order by gram_reduce_kernel.
     const int64_t tiles = ceil_div(plan.Ctot, GramTile::BM) * ceil_div(plan.Ctot, GramTile::BN);
     int64_t splits = max64(1, min64(ceil_div(target_blocks, tiles), ceil_div(B, 256)));
-    if (plan_override("gram_splits") > 0) splits = plan_override("gram_splits");
+    if (launch_plan.gram_splits > 0) splits = launch_plan.gram_splits;
     plan.gram_rows_per_split = round_up(ceil_div(B, splits), GramTile::BK);
     plan.gram_splits = min64(ceil_div(B, plan.gram_rows_per_split), kMaxGridYZ);
     plan.gram_rows_per_split = max64(plan.gram_rows_per_split, round_up(ceil_div(B, plan.gram_splits), GramTile::BK));
@@ -531,7 +532,7 @@ EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bo
     plan.batch_tiles = ceil_div(B, kBatchTile);
     int64_t splits =
         max64(1, min64(min64(ceil_div(target_blocks, plan.batch_tiles), plan.batch_tiles), int64_t(16)));
-    if (plan_override("batch_splits") > 0) splits = min64(plan_override("batch_splits"), plan.batch_tiles);
+    if (launch_plan.batch_splits > 0) splits = min64(launch_plan.batch_splits, plan.batch_tiles);
     plan.batch_tiles_per_split = ceil_div(plan.batch_tiles, splits);
     plan.batch_splits = ceil_div(plan.batch_tiles, plan.batch_tiles_per_split);
     plan.p_splits = plan.batch_splits;
@@ -689,7 +690,7 @@ size_t cosine_gram_bytes(int64_t B, int64_t C, DType dtype) {
 // Public launchers (svp_cuda.h).
 
 cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
-                                          size_t* bytes) {
+                                          size_t* bytes, const LaunchPlan& launch_plan) {
   using namespace detail;
   if (bytes == nullptr || !valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0)) {
     return cudaErrorInvalidValue;
@@ -697,7 +698,7 @@ cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool
   int sms = 1;
   SVP_CUDA_TRY(current_sm_count(&sms));
   // The target never changes the size beyond the (B,) CE rows: size for the larger case.
-  const EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms);
+  const EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan);
   *bytes = dtype == DType::kFloat64 ? carve_epilogue<double>(nullptr, plan, B, C).bytes
                                     : carve_epilogue<float>(nullptr, plan, B, C).bytes;
   return cudaSuccess;
@@ -706,7 +707,7 @@ cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool
 cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,
                           void* alignment, void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight,
                           bool mean, bool center, DType dtype, void* workspace, size_t workspace_bytes,
-                          cudaStream_t stream) {
+                          const LaunchPlan& launch_plan, cudaStream_t stream) {
   using namespace detail;
   const bool has_v_prev = v_prev != nullptr;
   if (!valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0)) return cudaErrorInvalidValue;
@@ -717,7 +718,7 @@ cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_pr
   SVP_CUDA_TRY(current_sm_count(&sms));
   // Plan with has_target = true so the layout matches loss_epilogue_workspace_bytes; without a target the
   // CE rows are simply not used.
-  EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms);
+  EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan);
   switch (dtype) {
     case DType::kFloat32:
       return epilogue_typed<float>(plan, v, target, v_prev, loss, ce, alignment, g_v, B, C, Cp, alignment_weight,

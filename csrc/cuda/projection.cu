@@ -347,7 +347,8 @@ struct ForwardPlan {
 };
 
 template <class Cfg>
-ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size_t acc, int sms) {
+ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size_t acc, int sms,
+                              const LaunchPlan& launch_plan) {
   ForwardPlan plan;
   plan.tile_n = Cfg::BN;
   const int64_t tiles_b = ceil_div(B, Cfg::BM);
@@ -362,8 +363,8 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
   const int64_t splits_for_traffic = max64(1, static_cast<int64_t>(D * elem) / static_cast<int64_t>(8 * C * acc));
   int64_t splits = min64(panels, max64(splits_for_parallelism, splits_for_traffic));
   int64_t panels_per_split = ceil_div(panels, splits);
-  if (plan_override("forward_panels_per_split") > 0) {
-    panels_per_split = min64(plan_override("forward_panels_per_split"), panels);
+  if (launch_plan.forward_panels_per_split > 0) {
+    panels_per_split = min64(launch_plan.forward_panels_per_split, panels);
   }
   plan.d_per_split = panels_per_split * Cfg::KP;
   plan.splits_d = ceil_div(panels, panels_per_split);
@@ -375,20 +376,20 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
     // The panel is regenerated per batch tile anyway: one tile per block (grid.z permitting).
     plan.btiles_per_block = max64(1, ceil_div(tiles_b, kMaxGridYZ));
   }
-  if (plan_override("forward_btiles_per_block") > 0) {
-    plan.btiles_per_block = max64(plan_override("forward_btiles_per_block"), ceil_div(tiles_b, kMaxGridYZ));
+  if (launch_plan.forward_btiles_per_block > 0) {
+    plan.btiles_per_block = max64(launch_plan.forward_btiles_per_block, ceil_div(tiles_b, kMaxGridYZ));
   }
   plan.splits_b = ceil_div(tiles_b, plan.btiles_per_block);
   plan.workspace_bytes = plan.splits_d > 1 ? static_cast<size_t>(plan.splits_d * B * C) * acc : 0;
   return plan;
 }
 
-ForwardPlan plan_forward(int64_t B, int64_t C, int64_t D, DType dtype, int sms) {
+ForwardPlan plan_forward(int64_t B, int64_t C, int64_t D, DType dtype, int sms, const LaunchPlan& launch_plan) {
   const size_t elem = element_size(dtype);
   const size_t acc = acc_size(dtype);
-  if (C <= 16) return plan_forward_with<ForwardTile16>(B, C, D, elem, acc, sms);
-  if (C <= 32) return plan_forward_with<ForwardTile32>(B, C, D, elem, acc, sms);
-  return plan_forward_with<ForwardTile64>(B, C, D, elem, acc, sms);
+  if (C <= 16) return plan_forward_with<ForwardTile16>(B, C, D, elem, acc, sms, launch_plan);
+  if (C <= 32) return plan_forward_with<ForwardTile32>(B, C, D, elem, acc, sms, launch_plan);
+  return plan_forward_with<ForwardTile64>(B, C, D, elem, acc, sms, launch_plan);
 }
 
 bool valid_dtype(DType dtype) {
@@ -472,7 +473,7 @@ cudaError_t forward_typed(const ForwardPlan& plan, const void* h, const void* we
 template <typename T>
 cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int sms,
-                           cudaStream_t stream) {
+                           const LaunchPlan& launch_plan, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   using Cfg = BackwardTile;
   BackwardParams<T, Acc> params;
@@ -494,8 +495,8 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
   } else {
     btiles_per_block = max64(1, ceil_div(tiles_b, kMaxGridYZ));
   }
-  if (plan_override("backward_btiles_per_block") > 0) {
-    btiles_per_block = max64(plan_override("backward_btiles_per_block"), ceil_div(tiles_b, kMaxGridYZ));
+  if (launch_plan.backward_btiles_per_block > 0) {
+    btiles_per_block = max64(launch_plan.backward_btiles_per_block, ceil_div(tiles_b, kMaxGridYZ));
   }
   params.btiles_per_block = btiles_per_block;
   const int64_t splits_b = ceil_div(tiles_b, btiles_per_block);
@@ -516,20 +517,22 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
 // ---------------------------------------------------------------------------------------------------------
 // Public launchers (svp_cuda.h).
 
-cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes) {
+cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes,
+                                              const LaunchPlan& launch_plan) {
   using namespace detail;
   if (bytes == nullptr || !valid_dtype(dtype) || B < 0 || C < 0 || D < 0) return cudaErrorInvalidValue;
   *bytes = 0;
   if (B == 0 || C == 0) return cudaSuccess;
   int sms = 1;
   SVP_CUDA_TRY(current_sm_count(&sms));
-  *bytes = plan_forward(B, C, D, dtype, sms).workspace_bytes;
+  *bytes = plan_forward(B, C, D, dtype, sms, launch_plan).workspace_bytes;
   return cudaSuccess;
 }
 
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
-                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                               void* workspace, size_t workspace_bytes, const LaunchPlan& launch_plan,
+                               cudaStream_t stream) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -537,7 +540,7 @@ cudaError_t projection_forward(const void* h, const void* weight, void* v, int64
   if (v == nullptr || (D > 0 && h == nullptr)) return cudaErrorInvalidValue;
   int sms = 1;
   SVP_CUDA_TRY(current_sm_count(&sms));
-  const ForwardPlan plan = plan_forward(B, C, D, dtype, sms);
+  const ForwardPlan plan = plan_forward(B, C, D, dtype, sms, launch_plan);
   if (workspace_bytes < plan.workspace_bytes || (plan.workspace_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
@@ -558,7 +561,7 @@ cudaError_t projection_forward(const void* h, const void* weight, void* v, int64
 
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
                                 uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
-                                cudaStream_t stream) {
+                                const LaunchPlan& launch_plan, cudaStream_t stream) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -568,13 +571,16 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
   SVP_CUDA_TRY(current_sm_count(&sms));
   switch (dtype) {
     case DType::kFloat32:
-      return backward_typed<float>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, stream);
+      return backward_typed<float>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, launch_plan, stream);
     case DType::kFloat64:
-      return backward_typed<double>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, stream);
+      return backward_typed<double>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+                                    launch_plan, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, stream);
+      return backward_typed<__nv_bfloat16>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+                                           launch_plan, stream);
     case DType::kFloat16:
-      return backward_typed<__half>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, stream);
+      return backward_typed<__half>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+                                    launch_plan, stream);
   }
   return cudaErrorInvalidValue;
 }

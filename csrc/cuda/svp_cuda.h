@@ -6,8 +6,8 @@
 //
 // Scratch memory: each op that needs it has a *_workspace_bytes() query; the caller allocates that many
 // bytes (the torch adapter uses the caching allocator), passes the pointer and the size, and the launcher
-// checks the size. The plan behind the size depends only on the arguments and the current device, so the
-// query and the launch must run with the same current device.
+// checks the size. The plan behind the size depends only on the arguments, the LaunchPlan and the current
+// device, so the query and the launch must get the same LaunchPlan and run with the same current device.
 //
 // Determinism: every reduction runs in a fixed order (no float atomics), so repeated calls on the same
 // device give bit-identical results.
@@ -23,6 +23,29 @@ namespace svp_cuda {
 // Element type of h / weight / v / v_prev / dh. Accumulation: float64 -> double, the others -> float.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
+// How the launchers split their work. A default-constructed LaunchPlan is the heuristic everywhere: each
+// launcher chooses from the shapes and the SM count. A field set forces that one choice (clamped to what
+// the shape and the grid limits allow), so tests and tools can drive every code path (split-K, regenerated
+// R̃ panels, both alignment forms, split Grams) on small shapes; every plan gives the same result up to the
+// order of the sums. All fields are int64_t, so the layout is trivial (tools/emulate_cuda mirrors it with
+// ctypes). A *_workspace_bytes() query sizes the scratch for the plan it gets: pass the query and its
+// launch the same LaunchPlan.
+struct LaunchPlan {
+  // projection_forward: R̃ panels (of D columns) per split of the D reduction; more than there are panels
+  // means no split. <= 0: the heuristic.
+  int64_t forward_panels_per_split = 0;
+  // projection_forward: batch tiles per block (at least what the grid limit needs). <= 0: the heuristic.
+  int64_t forward_btiles_per_block = 0;
+  // projection_backward: batch tiles per block (at least what the grid limit needs). <= 0: the heuristic.
+  int64_t backward_btiles_per_block = 0;
+  // loss_epilogue in feature space: splits of the B-long reduction of the Gram ZᵀZ. <= 0: the heuristic.
+  int64_t gram_splits = 0;
+  // loss_epilogue in batch space: splits of the column tiles (at most their number). <= 0: the heuristic.
+  int64_t batch_splits = 0;
+  // loss_epilogue with v_prev: 1 feature space, 0 batch space, -1 the heuristic (feature iff C + C' < B).
+  int64_t epilogue_feature = -1;
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Projection forward: v (B, C) = h R̃ᵀ, R̃[c, j] = R[c, j] · keep(seed, c·D + j) / (1 − p).
 //   h:      (B, D) of dtype.
@@ -31,17 +54,19 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3
 // seed:   the dropout seed, one int64 in [0, 2**63) in device memory, read by the kernels (never on the host,
 //         so a captured CUDA graph uses the value the seed holds at replay); may be nullptr when p == 0.
 // p in [0, 1); p == 0 disables the mask. The mask and an implicit R are generated in registers.
-cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes);
+cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes,
+                                              const LaunchPlan& launch_plan);
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
-                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                               void* workspace, size_t workspace_bytes, const LaunchPlan& launch_plan,
+                               cudaStream_t stream);
 
 // Projection backward: dh (B, D) = grad_v R̃, regenerating the mask (and an implicit R); seed as above.
 //   grad_v: (B, C) of Acc.   weight: (C, D) of dtype or nullptr.   dh: (B, D) of dtype (output).
 // Needs no workspace.
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C,
                                 int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
-                                DType dtype, cudaStream_t stream);
+                                DType dtype, const LaunchPlan& launch_plan, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
 // Loss epilogue on the (B, C) projection:
@@ -53,14 +78,15 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
 // no B×B matrix is ever stored. B must be >= 1. A row whose target is outside [0, C) is not read at its
 // target: its CE term and its row of g_v are NaN, so loss and ce are NaN.
 cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
-                                          size_t* bytes);
+                                          size_t* bytes, const LaunchPlan& launch_plan);
 cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,
                           void* alignment, void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight,
                           bool mean, bool center, DType dtype, void* workspace, size_t workspace_bytes,
-                          cudaStream_t stream);
+                          const LaunchPlan& launch_plan, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
 // Cosine Gram (inspection op): S (B, B) of Acc = â âᵀ, â = rows of v (centred when `center`) / max(‖·‖, ε).
+// Its launch depends on the shapes only (no LaunchPlan).
 cudaError_t cosine_gram_workspace_bytes(int64_t B, int64_t C, DType dtype, size_t* bytes);
 cudaError_t cosine_gram(const void* v, void* S, int64_t B, int64_t C, bool center, DType dtype, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream);

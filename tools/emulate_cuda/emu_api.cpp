@@ -1,5 +1,6 @@
 // C entry points over the svp_cuda launchers for the CPU emulation (ctypes), plus the few CUDA runtime
-// calls the launchers make, answered on the host.
+// calls the launchers make, answered on the host. The launchers that plan take a svp_cuda::LaunchPlan
+// (run_emulation.py mirrors it as a ctypes.Structure).
 #include <cstdlib>
 
 #include "svp_cuda.h"
@@ -25,28 +26,42 @@ cudaError_t cudaFuncSetAttribute(const void* function, cudaFuncAttribute attribu
 }
 const char* cudaGetErrorString(cudaError_t error) { return error == cudaSuccess ? "no error" : "emulated error"; }
 
-int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int dtype, size_t* bytes) {
-  return svp_cuda::projection_forward_workspace_bytes(B, C, D, static_cast<svp_cuda::DType>(dtype), bytes);
+// The heuristic plan (a default-constructed LaunchPlan), for the ctypes mirror to check its layout against.
+void emu_default_launch_plan(svp_cuda::LaunchPlan* plan) { *plan = svp_cuda::LaunchPlan{}; }
+// Thread blocks the emulated launches have run since the last call (then reset to zero).
+uint64_t emu_take_blocks_run(void) {
+  const uint64_t blocks = svp_emu::g_blocks_run;
+  svp_emu::g_blocks_run = 0;
+  return blocks;
+}
+
+int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int dtype, size_t* bytes,
+                                           const svp_cuda::LaunchPlan* plan) {
+  return svp_cuda::projection_forward_workspace_bytes(B, C, D, static_cast<svp_cuda::DType>(dtype), bytes, *plan);
 }
 int emu_projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype,
-                           void* workspace, size_t workspace_bytes) {
+                           void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan) {
   return svp_cuda::projection_forward(h, weight, v, B, C, D, proj_seed, proj_std, p, seed,
-                                      static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, nullptr);
+                                      static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, *plan, nullptr);
 }
 int emu_projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype) {
+                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype,
+                            const svp_cuda::LaunchPlan* plan) {
   return svp_cuda::projection_backward(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed,
-                                       static_cast<svp_cuda::DType>(dtype), nullptr);
+                                       static_cast<svp_cuda::DType>(dtype), *plan, nullptr);
 }
-int emu_loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, int dtype, size_t* bytes) {
-  return svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, has_v_prev, static_cast<svp_cuda::DType>(dtype), bytes);
+int emu_loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, int dtype, size_t* bytes,
+                                      const svp_cuda::LaunchPlan* plan) {
+  return svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, has_v_prev, static_cast<svp_cuda::DType>(dtype), bytes,
+                                                 *plan);
 }
 int emu_loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce, void* alignment,
                       void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight, bool mean, bool center,
-                      int dtype, void* workspace, size_t workspace_bytes) {
+                      int dtype, void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan) {
   return svp_cuda::loss_epilogue(v, target, v_prev, loss, ce, alignment, g_v, B, C, Cp, alignment_weight, mean,
-                                 center, static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, nullptr);
+                                 center, static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, *plan,
+                                 nullptr);
 }
 int emu_cosine_gram_workspace_bytes(int64_t B, int64_t C, int dtype, size_t* bytes) {
   return svp_cuda::cosine_gram_workspace_bytes(B, C, static_cast<svp_cuda::DType>(dtype), bytes);

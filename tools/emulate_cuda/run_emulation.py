@@ -7,7 +7,9 @@ static, dynamic shared memory -> a NaN-poisoned buffer; see svp_emu.h), compiled
 a shared library, and driven through ctypes on CPU tensors. Outputs and workspaces start as NaN, so a read
 of anything no kernel wrote shows up. Every check runs twice, with the fibers of a block scheduled in
 forward and in reverse order (a missing __syncthreads then gives wrong numbers in one of them), and with
-several SM counts, so the launch plans (split-K, resident/regenerated panels, Gram splits) change.
+several SM counts and under every forced plan of PLANS (passed to the launchers as a svp_cuda::LaunchPlan),
+so the launch plans (split-K, resident/regenerated panels, Gram splits) change; a first check proves that a
+forced plan reaches the launchers (workspace sizes and block counts change with it).
 
 This checks the kernels' logic (indexing, tiling, bounds, barriers, reductions, plans); it says nothing about
 performance, and the GPU's memory model is stricter than the emulator's (run tools/gpu_check.py there).
@@ -35,6 +37,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from svp_kernels import philox  # noqa: E402
 from svp_kernels.backends import reference  # noqa: E402
+from svp_kernels.backends.cuda import LAUNCH_PLAN_FIELDS, parse_launch_plan  # noqa: E402
 
 from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_SHAPES,  # noqa: E402
                    WIDE_ROWS_NARROW_C, cosine_gram_ground_truth, epilogue_ground_truth, plain_epilogue,
@@ -108,22 +111,63 @@ def build(build_dir: str) -> str:
 # ctypes wrappers: the svp_cuda launchers on CPU tensors
 # ----------------------------------------------------------------------------------------------------
 
+class LaunchPlan(ctypes.Structure):
+    """svp_cuda::LaunchPlan (csrc/cuda/svp_cuda.h): int64 fields in declaration order."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in LAUNCH_PLAN_FIELDS]
+
+    @classmethod
+    def parse(cls, text: str) -> "LaunchPlan":
+        """From a "key=value,..." plan string ("" = the heuristic)."""
+        return cls(**parse_launch_plan(text))
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in LAUNCH_PLAN_FIELDS}
+
+
 class Emulated:
+    """The launchers on CPU tensors; every launch and workspace query gets the LaunchPlan `plan`."""
+
     def __init__(self, library: str):
         lib = ctypes.CDLL(library)
         i64, u64, vp, sz = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
-        lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
+        plan = ctypes.POINTER(LaunchPlan)
+        lib.emu_default_launch_plan.argtypes = [plan]
+        lib.emu_take_blocks_run.restype = u64
+        lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz), plan]
         lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                               ctypes.c_int, vp, sz]
+                                               ctypes.c_int, vp, sz, plan]
         lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                                ctypes.c_int]
+                                                ctypes.c_int, plan]
         lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
-                                                          ctypes.POINTER(sz)]
+                                                          ctypes.POINTER(sz), plan]
         lib.emu_loss_epilogue.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, ctypes.c_bool,
-                                          ctypes.c_bool, ctypes.c_int, vp, sz]
+                                          ctypes.c_bool, ctypes.c_int, vp, sz, plan]
         lib.emu_cosine_gram_workspace_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
         lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
         self.lib = lib
+        self.plan = LaunchPlan.parse("")
+        default = LaunchPlan()
+        lib.emu_default_launch_plan(ctypes.byref(default))
+        if default.as_dict() != self.plan.as_dict():
+            raise SystemExit(f"run_emulation: the C++ default LaunchPlan {default.as_dict()} differs from the "
+                             f"heuristic plan of svp_kernels.backends.cuda {self.plan.as_dict()}")
+
+    def take_blocks_run(self) -> int:
+        """Thread blocks launched since the last call."""
+        return self.lib.emu_take_blocks_run()
+
+    def projection_forward_workspace_bytes(self, B, C, D, dtype):
+        size = ctypes.c_size_t()
+        self._check(self.lib.emu_projection_forward_workspace_bytes(B, C, D, DTYPE_CODES[dtype], ctypes.byref(size),
+                                                                    ctypes.byref(self.plan)), "ws")
+        return size.value
+
+    def loss_epilogue_workspace_bytes(self, B, C, Cp, has_v_prev, dtype):
+        size = ctypes.c_size_t()
+        self._check(self.lib.emu_loss_epilogue_workspace_bytes(B, C, Cp, has_v_prev, DTYPE_CODES[dtype],
+                                                               ctypes.byref(size), ctypes.byref(self.plan)), "ws")
+        return size.value
 
     @staticmethod
     def _ptr(tensor):
@@ -143,14 +187,13 @@ class Emulated:
         """The launcher reads the dropout seed through a pointer, as the CUDA kernels read a device tensor."""
         seed = torch.tensor(seed, dtype=torch.int64)
         B, D = h.shape
-        code = DTYPE_CODES[h.dtype]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        size = ctypes.c_size_t()
-        self._check(self.lib.emu_projection_forward_workspace_bytes(B, C, D, code, ctypes.byref(size)), "ws")
-        workspace = self._nan_bytes(size.value)
+        size = self.projection_forward_workspace_bytes(B, C, D, h.dtype)
+        workspace = self._nan_bytes(size)
         v = torch.full((B, C), float("nan"), dtype=acc)
         self._check(self.lib.emu_projection_forward(self._ptr(h), self._ptr(weight), self._ptr(v), B, C, D, proj_seed,
-                                                    std, p, self._ptr(seed), code, self._ptr(workspace), size.value),
+                                                    std, p, self._ptr(seed), DTYPE_CODES[h.dtype], self._ptr(workspace),
+                                                    size, ctypes.byref(self.plan)),
                     "projection_forward")
         return v
 
@@ -159,24 +202,23 @@ class Emulated:
         B, C = grad_v.shape
         dh = torch.full((B, D), float("nan"), dtype=dtype)
         self._check(self.lib.emu_projection_backward(self._ptr(grad_v), self._ptr(weight), self._ptr(dh), B, C, D,
-                                                     proj_seed, std, p, self._ptr(seed), DTYPE_CODES[dtype]),
+                                                     proj_seed, std, p, self._ptr(seed), DTYPE_CODES[dtype],
+                                                     ctypes.byref(self.plan)),
                     "projection_backward")
         return dh
 
     def loss_epilogue(self, v, target, v_prev, weight, mean, center):
         B, C = v.shape
         Cp = 0 if v_prev is None else v_prev.shape[1]
-        code = DTYPE_CODES[v.dtype]
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-        size = ctypes.c_size_t()
-        self._check(self.lib.emu_loss_epilogue_workspace_bytes(B, C, Cp, v_prev is not None, code, ctypes.byref(size)),
-                    "ws")
-        workspace = self._nan_bytes(size.value)
+        size = self.loss_epilogue_workspace_bytes(B, C, Cp, v_prev is not None, v.dtype)
+        workspace = self._nan_bytes(size)
         loss, ce, alignment = (torch.full((), float("nan"), dtype=acc) for _ in range(3))
         g_v = torch.full((B, C), float("nan"), dtype=acc)
         self._check(self.lib.emu_loss_epilogue(self._ptr(v), self._ptr(target), self._ptr(v_prev), self._ptr(loss),
                                                self._ptr(ce), self._ptr(alignment), self._ptr(g_v), B, C, Cp, weight,
-                                               mean, center, code, self._ptr(workspace), size.value),
+                                               mean, center, DTYPE_CODES[v.dtype], self._ptr(workspace), size,
+                                               ctypes.byref(self.plan)),
                     "loss_epilogue")
         return loss, ce, alignment, g_v
 
@@ -310,6 +352,56 @@ def check_wide_rows(emu):
                                                 f"cosine_gram B={B} C={Cp} center={center}")
 
 
+def check_plans_reach_launchers(emu):
+    """Each LaunchPlan field changes what the launchers do (a plan silently ignored fails here): the workspace
+    sizes of split-K, of the two alignment forms and of split Grams / column tiles, and the blocks launched
+    for a batch tiling. The results of every plan are checked by the other groups."""
+    saved = emu.plan
+
+    def workspace(plan, query, *args):
+        emu.plan = LaunchPlan.parse(plan)
+        return query(*args)
+
+    def blocks(plan, run):
+        emu.plan = LaunchPlan.parse(plan)
+        emu.take_blocks_run()
+        run()
+        return emu.take_blocks_run()
+
+    def expect(condition, what):
+        if not condition:
+            raise AssertionError(f"a forced launch plan did not reach the launchers: {what}")
+
+    try:
+        f32 = torch.float32
+        forward = emu.projection_forward_workspace_bytes
+        # (33, 300, 17): two 256-column panels of D; one panel per split is split-K with a (2, B, C) partial.
+        split, whole = (workspace(f"forward_panels_per_split={n}", forward, 33, 17, 300, f32) for n in (1, 1000))
+        expect(split == 2 * 33 * 17 * 4 and whole == 0, f"forward workspace {split} / {whole} bytes")
+        # B = 300: three 128-row batch tiles, one block per tile or one block for all.
+        h, grad_v = randn(300, 64, dtype=f32), randn(300, 10, seed=1, dtype=f32)
+        weight = randn(10, 64, seed=2, dtype=f32)
+        counts = [blocks(f"forward_panels_per_split=1000,forward_btiles_per_block={n}",
+                         lambda: emu.projection_forward(h, weight, 10, 0, 0.0, 0.0, 0)) for n in (1, 3)]
+        expect(counts[0] > counts[1], f"forward blocks {counts} for 1 / 3 batch tiles per block")
+        counts = [blocks(f"backward_btiles_per_block={n}",
+                         lambda: emu.projection_backward(grad_v, weight, 64, 0, 0.0, 0.0, 0, f32)) for n in (1, 3)]
+        expect(counts[0] == 3 * counts[1], f"backward blocks {counts} for 1 / 3 batch tiles per block")
+        # (300, 10, 12): C + C' < B, so the heuristic takes feature space.
+        epilogue = emu.loss_epilogue_workspace_bytes
+        sizes = {plan: workspace(plan, epilogue, 300, 10, 12, True, f32)
+                 for plan in ("", "epilogue_feature=1", "epilogue_feature=0", "epilogue_feature=1,gram_splits=1",
+                              "epilogue_feature=1,gram_splits=3", "epilogue_feature=0,batch_splits=1",
+                              "epilogue_feature=0,batch_splits=2")}
+        expect(sizes[""] == sizes["epilogue_feature=1"] != sizes["epilogue_feature=0"], f"epilogue workspace {sizes}")
+        expect(sizes["epilogue_feature=1,gram_splits=1"] < sizes["epilogue_feature=1,gram_splits=3"],
+               f"epilogue workspace {sizes}")
+        expect(sizes["epilogue_feature=0,batch_splits=1"] < sizes["epilogue_feature=0,batch_splits=2"],
+               f"epilogue workspace {sizes}")
+    finally:
+        emu.plan = saved
+
+
 PLANS = {
     "default": "",
     "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
@@ -338,27 +430,32 @@ def main() -> int:
     projection_shapes = PROJECTION_SHAPES[:5] if args.quick else PROJECTION_SHAPES
     # Quick: still one multi-tile batch-space shape (70, 70, 50) and one split-Gram shape (300, 10, 12).
     epilogue_shapes = [EPILOGUE_SHAPES[i] for i in (0, 2, 3, 5, 6)] if args.quick else EPILOGUE_SHAPES
-    groups = []
+    # (name, launch plan, emulator knobs, check): the plan goes to every launcher as a LaunchPlan argument;
+    # SVP_EMU_REVERSE and SVP_EMU_SMS are read by the emulator (svp_emu.h, emu_api.cpp).
+    groups = [("plans reach the launchers", "", {"SVP_EMU_REVERSE": "0", "SVP_EMU_SMS": "4"},
+               lambda: check_plans_reach_launchers(emu))]
     for plan_name, plan in (PLANS.items() if not args.quick else [("default", "")]):
         for reverse in ("0", "1"):
             for sms in ("4", "132") if plan_name == "default" else ("4",):
                 plan_dtypes = dtypes if plan_name == "default" else [torch.float32, torch.float64]
-                env = {"SVP_CUDA_PLAN": plan, "SVP_EMU_REVERSE": reverse, "SVP_EMU_SMS": sms}
+                env = {"SVP_EMU_REVERSE": reverse, "SVP_EMU_SMS": sms}
                 label = f"plan={plan_name} reverse={reverse} sms={sms}"
                 if plan_name == "default" and reverse == "0" and sms == "4":
-                    groups.append((f"masks {label}", env, lambda d=plan_dtypes: check_masks(emu, d)))
-                groups.append((f"projection {label}", env,
+                    groups.append((f"masks {label}", plan, env, lambda d=plan_dtypes: check_masks(emu, d)))
+                groups.append((f"projection {label}", plan, env,
                                lambda d=plan_dtypes: check_projection(emu, d, projection_shapes)))
-                groups.append((f"epilogue {label}", env, lambda d=plan_dtypes: check_epilogue(emu, d, epilogue_shapes)))
+                groups.append((f"epilogue {label}", plan, env,
+                               lambda d=plan_dtypes: check_epilogue(emu, d, epilogue_shapes)))
                 # Wide rows (C + C' > B) take the batch-space path; the max-split plan forces the feature-space
                 # identity onto them, whose float32 Grams cancel there (docs/migration.md), so it is left out.
                 if reverse == "0" and sms == "4" and plan_name != "max-split":
-                    groups.append((f"wide-row accuracy {label}", env, lambda: check_wide_rows(emu)))
+                    groups.append((f"wide-row accuracy {label}", plan, env, lambda: check_wide_rows(emu)))
     failures = 0
-    for name, env, check in groups:
+    for name, plan, env, check in groups:
         if args.only not in name:
             continue
         os.environ.update(env)
+        emu.plan = LaunchPlan.parse(plan)
         start = time.time()
         try:
             check()
