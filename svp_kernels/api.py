@@ -323,7 +323,7 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     module = backends.resolve(backend, h.device, h.dtype)
 
     h = h.contiguous()
-    if not _is_compiling() and hasattr(module, "epilogue_with_grad"):
+    if not _is_compiling() and backends.has_gradient_interface(module):
         loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
                                                         alignment_weight, mean, center)
         return LocalLoss(loss, ce, alignment, v.to(h.dtype))
@@ -343,7 +343,7 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     seed = _check_seed(seed, p, h.device)
     module = backends.resolve(backend, h.device, h.dtype)
     h = h.contiguous()
-    if not _is_compiling() and hasattr(module, "projection_value") and not projection_args.identity:
+    if not _is_compiling() and backends.has_gradient_interface(module) and not projection_args.identity:
         return _DropoutProjection.apply(h, module, projection_args, p, seed).to(h.dtype)
     return _project(module, h, projection_args, p, seed).to(h.dtype)
 

@@ -102,6 +102,20 @@ def test_backend_unsupported_dtype_or_device():
             call(backend="cuda")
 
 
+def test_gradient_interface_detection():
+    """The fused backends take the one-node eager path only with all three gradient-interface functions."""
+    import types
+
+    from svp_kernels import backends
+
+    assert not backends.has_gradient_interface(backends.load("reference"))
+    for name in sk.available_backends():
+        if name != "reference":
+            assert backends.has_gradient_interface(backends.load(name)), name
+    partial = types.SimpleNamespace(projection_value=len, epilogue_with_grad=len, projection_backward=None)
+    assert not backends.has_gradient_interface(partial)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_devices_that_differ():
     with pytest.raises(ValueError, match="projection is on cuda"):

@@ -48,6 +48,15 @@ def is_available(name: str) -> bool:
     return available
 
 
+GRADIENT_INTERFACE = ("projection_value", "epilogue_with_grad", "projection_backward")
+
+
+def has_gradient_interface(module) -> bool:
+    """Whether a backend module defines all of GRADIENT_INTERFACE (docs/backends.md): the fused backends
+    do; reference, whose autograd formulation is the oracle, does not."""
+    return all(callable(getattr(module, name, None)) for name in GRADIENT_INTERFACE)
+
+
 def unavailable_reason(name: str):
     """None when backend `name` is available, else why not (the import or load error where there is one)."""
     is_available(name)

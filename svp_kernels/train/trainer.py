@@ -267,7 +267,7 @@ class LayerwiseTrainer:
         if flat.dtype != torch.float32:
             return None
         module = backends.resolve(local_loss.backend, flat.device, flat.dtype)
-        if not hasattr(module, "epilogue_with_grad"):
+        if not backends.has_gradient_interface(module):
             return None
         B, D = flat.shape
         projection = local_loss.projection
