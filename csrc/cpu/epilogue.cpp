@@ -173,20 +173,23 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   // double data used in place). Blocks of kTransposeRows rows of P keep the reads in L1 while each row of
   // Pᵀ is written contiguously.
   ThreadScratch<struct WidenedP, WideSum> widened(std::is_same_v<T, WideSum> ? 0 : batch * W);
+  WideSum* wide_copy = widened.data();
   const WideSum* wide = nullptr;
   if constexpr (std::is_same_v<T, WideSum>) {
     wide = joined;
   } else {
-    std::copy(joined, joined + batch * W, widened.data());
-    wide = widened.data();
+    wide = wide_copy;
   }
   ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * batch);
   WideSum* transposed = transposed_scratch.data();
-  for (int64_t b0 = 0; b0 < batch; b0 += kTransposeRows) {
-    const int64_t b1 = std::min(batch, b0 + kTransposeRows);
-    for (int64_t i = 0; i < W; ++i)
-      for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = wide[b * W + i];
-  }
+  at::parallel_for(0, ceil_div(batch, kTransposeRows), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t b0 = block * kTransposeRows, b1 = std::min(batch, b0 + kTransposeRows);
+      if constexpr (!std::is_same_v<T, WideSum>) std::copy(joined + b0 * W, joined + b1 * W, wide_copy + b0 * W);
+      for (int64_t i = 0; i < W; ++i)
+        for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = wide[b * W + i];
+    }
+  });
 
   // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn (outer products over B, no horizontal sum per
   // entry), each entry summed over b in increasing order. Tasks own blocks of kPad rows of [G ; H]. âᵀâ and
@@ -297,8 +300,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
     ThreadScratch<struct AlignmentGradient, T> grad_a_scratch(batch * Cp);
     T* joined = joined_scratch.data();
     T* grad_a = grad_a_scratch.data();
-    std::fill(joined, joined + batch * W, T(0));
-    std::fill(grad_a, grad_a + batch * Cp, T(0));
+    at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::fill(joined + begin * W, joined + end * W, T(0));
+      std::fill(grad_a + begin * Cp, grad_a + end * Cp, T(0));
+    });
     std::vector<T> norms(batch);
     normalize_rows(v_data, batch, C, center, joined, W, norms.data());
     normalize_rows(v_prev->data_ptr<T>(), batch, C_prev, center, joined + Cp, W, static_cast<T*>(nullptr));
