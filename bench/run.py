@@ -17,8 +17,10 @@ Before any timing, every fused variant is checked against the float64 oracle (te
 ``ground_truth``: the Philox-in-torch reference backend in float64) on the benchmark's own inputs, and
 the eager function at p = 0 against the same oracle; a variant that disagrees is reported, not timed.
 
-Timing: the variants of one problem are interleaved in one process (each repeat runs every variant once,
-in a rotating order), so load from other processes on a shared machine hits them alike; p20/p50/p80 of
+Timing: the variants of one shape, dense and implicit R alike, are interleaved in one process (each repeat
+runs every variant once, in a rotating order), so load from other processes on a shared machine hits them
+alike and ``implicit_over_dense`` (a variant's implicit-R time over its dense-R time) compares times
+of the same minutes; p20/p50/p80 of
 the repeats after a warm-up. time.perf_counter on CPU; CUDA events with the L2 flushed on CUDA. Each
 row records how many CPUs other processes used meanwhile (``other_load_cpus``, from /proc/stat).
 
@@ -70,7 +72,7 @@ from cases import Case, ground_truth, make_inputs, run as run_fused  # noqa: E40
 CSV_COLUMNS = ["op", "B", "D", "C", "p", "dtype", "projection", "variant", "median_ms", "p20_ms", "p80_ms",
                "roofline_ms", "roofline_fraction", "speedup_vs_eager", "speedup_vs_compile", "extra_peak_MiB",
                "other_load_cpus", "copy_GBps", "fma_peak_GFLOPs", "clock", "allocator", "threads", "device",
-               "torch", "triton", "commit", "timestamp"]
+               "torch", "triton", "commit", "timestamp", "implicit_over_dense"]
 # (B, D, C) with C' = C.
 CPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (4096, 1024, 10), (1024, 4096, 100), (128, 3072, 10),
               (512, 1024, 100)]
@@ -157,7 +159,6 @@ def make_step(variant: str, case, h, target, v_prev, projection, device: str):
         return fused
     loss = baseline_loss(case, target, v_prev, projection)
     if variant == "compile":
-        torch._dynamo.reset()
         loss = torch.compile(loss, dynamic=False, mode="max-autotune-no-cudagraphs" if device == "cuda" else None)
 
     def baseline():
@@ -454,9 +455,22 @@ def parse_args(argv=None):
 
 
 def append_csv(path: Path, rows: list[dict], columns: list[str], extrasaction: str = "raise") -> None:
-    """Appends rows to the results CSV at path, writing the header first when the file is new or empty."""
+    """Appends rows to the results CSV at path, writing the header first when the file is new or empty. A
+    file whose header is a prefix of `columns` (written before columns were added) is rewritten with the
+    new header first, its rows' new fields empty; any other header is refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not path.exists() or path.stat().st_size == 0
+    if not new_file:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, old_rows = reader.fieldnames or [], list(reader)
+        if header != columns[:len(header)]:
+            raise ValueError(f"{path}: its columns {header} are not a prefix of {columns}")
+        if len(header) < len(columns):
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(old_rows)
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction=extrasaction)
         if new_file:
@@ -507,9 +521,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
-            for projection in projections:
-                rows += bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, peak, meta, args)
-                gc.collect()
+            rows += bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args)
+            gc.collect()
 
     if args.csv != "none":
         path = Path(args.csv) if args.csv else RESULTS / f"{device_name}.csv"
@@ -520,32 +533,38 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, peak, meta, args):
-    """CSV rows (dicts) of every variant on one problem: oracle check, interleaved timing, memory."""
+def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args):
+    """CSV rows (dicts) of every (projection, variant) on one shape and dtype: oracle check, then all of them
+    timed interleaved in one loop, so that every ratio (vs eager, vs compile, implicit vs dense) compares
+    times taken in the same minutes; then memory."""
     device = args.device
     B, D, C = shape
-    case, h, target, v_prev, proj = make_problem(shape, args.p, dtype, projection, device)
-    roofline_ms = max(moved_bytes(shape, dtype, projection) / (bandwidth * 1e9),
-                      minimal_flops(shape) / (peak * 1e9)) * 1e3
-    base = {"op": "fused_local_loss", "B": B, "D": D, "C": C, "p": args.p, "dtype": dtype_name,
-            "projection": projection, "roofline_ms": f"{roofline_ms:.4g}", **meta}
-    rows, steps = {}, {}
-    for variant in variants:
-        rows[variant] = row = {**base, "variant": variant}
-        if not variant_supports(variant, device, dtype):
-            row["error"] = "not supported"
-            continue
-        try:
-            problem = oracle_check(variant, case, h, target, v_prev, proj)
-            if problem is None:
-                steps[variant] = make_step(variant, case, h, target, v_prev, proj, device)
-                steps[variant]()  # compile / first touch before the timed warm-up
-        except Exception as error:  # a failing variant (e.g. torch.compile) is reported, not fatal
-            traceback.print_exc()
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        if problem is not None:
-            row["error"] = problem
-            print(f"  {shape} {projection} {variant}: {problem}", flush=True)
+    if "compile" in variants:
+        torch._dynamo.reset()  # compiled afresh per shape (both projections' functions stay cached)
+    rows, steps, problems = {}, {}, {}
+    for projection in projections:
+        case, h, target, v_prev, proj = problems[projection] = make_problem(shape, args.p, dtype, projection, device)
+        roofline_ms = max(moved_bytes(shape, dtype, projection) / (bandwidth * 1e9),
+                          minimal_flops(shape) / (peak * 1e9)) * 1e3
+        base = {"op": "fused_local_loss", "B": B, "D": D, "C": C, "p": args.p, "dtype": dtype_name,
+                "projection": projection, "roofline_ms": f"{roofline_ms:.4g}", **meta}
+        for variant in variants:
+            key = (projection, variant)
+            rows[key] = row = {**base, "variant": variant}
+            if not variant_supports(variant, device, dtype):
+                row["error"] = "not supported"
+                continue
+            try:
+                problem = oracle_check(variant, case, h, target, v_prev, proj)
+                if problem is None:
+                    steps[key] = make_step(variant, case, h, target, v_prev, proj, device)
+                    steps[key]()  # compile / first touch before the timed warm-up
+            except Exception as error:  # a failing variant (e.g. torch.compile) is reported, not fatal
+                traceback.print_exc()
+                problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if problem is not None:
+                row["error"] = problem
+                print(f"  {shape} {projection} {variant}: {problem}", flush=True)
     best = None
     for _ in range(max(1, args.attempts) if args.wait_idle else 1):
         if device == "cpu" and args.wait_idle:
@@ -558,21 +577,24 @@ def bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, pea
             break
     samples, load = best
     medians = {}
-    for variant, times in samples.items():
+    for key, times in samples.items():
         p20, p50, p80 = percentiles(times)
-        medians[variant] = p50
-        rows[variant].update(median_ms=f"{p50:.4g}", p20_ms=f"{p20:.4g}", p80_ms=f"{p80:.4g}",
-                             roofline_fraction=f"{roofline_ms / p50:.3f}", other_load_cpus=f"{load.cpus:.2f}")
-    for variant, median in medians.items():
-        row = rows[variant]
+        medians[key] = p50
+        rows[key].update(median_ms=f"{p50:.4g}", p20_ms=f"{p20:.4g}", p80_ms=f"{p80:.4g}",
+                         roofline_fraction=f"{float(rows[key]['roofline_ms']) / p50:.3f}",
+                         other_load_cpus=f"{load.cpus:.2f}")
+    for (projection, variant), median in medians.items():
+        row = rows[(projection, variant)]
         for baseline in BASELINES:
-            if baseline in medians:
-                row[f"speedup_vs_{baseline}"] = f"{medians[baseline] / median:.3f}"
+            if (projection, baseline) in medians:
+                row[f"speedup_vs_{baseline}"] = f"{medians[(projection, baseline)] / median:.3f}"
+        if projection == "implicit" and ("dense", variant) in medians:
+            row["implicit_over_dense"] = f"{median / medians[('dense', variant)]:.3f}"
         measure_memory = not args.no_memory and (not args.memory_variants
                                                  or variant in args.memory_variants.split(","))
         if measure_memory:
             if device == "cuda":
-                extra = cuda_extra_memory(steps[variant], h)
+                extra = cuda_extra_memory(steps[(projection, variant)], problems[projection][1])
             else:
                 spec = {"shape": list(shape), "p": args.p, "dtype": dtype_name, "projection": projection,
                         "variant": variant, "threads": args.threads}
@@ -581,6 +603,7 @@ def bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, pea
                 row["memory_error"] = extra
             else:
                 row["extra_peak_MiB"] = f"{extra / 2**20:.3f}"
+        roofline_ms = float(row["roofline_ms"])
         print(f"  {shape} {dtype_name} {projection} {variant}: {row['median_ms']} ms [{row['p20_ms']}, "
               f"{row['p80_ms']}], {100 * roofline_ms / median:.0f} % of the roofline "
               f"({roofline_ms:.3f} ms), other processes used {load.cpus:.2f} CPUs", flush=True)
@@ -590,18 +613,19 @@ def bench_problem(shape, dtype_name, dtype, projection, variants, bandwidth, pea
 def markdown_table(rows) -> str:
     """shape | R | variant | median ms [p20, p80] | % of roofline | vs eager | vs compile | extra MiB."""
     lines = ["| shape (B, D, C) | dtype | R | variant | median ms [p20, p80] | roofline ms | % of roofline "
-             "| speed-up vs eager | vs compile | extra peak MiB | other load (CPUs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up vs eager | vs compile | implicit / dense | extra peak MiB | other load (CPUs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| ({r['B']}, {r['D']}, {r['C']}) | {r['dtype']} | {r['projection']} | {r['variant']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} | | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | | | |")
             continue
         fraction = f"{100 * float(r['roofline_fraction']):.0f} %"
         speedups = [f"{float(r[key]):.2f}×" if key in r else "" for key in ("speedup_vs_eager", "speedup_vs_compile")]
+        implicit = f"{float(r['implicit_over_dense']):.2f}" if "implicit_over_dense" in r else ""
         extra = r.get("extra_peak_MiB", r.get("memory_error", ""))
         lines.append(f"{head} {r['median_ms']} [{r['p20_ms']}, {r['p80_ms']}] | {r['roofline_ms']} | {fraction} | "
-                     f"{speedups[0]} | {speedups[1]} | {extra} | {r['other_load_cpus']} |")
+                     f"{speedups[0]} | {speedups[1]} | {implicit} | {extra} | {r['other_load_cpus']} |")
     return "\n".join(lines)
 
 
