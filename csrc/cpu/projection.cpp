@@ -184,15 +184,17 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
 }
 
 // dh (B, D) = grad_v R̃: one task per (row block, tile), each writing its own block of dh. Every element
-// of dh sums over the C classes alone, so the tiles may be narrowed freely: when R̃ is generated, into at
-// least one per thread before the batch is split (which would generate each tile once per row block).
+// of dh sums over the C classes alone, so the tiles may be re-cut freely: into a multiple of the thread
+// count (at least one per thread when R̃ is generated, before the batch is split, which would generate
+// each tile once per row block), so that every thread gets as many tiles.
 template <typename T>
 void run_backward(const T* grad_v, int64_t batch, const DroppedProjection<T>& R, T* dh) {
   const int64_t C = R.out_features, D = R.in_features;
   TilePlan tiles = plan_tiles(C, D, sizeof(T));
   const int64_t threads = at::get_num_threads();
-  if (R.needs_tile() && tiles.count < threads) {
-    tiles.width = round_up(ceil_div(D, std::min(threads, ceil_div(D, kTileAlign))), kTileAlign);
+  const int64_t wanted = round_up(std::max(tiles.count, R.needs_tile() ? threads : int64_t(1)), threads);
+  if (wanted != tiles.count && wanted <= ceil_div(D, kLanes<T> * 2)) {
+    tiles.width = round_up(ceil_div(D, wanted), kLanes<T> * 2);  // whole 64-byte vectors
     tiles.count = ceil_div(D, tiles.width);
   }
   const int64_t task_rows = rows_per_task(batch, tiles.count, R.generation_cost());
