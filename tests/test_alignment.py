@@ -105,3 +105,34 @@ def test_ground_truth_matches_the_definition():
             assert math.isclose(ce.item(), expected_ce, rel_tol=1e-12)
             assert math.isclose(alignment.item(), expected_fa, rel_tol=1e-12)
             assert math.isclose(loss.item(), expected_ce + weight * expected_fa, rel_tol=1e-12)
+
+
+@pytest.mark.skipif(not sk.backends.is_available("cpu"), reason="the cpu backend did not load")
+def test_cpu_epilogue_concurrent_calls_keep_their_own_scratch():
+    """The CPU epilogue keeps its large temporaries in per-thread blocks reused across calls (ThreadScratch,
+    csrc/cpu/memory.h): calls from two threads at once, on two shapes, give the bits of sequential calls."""
+    import threading
+
+    from svp_kernels.backends import cpu
+
+    generator = torch.Generator().manual_seed(5)
+    problems = []
+    for B, C in ((300, 40), (257, 23)):  # feature space, different scratch sizes
+        problems.append((torch.randn(B, C, generator=generator), torch.randint(0, C, (B,), generator=generator),
+                         torch.randn(B, C + 3, generator=generator)))
+    expected = [cpu.epilogue_with_grad(v, t, vp, 0.5, True, True) for v, t, vp in problems]
+    failures = []
+
+    def hammer(index):
+        v, t, vp = problems[index]
+        for _ in range(30):
+            result = cpu.epilogue_with_grad(v, t, vp, 0.5, True, True)
+            if not all(torch.equal(a, b) for a, b in zip(result, expected[index])):
+                failures.append(index)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, f"concurrent epilogue calls differ from sequential ones: {failures}"
