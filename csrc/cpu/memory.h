@@ -22,7 +22,7 @@ void advise_huge_pages(void* data, size_t bytes);
 // on that thread, so a kernel's large temporaries are not mapped, faulted in and unmapped again on every
 // call. One instance per Tag and thread may be alive at a time (each call site declares its own Tag).
 // Blocks above kKeptScratchBytes are given back when the instance dies.
-constexpr size_t kKeptScratchBytes = size_t(64) << 20;
+constexpr size_t kKeptScratchBytes = size_t(8) << 20;  // at most this much stays per Tag and thread
 
 template <typename Tag, typename U>
 class ThreadScratch {
