@@ -48,10 +48,11 @@ def sequential(config: TrainConfig, dataset):
     return trainer, loss_curve, accuracy_curve
 
 
-def saved_tensors(directory: Path, world: int, epoch: int) -> dict[str, torch.Tensor]:
-    """Every block's parameters, buffers and optimizer state that the ranks checkpointed after `epoch`."""
+def saved_tensors(directory: Path, world: int, epoch: int, first_rank: int = 0) -> dict[str, torch.Tensor]:
+    """Every block's parameters, buffers and optimizer state that ranks first_rank … first_rank + world − 1
+    checkpointed after `epoch`."""
     tensors = {}
-    for rank in range(world):
+    for rank in range(first_rank, first_rank + world):
         state = torch.load(directory / f"rank-{rank}-epoch-{epoch}.pt", weights_only=False)["trainer"]
         for index, block in state["blocks"].items():
             tensors.update({f"block{index}.{name}": value for name, value in block.items()})
@@ -110,6 +111,34 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
     assert result["test_accuracy_curve"] == accuracy_curve
+
+
+def test_a_grid_of_stages_and_replicas_is_bit_identical_to_data_parallel_and_resumes(tmp_path):
+    """2 stages (3 + 1 blocks) × 2 replicas against 2 data-parallel ranks: BatchNorm (per-replica batch
+    statistics, running statistics from replica 0), dropout on R, a learning-rate warm-up, a last batch of
+    32 rows split 16 + 16. After 1 epoch and after a second one resumed from the grid's checkpoints, every
+    parameter, buffer and Adam moment of each replica equals that data-parallel rank's, and the curves match."""
+    dataset = synthetic(num_train=200, num_test=50, num_classes=4)
+    config = TrainConfig(dataset="synthetic", epochs=2, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
+                         warmup_epochs=0.5, backend="cpu", seed=3)
+    data_parallel, grid = tmp_path / "data-parallel", tmp_path / "grid"
+    expected = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(data_parallel)), config, dataset,
+                      threads=1)
+    plan = Plan("pipeline", 4, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(grid), replicas=2)
+    first = launch(plan, dataclasses.replace(config, epochs=1), dataset, threads=1)
+    resumed = launch(plan, config, dataset, threads=1)
+    assert (resumed["stages"], resumed["replicas"], resumed["world_size"]) == (2, 2, 4)
+    assert resumed["stage_blocks"] == [[0, 3], [3, 4]] and len(resumed["busy_seconds"]) == 4
+    for epochs, result in ((1, first), (2, resumed)):
+        assert result["train_loss_curve"] == expected["train_loss_curve"][:epochs]
+        assert result["test_accuracy_curve"] == expected["test_accuracy_curve"][:epochs]
+        assert result["block_loss_curves"] == expected["block_loss_curves"][:epochs]
+        for replica in range(2):
+            want = saved_tensors(data_parallel, 1, epochs, first_rank=replica)
+            found = saved_tensors(grid, 2, epochs, first_rank=2 * replica)
+            assert found.keys() == want.keys()
+            unequal = [name for name in want if not torch.equal(found[name], want[name])]
+            assert not unequal, f"replica {replica} after {epochs} epochs differs from data parallel: {unequal}"
 
 
 def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
@@ -195,12 +224,12 @@ def children(pid: int) -> dict[str, int]:
     return found
 
 
-def ranks_of(process: subprocess.Popen) -> dict[str, int]:
-    """Wait until both ranks have joined the process group (each names itself svp-rank-<r>)."""
+def ranks_of(process: subprocess.Popen, count: int = 2) -> dict[str, int]:
+    """Wait until `count` ranks have joined the process group (each names itself svp-rank-<r>)."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
         ranks = {name: pid for name, pid in children(process.pid).items() if name.startswith("svp-rank-")}
-        if len(ranks) == 2:
+        if len(ranks) == count:
             return ranks
         time.sleep(0.2)
     process.kill()
@@ -226,12 +255,16 @@ def survivors(pids, seconds: float) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
-def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans():
-    process = cli_process()
-    ranks = ranks_of(process)
+@pytest.mark.parametrize("flags, victim, name", [
+    ((), 1, "stage 1 of 2 (rank 1)"),
+    (("--data-parallel", "2"), 3, "stage 1 of 2, replica 1 of 2 (rank 3)"),  # a 2 × 2 grid
+], ids=["pipeline", "grid"])
+def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans(flags, victim, name):
+    process = cli_process(*flags)
+    ranks = ranks_of(process, 2 if not flags else 4)
     descendants = list(children(process.pid).values())
     time.sleep(1.0)
-    os.kill(ranks["svp-rank-1"], signal.SIGKILL)
+    os.kill(ranks[f"svp-rank-{victim}"], signal.SIGKILL)
     start = time.monotonic()
     try:
         _, stderr = process.communicate(timeout=TIMEOUT + 30)
@@ -240,7 +273,7 @@ def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans():
         pytest.fail("the run did not end after one of its stages was killed")
     assert time.monotonic() - start < TIMEOUT + 10
     assert process.returncode == 1
-    assert "stage 1 of 2 (rank 1) failed: killed by SIGKILL" in stderr, stderr[-2000:]
+    assert f"{name} failed: killed by SIGKILL" in stderr, stderr[-2000:]
     assert not survivors(descendants, 10), "processes outlived the run"
 
 
@@ -300,7 +333,17 @@ def test_plans_from_flags_and_torchrun():
     assert plan_from_arguments(arguments(stages=2, stage_split="3,1"), torchrun) == Plan("pipeline", 2, (3, 1))
     assert plan_from_arguments(arguments(data_parallel=3), None).world_size == 3
     assert plan_from_arguments(arguments(stages=2, no_pin_cores=True), None) == Plan("pipeline", 2, pin_cores=False)
-    for flags, environment, match in [({"stages": 2, "data_parallel": 2}, None, "cannot be combined"),
+    grid = Plan("pipeline", 6, (1, 2), replicas=3)  # 2 stages × 3 replicas
+    assert plan_from_arguments(arguments(stages=2, data_parallel=3, stage_split="1,2"), None) == grid
+    assert plan_from_arguments(arguments(stages=2, data_parallel=3, stage_split="1,2"),
+                               {**torchrun, "world_size": 6}) == grid
+    assert (grid.stages, distributed.grid_position(grid, 4), distributed.role(grid, 4)) == \
+        (2, (0, 2), "stage 0 of 2, replica 2 of 3 (rank 4)")
+    for flags, environment, match in [({"stages": 2, "data_parallel": 2}, torchrun, "WORLD_SIZE = 4, got 2"),
+                                      ({"stages": 0}, None, "--stages must be ≥ 1"),
+                                      ({"data_parallel": 0}, None, "--data-parallel must be ≥ 1"),
+                                      ({"stages": 2, "data_parallel": 2, "stage_split": "1,1,1"}, None,
+                                       "each of the 2 stages"),
                                       ({"stage_split": "2,2"}, None, "needs --stages"),
                                       ({"stages": 2, "stage_split": "2;2"}, None, "comma-separated"),
                                       ({"stages": 2, "stage_split": "4"}, None, "each of the 2 stages"),
@@ -310,3 +353,7 @@ def test_plans_from_flags_and_torchrun():
             plan_from_arguments(arguments(**flags), environment)
     with pytest.raises(ValueError, match="method 'svp'"):
         distributed.validate(Plan("pipeline", 2), TrainConfig(method="bp"))
+    with pytest.raises(ValueError, match="divide world_size = 3"):
+        Plan("pipeline", 3, replicas=2)
+    with pytest.raises(ValueError, match="pipeline mode only"):
+        Plan("data_parallel", 4, replicas=2)

@@ -101,7 +101,8 @@ def train_parser() -> argparse.ArgumentParser:
     add("--stage-split", help="blocks per stage, e.g. 3,2 (default: rank 0 times every block's training step "
         "over 5 steps of a copy of the model on the first batch and splits the blocks so that the slowest stage "
         "is as fast as it can be; a resumed run keeps its checkpoints' split)")
-    add("--data-parallel", type=int, metavar="N", help="N processes each train 1/N of every --batch-size batch")
+    add("--data-parallel", type=int, metavar="N", help="N processes each train 1/N of every --batch-size batch; "
+        "with --stages K, a K × N grid: every stage runs as N data-parallel replicas (K · N processes)")
     parser.add_argument(
         "--dist-timeout", type=float, default=60.0, metavar="SECONDS",
         help="a process waiting longer than this on a peer, or surviving a failed peer, gives up")

@@ -17,6 +17,11 @@ block's gradients then gives every rank the global-batch gradient before the blo
 process to float32 rounding, except BatchNorm, whose batch statistics are per rank (running statistics are
 broadcast from rank 0 before each evaluation).
 
+Both (``--stages K --data-parallel N``): a K × N grid; rank r · K + s trains stage s as replica r. Each stage
+trains its blocks as the data-parallel mode does, within the process group of its N replicas, on the share
+of every batch that replica r of stage 0 takes; the messages carry the replica's rows of h and the whole
+batch's v and targets. Bit-identical to data parallel with N ranks, as the pipeline is to one process.
+
 Processes are started here (torch.multiprocessing, spawn) or by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in
 the environment). gloo on CPU, nccl on CUDA (one GPU per process). A process that raises or dies makes the
 others exit within ``timeout`` seconds with an error naming it; children die with their parent.
@@ -70,8 +75,10 @@ class DistributedTrainingError(RuntimeError):
 class Plan:
     """How a run is distributed.
 
-    mode: "pipeline" (world_size stages) or "data_parallel" (world_size replicas). stage_split: blocks per
-    stage (pipeline; None: choose_split decides). timeout: seconds a process waits on a peer, and the
+    mode: "pipeline" (world_size / replicas stages) or "data_parallel" (world_size replicas). replicas
+    (pipeline only): data-parallel copies of every stage, a stages × replicas grid in which rank
+    replica · stages + stage trains its stage on its share of every batch (grid_position). stage_split:
+    blocks per stage (pipeline; None: choose_split decides). timeout: seconds a process waits on a peer, and the
     parent on the survivors of a failure. max_in_flight: unfinished sends a stage may hold.
     checkpoint_dir: where every process writes and resumes its per-epoch checkpoint (None: none).
     pin_cores: processes spawned by launch (not torchrun's) each run on their own share of the cores when
@@ -85,12 +92,17 @@ class Plan:
     max_in_flight: int = 2
     checkpoint_dir: str | None = None
     pin_cores: bool = True
+    replicas: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.world_size < 1:
             raise ValueError(f"world_size must be ≥ 1, got {self.world_size}")
+        if self.replicas < 1 or self.world_size % self.replicas:
+            raise ValueError(f"replicas must be ≥ 1 and divide world_size = {self.world_size}, got {self.replicas}")
+        if self.replicas > 1 and self.mode != "pipeline":
+            raise ValueError("replicas applies to the pipeline mode only (data_parallel: world_size is the replicas)")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.max_in_flight < 1:
@@ -98,9 +110,25 @@ class Plan:
         if self.stage_split is not None:
             if self.mode != "pipeline":
                 raise ValueError("stage_split applies to the pipeline mode only")
-            if len(self.stage_split) != self.world_size or min(self.stage_split) < 1:
-                raise ValueError(f"stage_split must give ≥ 1 block to each of the {self.world_size} stages, "
+            if len(self.stage_split) != self.stages or min(self.stage_split) < 1:
+                raise ValueError(f"stage_split must give ≥ 1 block to each of the {self.stages} stages, "
                                  f"got {self.stage_split}")
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: world_size / replicas (pipeline), 1 (data_parallel)."""
+        return self.world_size // self.replicas if self.mode == "pipeline" else 1
+
+
+def grid_position(plan: Plan, rank: int) -> tuple[int, int]:
+    """(stage, replica) of a pipeline rank: rank = replica · stages + stage, so replica 0's stages are ranks
+    0 … stages − 1 and a plain pipeline's rank is its stage."""
+    return rank % plan.stages, rank // plan.stages
+
+
+def share_sizes(rows: int, parts: int) -> list[int]:
+    """Rows of each of `parts` contiguous shares of `rows` rows, as Tensor.tensor_split cuts them."""
+    return [rows // parts + (part < rows % parts) for part in range(parts)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,12 +170,12 @@ def choose_split(plan: Plan, rank: int, trainer: LayerwiseTrainer, dataset: Data
     change the result, so neither does the split."""
     if plan.stage_split is not None:
         return plan.stage_split
-    if plan.world_size == 1:
+    if plan.stages == 1:
         return (trainer.num_blocks,)
     choice = [None]
     if rank == 0:
         choice[0] = tuple(saved_split) if saved_split is not None else balanced_split(measured_block_costs(
-            trainer, dataset.train_inputs[:batch_size], dataset.train_targets[:batch_size]), plan.world_size)
+            trainer, dataset.train_inputs[:batch_size], dataset.train_targets[:batch_size]), plan.stages)
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
@@ -373,14 +401,17 @@ class Message:
     targets: torch.Tensor | None = None
 
 
-def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, start_step: int):
+def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, start_step: int, replicas: int = 1):
     """(kind, step, rows) of every message stage 0 sends, in order: per epoch from start_epoch on, its
-    training batches (rows: the example indices, drawn as run_training draws them), the test set in
-    EVAL_BATCH slices (rows: a range), EPOCH_END; then STOP (rows None). Every stage computes it, so a
-    receiver knows the size of each message before it arrives."""
+    training batches (rows: the example indices, drawn as run_training draws them; with replicas, a batch
+    smaller than the replicas is skipped, as the data-parallel mode skips it), the test set in EVAL_BATCH
+    slices (rows: a range), EPOCH_END; then STOP (rows None). Every stage computes it, so a receiver knows
+    the size of each message before it arrives."""
     step, num_test = start_step, len(dataset.test_targets)
     for batches in epoch_batches(config, len(dataset.train_targets), start_epoch):
         for indices in batches:
+            if len(indices) < replicas:
+                continue
             yield TRAIN, step, indices
             step += 1
         for start in range(0, num_test, EVAL_BATCH):
@@ -391,13 +422,15 @@ def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, s
 
 class Packing:
     """The byte layout of one packed message, a uint8 buffer: header (kind, B, step) as 3 int64, then h
-    (B, *h_shape) and v (B, C) in dtype, then targets (B,) int64, each field 8-byte aligned; v in TRAIN
-    only, h and targets in TRAIN and EVAL."""
+    (h_rows, *h_shape) and v (B, C) in dtype, then targets (B,) int64, each field 8-byte aligned; v in
+    TRAIN only, h and targets in TRAIN and EVAL. h_rows is B but in a grid's TRAIN messages, which carry a
+    replica's share of h with the whole batch's v and targets."""
 
-    def __init__(self, kind: int, batch: int, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype):
+    def __init__(self, kind: int, batch: int, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype,
+                 h_rows: int | None = None):
         fields = [("header", (3,), torch.int64)]
         if kind in (TRAIN, EVAL):
-            fields.append(("h", (batch, *h_shape), dtype))
+            fields.append(("h", (batch if h_rows is None else h_rows, *h_shape), dtype))
             if kind == TRAIN:
                 fields.append(("v", (batch, v_width), dtype))
             fields.append(("targets", (batch,), torch.int64))
@@ -428,7 +461,8 @@ class Outbound:
         while len(self.pending) >= self.max_in_flight:
             self._wait_oldest()
         batch = 0 if message.targets is None else len(message.targets)
-        packing = Packing(message.kind, batch, self.h_shape, self.v_width, self.dtype)
+        h_rows = None if message.h is None else len(message.h)
+        packing = Packing(message.kind, batch, self.h_shape, self.v_width, self.dtype, h_rows)
         buffer = _take(self.free, packing.nbytes, self.device)
         views = packing.views(buffer)
         views["header"].copy_(torch.tensor([message.kind, batch, message.step], dtype=torch.int64))
@@ -451,20 +485,21 @@ class Outbound:
 
 class Inbound:
     """Messages from the previous stage, in the order of `expected` ((kind, step, rows) as pipeline_schedule
-    yields them). The receive of message t + 1 is posted before message t is handed out, so its transfer
-    overlaps the computation on message t (two buffers, reused); every header is checked against the
-    schedule."""
+    yields them), for replica `replica` of `replicas` (message_rows). The receive of message t + 1 is posted
+    before message t is handed out, so its transfer overlaps the computation on message t (two buffers,
+    reused); every header is checked against the schedule."""
 
     def __init__(self, peer: int, expected, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype,
-                 device: torch.device, clock: Clock):
+                 device: torch.device, clock: Clock, replica: int = 0, replicas: int = 1):
         self.peer, self.expected, self.clock = peer, expected, clock
         self.h_shape, self.v_width, self.dtype, self.device = h_shape, v_width, dtype, device
+        self.replica, self.replicas = replica, replicas
         self.free: list[torch.Tensor] = []
 
     def _post(self, entry):
         kind, step, rows = entry
-        batch = 0 if rows is None else len(rows)
-        packing = Packing(kind, batch, self.h_shape, self.v_width, self.dtype)
+        batch, h_rows = message_rows(kind, rows, self.replica, self.replicas)
+        packing = Packing(kind, batch, self.h_shape, self.v_width, self.dtype, h_rows)
         buffer = _take(self.free, packing.nbytes, self.device)
         return (kind, batch, step), buffer, packing.views(buffer), dist.irecv(buffer, self.peer)
 
@@ -487,6 +522,16 @@ class Inbound:
             self.free.append(buffer)  # the stage is done with message t
 
 
+def message_rows(kind: int, rows, replica: int, replicas: int) -> tuple[int, int]:
+    """(B, h_rows) of the message for schedule entry (kind, ·, rows) that replica `replica` of a stage
+    receives: TRAIN carries the replica's share of h with the whole batch's v and targets; EVAL the
+    replica's share of the slice (h and targets); the others nothing."""
+    if rows is None:
+        return 0, 0
+    share = share_sizes(len(rows), replicas)[replica]
+    return (len(rows), share) if kind == TRAIN else (share, share)
+
+
 def _take(free: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 buffer of nbytes: a free one of that size if there is one, else a new one."""
     for index, buffer in enumerate(free):
@@ -495,26 +540,46 @@ def _take(free: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
-def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Dataset, schedule, bar):
-    """Stage 0's messages, following the schedule: the batches with their inputs and targets on the device."""
+def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Dataset, schedule, bar,
+                     replica: int = 0, replicas: int = 1):
+    """Stage 0's messages, following the schedule, for replica `replica` of `replicas`: the batches with
+    their inputs (the replica's contiguous share of the augmented batch) and targets (the whole batch's) on
+    the device; the replica's share of each test slice."""
     device = trainer.device
     for kind, step, rows in schedule:
         if kind == TRAIN:
-            yield Message(TRAIN, step, augment(dataset.train_inputs[rows], config, step).to(device), None,
-                          dataset.train_targets[rows].to(device))
+            inputs = augment(dataset.train_inputs[rows], config, step).tensor_split(replicas)[replica]
+            yield Message(TRAIN, step, inputs.to(device), None, dataset.train_targets[rows].to(device))
             bar.update()
         elif kind == EVAL:
-            rows = slice(rows.start, rows.stop)
-            yield Message(EVAL, 0, dataset.test_inputs[rows].to(device), None, dataset.test_targets[rows].to(device))
+            share = torch.arange(rows.start, rows.stop).tensor_split(replicas)[replica]
+            share = slice(int(share[0]), int(share[-1]) + 1) if len(share) else slice(rows.start, rows.start)
+            yield Message(EVAL, 0, dataset.test_inputs[share].to(device), None,
+                          dataset.test_targets[share].to(device))
         else:
             yield Message(kind)
 
 
+def stage_groups(plan: Plan):
+    """The process group of every stage's replicas (None without replicas). Collective: every rank creates
+    every group, in stage order."""
+    if plan.replicas == 1:
+        return None
+    timeout = datetime.timedelta(seconds=plan.timeout)
+    return [dist.new_group([replica * plan.stages + stage for replica in range(plan.replicas)], timeout=timeout)
+            for stage in range(plan.stages)]
+
+
 def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, progress: bool) -> dict | None:
-    """Stage `rank` of the pipeline; returns the run's result on rank 0, None elsewhere."""
+    """Rank `rank` of the pipeline: its stage of blocks, for its replica's share of every batch (a grid,
+    plan.replicas > 1: every block is trained as data_parallel_block within the stage's replicas); returns
+    the run's result on rank 0, None elsewhere."""
     from tqdm.auto import tqdm
 
-    stages, meta = plan.world_size, run_meta(config, dataset)
+    stages, replicas, meta = plan.stages, plan.replicas, run_meta(config, dataset)
+    stage, replica = grid_position(plan, rank)
+    groups = stage_groups(plan)
+    group = None if groups is None else groups[stage]
     resume_epoch = common_resume_epoch(plan, rank)
     state = load_checkpoint(plan, rank, resume_epoch)
     trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
@@ -522,30 +587,31 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                          None if state is None else state["stage_split"])
     if sum(split) != len(trainer.model.blocks):
         raise ValueError(f"stage_split {split} covers {sum(split)} blocks; the model has {len(trainer.model.blocks)}")
-    blocks = stage_blocks(split, rank)
+    blocks = stage_blocks(split, stage)
     shapes = [dataset.input_shape] + block_output_shapes(trainer)
     keep_blocks(trainer, blocks)
     epochs_done, step, curves = resume(state, plan, config, trainer, split)
     dtype = next(trainer.model.blocks[blocks.start].parameters()).dtype
     v_width = meta["proj_dim"]
     clock = Clock(trainer.device)
-    first, last = rank == 0, rank == stages - 1
-    schedule = pipeline_schedule(config, dataset, epochs_done, step)
+    first, last = stage == 0, stage == stages - 1
+    schedule = pipeline_schedule(config, dataset, epochs_done, step, replicas)
     messages_per_epoch = meta["batches_per_epoch"] + math.ceil(meta["num_test"] / EVAL_BATCH) + 1
     # epochs stage 0 may run ahead of the last: per link, the message computed, the one received ahead and
     # the unfinished sends
     keep = 2 + (stages - 1) * (plan.max_in_flight + 2) // messages_per_epoch
 
+    grid = f" × {replicas} replicas" if replicas > 1 else ""
     bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step", disable=not progress,
-               desc=f"svp {config.model} {config.dataset}, {stages} stages")
-    epochs_run = config.epochs - epochs_done
+               desc=f"svp {config.model} {config.dataset}, {stages} stages{grid}")
     if first:
-        messages = _source_messages(trainer, config, dataset, schedule, bar)
+        messages = _source_messages(trainer, config, dataset, schedule, bar, replica, replicas)
     else:
-        messages = Inbound(rank - 1, schedule, shapes[blocks.start], v_width, dtype, trainer.device, clock)
+        messages = Inbound(rank - 1, schedule, shapes[blocks.start], v_width, dtype, trainer.device, clock,
+                           replica, replicas)
     outbound = None if last else Outbound(rank + 1, shapes[blocks.stop], v_width, dtype, trainer.device,
                                           plan.max_in_flight, clock)
-    block_losses, output_ce, correct, evaluated, mode = [], [], 0, 0, None
+    block_losses, output_ce, correct, evaluated, mode, samples = [], [], 0, 0, None, 0
     dist.barrier()
     start = time.perf_counter()
     clock.restart()
@@ -554,21 +620,41 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
             if mode != "train":
                 trainer.model.train()
                 mode = "train"
-            h = message.h
-            v = trainer.input_alignment(h) if first else message.v
-            losses = []
-            for index in blocks:
-                h, v, loss = trainer.train_block(index, h, v, message.targets, message.step)
-                losses.append(loss)
+            h, losses = message.h, []
+            samples += len(message.targets)
+            if replicas == 1:
+                v = trainer.input_alignment(h) if first else message.v
+                for index in blocks:
+                    h, v, loss = trainer.train_block(index, h, v, message.targets, message.step)
+                    losses.append(loss)
+                if last:  # the last block's kernel cross-entropy of the logits, as the sequential step reports it
+                    output_ce.append(trainer.last_block_ce)
+            else:
+                sizes = share_sizes(len(message.targets), replicas)
+                if first:
+                    with torch.no_grad():
+                        v = gather_rows(trainer.input_alignment(h), sizes, replica, group)
+                else:
+                    v = message.v
+                for index in blocks:
+                    h, v, loss = data_parallel_block(trainer, index, h, v, message.targets, sizes, replica,
+                                                     message.step, clock, group)
+                    losses.append(loss)
+                if last:  # the cross-entropy of the global logits, as the data-parallel mode reports it
+                    output_ce.append(F.cross_entropy(v, message.targets))
             block_losses.append(torch.stack(losses))
-            if last:  # the last block's kernel cross-entropy of the logits, as the sequential step reports it
-                output_ce.append(trainer.last_block_ce)
             step = message.step + 1
             message = Message(TRAIN, message.step, h, v, message.targets)
         elif message.kind == EVAL:
             if mode != "eval":
                 trainer.model.eval()
                 mode = "eval"
+                if replicas > 1:  # BatchNorm running statistics: replica 0's, as the data-parallel mode does
+                    clock.charge("busy")
+                    for index in blocks:
+                        for buffer in trainer.model.blocks[index].buffers():
+                            dist.broadcast(buffer, stage, group=group)
+                    clock.charge("idle")
             with torch.no_grad():
                 h = message.h
                 for index in blocks:
@@ -580,6 +666,12 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
         elif message.kind == EPOCH_END:
             curves["block"].append(epoch_means(block_losses))
             if last:
+                if replicas > 1:
+                    clock.charge("busy")
+                    counts = torch.tensor([correct, evaluated], dtype=torch.int64, device=trainer.device)
+                    dist.all_reduce(counts, group=group)
+                    correct, evaluated = counts.tolist()
+                    clock.charge("idle")
                 curves["loss"].append(epoch_means(output_ce)[0])
                 curves["accuracy"].append(correct / evaluated)
             block_losses, output_ce, correct, evaluated = [], [], 0, 0
@@ -587,8 +679,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
             if plan.checkpoint_dir is not None:
                 save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
                                 {"format": CHECKPOINT_FORMAT, "mode": plan.mode, "rank": rank,
-                                 "world_size": stages, "stage_split": split, "epoch": epochs_done, "step": step,
-                                 "config": asdict(config), "curves": curves,
+                                 "world_size": plan.world_size, "replicas": replicas, "stage_split": split,
+                                 "epoch": epochs_done, "step": step, "config": asdict(config), "curves": curves,
                                  "trainer": trainer_state(trainer, blocks)}, keep)
         clock.charge("busy")
         if not last:
@@ -598,29 +690,30 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     if not last:
         outbound.flush()
     bar.close()
-    stats = {"stage": rank, "blocks": [blocks.start, blocks.stop], "busy_seconds": clock.busy,
+    stats = {"stage": stage, "replica": replica, "blocks": [blocks.start, blocks.stop], "busy_seconds": clock.busy,
              "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(), "cores": process_cores(),
              "curves": curves}
-    everyone = [None] * stages if first else None
+    everyone = [None] * plan.world_size if rank == 0 else None
     dist.gather_object(stats, everyone, dst=0)
-    if not first:
+    if rank != 0:
         return None
     wall = time.perf_counter() - start
-    final = everyone[-1]["curves"]
-    block_curves = [sum((s["curves"]["block"][epoch] for s in everyone), []) for epoch in range(config.epochs)]
+    pipeline = everyone[:stages]  # replica 0's stages (every replica's curves are the same)
+    final = pipeline[-1]["curves"]
+    block_curves = [sum((s["curves"]["block"][epoch] for s in pipeline), []) for epoch in range(config.epochs)]
     return {"test_accuracy": final["accuracy"][-1], "train_loss_curve": final["loss"],
             "test_accuracy_curve": final["accuracy"], "block_loss_curves": block_curves,
-            **_distributed_fields(plan, config, epochs_run * meta["num_train"] / wall, wall, everyone),
+            **_distributed_fields(plan, config, samples / wall, wall, everyone),
             "stage_split": list(split),
-            "stage_blocks": [s["blocks"] for s in everyone]}
+            "stage_blocks": [s["blocks"] for s in pipeline]}
 
 
 def check_resumable(state: dict, config: TrainConfig, plan: Plan, split) -> None:
     """ValueError unless the checkpoint was written by this kind of run (same config but epochs, same layout)."""
-    expected = {"mode": plan.mode, "world_size": plan.world_size, "stage_split": split,
+    expected = {"mode": plan.mode, "world_size": plan.world_size, "replicas": plan.replicas, "stage_split": split,
                 "config": _comparable(config)}
-    found = {"mode": state["mode"], "world_size": state["world_size"], "stage_split": state["stage_split"],
-             "config": _comparable(TrainConfig(**state["config"]))}
+    found = {"mode": state["mode"], "world_size": state["world_size"], "replicas": state.get("replicas", 1),
+             "stage_split": state["stage_split"], "config": _comparable(TrainConfig(**state["config"]))}
     if found != expected:
         differing = [key for key in expected if expected[key] != found[key]]
         raise ValueError(f"the checkpoint in {plan.checkpoint_dir} was written by another run: its {differing} "
@@ -633,7 +726,7 @@ def _distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: flo
     """The JSON fields every distributed run adds to run_training's."""
     return {"wall_seconds": wall, "config": asdict(config), "device": config.device,
             "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
-            "stages": plan.world_size if plan.mode == "pipeline" else 1,
+            "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],
             "cpu_seconds": [s["cpu_seconds"] for s in everyone],
@@ -645,67 +738,76 @@ def _distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: flo
 # Data parallel
 # ----------------------------------------------------------------------------------------------------
 
-def gather_rows(local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, sizes: list[int], rank: int, group=None) -> torch.Tensor:
     """(Σ sizes, C): every rank's rows in rank order, this rank's being `local` itself (so gradients reach
-    it); the others are constants. local: (sizes[rank], C)."""
+    it); the others are constants. local: (sizes[rank], C); rank: this process's rank in `group` (None:
+    the whole world)."""
     padded = local.new_zeros(max(sizes), *local.shape[1:])
     padded[:len(local)] = local.detach()
     pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded)
+    dist.all_gather(pieces, padded, group=group)
     pieces = [piece[:size] for piece, size in zip(pieces, sizes)]
     pieces[rank] = local
     return torch.cat(pieces)
 
 
-def all_reduce_gradients(parameters: list[torch.Tensor]) -> None:
-    """Sum the gradients of `parameters` over all ranks in one flat all_reduce (parameters without a
-    gradient are skipped; every rank skips the same ones)."""
+def all_reduce_gradients(parameters: list[torch.Tensor], group=None) -> None:
+    """Sum the gradients of `parameters` over all ranks of `group` (None: the world) in one flat all_reduce
+    (parameters without a gradient are skipped; every rank skips the same ones)."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
     if not grads:
         return
     flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     offset = 0
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 
-def data_parallel_step(trainer: LayerwiseTrainer, inputs: torch.Tensor, global_targets: torch.Tensor,
-                       sizes: list[int], rank: int, step: int, clock: Clock) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One update of every block on a global batch of which this rank holds rows `inputs` (sizes[rank], …).
+def data_parallel_block(trainer: LayerwiseTrainer, index: int, h: torch.Tensor, v_prev: torch.Tensor,
+                        global_targets: torch.Tensor, sizes: list[int], rank: int, step: int, clock: Clock,
+                        group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One update of block `index` on a global batch of which this rank (of `group`; None: the world) holds
+    rows h (sizes[rank], …), v_prev (Σ sizes, C') being the previous block's projection of the whole batch.
 
-    Block l: h_l = block_l(h_{l−1}), v_l = its projection (block_step_seed as in train_block), V = v_l of all
-    ranks, loss = fused_local_loss(V, y, V_{l−1}) over the global batch with only this rank's rows
-    differentiable; backward, all_reduce (sum) of the block's gradients, step. Returns (the global loss of
-    every block, the global logits).
+    h_l = block_l(h), v_l = its projection (block_step_seed as in train_block), V = v_l of all ranks,
+    loss = fused_local_loss(V, y, v_prev) over the global batch with only this rank's rows differentiable;
+    backward, all_reduce (sum) of the block's gradients, step. Returns (h_l detached, V, the global loss).
     """
     from .seeds import block_step_seed
 
+    block, local_loss, optimizer = trainer.model.blocks[index], trainer.local_losses[index], trainer.optimizers[index]
+    h = block(h.detach())
+    features = trainer.readouts[index](h).flatten(1)
+    projection = local_loss.projection
+    v = features if projection is None else projection(features, seed=block_step_seed(trainer.seed, index, step))
+    clock.charge("busy")
+    v = gather_rows(v, sizes, rank, group)
+    clock.charge("idle")
+    out = fused_local_loss(v, global_targets, v_prev, alignment_weight=local_loss.alignment_weight,
+                           reduction=local_loss.reduction, center=local_loss.center, backend=local_loss.backend)
+    out.loss.backward()
+    clock.charge("busy")
+    all_reduce_gradients(list(block.parameters()), group)
+    clock.charge("idle")
+    trainer._set_lr(optimizer, step)  # the run's learning-rate schedule, as train_block applies it
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return h.detach(), out.v, out.loss.detach()
+
+
+def data_parallel_step(trainer: LayerwiseTrainer, inputs: torch.Tensor, global_targets: torch.Tensor,
+                       sizes: list[int], rank: int, step: int, clock: Clock) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One update of every block (data_parallel_block) on a global batch of which this rank holds rows
+    `inputs` (sizes[rank], …). Returns (the global loss of every block, the global logits)."""
     with torch.no_grad():
-        v_prev = gather_rows(trainer.input_alignment(inputs), sizes, rank)
+        v = gather_rows(trainer.input_alignment(inputs), sizes, rank)
     h, losses = inputs, []
-    for index, (block, readout, local_loss, optimizer) in enumerate(zip(
-            trainer.model.blocks, trainer.readouts, trainer.local_losses, trainer.optimizers)):
-        h = block(h.detach())
-        features = readout(h).flatten(1)
-        projection = local_loss.projection
-        v = features if projection is None else projection(features, seed=block_step_seed(trainer.seed, index, step))
-        clock.charge("busy")
-        v = gather_rows(v, sizes, rank)
-        clock.charge("idle")
-        out = fused_local_loss(v, global_targets, v_prev, alignment_weight=local_loss.alignment_weight,
-                               reduction=local_loss.reduction, center=local_loss.center, backend=local_loss.backend)
-        out.loss.backward()
-        clock.charge("busy")
-        all_reduce_gradients(list(block.parameters()))
-        clock.charge("idle")
-        trainer._set_lr(optimizer, step)  # the run's learning-rate schedule, as train_block applies it
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        v_prev = out.v
-        losses.append(out.loss.detach())
-    return losses, v_prev
+    for index in range(trainer.num_blocks):
+        h, v, loss = data_parallel_block(trainer, index, h, v, global_targets, sizes, rank, step, clock)
+        losses.append(loss)
+    return losses, v
 
 
 def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset,
@@ -800,7 +902,9 @@ def process_cores() -> list[int] | None:
 def role(plan: Plan, rank: int) -> str:
     """How errors name a process: "stage 1 of 2 (rank 1)" or "data-parallel rank 1 of 2"."""
     if plan.mode == "pipeline":
-        return f"stage {rank} of {plan.world_size} (rank {rank})"
+        stage, replica = grid_position(plan, rank)
+        where = f", replica {replica} of {plan.replicas}" if plan.replicas > 1 else ""
+        return f"stage {stage} of {plan.stages}{where} (rank {rank})"
     return f"data-parallel rank {rank} of {plan.world_size}"
 
 
@@ -1018,10 +1122,12 @@ def validate(plan: Plan, config: TrainConfig) -> None:
 
 def plan_from_arguments(args, environment: dict | None) -> Plan | None:
     """The Plan that the CLI's --stages/--stage-split/--data-parallel/--dist-timeout/--stage-checkpoints/
-    --no-pin-cores and torchrun's environment ask for; None for a single-process run."""
+    --no-pin-cores and torchrun's environment ask for; None for a single-process run. --stages K with
+    --data-parallel N is a K × N grid of K · N processes."""
     stages, replicas = args.stages, args.data_parallel
-    if stages is not None and replicas is not None:
-        raise ValueError("--stages and --data-parallel cannot be combined")
+    for flag, value in (("--stages", stages), ("--data-parallel", replicas)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {value}")
     split = None
     if args.stage_split is not None:
         if stages is None:
@@ -1031,18 +1137,22 @@ def plan_from_arguments(args, environment: dict | None) -> Plan | None:
         except ValueError:
             raise ValueError(f"--stage-split must be comma-separated block counts such as 3,2, "
                              f"got {args.stage_split!r}") from None
+    asked = None if stages is None and replicas is None else (stages or 1) * (replicas or 1)
     world = environment["world_size"] if environment else None
     if world is not None:
-        for flag, value in (("--stages", stages), ("--data-parallel", replicas)):
-            if value is not None and value != world:
-                raise ValueError(f"{flag} {value} under torchrun needs WORLD_SIZE = {value}, got {world}")
-        if stages is None and replicas is None and world == 1:
+        if asked is not None and asked != world:
+            flags = " ".join(f"{flag} {value}" for flag, value in (("--stages", stages), ("--data-parallel", replicas))
+                             if value is not None)
+            raise ValueError(f"{flags} under torchrun needs WORLD_SIZE = {asked}, got {world}")
+        if asked is None and world == 1:
             return None
-    elif stages is None and replicas is None:
+    elif asked is None:
         return None
-    mode = "pipeline" if stages is not None else "data_parallel"
-    return Plan(mode, stages or replicas or world, split, args.dist_timeout,
-                checkpoint_dir=args.stage_checkpoints, pin_cores=not args.no_pin_cores)
+    if stages is None:
+        return Plan("data_parallel", replicas or world, None, args.dist_timeout,
+                    checkpoint_dir=args.stage_checkpoints, pin_cores=not args.no_pin_cores)
+    return Plan("pipeline", stages * (replicas or 1), split, args.dist_timeout, checkpoint_dir=args.stage_checkpoints,
+                pin_cores=not args.no_pin_cores, replicas=replicas or 1)
 
 
 def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
@@ -1075,7 +1185,9 @@ def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
         os._exit(1)
     if result is None:
         return 0
-    print(f"svp {config.model} on {config.dataset}, {plan.mode.replace('_', ' ')} × {plan.world_size}: test accuracy "
+    layout = f"{plan.mode.replace('_', ' ')} × {plan.stages if plan.mode == 'pipeline' else plan.world_size}"
+    layout += f" × {plan.replicas} replicas" if plan.replicas > 1 else ""
+    print(f"svp {config.model} on {config.dataset}, {layout}: test accuracy "
           f"{100 * result['test_accuracy']:.2f}% | wall {result['wall_seconds']:.1f} s | "
           f"{result['samples_per_second']:.0f} samples/s | busy/idle s per rank: "
           + ", ".join(f"{b:.1f}/{i:.1f}" for b, i in zip(result["busy_seconds"], result["idle_seconds"])))
