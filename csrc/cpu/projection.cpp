@@ -123,10 +123,27 @@ std::pair<const T*, int64_t> tile_for(const DroppedProjection<T>& R, int64_t j0,
 }
 
 // out (width × ldo) = tileᵀ for the C × width tile (leading dimension ldt); columns C..ldo of out untouched.
+// In 16 × 16 blocks, so that the lines read and the lines written both stay in L1.
 template <typename T>
 void transpose_tile(const T* tile, int64_t ldt, int64_t C, int64_t width, T* out, int64_t ldo) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t jj = 0; jj < width; ++jj) out[jj * ldo + c] = tile[c * ldt + jj];
+  constexpr int64_t kBlock = 16;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = std::min(C, c0 + kBlock);
+    for (int64_t j0 = 0; j0 < width; j0 += kBlock) {
+      const int64_t j1 = std::min(width, j0 + kBlock);
+      for (int64_t jj = j0; jj < j1; ++jj)
+        for (int64_t c = c0; c < c1; ++c) out[jj * ldo + c] = tile[c * ldt + jj];
+    }
+  }
+}
+
+// `data` rounded up to the next 64-byte boundary (a buffer allocated kAlignSlack elements longer).
+template <typename T>
+constexpr int64_t kAlignSlack = 64 / sizeof(T);
+template <typename T>
+T* align64(T* data) {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  return reinterpret_cast<T*>((address + 63) & ~uintptr_t(63));
 }
 
 // v (B, C) = h R̃ᵀ. Below kTransposedMinClasses classes, dot products of rows of h with rows of the tile
@@ -141,15 +158,21 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
   const int64_t task_rows = rows_per_task(batch, groups, R.generation_cost());
   const int64_t row_tasks = ceil_div(batch, task_rows);
   const bool transposed = C >= kTransposedMinClasses;
-  const int64_t ldp = transposed ? round_up(C, kLanes<T>) : C;  // leading dimension of the partial sums
+  // Leading dimension of the transposed tile and the partial sums: whole 64-byte lines, so that no vector
+  // load of the micro-kernel straddles two cache lines.
+  const int64_t ldp = transposed ? round_up(C, 2 * kLanes<T>) : C;
   const bool direct = groups == 1 && !transposed;                // stage 1 writes v itself
-  std::unique_ptr<T[]> partials(direct ? nullptr : new T[groups * batch * ldp]);
-  T* partial_v = direct ? v : partials.get();
+  // Kept from call to call (ThreadScratch; about kPartialBytes at most): a fresh buffer of this size would
+  // be mapped and page-faulted in on every call.
+  ThreadScratch<struct ForwardPartials, T> partials(direct ? 0 : groups * batch * ldp);
+  T* partial_v = direct ? v : partials.data();
 
   // Stage 1: each (row block, group) task sums its group's tiles into its block of partial_v[group].
   at::parallel_for(0, row_tasks * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
-    std::vector<T> transposed_tile(transposed ? tiles.width * ldp : 0, T(0));
+    std::vector<T> scratch_storage(R.needs_tile() ? C * tiles.width + kAlignSlack<T> : 0);
+    T* scratch = align64(scratch_storage.data());
+    std::vector<T> transposed_storage(transposed ? tiles.width * ldp + kAlignSlack<T> : 0, T(0));
+    T* transposed_tile = align64(transposed_storage.data());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / groups * task_rows, rows = std::min(task_rows, batch - row0);
       const int64_t group = task % groups;
@@ -157,10 +180,10 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
       std::fill(out, out + rows * ldp, T(0));
       for (int64_t t = group * tiles.count / groups; t < (group + 1) * tiles.count / groups; ++t) {
         const int64_t j0 = t * tiles.width, width = std::min(tiles.width, D - j0);
-        const auto [tile, ldt] = tile_for(R, j0, width, scratch.data());
+        const auto [tile, ldt] = tile_for(R, j0, width, scratch);
         if (transposed) {
-          transpose_tile(tile, ldt, C, width, transposed_tile.data(), ldp);
-          gemm_nn(h + row0 * D + j0, D, rows, transposed_tile.data(), ldp, width, ldp, out, ldp,
+          transpose_tile(tile, ldt, C, width, transposed_tile, ldp);
+          gemm_nn(h + row0 * D + j0, D, rows, transposed_tile, ldp, width, ldp, out, ldp,
                   /*accumulate=*/true);
         } else {
           gemm_nt_accumulate(h + row0 * D + j0, D, rows, tile, ldt, C, width, out, C);
@@ -200,11 +223,12 @@ void run_backward(const T* grad_v, int64_t batch, const DroppedProjection<T>& R,
   const int64_t task_rows = rows_per_task(batch, tiles.count, R.generation_cost());
   const int64_t row_tasks = ceil_div(batch, task_rows);
   at::parallel_for(0, row_tasks * tiles.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(R.needs_tile() ? C * tiles.width : 0);
+    std::vector<T> scratch_storage(R.needs_tile() ? C * tiles.width + kAlignSlack<T> : 0);
+    T* scratch = align64(scratch_storage.data());  // whole tile rows on 64-byte lines (widths: kTileAlign)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / tiles.count * task_rows, rows = std::min(task_rows, batch - row0);
       const int64_t j0 = task % tiles.count * tiles.width, width = std::min(tiles.width, D - j0);
-      const auto [tile, ldt] = tile_for(R, j0, width, scratch.data());
+      const auto [tile, ldt] = tile_for(R, j0, width, scratch);
       gemm_nn(grad_v + row0 * C, C, rows, tile, ldt, C, width, dh + row0 * D + j0, D, /*accumulate=*/false);
     }
   });
