@@ -2,11 +2,13 @@
 
     python bench/train_step.py                     # every shape, 2 threads, CSV + markdown table
     python bench/train_step.py --shapes mlp:1024x3:128 --repeats 40 --threads 1
+    python bench/train_step.py --device cuda       # each step timed between two synchronisations
 
-Each shape builds the three trainers on the same model initialisation and batch (Adam, p = 0.1,
-BatchNorm MLPs), then times one step of each in turn, repeat after repeat, in this one process, so a
-load change on a shared machine hits all three alike. Reported: median with p20/p80 (ms) and the
-median of the per-repeat ratios to BP. Rows (op=train_step) are appended to
+Each shape builds the trainers on the same model initialisation and batch (Adam, p = 0.1, BatchNorm
+MLPs), then times one step of each in turn, repeat after repeat, in this one process, so a load change
+on a shared machine hits all alike. A fourth variant, "floor", is the SVP step without its loss
+(LossFreeStep): the least any block-local step of this model and optimizer costs. Reported: median with
+p20/p80 (ms) and the median of the per-repeat ratios to BP. Rows (op=train_step) are appended to
 bench/results/train_step-<device>.csv.
 """
 
@@ -48,22 +50,53 @@ def parse_shape(text: str) -> dict:
     raise ValueError(f"shape {text!r}: expected mlp:WIDTHxDEPTH:BATCH or cnn:MULTIPLIER:BATCH")
 
 
-def build(shape: dict, method: str, backend: str) -> LayerwiseTrainer:
+def build(shape: dict, method: str, backend: str, device: str = "cpu") -> LayerwiseTrainer:
     torch.manual_seed(0)
     if shape["model"] == "mlp":
         model = mlp(shape["input_shape"], 10, width=shape["width"], depth=shape["depth"])
     else:
         model = vgg11(shape["input_shape"], 10, width_multiplier=shape["width"])
-    return LayerwiseTrainer(model, method=method, p=0.1, backend=backend)
+    return LayerwiseTrainer(model, method=method, p=0.1, backend=backend, device=device)
 
 
-def time_shape(shape: dict, fused_backend: str, warmup: int, repeats: int) -> tuple[dict, float]:
-    """{variant: [ms per step]} for svp-fused, svp-reference and bp, interleaved; and the foreign load."""
-    inputs = torch.randn(shape["batch"], *shape["input_shape"])
-    targets = torch.randint(0, 10, (shape["batch"],))
-    trainers = {f"svp-{fused_backend}": build(shape, "svp", fused_backend),
-                "svp-reference": build(shape, "svp", "reference"),
-                "bp": build(shape, "bp", "auto")}
+class LossFreeStep:
+    """The SVP trainer's step without its loss: per block, the forward, the backward of a fixed gradient
+    at its readout features (what a block-local loss hands back, here at no cost), the block's optimizer
+    step. No projection, no epilogue, no input alignment: the floor under any block-local step of this model
+    and optimizer, so (fused SVP − floor) is what the SVP loss costs and floor / BP bounds fused / BP."""
+
+    def __init__(self, trainer: LayerwiseTrainer, inputs: torch.Tensor):
+        self.trainer = trainer
+        generator = torch.Generator().manual_seed(0)
+        self.grads, h = [], inputs
+        with torch.no_grad():
+            for block, readout in zip(trainer.model.blocks, trainer.readouts):
+                h = block(h)
+                self.grads.append(1e-3 * torch.randn(readout(h).shape, generator=generator).to(h.device))
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        trainer = self.trainer
+        trainer.model.train()
+        h = inputs
+        for block, readout, optimizer, grad in zip(trainer.model.blocks, trainer.readouts, trainer.optimizers,
+                                                   self.grads):
+            out = block(h.detach())
+            readout(out).backward(grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            h = out.detach()
+
+
+def time_shape(shape: dict, fused_backend: str, warmup: int, repeats: int, device: str = "cpu") -> tuple[dict, float]:
+    """{variant: [ms per step]} for svp-fused, svp-reference, bp and the loss-free floor, interleaved; and
+    the foreign load."""
+    inputs = torch.randn(shape["batch"], *shape["input_shape"]).to(device)
+    targets = torch.randint(0, 10, (shape["batch"],)).to(device)
+    trainers = {f"svp-{fused_backend}": build(shape, "svp", fused_backend, device),
+                "svp-reference": build(shape, "svp", "reference", device),
+                "bp": build(shape, "bp", "auto", device),
+                "floor": LossFreeStep(build(shape, "svp", fused_backend, device), inputs)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     samples = {name: [] for name in trainers}
     for _ in range(warmup):
         for trainer in trainers.values():
@@ -71,8 +104,10 @@ def time_shape(shape: dict, fused_backend: str, warmup: int, repeats: int) -> tu
     with ForeignLoad() as load:
         for _ in range(repeats):
             for name, trainer in trainers.items():
+                sync()
                 start = time.perf_counter()
                 trainer.train_step(inputs, targets)
+                sync()
                 samples[name].append((time.perf_counter() - start) * 1e3)
     return samples, load.cpus
 
@@ -80,22 +115,25 @@ def time_shape(shape: dict, fused_backend: str, warmup: int, repeats: int) -> tu
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated (default {DEFAULT_SHAPES})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fused = backends.resolve("auto", torch.device("cpu"), torch.float32).NAME
-    device = device_slug("cpu", args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    fused = backends.resolve("auto", torch.device(args.device), torch.float32).NAME
+    device = device_slug(args.device, args.threads)
     commit, stamp = git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
-    print(f"| model | batch | {'svp-' + fused} ms (p20–p80) | svp-reference ms | bp ms | fused / bp | "
-          f"fused / reference | other CPUs busy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| model | batch | {'svp-' + fused} ms (p20–p80) | svp-reference ms | bp ms | floor ms | fused / bp | "
+          f"fused / reference | floor / bp | other CPUs busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for text in args.shapes.split(","):
         shape = parse_shape(text)
-        samples, foreign = time_shape(shape, fused, args.warmup, args.repeats)
+        samples, foreign = time_shape(shape, fused, args.warmup, args.repeats, args.device)
         ratios = {name: statistics.median(s / b for s, b in zip(values, samples["bp"]))
                   for name, values in samples.items()}
         fused_name = f"svp-{fused}"
@@ -105,11 +143,13 @@ def main(argv=None) -> int:
                  else f"VGG-11 ×{shape['width']} on 3×32×32")
         print(f"| {label} | {shape['batch']} | " + " | ".join(
             f"{p50:.1f} ({p20:.1f}–{p80:.1f})" for p20, p50, p80 in cells.values())
-            + f" | {ratios[fused_name]:.2f}× | {fused_over_reference:.2f}× | {foreign:.2f} |", flush=True)
+            + f" | {ratios[fused_name]:.2f}× | {fused_over_reference:.2f}× | {ratios['floor']:.2f}× | {foreign:.2f} |",
+            flush=True)
         for name, (p20, p50, p80) in cells.items():
             method, _, backend = name.partition("-")
+            backend = backend or ("none" if method == "floor" else "autograd")
             rows.append({"op": "train_step", "model": shape["model"], "method": method,
-                         "backend": backend or "autograd", "batch": shape["batch"], "width": shape["width"],
+                         "backend": backend, "batch": shape["batch"], "width": shape["width"],
                          "depth": shape["depth"], "p": 0.1, "dtype": "float32", "threads": args.threads,
                          "metric": "time", "unit": "ms", "p20": f"{p20:.4g}", "p50": f"{p50:.4g}",
                          "p80": f"{p80:.4g}", "ratio_to_bp_p50": f"{ratios[name]:.4g}",
