@@ -180,14 +180,17 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   } else {
     wide = wide_copy;
   }
-  ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * batch);
+  // Rows of Pᵀ one cache line longer than B: the micro-kernel reads 8 of them at once, which at a stride of
+  // a power of two (B = 512, 1024, ...) would all fall into the same L1 set.
+  const int64_t ldt = batch + 64 / static_cast<int64_t>(sizeof(WideSum));
+  ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * ldt);
   WideSum* transposed = transposed_scratch.data();
   at::parallel_for(0, ceil_div(batch, kTransposeRows), 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t b0 = block * kTransposeRows, b1 = std::min(batch, b0 + kTransposeRows);
       if constexpr (!std::is_same_v<T, WideSum>) std::copy(joined + b0 * W, joined + b1 * W, wide_copy + b0 * W);
       for (int64_t i = 0; i < W; ++i)
-        for (int64_t b = b0; b < b1; ++b) transposed[i * batch + b] = wide[b * W + i];
+        for (int64_t b = b0; b < b1; ++b) transposed[i * ldt + b] = wide[b * W + i];
     }
   });
 
@@ -201,11 +204,11 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
       const int64_t row = block * kPad;
       if (row < W) {
         const int64_t first = row < Cp ? row : 0;  // âᵀâ rows: the upper triangle of blocks only
-        gemm_nn(transposed + row * batch, batch, kPad, wide + first, W, batch, Cp - first,
+        gemm_nn(transposed + row * ldt, ldt, kPad, wide + first, W, batch, Cp - first,
                 gram.data() + row * Cp + first, Cp, /*accumulate=*/false);
       } else {
         const int64_t i = row - W;
-        gemm_nn(transposed + (Cp + i) * batch, batch, kPad, wide + Cp + i, W, batch, Cp_prev - i,
+        gemm_nn(transposed + (Cp + i) * ldt, ldt, kPad, wide + Cp + i, W, batch, Cp_prev - i,
                 prev_gram.data() + i * Cp_prev + i, Cp_prev, /*accumulate=*/false);
       }
     }
@@ -219,7 +222,8 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
 
   // Stage 3: FA from the Grams, and M = [âᵀâ ; −b̂ᵀâ] (W × Cp).
   WideSum feature_alignment = 0.0, cross_alignment = 0.0, prev_alignment = 0.0;
-  std::vector<WideSum> gradient_map(W * Cp);
+  ThreadScratch<struct GradientMap, WideSum> gradient_scratch(W * Cp);  // the streamed operand of stage 4
+  WideSum* gradient_map = gradient_scratch.data();
   for (int64_t i = 0; i < W; ++i) {
     for (int64_t j = 0; j < Cp; ++j) {
       const WideSum value = gram[i * Cp + j];
@@ -232,7 +236,7 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   // Stage 4: grad_a = P · M, by blocks of rows, in WideSum and rounded once.
   at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<WideSum> product((end - begin) * Cp);
-    gemm_nn(wide + begin * W, W, end - begin, gradient_map.data(), Cp, W, Cp, product.data(), Cp,
+    gemm_nn(wide + begin * W, W, end - begin, gradient_map, Cp, W, Cp, product.data(), Cp,
             /*accumulate=*/false);
     for (int64_t e = 0; e < (end - begin) * Cp; ++e) grad_a[begin * Cp + e] = static_cast<T>(product[e]);
   });

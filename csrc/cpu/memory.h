@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <new>
 
 namespace svp::cpu {
 
@@ -21,8 +22,10 @@ void advise_huge_pages(void* data, size_t bytes);
 // elements of U, in a block owned by the calling thread and reused by the next instance with the same Tag
 // on that thread, so a kernel's large temporaries are not mapped, faulted in and unmapped again on every
 // call. One instance per Tag and thread may be alive at a time (each call site declares its own Tag).
-// Blocks above kKeptScratchBytes are given back when the instance dies.
+// Blocks above kKeptScratchBytes are given back when the instance dies. Blocks start on a 64-byte
+// boundary, so that rows whose stride is a whole number of cache lines never straddle two.
 constexpr size_t kKeptScratchBytes = size_t(8) << 20;  // at most this much stays per Tag and thread
+constexpr std::align_val_t kScratchAlignment{64};
 
 template <typename Tag, typename U>
 class ThreadScratch {
@@ -31,7 +34,7 @@ class ThreadScratch {
     const size_t bytes = count * sizeof(U);
     if (bytes > block_.capacity) {
       block_.data.reset();  // never hold the old and the new block at once
-      block_.data.reset(new unsigned char[bytes]);
+      block_.data.reset(static_cast<unsigned char*>(::operator new[](bytes, kScratchAlignment)));
       block_.capacity = bytes;
     }
   }
@@ -47,8 +50,11 @@ class ThreadScratch {
   U* data() const { return reinterpret_cast<U*>(block_.data.get()); }
 
  private:
+  struct AlignedDelete {
+    void operator()(unsigned char* data) const { ::operator delete[](data, kScratchAlignment); }
+  };
   struct Block {
-    std::unique_ptr<unsigned char[]> data;
+    std::unique_ptr<unsigned char[], AlignedDelete> data;
     size_t capacity = 0;
   };
   static Block& thread_block() {
