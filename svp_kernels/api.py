@@ -51,7 +51,7 @@ def _check_features(h, name: str = "h") -> torch.Tensor:
         raise ValueError(f"{name} has an empty batch (B = 0); at least one row is needed")
     if h.numel() == 0:
         raise ValueError(f"{name} has no features: shape {tuple(h.shape)}")
-    return h.reshape(h.shape[0], -1)
+    return h if h.dim() == 2 else h.reshape(h.shape[0], -1)  # a (B, D) h takes no view node in the graph
 
 
 def _check_same_place(tensor: torch.Tensor, name: str, h: torch.Tensor, check_dtype: bool = True) -> None:
@@ -94,7 +94,8 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
         raise ValueError(f"target must have shape (B,) = ({h.shape[0]},), got shape {tuple(target.shape)}")
     _check_same_place(target, "target", h, check_dtype=False)
     if _checks_target_range(target):
-        low, high = torch.stack(torch.aminmax(target)).tolist()  # one host synchronisation
+        bounds = torch.aminmax(target)  # one pass; read back at one synchronisation on a device
+        low, high = (bound.item() for bound in bounds) if target.device.type == "cpu" else torch.stack(bounds).tolist()
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")
