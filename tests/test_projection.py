@@ -14,6 +14,8 @@ FUSED = device_backends(include_reference=False)
 MASK_CASES = [(3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (1, 33, 0.9, 0), (8, 1, 0.3, 2**63 - 1), (4, 6, 0.0, 5)]
 PROJECTION_CASES = [  # (B, D, C, implicit, p)
     (1, 5, 3, False, 0.0), (7, 13, 5, False, 0.3), (5, 9, 11, True, 0.25), (9, 40, 4, True, 0.0),
+    (5, 500, 70, False, 0.1),  # C ≥ 24: the CPU forward's transposed tile; D over two tiles and groups
+    (6, 130, 40, True, 0.2),
 ]
 
 
