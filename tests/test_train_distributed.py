@@ -22,6 +22,7 @@ from svp_kernels.train.data import synthetic
 from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches, epoch_means,
                                           launch,
                                           plan_from_arguments)
+from svp_kernels.train.models import mlp
 from svp_kernels.train.run import TrainConfig, augment, build_trainer
 from svp_kernels.train.seeds import block_step_seed
 
@@ -139,6 +140,25 @@ def test_a_grid_of_stages_and_replicas_is_bit_identical_to_data_parallel_and_res
             assert found.keys() == want.keys()
             unequal = [name for name in want if not torch.equal(found[name], want[name])]
             assert not unequal, f"replica {replica} after {epochs} epochs differs from data parallel: {unequal}"
+
+
+def test_a_batch_too_small_to_share_out_is_skipped_and_a_global_batch_too_small_refused(tmp_path):
+    """With BatchNorm a replica's share needs 2 rows: of 35 examples in batches of 16 the last 3 (shares 2 and
+    1) are skipped on 2 ranks, where a single process trains them; a --batch-size of 3 is refused."""
+    dataset = synthetic(num_train=35, num_test=8, num_classes=3)
+    config = TrainConfig(dataset="synthetic", epochs=1, batch_size=16, width=8, depth=1, backend="cpu", seed=4)
+    launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path)), config, dataset, threads=1)
+    assert torch.load(tmp_path / "rank-0-epoch-1.pt", weights_only=False)["step"] == 2
+    with pytest.raises(DistributedTrainingError, match=r"--batch-size 3 is the global batch: it must be ≥ 4, 2 "
+                                                        r"row\(s\) for each of the 2 data-parallel replicas"):
+        launch(Plan("data_parallel", 2, timeout=TIMEOUT), dataclasses.replace(config, batch_size=3), dataset,
+               threads=1)
+
+
+def test_trainable_batch_needs_two_rows_per_replica_with_batch_norm():
+    assert distributed.trainable_batch(mlp((1, 4, 4), 3, width=8, depth=1), 3) == 6
+    assert distributed.trainable_batch(mlp((1, 4, 4), 3, width=8, depth=1, norm="layernorm"), 3) == 3
+    assert distributed.trainable_batch(mlp((1, 4, 4), 3, width=8, depth=1), 1) == 1
 
 
 def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:

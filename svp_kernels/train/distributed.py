@@ -126,6 +126,24 @@ def grid_position(plan: Plan, rank: int) -> tuple[int, int]:
     return rank % plan.stages, rank // plan.stages
 
 
+def trainable_batch(model: nn.Module, replicas: int) -> int:
+    """The fewest rows a batch needs to be shared out to `replicas` data-parallel replicas: one row each,
+    two with BatchNorm (which cannot train on one); 1 for a single replica, whose batches are
+    run_training's. Smaller batches are skipped."""
+    if replicas == 1:
+        return 1
+    batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    return replicas * (2 if batch_norm else 1)
+
+
+def check_global_batch(config: TrainConfig, min_batch: int, replicas: int) -> None:
+    """ValueError unless --batch-size (the global batch) can be shared out to the replicas."""
+    if config.batch_size < min_batch:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be ≥ {min_batch}, "
+                         f"{min_batch // replicas} row(s) for each of the {replicas} data-parallel replicas"
+                         + (" (BatchNorm trains on 2 rows at least)" if min_batch > replicas else ""))
+
+
 def share_sizes(rows: int, parts: int) -> list[int]:
     """Rows of each of `parts` contiguous shares of `rows` rows, as Tensor.tensor_split cuts them."""
     return [rows // parts + (part < rows % parts) for part in range(parts)]
@@ -401,16 +419,16 @@ class Message:
     targets: torch.Tensor | None = None
 
 
-def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, start_step: int, replicas: int = 1):
+def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, start_step: int, min_batch: int = 1):
     """(kind, step, rows) of every message stage 0 sends, in order: per epoch from start_epoch on, its
-    training batches (rows: the example indices, drawn as run_training draws them; with replicas, a batch
-    smaller than the replicas is skipped, as the data-parallel mode skips it), the test set in EVAL_BATCH
-    slices (rows: a range), EPOCH_END; then STOP (rows None). Every stage computes it, so a receiver knows
-    the size of each message before it arrives."""
+    training batches (rows: the example indices, drawn as run_training draws them; one smaller than
+    min_batch is skipped, as the data-parallel mode skips it: see trainable_batch), the test set in
+    EVAL_BATCH slices (rows: a range), EPOCH_END; then STOP (rows None). Every stage computes it, so a
+    receiver knows the size of each message before it arrives."""
     step, num_test = start_step, len(dataset.test_targets)
     for batches in epoch_batches(config, len(dataset.train_targets), start_epoch):
         for indices in batches:
-            if len(indices) < replicas:
+            if len(indices) < min_batch:
                 continue
             yield TRAIN, step, indices
             step += 1
@@ -589,13 +607,15 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
         raise ValueError(f"stage_split {split} covers {sum(split)} blocks; the model has {len(trainer.model.blocks)}")
     blocks = stage_blocks(split, stage)
     shapes = [dataset.input_shape] + block_output_shapes(trainer)
+    min_batch = trainable_batch(trainer.model, replicas)  # of the whole model: every stage skips alike
+    check_global_batch(config, min_batch, replicas)
     keep_blocks(trainer, blocks)
     epochs_done, step, curves = resume(state, plan, config, trainer, split)
     dtype = next(trainer.model.blocks[blocks.start].parameters()).dtype
     v_width = meta["proj_dim"]
     clock = Clock(trainer.device)
     first, last = stage == 0, stage == stages - 1
-    schedule = pipeline_schedule(config, dataset, epochs_done, step, replicas)
+    schedule = pipeline_schedule(config, dataset, epochs_done, step, min_batch)
     messages_per_epoch = meta["batches_per_epoch"] + math.ceil(meta["num_test"] / EVAL_BATCH) + 1
     # epochs stage 0 may run ahead of the last: per link, the message computed, the one received ahead and
     # the unfinished sends
@@ -816,11 +836,9 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     from tqdm.auto import tqdm
 
     world, meta = plan.world_size, run_meta(config, dataset)
-    if config.batch_size < world:
-        raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be ≥ the "
-                         f"{world} data-parallel ranks")
     trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
-    everything = range(len(trainer.model.blocks))
+    everything, min_batch = range(len(trainer.model.blocks)), trainable_batch(trainer.model, world)
+    check_global_batch(config, min_batch, world)
     clock, device = Clock(trainer.device), trainer.device
     state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
     epochs_done, step, curves = resume(state, plan, config, trainer, None)
@@ -834,8 +852,8 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     for batches in epoch_batches(config, meta["num_train"], epochs_done):
         trainer.model.train()
         block_losses, output_ce = [], []
-        # a last batch smaller than the world cannot be shared out: it is skipped (a single process trains it)
-        for indices in [batch for batch in batches if len(batch) >= world]:
+        # a last batch too small to share out is skipped (a single process trains it): trainable_batch
+        for indices in [batch for batch in batches if len(batch) >= min_batch]:
             samples += len(indices)
             shares = indices.tensor_split(world)
             global_targets = dataset.train_targets[indices].to(device)
