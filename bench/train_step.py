@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     fused = backends.resolve("auto", torch.device(args.device), torch.float32).NAME
     device = device_slug(args.device, args.threads)
     commit, stamp = git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = []
+    path = REPO / "bench" / "results" / f"train_step-{device}.csv"
     print(f"| model | batch | {'svp-' + fused} ms (p20–p80) | svp-reference ms | bp ms | floor ms | fused / bp | "
           f"fused / reference | floor / bp | other CPUs busy |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
             f"{p50:.1f} ({p20:.1f}–{p80:.1f})" for p20, p50, p80 in cells.values())
             + f" | {ratios[fused_name]:.2f}× | {fused_over_reference:.2f}× | {ratios['floor']:.2f}× | {foreign:.2f} |",
             flush=True)
+        rows = []
         for name, (p20, p50, p80) in cells.items():
             method, _, backend = name.partition("-")
             backend = backend or ("none" if method == "floor" else "autograd")
@@ -155,10 +156,10 @@ def main(argv=None) -> int:
                          "p80": f"{p80:.4g}", "ratio_to_bp_p50": f"{ratios[name]:.4g}",
                          "foreign_cpus": f"{foreign:.2f}", "device": device, "torch": torch.__version__,
                          "commit": commit, "timestamp": stamp})
+        if not args.no_csv:  # shape by shape, so that a run stopped at a time limit keeps what it measured
+            append_csv(path, rows, CSV_COLUMNS)
     if not args.no_csv:
-        path = REPO / "bench" / "results" / f"train_step-{device}.csv"
-        append_csv(path, rows, CSV_COLUMNS)
-        print(f"appended {len(rows)} rows to {path.relative_to(REPO)}")
+        print(f"rows appended to {path.relative_to(REPO)}")
     return 0
 
 
