@@ -1,6 +1,7 @@
 // Memory placement helpers of the CPU kernels.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <new>
@@ -27,6 +28,25 @@ void advise_huge_pages(void* data, size_t bytes);
 constexpr size_t kKeptScratchBytes = size_t(8) << 20;  // at most this much stays per Tag and thread
 constexpr std::align_val_t kScratchAlignment{64};
 
+// The deleter of blocks from ::operator new[](bytes, kScratchAlignment).
+struct AlignedDelete {
+  void operator()(void* data) const { ::operator delete[](data, kScratchAlignment); }
+};
+
+// n zero-initialised elements of T on a 64-byte boundary, owned by this instance (a task's tile of R̃).
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t count)
+      : data_(count == 0 ? nullptr : static_cast<T*>(::operator new[](count * sizeof(T), kScratchAlignment))) {
+    std::fill_n(data_.get(), count, T(0));
+  }
+  T* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[], AlignedDelete> data_;
+};
+
 template <typename Tag, typename U>
 class ThreadScratch {
  public:
@@ -50,9 +70,6 @@ class ThreadScratch {
   U* data() const { return reinterpret_cast<U*>(block_.data.get()); }
 
  private:
-  struct AlignedDelete {
-    void operator()(unsigned char* data) const { ::operator delete[](data, kScratchAlignment); }
-  };
   struct Block {
     std::unique_ptr<unsigned char[], AlignedDelete> data;
     size_t capacity = 0;

@@ -9,8 +9,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
-#include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/memory.h"
@@ -137,14 +135,6 @@ void transpose_tile(const T* tile, int64_t ldt, int64_t C, int64_t width, T* out
   }
 }
 
-// `data` rounded up to the next 64-byte boundary (a buffer allocated kAlignSlack elements longer).
-template <typename T>
-constexpr int64_t kAlignSlack = 64 / sizeof(T);
-template <typename T>
-T* align64(T* data) {
-  const auto address = reinterpret_cast<uintptr_t>(data);
-  return reinterpret_cast<T*>((address + 63) & ~uintptr_t(63));
-}
 
 // v (B, C) = h R̃ᵀ. Below kTransposedMinClasses classes, dot products of rows of h with rows of the tile
 // (gemm_nt_accumulate). From there on, the tile is transposed (width × C, C padded to whole vectors) and
@@ -169,10 +159,12 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
 
   // Stage 1: each (row block, group) task sums its group's tiles into its block of partial_v[group].
   at::parallel_for(0, row_tasks * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch_storage(R.needs_tile() ? C * tiles.width + kAlignSlack<T> : 0);
-    T* scratch = align64(scratch_storage.data());
-    std::vector<T> transposed_storage(transposed ? tiles.width * ldp + kAlignSlack<T> : 0, T(0));
-    T* transposed_tile = align64(transposed_storage.data());
+    // Tile rows start on 64-byte lines (widths are multiples of kTileAlign); columns C..ldp of the
+    // transposed tile stay zero.
+    const AlignedBuffer<T> scratch_buffer(R.needs_tile() ? C * tiles.width : 0);
+    const AlignedBuffer<T> transposed_buffer(transposed ? tiles.width * ldp : 0);
+    T* scratch = scratch_buffer.data();
+    T* transposed_tile = transposed_buffer.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / groups * task_rows, rows = std::min(task_rows, batch - row0);
       const int64_t group = task % groups;
@@ -223,8 +215,8 @@ void run_backward(const T* grad_v, int64_t batch, const DroppedProjection<T>& R,
   const int64_t task_rows = rows_per_task(batch, tiles.count, R.generation_cost());
   const int64_t row_tasks = ceil_div(batch, task_rows);
   at::parallel_for(0, row_tasks * tiles.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch_storage(R.needs_tile() ? C * tiles.width + kAlignSlack<T> : 0);
-    T* scratch = align64(scratch_storage.data());  // whole tile rows on 64-byte lines (widths: kTileAlign)
+    const AlignedBuffer<T> scratch_buffer(R.needs_tile() ? C * tiles.width : 0);  // rows on 64-byte lines
+    T* scratch = scratch_buffer.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / tiles.count * task_rows, rows = std::min(task_rows, batch - row0);
       const int64_t j0 = task % tiles.count * tiles.width, width = std::min(tiles.width, D - j0);
