@@ -570,8 +570,9 @@ def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Da
             yield Message(TRAIN, step, inputs.to(device), None, dataset.train_targets[rows].to(device))
             bar.update()
         elif kind == EVAL:
-            share = torch.arange(rows.start, rows.stop).tensor_split(replicas)[replica]
-            share = slice(int(share[0]), int(share[-1]) + 1) if len(share) else slice(rows.start, rows.start)
+            sizes = share_sizes(len(rows), replicas)
+            first = rows.start + sum(sizes[:replica])
+            share = slice(first, first + sizes[replica])
             yield Message(EVAL, 0, dataset.test_inputs[share].to(device), None,
                           dataset.test_targets[share].to(device))
         else:
@@ -640,10 +641,10 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
             if mode != "train":
                 trainer.model.train()
                 mode = "train"
-            h, losses = message.h, []
+            h = message.h
             samples += len(message.targets)
             if replicas == 1:
-                v = trainer.input_alignment(h) if first else message.v
+                v, losses = trainer.input_alignment(h) if first else message.v, []
                 for index in blocks:
                     h, v, loss = trainer.train_block(index, h, v, message.targets, message.step)
                     losses.append(loss)
@@ -651,15 +652,9 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                     output_ce.append(trainer.last_block_ce)
             else:
                 sizes = share_sizes(len(message.targets), replicas)
-                if first:
-                    with torch.no_grad():
-                        v = gather_rows(trainer.input_alignment(h), sizes, replica, group)
-                else:
-                    v = message.v
-                for index in blocks:
-                    h, v, loss = data_parallel_block(trainer, index, h, v, message.targets, sizes, replica,
-                                                     message.step, clock, group)
-                    losses.append(loss)
+                v = input_alignment_rows(trainer, h, sizes, replica, group) if first else message.v
+                h, v, losses = data_parallel_step(trainer, blocks, h, v, message.targets, sizes, replica,
+                                                  message.step, clock, group)
                 if last:  # the cross-entropy of the global logits, as the data-parallel mode reports it
                     output_ce.append(F.cross_entropy(v, message.targets))
             block_losses.append(torch.stack(losses))
@@ -817,17 +812,24 @@ def data_parallel_block(trainer: LayerwiseTrainer, index: int, h: torch.Tensor, 
     return h.detach(), out.v, out.loss.detach()
 
 
-def data_parallel_step(trainer: LayerwiseTrainer, inputs: torch.Tensor, global_targets: torch.Tensor,
-                       sizes: list[int], rank: int, step: int, clock: Clock) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One update of every block (data_parallel_block) on a global batch of which this rank holds rows
-    `inputs` (sizes[rank], …). Returns (the global loss of every block, the global logits)."""
-    with torch.no_grad():
-        v = gather_rows(trainer.input_alignment(inputs), sizes, rank)
-    h, losses = inputs, []
-    for index in range(trainer.num_blocks):
-        h, v, loss = data_parallel_block(trainer, index, h, v, global_targets, sizes, rank, step, clock)
+@torch.no_grad()
+def input_alignment_rows(trainer: LayerwiseTrainer, inputs: torch.Tensor, sizes: list[int], rank: int,
+                         group=None) -> torch.Tensor:
+    """v_0 (Σ sizes, C) of the whole batch, from this rank's rows `inputs` (sizes[rank], …)."""
+    return gather_rows(trainer.input_alignment(inputs), sizes, rank, group)
+
+
+def data_parallel_step(trainer: LayerwiseTrainer, blocks: range, h: torch.Tensor, v: torch.Tensor,
+                       global_targets: torch.Tensor, sizes: list[int], rank: int, step: int, clock: Clock,
+                       group=None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One update of `blocks` (data_parallel_block, in order) on a global batch of which this rank holds
+    rows h (sizes[rank], …), v (Σ sizes, C') being the projection of the block before them. Returns (the
+    last block's output rows, its global v — the logits after the last block —, every block's global loss)."""
+    losses = []
+    for index in blocks:
+        h, v, loss = data_parallel_block(trainer, index, h, v, global_targets, sizes, rank, step, clock, group)
         losses.append(loss)
-    return losses, v
+    return h, v, losses
 
 
 def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset,
@@ -855,11 +857,12 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
         # a last batch too small to share out is skipped (a single process trains it): trainable_batch
         for indices in [batch for batch in batches if len(batch) >= min_batch]:
             samples += len(indices)
-            shares = indices.tensor_split(world)
+            sizes = share_sizes(len(indices), world)
             global_targets = dataset.train_targets[indices].to(device)
-            inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank]
-            losses, logits = data_parallel_step(trainer, inputs.to(device),
-                                                global_targets, [len(share) for share in shares], rank, step, clock)
+            inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank].to(device)
+            _, logits, losses = data_parallel_step(trainer, everything, inputs,
+                                                   input_alignment_rows(trainer, inputs, sizes, rank),
+                                                   global_targets, sizes, rank, step, clock)
             block_losses.append(torch.stack(losses))
             output_ce.append(F.cross_entropy(logits, global_targets))
             step += 1
