@@ -12,14 +12,13 @@
 #include "cpu/gemm.h"
 #include "cpu/memory.h"
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "svp/math.h"
 
 namespace svp::cpu {
 namespace epilogue_detail {
 
-constexpr int64_t kRowGrain = 256;    // rows per parallel_for grain in row-wise stages
-constexpr int64_t kGramRowGrain = 16;  // rows of the feature-space Grams per grain
 constexpr int64_t kGramTile = 64;     // batch-space tiles of S(v) − S(v_prev)
 constexpr int64_t kTransposeRows = 32;
 
@@ -125,7 +124,7 @@ template <typename T>
 T cross_entropy(const T* v, const int64_t* target, int64_t batch, int64_t features, T* grad) {
   std::vector<T> row_losses(batch);
   const T grad_scale = T(1) / static_cast<T>(batch);
-  at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if constexpr (std::is_same_v<T, float>) {
         row_losses[b] = cross_entropy_row_vectorized(v + b * features, features, target[b], grad_scale,
@@ -143,7 +142,7 @@ T cross_entropy(const T* v, const int64_t* target, int64_t batch, int64_t featur
 // out (B × n, leading dimension ldo) = â, the rows of v normalised; norms[b] = ‖u_b‖ (skipped if null).
 template <typename T>
 void normalize_rows(const T* v, int64_t batch, int64_t n, bool center, T* out, int64_t ldo, T* norms) {
-  at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T norm = normalize_row(v + b * n, n, center, out + b * ldo);
       if (norms != nullptr) norms[b] = norm;
@@ -185,7 +184,8 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   const int64_t ldt = batch + 64 / static_cast<int64_t>(sizeof(WideSum));
   ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * ldt);
   WideSum* transposed = transposed_scratch.data();
-  at::parallel_for(0, ceil_div(batch, kTransposeRows), 1, [&](int64_t begin, int64_t end) {
+  const int64_t transpose_grain = grain_for(kTransposeRows * W, kMinTaskElements);
+  at::parallel_for(0, ceil_div(batch, kTransposeRows), transpose_grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t b0 = block * kTransposeRows, b1 = std::min(batch, b0 + kTransposeRows);
       if constexpr (!std::is_same_v<T, WideSum>) std::copy(joined + b0 * W, joined + b1 * W, wide_copy + b0 * W);
@@ -199,7 +199,8 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   // H are symmetric: a block of their rows starting at r is computed from column r on, and the entries left
   // of it are copied from their mirror images, which are bit for bit the same sums (products commute).
   std::vector<WideSum> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
-  at::parallel_for(0, (W + Cp_prev) / kPad, 1, [&](int64_t begin, int64_t end) {
+  const int64_t gram_grain = grain_for(kPad * batch * Cp, kMinTaskProducts);  // blocks of kPad rows
+  at::parallel_for(0, (W + Cp_prev) / kPad, gram_grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t row = block * kPad;
       if (row < W) {
@@ -234,7 +235,7 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
   for (const WideSum value : prev_gram) prev_alignment += value * value;
 
   // Stage 4: grad_a = P · M, by blocks of rows, in WideSum and rounded once.
-  at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(W * Cp, kMinTaskProducts), [&](int64_t begin, int64_t end) {
     std::vector<WideSum> product((end - begin) * Cp);
     gemm_nn(wide + begin * W, W, end - begin, gradient_map, Cp, W, Cp, product.data(), Cp,
             /*accumulate=*/false);
@@ -254,7 +255,8 @@ T batch_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_p
 
   const int64_t blocks = ceil_div(batch, kGramTile);
   std::vector<WideSum> block_alignment(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block_grain = grain_for(2 * kGramTile * batch * W, kMinTaskProducts);
+  at::parallel_for(0, blocks, block_grain, [&](int64_t begin, int64_t end) {
     std::vector<T> difference(kGramTile * kGramTile);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kGramTile, rows = std::min(kGramTile, batch - i0);
@@ -304,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
     ThreadScratch<struct AlignmentGradient, T> grad_a_scratch(batch * Cp);
     T* joined = joined_scratch.data();
     T* grad_a = grad_a_scratch.data();
-    at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, row_grain(W + Cp), [&](int64_t begin, int64_t end) {
       std::fill(joined + begin * W, joined + end * W, T(0));
       std::fill(grad_a + begin * Cp, grad_a + end * Cp, T(0));
     });
@@ -317,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
     const T reduction = mean ? T(1) / (static_cast<T>(batch) * static_cast<T>(batch)) : T(1);
     alignment = raw_alignment * reduction;
     const T grad_a_scale = T(4) * reduction;
-    at::parallel_for(0, batch, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, row_grain(Cp), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         T* grad_row = grad_a + row * Cp;
         for (int64_t c = 0; c < C; ++c) grad_row[c] *= grad_a_scale;
@@ -388,7 +390,7 @@ at::Tensor cosine_gram(const at::Tensor& v, bool center) {
   at::Tensor gram = at::zeros({batch, batch}, normalized.options());
   const float* rows = normalized.data_ptr<float>();
   float* out = gram.data_ptr<float>();
-  at::parallel_for(0, batch, kGramRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(batch * C, kMinTaskProducts), [&](int64_t begin, int64_t end) {
     gram_accumulate(rows + begin * C, C, end - begin, rows, C, batch, C, out + begin * batch, batch);
   });
   return gram;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "svp/math.h"
 #include "svp/philox.h"
@@ -39,8 +40,6 @@ SVP_MULTIVERSION void mask_row(double* row, int64_t width, uint64_t base, uint64
 
 constexpr double kAddEps = 1e-8;   // local-loss: u / (1e-8 + ‖u‖)
 constexpr double kMaxEps = 1e-12;  // SVP: u / max(‖u‖, 1e-12)
-
-int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)); }
 
 // Σ_j x_j (or Σ_j (x_j − shift)² with kSquares) in double: 16 partial sums in double lanes, added in a
 // fixed order.
@@ -278,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> channel_std(const at::Tensor& x) {
     scalar_t* means = mean.data_ptr<scalar_t>();
     scalar_t* stds = std.data_ptr<scalar_t>();
     // Two passes over each channel's L values (the second from cache): the mean, then Σ (x − mean)².
-    at::parallel_for(0, rows, predsim_detail::row_grain(length), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* values = data + row * length;
         const double row_mean = predsim_detail::row_sum(values, length) / static_cast<double>(length);
@@ -313,7 +312,7 @@ at::Tensor channel_std_backward(const at::Tensor& grad_std, const at::Tensor& x,
     const scalar_t* stds = s.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     // dstd/dx_l = (x_l − mean) / ((L − 1) std); 0 for a constant channel (std = 0), as torch's std gives.
-    at::parallel_for(0, rows, predsim_detail::row_grain(length), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t factor =
             stds[row] > 0 ? grads[row] / (stds[row] * static_cast<scalar_t>(length - 1)) : scalar_t(0);
@@ -345,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logit
     const int64_t* target = y.data_ptr<int64_t>();
     scalar_t* out = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
     std::vector<double> row_losses(batch);
-    at::parallel_for(0, batch, predsim_detail::row_grain(classes), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, row_grain(classes), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(need_grad ? 0 : classes);  // the softmax row when no gradient is kept
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* row_grad = need_grad ? out + b * classes : scratch.data();

@@ -13,6 +13,7 @@
 #include "cpu/gemm.h"
 #include "cpu/memory.h"
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 #include "cpu/random_rows.h"
 #include "cpu/simd.h"
 #include "svp/math.h"
@@ -186,7 +187,7 @@ void run_forward(const T* h, int64_t batch, const DroppedProjection<T>& R, T* v)
   if (direct) return;
 
   // Stage 2: v = Σ_group partial_v[group], in group order.
-  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, row_grain(C * groups), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* v_row = v + b * C;
       std::copy(partial_v + b * ldp, partial_v + b * ldp + C, v_row);
