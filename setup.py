@@ -74,7 +74,7 @@ def extensions() -> tuple[list, dict]:
     # -fno-math-errno: the kernels never read errno, and without it sqrt cannot be vectorised.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-fno-math-errno", "-Wno-psabi"] + openmp
-    sources = relative_sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
+    sources = relative_sources("csrc/bindings.cpp", "csrc/autograd.cpp", "csrc/cpu/*.cpp")
     options = dict(
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
         extra_link_args=openmp,

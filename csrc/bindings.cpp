@@ -1,10 +1,14 @@
 // Op registration: the four svp_kernels schemas (docs/backends.md), their CPU implementations, and the
-// pybind11 module svp_kernels._C (test helpers). CUDA implementations register in csrc/bindings_cuda.cpp.
+// pybind11 module svp_kernels._C (the eager node of csrc/autograd.cpp, test helpers). CUDA implementations
+// register in csrc/bindings_cuda.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 
+#include "autograd.h"
 #include "cpu/ops.h"
 #include "svp/philox.h"
 #if defined(SVP_WITH_CUDA)
@@ -29,6 +33,20 @@ at::Tensor philox_words(int64_t seed, int64_t n, int64_t start) {
     out[4 * i + 3] = w.w3;
   }
   return words;
+}
+
+// (min, max) of a non-empty 1-D int64 CPU tensor, in one pass: the API's range check of targets.
+std::pair<int64_t, int64_t> index_bounds(const at::Tensor& index) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.numel() > 0,
+              "index_bounds: expected a non-empty 1-D int64 CPU tensor");
+  const at::Tensor values = index.contiguous();
+  const int64_t* data = values.data_ptr<int64_t>();
+  int64_t low = data[0], high = data[0];
+  for (int64_t i = 1; i < values.numel(); ++i) {
+    low = std::min(low, data[i]);
+    high = std::max(high, data[i]);
+  }
+  return {low, high};
 }
 
 bool has_cuda() {
@@ -103,6 +121,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("philox_words", &philox_words, "(n, 4) int64 Philox4x32-10 words of offsets start..start+n-1",
              pybind11::arg("seed"), pybind11::arg("n"), pybind11::arg("start") = 0);
   module.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in");
+  module.def("index_bounds", &index_bounds, "(min, max) of a non-empty 1-D int64 CPU tensor", pybind11::arg("index"));
+  module.def("fused_local_loss", &svp::nodes::fused_local_loss,
+             "(loss, ce, alignment, v) of fused_local_loss on validated arguments, under one C++ autograd node",
+             pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),
+             pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("target"),
+             pybind11::arg("v_prev"), pybind11::arg("alignment_weight"), pybind11::arg("mean"),
+             pybind11::arg("center"), pybind11::arg("identity"));
 #if defined(SVP_WITH_CUDA)
   // Testing and diagnostic hook (docs/backends.md); use svp_kernels.backends.cuda.launch_plan, which
   // validates the values and restores the previous plan.

@@ -35,6 +35,15 @@ def extension_has_cuda() -> bool:
     return _C is not None and bool(getattr(_C, "has_cuda", lambda: False)())
 
 
+def index_bounds(index: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty 1-D integer tensor as Python ints: one C++ pass for an int64 CPU tensor when
+    the extension is loaded, else torch.aminmax, read back at one synchronisation on a device."""
+    if _C is not None and index.device.type == "cpu" and index.dtype == torch.int64:
+        return _C.index_bounds(index)
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    return low, high
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype every backend accumulates and returns v, g_v and the losses in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import backends
-from ._ops import accumulation_dtype
+from ._ops import accumulation_dtype, index_bounds
 from .projection import MAX_SEED, ImplicitProjection, draw_seed
 
 Projection = Union[None, torch.Tensor, ImplicitProjection]
@@ -94,8 +94,7 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
         raise ValueError(f"target must have shape (B,) = ({h.shape[0]},), got shape {tuple(target.shape)}")
     _check_same_place(target, "target", h, check_dtype=False)
     if _checks_target_range(target):
-        bounds = torch.aminmax(target)  # one pass; read back at one synchronisation on a device
-        low, high = (bound.item() for bound in bounds) if target.device.type == "cpu" else torch.stack(bounds).tolist()
+        low, high = index_bounds(target)
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")
@@ -236,7 +235,8 @@ def _projection_grad(ctx, grad_v: torch.Tensor, weight, seed: torch.Tensor) -> t
 
 
 class _FusedLocalLoss(torch.autograd.Function):
-    """fused_local_loss outside torch.compile on a fused backend: one autograd node in place of the ops' two.
+    """fused_local_loss outside torch.compile on a fused backend without a native node (triton): one autograd
+    node in place of the ops' two (cpu and cuda run the same node in C++: their ``local_loss``).
 
     The forward runs the backend's gradient interface (docs/backends.md) and keeps only g_v (B, C), the seed
     tensor and a dense R; the backward is dh = grad_loss · g_v R̃, the mask regenerated from the seed. Same
@@ -325,8 +325,14 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
 
     h = h.contiguous()
     if not _is_compiling() and backends.has_gradient_interface(module):
-        loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
-                                                        alignment_weight, mean, center)
+        if backends.has_native_node(module):
+            loss, ce, alignment, v = module.local_loss(h, projection_args.weight, projection_args.out_features,
+                                                       projection_args.proj_seed, projection_args.proj_std, p, seed,
+                                                       target, v_prev, alignment_weight, mean, center,
+                                                       projection_args.identity)
+        else:
+            loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
+                                                            alignment_weight, mean, center)
         return LocalLoss(loss, ce, alignment, v.to(h.dtype))
     v = _project(module, h, projection_args, p, seed)
     loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from ._ops import index_bounds
 from .api import _check_features, _check_p, _check_seed
 from .backends import predsim_fused, predsim_reference
 
@@ -86,8 +87,7 @@ def _check_labels(target, reference: torch.Tensor, reference_name: str, num_clas
         raise ValueError(f"target must have shape (B,) = ({reference.shape[0]},), got shape {tuple(target.shape)}")
     _check_batch(target, "target", reference, reference_name)
     if not torch.compiler.is_compiling():
-        low, high = torch.aminmax(target)
-        low, high = int(low), int(high)
+        low, high = index_bounds(target)
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")

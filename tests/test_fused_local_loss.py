@@ -44,12 +44,11 @@ def test_float32_no_less_accurate_than_plain_torch(case, device, backend):
         assert_no_less_accurate(a, r, e, f"{backend}/{case}: {name}")
 
 
-def _op_path(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
-    """(loss, ce, alignment, v, dh) through the backend's autograd ops, the path torch.compile traces."""
+def _op_path_loss(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
+    """(loss, ce, alignment, v) of the leaf `h` through the backend's autograd ops, the path torch.compile traces."""
     from svp_kernels import backends
 
     module = backends.load(backend)
-    h = h.detach().requires_grad_()
     seed_tensor = torch.full((), seed, dtype=torch.int64, device=h.device)
     if case.projection == "identity":
         v = h
@@ -60,6 +59,13 @@ def _op_path(case: Case, h, target, v_prev, projection, backend: str, seed: int 
         v = module.projection(h, projection, projection.shape[0], 0, 0.0, case.p, seed_tensor)
     loss, ce, alignment = module.epilogue(v, target, v_prev, case.alignment_weight, case.reduction == "mean",
                                           case.center)
+    return loss, ce, alignment, v
+
+
+def _op_path(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
+    """(loss, ce, alignment, v, dh) through the backend's autograd ops."""
+    h = h.detach().requires_grad_()
+    loss, ce, alignment, v = _op_path_loss(case, h, target, v_prev, projection, backend, seed)
     (dh,) = torch.autograd.grad(loss, h)
     return loss.detach(), ce, alignment, v.detach(), dh
 
@@ -76,6 +82,26 @@ def test_eager_node_matches_the_traced_ops_bitwise(case, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("case", [Case(7, 30, 5, 4, p=0.2), Case(6, 0, 4, 3, projection="identity"),
+                                  Case(9, 21, 3, 2, projection="implicit", p=0.1, center=True)], ids=str)
+def test_eager_node_scales_by_the_incoming_gradient(case, device, backend):
+    """dh of (−2.5 · loss) through the eager node equals the op path's bit for bit (not the unscaled dh)."""
+    h, target, v_prev, projection = make_inputs(case, torch.float32, device)
+    grads = []
+    for path in ("eager", "ops"):
+        leaf = h.detach().requires_grad_()
+        if path == "eager":
+            loss = sk.fused_local_loss(leaf, target, v_prev, projection=projection, p=case.p, seed=3,
+                                       alignment_weight=case.alignment_weight, reduction=case.reduction,
+                                       center=case.center, backend=backend).loss
+        else:
+            loss = _op_path_loss(case, leaf, target, v_prev, projection, backend, seed=3)[0]
+        (-2.5 * loss).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1]), f"{backend}/{case}: the eager node's dh differs from the op path's"
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
     """docs/design.md §2: autograd keeps g_v (B, C), the seed and a dense R — nothing of size B·D."""
     case = Case(9, 40, 6, 5, p=0.2)
@@ -84,7 +110,9 @@ def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=1, backend=backend)
-    assert out.loss.grad_fn.name() == "_FusedLocalLossBackward"
+    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/api.py
+    native = "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>"
+    assert out.loss.grad_fn.name() == (native if backend in ("cpu", "cuda") else "_FusedLocalLossBackward")
     assert sorted(saved) == sorted([(9, 6), (6, 40), ()]), saved
 
 

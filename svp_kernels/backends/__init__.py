@@ -57,6 +57,12 @@ def has_gradient_interface(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in GRADIENT_INTERFACE)
 
 
+def has_native_node(module) -> bool:
+    """Whether a backend module with the gradient interface also defines ``local_loss``, the eager
+    fused_local_loss under one native autograd node (cpu and cuda: csrc/autograd.cpp; docs/backends.md)."""
+    return callable(getattr(module, "local_loss", None))
+
+
 def unavailable_reason(name: str):
     """None when backend `name` is available, else why not (the import or load error where there is one)."""
     is_available(name)

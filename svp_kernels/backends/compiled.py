@@ -5,12 +5,15 @@ float64, bfloat16, float16). Autograd and fake rules are attached in svp_kernels
 
 The gradient interface (projection_value, epilogue_with_grad, projection_backward) runs the same ops below
 autograd: the value and the gradient with no autograd node, for callers that apply the chain rule
-themselves (the eager path of svp_kernels/api.py, the trainer's per-block step).
+themselves (the trainer's per-block step); local_loss wraps them in one C++ autograd node (the eager path
+of svp_kernels/api.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .._ops import _C
 
 _OPS = torch.ops.svp_kernels
 
@@ -41,6 +44,14 @@ def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
     """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C), computed in the same pass; no autograd node."""
     with torch._C._AutoDispatchBelowAutograd():
         return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+
+
+def local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean, center,
+               identity):
+    """(loss, ce, alignment, v) under one C++ autograd node (csrc/autograd.cpp): projection_value and
+    epilogue_with_grad forward, dh = grad_loss · g_v R̃ backward; loss differentiable w.r.t. h only."""
+    return _C.fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
+                               alignment_weight, mean, center, identity)
 
 
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .compiled import (cosine_gram, epilogue, epilogue_with_grad, projection,  # noqa: F401
+from .compiled import (cosine_gram, epilogue, epilogue_with_grad, local_loss, projection,  # noqa: F401
                        projection_backward, projection_value)  # (the backend interface)
 
 NAME = "cpu"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from .._ops import index_bounds
 from ..nn import LocalLoss, RandomProjection
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
@@ -95,7 +96,7 @@ def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.numel() == 0:
         return  # fused_local_loss refuses these with its own message
     if targets.device.type == "cpu":
-        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one pass, one read back
+        low, high = index_bounds(targets)
         if low < 0 or high >= num_classes:
             raise ValueError(f"targets must be in [0, {num_classes}), got values in [{low}, {high}]")
     else:

@@ -1,0 +1,109 @@
+// The eager autograd node of fused_local_loss for the compiled backends (cpu, cuda): one C++ node over the
+// registered ops, in place of the Python autograd.Function that the triton backend uses (docs/backends.md,
+// "gradient interface"). Same ops, same arguments and the same arithmetic, so the same bits; what it saves
+// is the Python work of a custom Function and its backward, which a cold instruction cache makes cost
+// tens of microseconds per call.
+#include "autograd.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+namespace svp::nodes {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The ops through the dispatcher, so that the kernel of the tensors' device runs (csrc/bindings.cpp).
+at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("svp_kernels::projection_forward", "")
+                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                               double, double, const at::Tensor&)>();
+  return op.call(h, weight, out_features, proj_seed, proj_std, p, seed);
+}
+
+at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
+                               int64_t in_features, int64_t proj_seed, double proj_std, double p,
+                               const at::Tensor& seed, at::ScalarType dtype) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("svp_kernels::projection_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                               double, double, const at::Tensor&, at::ScalarType)>();
+  return op.call(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const at::Tensor& v,
+                                                                         const std::optional<at::Tensor>& target,
+                                                                         const std::optional<at::Tensor>& v_prev,
+                                                                         double alignment_weight, bool mean,
+                                                                         bool center) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("svp_kernels::loss_epilogue", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
+              bool)>();
+  return op.call(v, target, v_prev, alignment_weight, mean, center);
+}
+
+}  // namespace
+
+// Saves g_v (B, C), the dense R (or nothing) and the seed tensor; the backward is dh = grad_loss · g_v R̃,
+// the mask regenerated from the seed (identity: dh = grad_loss · g_v in h's dtype). Outside the anonymous
+// namespace so that its node reads "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>".
+class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& weight,
+                               int64_t out_features, int64_t proj_seed, double proj_std, double p,
+                               const at::Tensor& seed, const std::optional<at::Tensor>& target,
+                               const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean,
+                               bool center, bool identity) {
+    // An output must not be the input itself: detach gives v its own tensor when h is already float32/64.
+    const at::Tensor v = identity ? h.to(accumulation_dtype(h.scalar_type())).detach()
+                                  : projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed);
+    auto [loss, ce, alignment, grad_v] = loss_epilogue(v, target, v_prev, alignment_weight, mean, center);
+    ctx->save_for_backward({grad_v, weight.value_or(at::Tensor()), seed});
+    ctx->saved_data["in_features"] = h.size(1);
+    ctx->saved_data["proj_seed"] = proj_seed;
+    ctx->saved_data["proj_std"] = proj_std;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(h.scalar_type());
+    ctx->saved_data["identity"] = identity;
+    ctx->mark_non_differentiable({ce, alignment, v});
+    return {loss, ce, alignment, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the gradient interface: no graph of its own
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor grad_v = grads[0] * saved[0];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    variable_list grad_inputs(13);  // one per argument of forward; only h has a gradient
+    if (ctx->saved_data["identity"].toBool()) {
+      grad_inputs[0] = grad_v.to(dtype);
+    } else {
+      const std::optional<at::Tensor> weight =
+          saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+      grad_inputs[0] = projection_backward(grad_v.contiguous(), weight, ctx->saved_data["in_features"].toInt(),
+                                           ctx->saved_data["proj_seed"].toInt(),
+                                           ctx->saved_data["proj_std"].toDouble(), ctx->saved_data["p"].toDouble(),
+                                           saved[2], dtype);
+    }
+    return grad_inputs;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
+    const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,
+    double proj_std, double p, const at::Tensor& seed, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity) {
+  const variable_list out = FusedLocalLoss::apply(h, weight, out_features, proj_seed, proj_std, p, seed, target,
+                                                  v_prev, alignment_weight, mean, center, identity);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace svp::nodes

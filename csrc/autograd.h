@@ -1,0 +1,19 @@
+// The eager autograd node of fused_local_loss over the registered ops (csrc/autograd.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace svp::nodes {
+
+// (loss, ce, alignment, v) of fused_local_loss on validated arguments (docs/backends.md): v = h R̃ᵀ (or v = h
+// when `identity`) through projection_forward, the rest through loss_epilogue, under one autograd node whose
+// backward is dh = grad_loss · g_v R̃. loss is differentiable w.r.t. h; ce, alignment and v are not.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
+    const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,
+    double proj_std, double p, const at::Tensor& seed, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity);
+
+}  // namespace svp::nodes
