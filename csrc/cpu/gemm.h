@@ -1,8 +1,10 @@
 // Two small dense products, register-blocked and vectorised, shared by the CPU kernels.
 //
 // Row-major matrices with leading dimensions (ld). Each output element sums its terms in an order
-// fixed by the shapes alone (never by the thread count or the instruction set picked at load time),
-// and neither function allocates or spawns threads: callers split the work.
+// fixed by the shapes alone (never by the thread count or the vector width of the clone picked at load
+// time), and neither function allocates or spawns threads: callers split the work. The x86-64-v3 and v4
+// clones fuse each multiply-add (one rounding), so every CPU with FMA gets the same bits; the baseline
+// clone, for x86-64 CPUs without FMA, rounds each product first and may differ in the last bits.
 #pragma once
 
 #include <cstdint>
