@@ -1,8 +1,8 @@
-// The eager autograd node of fused_local_loss for the compiled backends (cpu, cuda): one C++ node over the
-// registered ops, in place of the Python autograd.Function that the triton backend uses (docs/backends.md,
-// "gradient interface"). Same ops, same arguments and the same arithmetic, so the same bits; what it saves
-// is the Python work of a custom Function and its backward, which a cold instruction cache makes cost
-// tens of microseconds per call.
+// The eager autograd nodes of fused_local_loss and dropout_projection for the compiled backends (cpu, cuda):
+// one C++ node each over the registered ops, in place of the Python autograd.Function that the triton
+// backend uses (docs/backends.md, "gradient interface"). Same ops, same arguments and the same arithmetic,
+// so the same bits; what it saves is the Python work of a custom Function and its backward, which cold
+// caches make cost tens of microseconds per call.
 #include "autograd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const a
 
 // Saves g_v (B, C), the dense R (or nothing) and the seed tensor; the backward is dh = grad_loss · g_v R̃,
 // the mask regenerated from the seed (identity: dh = grad_loss · g_v in h's dtype). Outside the anonymous
-// namespace so that its node reads "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>".
+// namespace so that its node reads "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>" (and likewise
+// DropoutProjection's).
 class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& weight,
@@ -96,6 +97,39 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
     return grad_inputs;
   }
 };
+
+// Saves the dense R (or nothing) and the seed tensor; the backward is dh = grad_v R̃, the mask regenerated.
+class DropoutProjection : public torch::autograd::Function<DropoutProjection> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& weight,
+                               int64_t out_features, int64_t proj_seed, double proj_std, double p,
+                               const at::Tensor& seed) {
+    ctx->save_for_backward({weight.value_or(at::Tensor()), seed});
+    ctx->saved_data["in_features"] = h.size(1);
+    ctx->saved_data["proj_seed"] = proj_seed;
+    ctx->saved_data["proj_std"] = proj_std;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(h.scalar_type());
+    return {projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const variable_list saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> weight = saved[0].defined() ? std::optional<at::Tensor>(saved[0]) : std::nullopt;
+    variable_list grad_inputs(7);  // one per argument of forward; only h has a gradient
+    grad_inputs[0] = projection_backward(grads[0].contiguous(), weight, ctx->saved_data["in_features"].toInt(),
+                                         ctx->saved_data["proj_seed"].toInt(), ctx->saved_data["proj_std"].toDouble(),
+                                         ctx->saved_data["p"].toDouble(), saved[1],
+                                         static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()));
+    return grad_inputs;
+  }
+};
+
+at::Tensor dropout_projection(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed) {
+  return DropoutProjection::apply(h, weight, out_features, proj_seed, proj_std, p, seed)[0];
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,

@@ -1,4 +1,5 @@
-// The eager autograd node of fused_local_loss over the registered ops (csrc/autograd.cpp).
+// The eager autograd nodes of fused_local_loss and dropout_projection over the registered ops
+// (csrc/autograd.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,5 +16,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,
     double proj_std, double p, const at::Tensor& seed, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity);
+
+// v = h R̃ᵀ through projection_forward under one autograd node whose backward is dh = grad_v R̃ (the mask
+// regenerated from `seed`), on validated arguments.
+at::Tensor dropout_projection(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed);
 
 }  // namespace svp::nodes

@@ -1,5 +1,5 @@
 // Op registration: the four svp_kernels schemas (docs/backends.md), their CPU implementations, and the
-// pybind11 module svp_kernels._C (the eager node of csrc/autograd.cpp, test helpers). CUDA implementations
+// pybind11 module svp_kernels._C (the eager nodes of csrc/autograd.cpp, test helpers). CUDA implementations
 // register in csrc/bindings_cuda.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -128,6 +128,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("target"),
              pybind11::arg("v_prev"), pybind11::arg("alignment_weight"), pybind11::arg("mean"),
              pybind11::arg("center"), pybind11::arg("identity"));
+  module.def("dropout_projection", &svp::nodes::dropout_projection,
+             "v = h R̃ᵀ of dropout_projection on validated arguments, under one C++ autograd node",
+             pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),
+             pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"));
 #if defined(SVP_WITH_CUDA)
   // Testing and diagnostic hook (docs/backends.md); use svp_kernels.backends.cuda.launch_plan, which
   // validates the values and restores the previous plan.

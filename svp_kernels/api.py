@@ -266,8 +266,9 @@ class _FusedLocalLoss(torch.autograd.Function):
 
 
 class _DropoutProjection(torch.autograd.Function):
-    """dropout_projection outside torch.compile on a fused backend: v = h R̃ᵀ through the gradient interface,
-    dh = grad_v R̃ in the backward (the mask regenerated from the seed); saves the seed and a dense R."""
+    """dropout_projection outside torch.compile on a fused backend without a native node (triton): v = h R̃ᵀ
+    through the gradient interface, dh = grad_v R̃ in the backward (the mask regenerated from the seed); saves
+    the seed and a dense R (cpu and cuda run the same node in C++: their ``dropout_projection``)."""
 
     @staticmethod
     def forward(ctx, h, module, projection: _ProjectionArgs, p, seed):
@@ -351,6 +352,10 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     module = backends.resolve(backend, h.device, h.dtype)
     h = h.contiguous()
     if not _is_compiling() and backends.has_gradient_interface(module) and not projection_args.identity:
+        if backends.has_native_node(module):
+            return module.dropout_projection(h, projection_args.weight, projection_args.out_features,
+                                             projection_args.proj_seed, projection_args.proj_std, p,
+                                             seed).to(h.dtype)
         return _DropoutProjection.apply(h, module, projection_args, p, seed).to(h.dtype)
     return _project(module, h, projection_args, p, seed).to(h.dtype)
 

@@ -57,10 +57,14 @@ def has_gradient_interface(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in GRADIENT_INTERFACE)
 
 
+NATIVE_NODES = ("local_loss", "dropout_projection")
+
+
 def has_native_node(module) -> bool:
-    """Whether a backend module with the gradient interface also defines ``local_loss``, the eager
-    fused_local_loss under one native autograd node (cpu and cuda: csrc/autograd.cpp; docs/backends.md)."""
-    return callable(getattr(module, "local_loss", None))
+    """Whether a backend module with the gradient interface also defines NATIVE_NODES, the eager
+    fused_local_loss and dropout_projection under one native autograd node each (cpu and cuda:
+    csrc/autograd.cpp; docs/backends.md)."""
+    return all(callable(getattr(module, name, None)) for name in NATIVE_NODES)
 
 
 def unavailable_reason(name: str):

@@ -5,8 +5,8 @@ float64, bfloat16, float16). Autograd and fake rules are attached in svp_kernels
 
 The gradient interface (projection_value, epilogue_with_grad, projection_backward) runs the same ops below
 autograd: the value and the gradient with no autograd node, for callers that apply the chain rule
-themselves (the trainer's per-block step); local_loss wraps them in one C++ autograd node (the eager path
-of svp_kernels/api.py).
+themselves (the trainer's per-block step); local_loss and dropout_projection wrap them in one C++ autograd
+node each (the eager paths of svp_kernels/api.py).
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_
     epilogue_with_grad forward, dh = grad_loss · g_v R̃ backward; loss differentiable w.r.t. h only."""
     return _C.fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
                                alignment_weight, mean, center, identity)
+
+
+def dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ under one C++ autograd node (csrc/autograd.cpp): projection_value forward, dh = grad_v R̃
+    backward."""
+    return _C.dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
