@@ -98,7 +98,9 @@ def _check_target(target, h: torch.Tensor, num_classes: int) -> torch.Tensor:
         if low < 0 or high >= num_classes:
             raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
                              f"got values in [{low}, {high}]")
-    return target.to(torch.int64).contiguous()
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    return target if target.is_contiguous() else target.contiguous()
 
 
 def _check_in_range(ok, requirement: str, value) -> None:
@@ -106,6 +108,8 @@ def _check_in_range(ok, requirement: str, value) -> None:
     symbolic (dynamic=True turns float arguments and attributes into SymFloats): torch._check records `ok`
     as a guard or a runtime assertion, with a message that formats no symbol (a failed trace falls back to
     eager, which raises the ValueError); math.* on a symbol would not trace."""
+    if ok is True:  # a plain bool that holds: nothing to record, eager or compiled
+        return
     if _is_compiling():
         torch._check(ok, lambda: requirement)
     elif not ok:
@@ -136,7 +140,7 @@ def _check_seed(seed, p: float, device: torch.device) -> torch.Tensor:
             value = int(seed)
             if not 0 <= value < MAX_SEED:
                 raise ValueError(f"seed must be in [0, 2**63), got {value}")
-        return seed.to(device)
+        return seed if seed.device == device else seed.to(device)
     if seed is None:
         if _is_compiling():  # a draw inside the graph (a host .item() would break it); compiled RNG, not eager's
             return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64, device=device)
