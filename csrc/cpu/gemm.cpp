@@ -92,7 +92,12 @@ SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm
     for (int k = 0; k < JB; ++k) store_vec(out + r * ldo + k * L, acc[r][k]);
 }
 
-// Wide: 64-byte vectors first (AVX-512 registers), then 32-byte ones, then single columns.
+// Wide: 64-byte vectors first (AVX-512 registers), then 32-byte ones, then single columns. Over a long inner
+// index, passes of three registers (RB · 3 accumulators) load each row block of a once per 48 float columns
+// instead of 32; over a short one (the backward at C = 10: inner = C) their extra accumulators cost more in
+// setup and stores than they save.
+constexpr int64_t kLongInner = 64;
+
 template <typename T, int RB, bool Wide>
 SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm, int64_t inner, int64_t width, T* out,
                                int64_t ldo, bool accumulate) {
@@ -100,6 +105,11 @@ SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm,
   int64_t j = 0;
   if constexpr (Wide) {
     constexpr int64_t W = 2 * L;
+    if (inner >= kLongInner) {
+      for (; j + 3 * W <= width; j += 3 * W) {
+        nn_block<T, RB, 3, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+      }
+    }
     for (; j + 2 * W <= width; j += 2 * W) {
       nn_block<T, RB, 2, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
     }
