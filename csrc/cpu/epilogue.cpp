@@ -20,7 +20,6 @@ namespace svp::cpu {
 namespace epilogue_detail {
 
 constexpr int64_t kGramTile = 64;     // batch-space tiles of S(v) − S(v_prev)
-constexpr int64_t kTransposeRows = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -168,36 +167,24 @@ int64_t padded(int64_t n) { return ceil_div(n, kPad) * kPad; }
 template <typename T>
 T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp_prev, T* grad_a) {
   const int64_t W = Cp + Cp_prev;
-  // Stage 1: P and Pᵀ (W × B) in WideSum, Pᵀ the left operand of both Grams (float data are widened once,
-  // double data used in place). Blocks of kTransposeRows rows of P keep the reads in L1 while each row of
-  // Pᵀ is written contiguously.
+  // Stage 1: P in WideSum (float data are widened once, double data used in place).
   ThreadScratch<struct WidenedP, WideSum> widened(std::is_same_v<T, WideSum> ? 0 : batch * W);
-  WideSum* wide_copy = widened.data();
   const WideSum* wide = nullptr;
   if constexpr (std::is_same_v<T, WideSum>) {
     wide = joined;
   } else {
+    WideSum* wide_copy = widened.data();
+    at::parallel_for(0, batch, row_grain(W), [&](int64_t begin, int64_t end) {
+      std::copy(joined + begin * W, joined + end * W, wide_copy + begin * W);
+    });
     wide = wide_copy;
   }
-  // Rows of Pᵀ one cache line longer than B: the micro-kernel reads 8 of them at once, which at a stride of
-  // a power of two (B = 512, 1024, ...) would all fall into the same L1 set.
-  const int64_t ldt = batch + 64 / static_cast<int64_t>(sizeof(WideSum));
-  ThreadScratch<struct TransposedP, WideSum> transposed_scratch(W * ldt);
-  WideSum* transposed = transposed_scratch.data();
-  const int64_t transpose_grain = grain_for(kTransposeRows * W, kMinTaskElements);
-  at::parallel_for(0, ceil_div(batch, kTransposeRows), transpose_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t b0 = block * kTransposeRows, b1 = std::min(batch, b0 + kTransposeRows);
-      if constexpr (!std::is_same_v<T, WideSum>) std::copy(joined + b0 * W, joined + b1 * W, wide_copy + b0 * W);
-      for (int64_t i = 0; i < W; ++i)
-        for (int64_t b = b0; b < b1; ++b) transposed[i * ldt + b] = wide[b * W + i];
-    }
-  });
 
-  // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_nn (outer products over B, no horizontal sum per
-  // entry), each entry summed over b in increasing order. Tasks own blocks of kPad rows of [G ; H]. âᵀâ and
-  // H are symmetric: a block of their rows starting at r is computed from column r on, and the entries left
-  // of it are copied from their mirror images, which are bit for bit the same sums (products commute).
+  // Stage 2: G = Pᵀ P[:, :Cp] and H = b̂ᵀ b̂ through gemm_tn (outer products over B read straight from the
+  // rows of P, no horizontal sum per entry), each entry summed over b in increasing order. Tasks own blocks
+  // of kPad rows of [G ; H]. âᵀâ and H are symmetric: a block of their rows starting at r is computed from
+  // column r on, and the entries left of it are copied from their mirror images, which are bit for bit the
+  // same sums (products commute).
   std::vector<WideSum> gram(W * Cp), prev_gram(Cp_prev * Cp_prev);
   const int64_t gram_grain = grain_for(kPad * batch * Cp, kMinTaskProducts);  // blocks of kPad rows
   at::parallel_for(0, (W + Cp_prev) / kPad, gram_grain, [&](int64_t begin, int64_t end) {
@@ -205,12 +192,12 @@ T feature_space_alignment(const T* joined, int64_t batch, int64_t Cp, int64_t Cp
       const int64_t row = block * kPad;
       if (row < W) {
         const int64_t first = row < Cp ? row : 0;  // âᵀâ rows: the upper triangle of blocks only
-        gemm_nn(transposed + row * ldt, ldt, kPad, wide + first, W, batch, Cp - first,
-                gram.data() + row * Cp + first, Cp, /*accumulate=*/false);
+        gemm_tn(wide + row, W, kPad, wide + first, W, batch, Cp - first, gram.data() + row * Cp + first, Cp,
+                /*accumulate=*/false);
       } else {
         const int64_t i = row - W;
-        gemm_nn(transposed + (Cp + i) * ldt, ldt, kPad, wide + Cp + i, W, batch, Cp_prev - i,
-                prev_gram.data() + i * Cp_prev + i, Cp_prev, /*accumulate=*/false);
+        gemm_tn(wide + Cp + i, W, kPad, wide + Cp + i, W, batch, Cp_prev - i, prev_gram.data() + i * Cp_prev + i,
+                Cp_prev, /*accumulate=*/false);
       }
     }
   });

@@ -71,9 +71,20 @@ SVP_ALWAYS_INLINE void gemm_nt_impl(const T* x, int64_t ldx, int64_t rows, const
 
 // ---- out (+)= a · m ----------------------------------------------------------------------------------
 
+// Element (r, i) of a, and the offset of row r: a is rows × inner with row stride lda, or, when AT (a
+// transposed: gemm_tn), inner × rows with row stride lda.
+template <bool AT, typename T>
+SVP_ALWAYS_INLINE T a_element(const T* a, int64_t lda, int r, int64_t i) {
+  return AT ? a[i * lda + r] : a[r * lda + i];
+}
+template <bool AT>
+SVP_ALWAYS_INLINE int64_t a_row(int64_t lda, int64_t r) {
+  return AT ? r : r * lda;
+}
+
 // RB rows × JB vectors (of type V) of output columns, summed over the inner index in increasing order. The
 // vector width changes which columns share a register, never the order of any element's sum.
-template <typename T, int RB, int JB, typename V = Vec<T>>
+template <bool AT, typename T, int RB, int JB, typename V = Vec<T>>
 SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm, int64_t inner, T* out, int64_t ldo,
                                 bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
@@ -84,7 +95,7 @@ SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm
     V m_chunk[JB];
     for (int k = 0; k < JB; ++k) m_chunk[k] = load_vec<T, V>(m + i * ldm + k * L);
     for (int r = 0; r < RB; ++r) {
-      const T a_value = a[r * lda + i];
+      const T a_value = a_element<AT>(a, lda, r, i);
       for (int k = 0; k < JB; ++k) acc[r][k] += a_value * m_chunk[k];
     }
   }
@@ -98,7 +109,7 @@ SVP_ALWAYS_INLINE void nn_block(const T* a, int64_t lda, const T* m, int64_t ldm
 // setup and stores than they save.
 constexpr int64_t kLongInner = 64;
 
-template <typename T, int RB, bool Wide>
+template <bool AT, typename T, int RB, bool Wide>
 SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm, int64_t inner, int64_t width, T* out,
                                int64_t ldo, bool accumulate) {
   constexpr int64_t L = kLanes<T>;
@@ -107,49 +118,54 @@ SVP_ALWAYS_INLINE void nn_rows(const T* a, int64_t lda, const T* m, int64_t ldm,
     constexpr int64_t W = 2 * L;
     if (inner >= kLongInner) {
       for (; j + 3 * W <= width; j += 3 * W) {
-        nn_block<T, RB, 3, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+        nn_block<AT, T, RB, 3, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
       }
     }
     for (; j + 2 * W <= width; j += 2 * W) {
-      nn_block<T, RB, 2, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+      nn_block<AT, T, RB, 2, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
     }
-    for (; j + W <= width; j += W) nn_block<T, RB, 1, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+    for (; j + W <= width; j += W) {
+      nn_block<AT, T, RB, 1, WideVec<T>>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+    }
   }
-  for (; j + 2 * L <= width; j += 2 * L) nn_block<T, RB, 2>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
-  for (; j + L <= width; j += L) nn_block<T, RB, 1>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+  for (; j + 2 * L <= width; j += 2 * L) nn_block<AT, T, RB, 2>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
+  for (; j + L <= width; j += L) nn_block<AT, T, RB, 1>(a, lda, m + j, ldm, inner, out + j, ldo, accumulate);
   for (; j < width; ++j) {
     for (int r = 0; r < RB; ++r) {
       T sum = accumulate ? out[r * ldo + j] : T(0);
-      for (int64_t i = 0; i < inner; ++i) sum += a[r * lda + i] * m[i * ldm + j];
+      for (int64_t i = 0; i < inner; ++i) sum += a_element<AT>(a, lda, r, i) * m[i * ldm + j];
       out[r * ldo + j] = sum;
     }
   }
 }
 
-template <typename T, int RB, bool Wide>
+template <bool AT, typename T, int RB, bool Wide>
 SVP_ALWAYS_INLINE void gemm_nn_blocks(const T* a, int64_t lda, int64_t rows, const T* m, int64_t ldm, int64_t inner,
                                       int64_t width, T* out, int64_t ldo, bool accumulate) {
   int64_t r = 0;
   for (; r + RB <= rows; r += RB) {
-    nn_rows<T, RB, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+    nn_rows<AT, T, RB, Wide>(a + a_row<AT>(lda, r), lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
   }
   if constexpr (RB > kRowBlock) {
     for (; r + kRowBlock <= rows; r += kRowBlock) {
-      nn_rows<T, kRowBlock, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+      nn_rows<AT, T, kRowBlock, Wide>(a + a_row<AT>(lda, r), lda, m, ldm, inner, width, out + r * ldo, ldo,
+                                      accumulate);
     }
   }
-  for (; r < rows; ++r) nn_rows<T, 1, Wide>(a + r * lda, lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+  for (; r < rows; ++r) {
+    nn_rows<AT, T, 1, Wide>(a + a_row<AT>(lda, r), lda, m, ldm, inner, width, out + r * ldo, ldo, accumulate);
+  }
 }
 
 // 8 rows × 2 AVX-512 registers (16 accumulators) with 32 vector registers, 4 × 2 32-byte vectors otherwise;
 // identical sums either way.
-template <typename T>
+template <bool AT, typename T>
 SVP_ALWAYS_INLINE void gemm_nn_impl(const T* a, int64_t lda, int64_t rows, const T* m, int64_t ldm, int64_t inner,
                                     int64_t width, T* out, int64_t ldo, bool accumulate) {
   if (has_32_vector_registers()) {
-    gemm_nn_blocks<T, 2 * kRowBlock, true>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+    gemm_nn_blocks<AT, T, 2 * kRowBlock, true>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
   } else {
-    gemm_nn_blocks<T, kRowBlock, false>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+    gemm_nn_blocks<AT, T, kRowBlock, false>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
   }
 }
 
@@ -166,11 +182,16 @@ SVP_MULTIVERSION void gemm_nt_accumulate(const double* x, int64_t ldx, int64_t r
 
 SVP_MULTIVERSION void gemm_nn(const float* a, int64_t lda, int64_t rows, const float* m, int64_t ldm, int64_t inner,
                               int64_t width, float* out, int64_t ldo, bool accumulate) {
-  gemm_nn_impl(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+  gemm_nn_impl<false>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
 }
 SVP_MULTIVERSION void gemm_nn(const double* a, int64_t lda, int64_t rows, const double* m, int64_t ldm,
                               int64_t inner, int64_t width, double* out, int64_t ldo, bool accumulate) {
-  gemm_nn_impl(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+  gemm_nn_impl<false>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
+}
+
+SVP_MULTIVERSION void gemm_tn(const double* a, int64_t lda, int64_t rows, const double* m, int64_t ldm,
+                              int64_t inner, int64_t width, double* out, int64_t ldo, bool accumulate) {
+  gemm_nn_impl<true>(a, lda, rows, m, ldm, inner, width, out, ldo, accumulate);
 }
 
 }  // namespace svp::cpu

@@ -24,4 +24,9 @@ void gemm_nn(const float* a, int64_t lda, int64_t rows, const float* m, int64_t 
 void gemm_nn(const double* a, int64_t lda, int64_t rows, const double* m, int64_t ldm, int64_t inner,
              int64_t width, double* out, int64_t ldo, bool accumulate);
 
+// out (rows × width) = aᵀ · m, or out += aᵀ · m when `accumulate`, with a stored as (inner × rows): the same
+// sums as gemm_nn on the transposed a, in the same order, without the transposed copy.
+void gemm_tn(const double* a, int64_t lda, int64_t rows, const double* m, int64_t ldm, int64_t inner,
+             int64_t width, double* out, int64_t ldo, bool accumulate);
+
 }  // namespace svp::cpu
