@@ -7,6 +7,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 namespace svp::nodes {
 namespace {
@@ -48,6 +49,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const a
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
               bool)>();
   return op.call(v, target, v_prev, alignment_weight, mean, center);
+}
+
+// What Python's once_differentiable does: a backward run with create_graph returns its gradients through a
+// node that raises if they are differentiated again (the kernels have no second derivative), instead of
+// gradients without history, whose second-order terms would silently be missing.
+variable_list once_differentiable(const variable_list& incoming, variable_list gradients) {
+  if (!at::GradMode::is_enabled()) return gradients;
+  bool requires_grad = false;
+  for (const at::Tensor& grad : incoming) requires_grad = requires_grad || (grad.defined() && grad.requires_grad());
+  if (!requires_grad) return gradients;
+  for (at::Tensor& gradient : gradients) {
+    if (gradient.defined()) gradient = gradient.detach().requires_grad_(true);
+  }
+  torch::autograd::DelayedError error(
+      "trying to differentiate twice a function that was marked with @once_differentiable",
+      static_cast<int64_t>(gradients.size()));
+  return error.apply(std::move(gradients));
 }
 
 }  // namespace
@@ -94,7 +112,7 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
                                            ctx->saved_data["proj_std"].toDouble(), ctx->saved_data["p"].toDouble(),
                                            saved[2], dtype);
     }
-    return grad_inputs;
+    return once_differentiable(grads, std::move(grad_inputs));
   }
 };
 
@@ -122,7 +140,7 @@ class DropoutProjection : public torch::autograd::Function<DropoutProjection> {
                                          ctx->saved_data["proj_seed"].toInt(), ctx->saved_data["proj_std"].toDouble(),
                                          ctx->saved_data["p"].toDouble(), saved[1],
                                          static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()));
-    return grad_inputs;
+    return once_differentiable(grads, std::move(grad_inputs));
   }
 };
 

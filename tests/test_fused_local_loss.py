@@ -102,6 +102,24 @@ def test_eager_node_scales_by_the_incoming_gradient(case, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("op", ["fused_local_loss", "dropout_projection"])
+def test_eager_node_refuses_a_second_derivative(op, device, backend):
+    """The kernels have no second derivative: with create_graph, differentiating dh again raises (as Python's
+    once_differentiable does), instead of returning gradients with the second-order terms missing."""
+    case = Case(6, 20, 4, 3, p=0.1)
+    h, target, v_prev, projection = make_inputs(case, torch.float32, device)
+    h.requires_grad_()
+    if op == "fused_local_loss":
+        out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.1, seed=1, backend=backend).loss
+    else:
+        out = sk.dropout_projection(h, projection, p=0.1, seed=1, backend=backend)
+    incoming = torch.ones_like(out, requires_grad=True)
+    (dh,) = torch.autograd.grad(out, h, grad_outputs=incoming, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dh.sum().backward()
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
     """docs/design.md §2: autograd keeps g_v (B, C), the seed and a dense R — nothing of size B·D."""
     case = Case(9, 40, 6, 5, p=0.2)
