@@ -169,7 +169,6 @@ void transpose_tile(const T* tile, int64_t ldt, int64_t C, int64_t width, T* out
   }
 }
 
-
 // v (B, C) = h R̃ᵀ. Below kTransposedMinClasses classes, dot products of rows of h with rows of the tile
 // (gemm_nt_accumulate). From there on, the tile is transposed (width × C, C padded to whole vectors) and
 // h · tileᵀ runs as gemm_nn: each accumulator then sums a whole tile in registers, with no horizontal sum

@@ -644,7 +644,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
             h = message.h
             samples += len(message.targets)
             if replicas == 1:
-                v, losses = trainer.input_alignment(h) if first else message.v, []
+                v = trainer.input_alignment(h) if first else message.v
+                losses = []
                 for index in blocks:
                     h, v, loss = trainer.train_block(index, h, v, message.targets, message.step)
                     losses.append(loss)
