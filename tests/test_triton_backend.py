@@ -292,6 +292,25 @@ def test_import_without_triton_is_unavailable_not_an_error():
     assert result.returncode == 0, result.stderr
 
 
+def test_triton_older_than_supported_is_refused_in_one_line():
+    """MIN_TRITON: the first release whose tl.dot takes float64. An older Triton makes the backend unavailable
+    with one line naming both versions (SVP_KERNELS_REQUIRE=triton then fails the session with it)."""
+    assert triton_backend.version_tuple("3.5.0+git1a2b") == (3, 5, 0)
+    assert triton_backend.version_tuple("3.10.1") == (3, 10, 1) and triton_backend.version_tuple("4") == (4, 0, 0)
+    assert triton_backend.version_error(triton.__version__) is None  # the suite's own Triton is supported
+    oldest = ".".join(map(str, triton_backend.MIN_TRITON))
+    assert triton_backend.version_error(oldest) is None
+    code = ("import triton; triton.__version__ = '3.4.1'\n"
+            "from svp_kernels import backends\n"
+            "print(backends.is_available('triton')); print(backends.unavailable_reason('triton'))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    available, reason = result.stdout.strip().split("\n")
+    assert available == "False"
+    assert reason.startswith(f"triton 3.4.1 is older than {oldest}, the oldest this backend supports"), reason
+
+
 def test_tf32_only_when_allowed(monkeypatch):
     monkeypatch.delenv("SVP_KERNELS_ALLOW_TF32", raising=False)
     assert ops.input_precision() == "ieee"

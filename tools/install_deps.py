@@ -16,7 +16,7 @@ REQUIREMENTS = {
     "sklearn": "scikit-learn",  # [train]
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
-    "triton": "triton",  # [triton]
+    "triton": "triton>=3.5",  # [triton]: the oldest the backend supports (svp_kernels/backends/triton)
     "pytest": "pytest",  # [test]
     "pytest_benchmark": "pytest-benchmark",
     "ninja": "ninja",

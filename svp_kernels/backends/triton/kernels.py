@@ -97,8 +97,8 @@ def philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi):
     (seed_lo, seed_hi) = (lo32(seed), hi32(seed)). counter_lo/hi: uint32 blocks; seed_lo/hi: integer
     scalars in [0, 2³²) (the launchers split the 64-bit seed: no 64-bit shifts of a scalar argument,
     which the interpreter mishandles for values in [2³¹, 2³²))."""
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    k0 = tl.full((), seed_lo, tl.uint32)  # a scalar argument, a constexpr (the JIT's 1) or a uint32 scalar
+    k1 = tl.full((), seed_hi, tl.uint32)
     c0 = counter_lo
     c1 = counter_hi
     c2 = counter_lo * 0
