@@ -93,13 +93,15 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _OPS = None
+_NODES = None
 
 
 def load_ops():
     """The ops module (kernels are compiled on first launch); registers torch.ops.svp_kernels.triton_*."""
-    global _OPS
+    global _OPS, _NODES
     if _OPS is None:
         _OPS = importlib.import_module(f"{__name__}.ops")
+        _NODES = importlib.import_module(f"{__name__}.nodes")
     return _OPS
 
 
@@ -130,6 +132,20 @@ def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
     """dh (B, D) = grad_v R̃ in `dtype`, the mask regenerated from `seed`; no autograd node."""
     return load_ops().projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
+
+
+def local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
+               center, identity):
+    """(loss, ce, alignment, v) of fused_local_loss under one autograd node (nodes.py; v = h when `identity`)."""
+    load_ops()
+    return _NODES.FusedLocalLoss.apply(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
+                                       alignment_weight, mean, center, identity)
+
+
+def dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ under one autograd node (nodes.py)."""
+    load_ops()
+    return _NODES.DropoutProjection.apply(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
 def cosine_gram(v, center):
