@@ -8,7 +8,8 @@ See docs/design.md §2 for the math and docs/backends.md for the backends.
 
 from . import _ops  # noqa: F401  (loads the extension and registers autograd for its ops)
 from . import nn
-from .api import LocalLoss, alignment_loss, available_backends, cosine_gram, dropout_projection, fused_local_loss
+from .api import (LocalLoss, LocalLossOutput, alignment_loss, available_backends, cosine_gram, dropout_projection,
+                  fused_local_loss)
 from .predsim import PredSim, predsim_loss, similarity_loss
 from .projection import ImplicitProjection
 
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImplicitProjection",
-    "LocalLoss",
+    "LocalLoss",  # the first name of LocalLossOutput (docs/design.md §4)
+    "LocalLossOutput",
     "PredSim",
     "alignment_loss",
     "available_backends",

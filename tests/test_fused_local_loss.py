@@ -263,7 +263,7 @@ def assert_nan_loss_and_gradient(loss, grad_h, name):
 def test_out_of_range_target_eager(value, device, backend, monkeypatch):
     """Eager: the API's range check raises for CPU tensors; on CUDA it is opt-in (SVP_KERNELS_CHECK_TARGETS=1)
     and the kernels give NaN without it."""
-    from svp_kernels.api import CHECK_TARGETS_ENV
+    from svp_kernels.validation import CHECK_TARGETS_ENV
 
     h, _, v_prev, projection = make_inputs(TARGET_CASE, device=device)
     target = bad_target(device, value)
@@ -312,10 +312,10 @@ def test_out_of_range_target_compiled(device, backend):
 
 def test_cuda_target_check_is_opt_in(monkeypatch):
     """The host range check synchronises, so device tensors get it only with SVP_KERNELS_CHECK_TARGETS=1."""
-    from svp_kernels.api import CHECK_TARGETS_ENV, _checks_target_range
+    from svp_kernels.validation import CHECK_TARGETS_ENV, checks_target_range
 
     on_device = torch.zeros(3, dtype=torch.int64, device="meta")
     monkeypatch.delenv(CHECK_TARGETS_ENV, raising=False)
-    assert _checks_target_range(torch.zeros(3, dtype=torch.int64)) and not _checks_target_range(on_device)
+    assert checks_target_range(torch.zeros(3, dtype=torch.int64)) and not checks_target_range(on_device)
     monkeypatch.setenv(CHECK_TARGETS_ENV, "1")
-    assert _checks_target_range(on_device)
+    assert checks_target_range(on_device)

@@ -62,7 +62,7 @@ def test_svp_step_draws_block_step_seeds_and_no_global_randomness(data, monkeypa
     trainer.train_step(inputs, targets)
     drawn = []
     original = trainer._local_loss
-    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[-1])) or
+    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[3])) or
                         original(index, *args))
     rng_state = torch.get_rng_state()
     trainer.train_step(inputs, targets)
@@ -122,7 +122,7 @@ def test_lean_path_is_the_public_op_exactly(data, monkeypatch):
 def test_lean_path_still_refuses_out_of_range_targets(data):
     trainer = _trainer(data)
     trainer.train_step(data.train_inputs[:32], data.train_targets[:32])
-    with pytest.raises(ValueError, match=r"targets must be in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 4\)"):
         trainer.train_step(data.train_inputs[:32], torch.full((32,), 4))
 
 
