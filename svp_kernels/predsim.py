@@ -27,8 +27,8 @@ from . import backends
 from ._ops import accumulation_dtype
 from .similarity import fused as similarity_fused
 from .similarity import reference as similarity_reference
-from .validation import check_bool, check_class_indices, check_features, check_p, check_reduction, check_seed, \
-    check_target_range
+from .validation import (check_bool, check_class_indices, check_features, check_p, check_reduction, check_seed,
+                         check_target_range)
 
 REDUCE_CHOICES = ("std", "flatten")
 
@@ -157,8 +157,8 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
     h_dec = _check_rows(h_dec, "h_dec", "flatten")
     _check_batch(h_dec, "h_dec", h_sim, "h_sim")
     if not isinstance(decoder_weight, torch.Tensor) or not decoder_weight.dtype.is_floating_point:
-        raise TypeError("decoder_weight must be a floating-point torch.Tensor of shape (C, D), got "
-                        f"{type(decoder_weight).__name__ if not isinstance(decoder_weight, torch.Tensor) else decoder_weight.dtype}")
+        got = decoder_weight.dtype if isinstance(decoder_weight, torch.Tensor) else type(decoder_weight).__name__
+        raise TypeError(f"decoder_weight must be a floating-point torch.Tensor of shape (C, D), got {got}")
     in_features = math.prod(h_dec.shape[1:])
     if decoder_weight.dim() != 2 or decoder_weight.shape[0] == 0 or decoder_weight.shape[1] != in_features:
         raise ValueError(f"decoder_weight must have shape (C, D) = (C, {in_features}) with C ≥ 1 (D = h_dec's "

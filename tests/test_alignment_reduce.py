@@ -8,8 +8,7 @@ import torch
 import svp_kernels as sk
 from svp_kernels import backends
 from svp_kernels.similarity import reference as similarity_reference
-
-from helpers import assert_close
+from svp_kernels.testing import assert_close
 
 
 def grad_of(loss_fn, v):

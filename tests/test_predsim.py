@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import svp_kernels as sk
+from svp_kernels.philox import keep_mask
 from svp_kernels.similarity import fused as similarity_fused
 from svp_kernels.similarity import reference as similarity_reference
-from svp_kernels.philox import keep_mask
-
-from helpers import assert_close, seed_tensor
+from svp_kernels.testing import assert_close, seed_tensor
 
 
 def make_predsim(B, D, sim_shape, C, dtype=torch.float64, seed=0, bias=True):
@@ -85,7 +84,8 @@ def test_batch_space_blocks_match_one_block(monkeypatch):
         monkeypatch.setattr(similarity_fused, "BLOCK_ELEMENTS", 23 * 5)
         blocked = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], **target_args[1]), [h])
         monkeypatch.undo()
-        plain = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], backend="reference", **target_args[1]), [h])
+        plain = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], backend="reference", **target_args[1]),
+                                [h])
         assert_close(blocked[0], one[0], 1e-13, "blocked loss")
         assert_close(blocked[1][0], one[1][0], 1e-13, "blocked grad")
         assert_close(blocked[0], plain[0], 1e-12, "loss vs plain")
@@ -121,7 +121,8 @@ def test_zero_rows_have_finite_gradients():
     plain = sk.similarity_loss(h, target, num_classes=3, backend="reference")
     assert_close(loss, plain, 1e-12, "loss with a zero row")
     assert torch.isfinite(grad).all()
-    (_, (plain_grad,)) = value_and_grads(lambda h: sk.similarity_loss(h, target, num_classes=3, backend="reference"), [h])
+    (_, (plain_grad,)) = value_and_grads(lambda h: sk.similarity_loss(h, target, num_classes=3, backend="reference"),
+                                         [h])
     assert torch.isnan(plain_grad[2]).all()
     rows = [0, 1, 3, 4, 5]
     assert_close(grad[rows], plain_grad[rows], 1e-12, "the other rows")
@@ -184,7 +185,8 @@ def test_dropout_mask_apply_is_exact(C, D, p, seed):
 
 
 def test_dropout_mask_apply_opcheck():
-    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply, (torch.randn(4, 9, dtype=torch.float64), 0.25, seed_tensor(3)))
+    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply,
+                          (torch.randn(4, 9, dtype=torch.float64), 0.25, seed_tensor(3)))
 
 
 def test_weight_gradient_carries_the_mask():

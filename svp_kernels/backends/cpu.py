@@ -6,8 +6,7 @@ import torch
 
 from .. import _ops
 from .extension_ops import (cosine_gram, dropout_projection, epilogue, epilogue_with_grad,  # noqa: F401
-                            fused_local_loss, projection, projection_backward,
-                            projection_value)  # (the backend interface)
+                            fused_local_loss, projection, projection_backward, projection_value)
 
 NAME = "cpu"
 

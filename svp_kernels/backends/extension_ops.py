@@ -48,8 +48,8 @@ def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
         return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
 
 
-def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean, center,
-               identity):
+def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
+                     center, identity):
     """(loss, ce, alignment, v) under one C++ autograd node (csrc/autograd.cpp): projection_value and
     epilogue_with_grad forward, dh = grad_loss · g_v R̃ backward; loss differentiable w.r.t. h only."""
     return _C.fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,

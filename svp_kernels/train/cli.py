@@ -16,12 +16,13 @@ import torch
 
 from .. import backends
 from . import distributed
-from .outputs import MIB, plot_memory_depth, write_outputs
+from .checkpoint import CheckpointError
 from .data import DATASETS, load_dataset
 from .models import NORMS
-from .checkpoint import CheckpointError
+from .outputs import MIB, plot_memory_depth, write_outputs
 from .run import LR_SCHEDULES, MODELS, TrainConfig, memory_depth_rows, recipe_config, run_training, validate_config
 from .trainer import METHODS, OPTIMIZERS
+
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +51,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="svp-train", description="Train with the fused SVP local loss (or backprop) and report accuracy, "
         "wall time and peak memory. Every training flag left out takes the --dataset recipe's value "
-        "(svp_kernels.train.run.RECIPES; README, Training). Subcommand: `svp-train memory-depth --help`.")
+        "(svp_kernels.train.run.RECIPES; docs/training.md). Subcommand: `svp-train memory-depth --help`.")
 
     def add(flag: str, kind=None, **options):
         if kind in (int, float):

@@ -41,8 +41,8 @@ from .common import EVAL_BATCH, Clock, DistributedTrainingError, epoch_batches, 
 from .data_parallel import ProcessShare, data_parallel_step, run_data_parallel_rank
 from .launch import free_port, launch, pin_to_cores, train_main
 from .pipeline import run_pipeline_stage
-from .plan import (MODES, Plan, balanced_split, choose_split, grid_position, measured_block_costs, plan_from_arguments,
-                   role, share_sizes, trainable_batch, validate)
+from .plan import (MODES, Plan, balanced_split, choose_split, grid_position, measured_block_costs,
+                   plan_from_arguments, role, share_sizes, trainable_batch, validate)
 from .protocol import EPOCH_END, EVAL, STOP, TRAIN, Inbound, Message, Outbound
 
 __all__ = ["CHECKPOINT_FORMAT", "EPOCH_END", "EVAL", "EVAL_BATCH", "MODES", "STOP", "TRAIN", "Clock",

@@ -18,7 +18,6 @@ from ..trainer import LayerwiseTrainer
 from .common import DistributedTrainingError
 from .plan import Plan
 
-
 CHECKPOINT_FORMAT = "svp-kernels-distributed-checkpoint/1"
 
 def _checkpoint_path(directory: str, rank: int, epoch: int) -> Path:

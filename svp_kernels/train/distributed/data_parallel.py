@@ -18,7 +18,6 @@ from .common import EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_
 from .plan import Plan, check_global_batch, share_sizes, trainable_batch
 
 
-
 def gather_rows(local: torch.Tensor, sizes: list[int], rank: int, group=None) -> torch.Tensor:
     """(Σ sizes, C): every rank's rows in rank order, this rank's being `local` itself (so gradients reach
     it); the others are constants. local: (sizes[rank], C); rank: this process's rank in `group` (None:
@@ -108,7 +107,8 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     epochs_done, step, curves = resume(state, plan, config, trainer, None)
     trainer.step = step
     bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
-               disable=not progress or rank != 0, desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
+               disable=not progress or rank != 0,
+               desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
     samples = 0
     dist.barrier()
     start = time.perf_counter()

@@ -28,7 +28,6 @@ from .pipeline import run_pipeline_stage
 from .plan import Plan, plan_from_arguments, role, torchrun_environment, validate
 
 
-
 def die_with_parent(parent_pid: int) -> None:
     """Make this process exit when its parent does: PR_SET_PDEATHSIG = SIGKILL on Linux, else a watchdog
     thread that polls os.getppid() every second."""

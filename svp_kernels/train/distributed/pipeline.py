@@ -17,10 +17,9 @@ from ..trainer import LayerwiseTrainer
 from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_checkpoint
 from .common import EVAL_BATCH, Clock, distributed_fields, epoch_means, process_cores, run_meta
 from .data_parallel import data_parallel_step, input_alignment_rows
-from .plan import Plan, block_output_shapes, check_global_batch, choose_split, grid_position, keep_blocks, \
-    share_sizes, stage_blocks, trainable_batch
+from .plan import (Plan, block_output_shapes, check_global_batch, choose_split, grid_position, keep_blocks,
+                   share_sizes, stage_blocks, trainable_batch)
 from .protocol import EPOCH_END, EVAL, STOP, TRAIN, Inbound, Message, Outbound, pipeline_schedule
-
 
 
 def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Dataset, schedule, bar,

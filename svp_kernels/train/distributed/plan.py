@@ -18,7 +18,6 @@ from ..run import TrainConfig
 from ..trainer import LayerwiseTrainer
 from .common import Clock
 
-
 MODES = ("pipeline", "data_parallel")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

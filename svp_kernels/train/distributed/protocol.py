@@ -16,7 +16,6 @@ from ..run import TrainConfig
 from .common import EVAL_BATCH, Clock, DistributedTrainingError, epoch_batches
 from .plan import share_sizes
 
-
 TRAIN, EVAL, EPOCH_END, STOP = range(4)  # message kinds
 
 @dataclass

@@ -1,6 +1,7 @@
 """Forward + backward timings of sk.predsim_loss and sk.alignment_loss against the plain formulation.
 
-    python bench/predsim.py [--op predsim|alignment_loss] [--threads N] [--no-compile] [--only 0,3] [--repeats 25]
+    python bench/similarity_losses.py [--op predsim|alignment_loss] [--threads N] [--no-compile] [--only 0,3]
+                                      [--repeats 25]
 
 Rows: op=predsim (local-loss's predsim block loss: decoder CE + similarity MSE against the labels) and
 op=alignment_loss (the SVP alignment term with a centred similarity, against a float target), each for
@@ -18,13 +19,11 @@ import csv
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import svp_kernels as sk  # noqa: E402
 from svp_kernels.similarity import reference as similarity_reference  # noqa: E402
