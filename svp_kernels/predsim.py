@@ -27,8 +27,8 @@ from . import backends
 from ._ops import accumulation_dtype
 from .similarity import fused as similarity_fused
 from .similarity import reference as similarity_reference
-from .validation import (check_bool, check_class_indices, check_features, check_p, check_reduction, check_seed,
-                         check_target_range)
+from .validation import (check_bool, check_choice, check_class_indices, check_features, check_p, check_reduction,
+                         check_seed, check_target_range)
 
 REDUCE_CHOICES = ("std", "flatten")
 
@@ -66,9 +66,7 @@ def _check_rows(x, name: str, reduce: str) -> torch.Tensor:
 
 
 def _check_reduce(reduce) -> str:
-    if reduce not in REDUCE_CHOICES:
-        raise ValueError(f"reduce must be 'std' or 'flatten' (for 4-D inputs), got {reduce!r}")
-    return reduce
+    return check_choice(reduce, "reduce", REDUCE_CHOICES)
 
 
 def _check_batch(x: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str) -> None:

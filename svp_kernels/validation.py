@@ -167,11 +167,18 @@ def check_seed(seed, p: float, device: torch.device) -> torch.Tensor:
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 
+def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    """value, one of the strings `choices`: a keyword argument such as reduction= or reduce= (every op's
+    string keywords are checked here, with one wording)."""
+    if value not in choices:
+        listed = " or ".join([", ".join(repr(choice) for choice in choices[:-1]), repr(choices[-1])])
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value
+
+
 def check_reduction(reduction) -> bool:
     """True for "mean", False for "sum"."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return reduction == "mean"
+    return check_choice(reduction, "reduction", ("mean", "sum")) == "mean"
 
 
 def check_bool(value, name: str) -> bool:
@@ -186,13 +193,6 @@ def check_alignment_weight(alignment_weight) -> float:
     # 0 <= λ < inf rejects NaN as well
     check_in_range(0.0 <= alignment_weight < math.inf, "alignment_weight must be finite and ≥ 0", alignment_weight)
     return float(alignment_weight)
-
-
-def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    """value, one of the strings `choices` (a keyword such as reduce=)."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(choice) for choice in choices)}, got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------
