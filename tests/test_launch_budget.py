@@ -2,8 +2,8 @@
 
 At the small shapes of the benchmark a call's fixed cost, one launch of a few microseconds per kernel and per
 torch op, outweighs the kernels' own work, so the number of launches is held to a budget: Triton launches
-plus torch ops on the device (tests/launches.py), counted here on CPU under the interpreter. The projection
-is split over D as on an H100 (132 SMs), so the split's reduction is counted too.
+plus torch ops on the device (svp_kernels/testing/launches.py), counted here on CPU under the interpreter.
+The projection is split over D as on an H100 (132 SMs), so the split's reduction is counted too.
 """
 
 import os
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import svp_kernels as sk  # noqa: E402
 from svp_kernels.backends import triton as triton_backend  # noqa: E402
 
-from launches import LaunchCounter  # noqa: E402
+from svp_kernels.testing.launches import LaunchCounter  # noqa: E402
 
 if not triton_backend.is_available():
     pytest.skip(f"the triton backend is unavailable: {triton_backend.unavailable_reason()}", allow_module_level=True)

@@ -35,9 +35,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from svp_kernels.backends.triton import ops  # noqa: E402  (the kernels must be JIT functions: no TRITON_INTERPRET)
 
 CSV_COLUMNS = ("source", "kernel", "variant", "registers", "spill_stores", "spill_loads", "shared_bytes",

@@ -57,7 +57,7 @@ def has_gradient_interface(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in GRADIENT_INTERFACE)
 
 
-NATIVE_NODES = ("local_loss", "dropout_projection")
+NATIVE_NODES = ("fused_local_loss", "dropout_projection")
 
 
 def has_native_node(module) -> bool:
@@ -78,22 +78,31 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if is_available(name)]
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype):
-    """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
+def requested(backend) -> tuple[str, str]:
+    """(name, source): the backend a call asks for, "auto" or one of BACKEND_NAMES, with "auto" replaced by
+    SVP_KERNELS_BACKEND when that is set, and where the name came from ("backend" or the environment
+    variable), for the messages. TypeError/ValueError for anything else. Every op resolves its backend
+    argument here (resolve below; the similarity losses of svp_kernels/predsim.py)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of 'auto' or {BACKEND_NAMES}, got {type(backend).__name__}")
     source = "backend"
     if backend == "auto":
         backend = os.environ.get(ENV_OVERRIDE, "auto") or "auto"
         source = f"the environment variable {ENV_OVERRIDE}"
-        if backend == "auto":
-            order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
-            for name in order:
-                if is_available(name) and load(name).supports(device, dtype):
-                    return load(name)
-            return load("reference")
-    if backend not in BACKEND_NAMES:
+    if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"{source} must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend, source
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
+    backend, _ = requested(backend)
+    if backend == "auto":
+        order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
+        for name in order:
+            if is_available(name) and load(name).supports(device, dtype):
+                return load(name)
+        return load("reference")
     if not is_available(backend):
         raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
     module = load(backend)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .compiled import (cosine_gram, dropout_projection, epilogue, epilogue_with_grad,  # noqa: F401
-                       local_loss, projection, projection_backward,
-                       projection_value)  # (the backend interface)
+from .extension_ops import (cosine_gram, dropout_projection, epilogue, epilogue_with_grad,  # noqa: F401
+                            fused_local_loss, projection, projection_backward, projection_value)
 
 NAME = "cpu"
 

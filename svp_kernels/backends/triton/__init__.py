@@ -134,8 +134,8 @@ def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, see
     return load_ops().projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
 
 
-def local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
-               center, identity):
+def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight,
+                     mean, center, identity):
     """(loss, ce, alignment, v) of fused_local_loss under one autograd node (nodes.py; v = h when `identity`)."""
     load_ops()
     return _NODES.FusedLocalLoss.apply(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,

@@ -16,20 +16,18 @@ import pytest
 pytest.importorskip("triton")
 
 from svp_kernels.backends import triton as triton_backend  # noqa: E402
+from tools import gpu_compile_check  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "gpu_compile_check.py")
 TABLE = os.path.join(ROOT, "bench", "results", "sm90-static.csv")
 REQUIRED_SOURCES = ("triton-" + ".".join(map(str, triton_backend.MIN_TRITON)), "triton-3.6.0")
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-gpu_compile_check = pytest.importorskip("gpu_compile_check")
 
 
 def _tool(*args, timeout=600):
     """Run the tool as CI does: TRITON_INTERPRET unset, so that the kernels are JIT functions."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + sys.path)
     return subprocess.run([sys.executable, "-W", "ignore", TOOL, *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
