@@ -162,6 +162,26 @@ at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optiona
   return dh;
 }
 
+at::Tensor dropped_projection_cuda(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                                   int64_t proj_seed, double proj_std, double p, const at::Tensor& seed,
+                                   at::ScalarType dtype) {
+  constexpr const char* op = "dropped_projection";
+  TORCH_CHECK(seed.is_cuda(), "svp_kernels cuda ", op, ": seed must be a CUDA tensor, got one on ", seed.device());
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, "svp_kernels cuda ", op,
+              ": out_features and in_features must be >= 0, got ", out_features, ", ", in_features);
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "svp_kernels cuda ", op, ": p must be in [0, 1), got ", p);
+  const c10::cuda::CUDAGuard device_guard(seed.device());
+  const svp_cuda::DType kernel_type = kernel_dtype(dtype, op, "dtype");
+  const at::Tensor w = dense_weight(weight, seed, dtype, out_features, in_features, op);
+  const int64_t* seed_ptr = seed_pointer(seed, seed, op);
+  at::Tensor out = at::empty({out_features, in_features}, seed.options().dtype(dtype));
+  check_cuda(svp_cuda::dropped_projection(data_or_null(w), out.data_ptr(), out_features, in_features,
+                                          seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
+                                          seed_ptr, kernel_type, c10::cuda::getCurrentCUDAStream().stream()),
+             op);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
     const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,
     double alignment_weight, bool mean, bool center) {
@@ -237,4 +257,5 @@ TORCH_LIBRARY_IMPL(svp_kernels, CUDA, m) {
   m.impl("projection_backward", &projection_backward_cuda);
   m.impl("loss_epilogue", &loss_epilogue_cuda);
   m.impl("cosine_gram", &cosine_gram_cuda);
+  m.impl("dropped_projection", &dropped_projection_cuda);
 }

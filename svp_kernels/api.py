@@ -177,6 +177,14 @@ def _check_alignment_weight(alignment_weight) -> float:
     return float(alignment_weight)
 
 
+def _check_projection_path(projection_path) -> str:
+    """One of backends.PROJECTION_PATHS: "auto", "fused" (the fused kernels) or "gemm" (R̃ written out, then the
+    device's GEMM; docs/backends.md "projection paths")."""
+    if projection_path not in backends.PROJECTION_PATHS:
+        raise ValueError(f"projection_path must be one of {backends.PROJECTION_PATHS}, got {projection_path!r}")
+    return projection_path
+
+
 class _ProjectionArgs(NamedTuple):
     """A validated projection: weight (C, D) or None for implicit; identity when `identity`."""
 
@@ -212,12 +220,18 @@ def _check_projection(projection, h: torch.Tensor, p: float) -> _ProjectionArgs:
     return _ProjectionArgs(False, projection.contiguous(), projection.shape[0], 0, 0.0)
 
 
-def _project(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _gemm_keyword(gemm: bool) -> dict:
+    """The backend functions' projection-path keyword: passed only when the GEMM path runs, so that backends
+    with the fused path alone keep their signatures."""
+    return {"gemm": True} if gemm else {}
+
+
+def _project(module, h, projection: _ProjectionArgs, p: float, seed: torch.Tensor, gemm: bool = False) -> torch.Tensor:
     """v (B, C) in the accumulation dtype, differentiable w.r.t. h."""
     if projection.identity:
         return h.to(accumulation_dtype(h.dtype))
     return module.projection(h, projection.weight, projection.out_features, projection.proj_seed,
-                             projection.proj_std, p, seed)
+                             projection.proj_std, p, seed, **_gemm_keyword(gemm))
 
 
 def _save_projection(ctx, h, module, projection: _ProjectionArgs, p: float) -> None:
@@ -293,7 +307,7 @@ class _DropoutProjection(torch.autograd.Function):
 
 def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p: float = 0.0, seed=None,
                      alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
-                     backend: str = "auto") -> LocalLoss:
+                     backend: str = "auto", projection_path: str = "auto") -> LocalLoss:
     """The SVP local loss of one layer and its gradient, without materialising R̃ or any B×B matrix.
 
     v = h R̃ᵀ with R̃ = R ⊙ M / (1 − p); loss = CE(v, target) + λ‖S(v) − S(v_prev)‖²_F (/ B² for "mean"),
@@ -312,6 +326,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
         reduction: "mean" (FA / B²) or "sum" of the alignment term; CE is always a batch mean.
         center: subtract each row's mean before normalising (Pearson similarity).
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
+        projection_path: "auto" | "fused" (R̃ generated tile by tile inside the kernels) | "gemm" (R̃ (C, D)
+            written out once per direction, then the device's GEMM: cuBLAS tensor cores for bfloat16/float16;
+            C·D extra transient memory); cpu and cuda backends. "auto" is "fused" for now.
 
     Returns:
         LocalLoss(loss, ce, alignment, v): loss differentiable w.r.t. h; ce, alignment detached; v (B, C)
@@ -326,7 +343,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     center = _check_bool(center, "center")
     alignment_weight = _check_alignment_weight(alignment_weight)
     seed = _check_seed(seed, p, h.device)
+    path = _check_projection_path(projection_path)
     module = backends.resolve(backend, h.device, h.dtype)
+    gemm = backends.gemm_projection(path, module)
 
     h = h.contiguous()
     if not _is_compiling() and backends.has_gradient_interface(module):
@@ -334,18 +353,21 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
             loss, ce, alignment, v = module.local_loss(h, projection_args.weight, projection_args.out_features,
                                                        projection_args.proj_seed, projection_args.proj_std, p, seed,
                                                        target, v_prev, alignment_weight, mean, center,
-                                                       projection_args.identity)
+                                                       projection_args.identity, **_gemm_keyword(gemm))
         else:
             loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
                                                             alignment_weight, mean, center)
         return LocalLoss(loss, ce, alignment, v.to(h.dtype))
-    v = _project(module, h, projection_args, p, seed)
+    v = _project(module, h, projection_args, p, seed, gemm)
     loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)
     return LocalLoss(loss, ce.detach(), alignment.detach(), v.detach().to(h.dtype))
 
 
-def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto") -> torch.Tensor:
-    """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored.
+def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto", *,
+                       projection_path: str = "auto") -> torch.Tensor:
+    """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored (with
+    projection_path="gemm": written out as one transient (C, D) tensor per direction and multiplied by the
+    device's GEMM; see fused_local_loss).
 
     Replaces ``h @ (R * (torch.rand_like(R) >= p) / (1 - p)).T`` (with the mask of docs/design.md §3).
     """
@@ -353,15 +375,17 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     p = _check_p(p)
     projection_args = _check_projection(projection, h, p)
     seed = _check_seed(seed, p, h.device)
+    path = _check_projection_path(projection_path)
     module = backends.resolve(backend, h.device, h.dtype)
+    gemm = backends.gemm_projection(path, module)
     h = h.contiguous()
     if not _is_compiling() and backends.has_gradient_interface(module) and not projection_args.identity:
         if backends.has_native_node(module):
             return module.dropout_projection(h, projection_args.weight, projection_args.out_features,
                                              projection_args.proj_seed, projection_args.proj_std, p,
-                                             seed).to(h.dtype)
+                                             seed, **_gemm_keyword(gemm)).to(h.dtype)
         return _DropoutProjection.apply(h, module, projection_args, p, seed).to(h.dtype)
-    return _project(module, h, projection_args, p, seed).to(h.dtype)
+    return _project(module, h, projection_args, p, seed, gemm).to(h.dtype)
 
 
 def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto", *,

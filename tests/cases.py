@@ -58,14 +58,31 @@ def as_float64(value):
     return value.detach().double().requires_grad_(value.requires_grad) if isinstance(value, torch.Tensor) else value
 
 
-def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
+def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42, projection_path: str = "auto"):
     """(loss, ce, alignment, v, dh) of fused_local_loss forward + backward on `backend`."""
     h = h.detach().requires_grad_(True)
     out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=case.p, seed=seed,
                               alignment_weight=case.alignment_weight, reduction=case.reduction,
-                              center=case.center, backend=backend)
+                              center=case.center, backend=backend, projection_path=projection_path)
     out.loss.backward()
     return out.loss.detach(), out.ce, out.alignment, out.v, h.grad
+
+
+def project(backend: str, h, weight, C: int, implicit: bool, p: float, seed: int, grad_v, projection_path="auto"):
+    """(v, dh) of dropout_projection forward and backward (an implicit R: ImplicitProjection(C, seed=77))."""
+    h = h.detach().requires_grad_(True)
+    projection = sk.ImplicitProjection(C, seed=77) if implicit else weight
+    v = sk.dropout_projection(h, projection, p=p, seed=seed, backend=backend, projection_path=projection_path)
+    v.backward(grad_v.to(v.dtype))
+    return v.detach(), h.grad
+
+
+def projection_inputs(B: int, D: int, C: int, dtype, device):
+    """(h (B, D), R (C, D) / √D, grad_v (B, C)) of `dtype` on `device`, seeded by the shape."""
+    generator = torch.Generator().manual_seed(B * D + C)
+    h, weight, grad_v = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
+                         ((B, D), (C, D), (B, C)))
+    return h.to(dtype).to(device), (weight / D**0.5).to(dtype).to(device), grad_v.to(dtype).to(device)
 
 
 def _cpu_float64(value):
@@ -219,6 +236,9 @@ OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torc
 IMPLICIT_TOL = 1e-5
 
 
+OP_SAMPLE_COUNT = 13  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
+
+
 def op_samples(dtype=torch.float64, device="cpu"):
     """(op, args) for torch.library.opcheck: every svp_kernels op, dense and implicit, each optional input."""
     generator = torch.Generator().manual_seed(0)
@@ -243,4 +263,9 @@ def op_samples(dtype=torch.float64, device="cpu"):
         (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
         (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
         (ops.cosine_gram.default, (v.detach(), True)),
+        (ops.dropped_projection.default, (weight, C, D, 0, 0.0, 0.3, seed(11), dtype)),
+        (ops.dropped_projection.default, (None, C, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.3, seed(11))),
+        (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.0, seed(0))),
+        (ops.projection_backward_gemm.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
     ]

@@ -22,7 +22,7 @@ from svp_kernels.backends import reference
 from svp_kernels.backends.cuda import launch_plan
 
 from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
-                   PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
+                   OP_SAMPLE_COUNT, PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
                    projection_ground_truth)
 from helpers import assert_close, assert_equal_masks, seed_tensor
 
@@ -287,7 +287,7 @@ def test_fused_local_loss_cuda_backend(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(OP_SAMPLE_COUNT))
 def test_opcheck_cuda(index, dtype):
     op, args = op_samples(dtype, DEVICE)[index]
     torch.library.opcheck(op, args)

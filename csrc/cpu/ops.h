@@ -17,6 +17,13 @@ at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at:
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
                                const at::Tensor& seed, at::ScalarType dtype);
 
+// R̃ (C, D) = R ⊙ M / (1 − p) in `dtype` (float32/float64), written out: the transient operand of the GEMM
+// projection path (csrc/projection_gemm.cpp). Element for element the values the tiles of projection_forward and
+// projection_backward generate, so the same bits.
+at::Tensor dropped_projection(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed,
+                              at::ScalarType dtype);
+
 // (loss, ce, alignment, g_v): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean) and g_v = dloss/dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
     const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,

@@ -194,8 +194,11 @@ struct ForwardParams {
   bool h_vec;            // 16-byte loads of h are legal
 };
 
+// Two blocks per SM (≤ 128 registers): without the hint ptxas gave the float16 64-wide tile 128 registers and
+// a 4-byte spill, and the double one 170 registers (one block per SM); with it no variant spills
+// (tools/static_sm90.py, bench/results/sm90-static.csv).
 template <class Cfg, typename T, typename Acc>
-__global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const ForwardParams<T, Acc> P) {
+__global__ void __launch_bounds__(Cfg::NT, 2) projection_forward_kernel(const ForwardParams<T, Acc> P) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   Acc* As = reinterpret_cast<Acc*>(shared_raw);  // [BK][BM+1]  tile of h, k-major
   Acc* Ps = As + Cfg::BK * Cfg::A_LD;             // [KP][BN+1]  panel of R̃ᵀ
@@ -265,6 +268,21 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const Acc* __restric
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// R̃ written out (the GEMM projection path): out[n] = R̃ at flat offset n = c·D + j, rounded to T. The values the
+// panels of the kernels above hold (in Acc), so float32/float64 R̃ are the same bits.
+constexpr int kDroppedThreads = 256;
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kDroppedThreads) dropped_projection_kernel(const DroppedProjection<T, Acc> R,
+                                                                             T* __restrict__ out, int64_t count) {
+  const DroppedProjection<T, Acc> r_tilde = R.with_seed();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kDroppedThreads;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kDroppedThreads + threadIdx.x; n < count; n += stride) {
+    out[n] = convert<T>(r_tilde(static_cast<uint64_t>(n)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Backward: dh for BN columns of D and a range of batch tiles.
 
 template <typename T, typename Acc>
@@ -310,9 +328,10 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
         // Stage 2: the grad_v tile (rows b0.., classes k0..k0+BK).
         load_rows_tile<Cfg>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec);
         __syncthreads();
-        // Stage 3: FMAs.
+        // Stage 3: FMAs over the step's classes rounded up to 8 (at C = 10: 16 of the 32).
+        const int k_eighths = static_cast<int>(((chunk_end - k0 < Cfg::BK ? chunk_end - k0 : Cfg::BK) + 7) / 8);
         register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::P_LD>(
-            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
+            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty, k_eighths);
         __syncthreads();
       }
     }
@@ -335,6 +354,8 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
 // Host-side plans. Both the workspace query and the launch call these, so they agree by construction.
 
 constexpr int64_t kMaxGridYZ = 65535;
+// Split-K partial sums up to this size stay in L2 (a third of an H100's 50 MB): no cap on their traffic.
+constexpr size_t kL2PartialBytes = size_t(16) << 20;
 
 struct ForwardPlan {
   int tile_n = 64;            // which ForwardTile: 16, 32 or 64
@@ -358,10 +379,13 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
   const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
   const int64_t splits_for_parallelism = ceil_div(target_blocks, tiles_b * plan.tiles_c);
   // One panel per split lets a block generate R̃ once for all its batch tiles, but every split adds a (B, C)
-  // partial that is written and read back: keep that traffic under 1/4 of reading h
-  // (2·splits·C·acc <= D·elem / 4 bytes per row of h).
-  const int64_t splits_for_traffic = max64(1, static_cast<int64_t>(D * elem) / static_cast<int64_t>(8 * C * acc));
-  int64_t splits = min64(panels, max64(splits_for_parallelism, splits_for_traffic));
+  // partial that is written and read back: the splits parallelism asks for are capped so that this traffic
+  // stays under 1/4 of reading h (2·splits·C·acc <= D·elem / 4 bytes per row of h), or within
+  // kL2PartialBytes, where it never leaves L2 (bench/NOTES.md, "weak points" 1).
+  const int64_t splits_for_traffic =
+      max64(max64(1, static_cast<int64_t>(D * elem) / static_cast<int64_t>(8 * C * acc)),
+            static_cast<int64_t>(kL2PartialBytes) / static_cast<int64_t>(2 * B * C * acc));
+  int64_t splits = max64(1, min64(panels, min64(splits_for_parallelism, splits_for_traffic)));
   int64_t panels_per_split = ceil_div(panels, splits);
   if (launch_plan.forward_panels_per_split > 0) {
     panels_per_split = min64(launch_plan.forward_panels_per_split, panels);
@@ -397,13 +421,6 @@ bool valid_dtype(DType dtype) {
          dtype == DType::kFloat16;
 }
 
-template <typename Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, size_t bytes) {
-  // Above 48 KB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KB, sm_90: 227 KB).
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 template <typename T, typename Acc>
 DroppedProjection<T, Acc> make_r_tilde(const void* weight, uint64_t proj_seed, float proj_std, double p,
                                        const int64_t* seed) {
@@ -436,8 +453,8 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
   params.h_vec = aligned16(h) && D % (16 / static_cast<int64_t>(sizeof(T))) == 0;
 
   const size_t smem = Cfg::template smem_bytes<Acc>();
-  auto kernel = projection_forward_kernel<Cfg, T, Acc>;
-  SVP_CUDA_TRY(allow_shared_memory(kernel, smem));
+  constexpr auto kernel = projection_forward_kernel<Cfg, T, Acc>;
+  SVP_CUDA_TRY(allow_shared_memory<kernel>(smem));
   const dim3 grid(static_cast<unsigned>(plan.splits_d), static_cast<unsigned>(plan.tiles_c),
                   static_cast<unsigned>(plan.splits_b));
   kernel<<<grid, Cfg::NT, smem, stream>>>(params);
@@ -503,10 +520,23 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
   if (tiles_d > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
 
   const size_t smem = Cfg::template smem_bytes<Acc>();
-  auto kernel = projection_backward_kernel<Cfg, T, Acc>;
-  SVP_CUDA_TRY(allow_shared_memory(kernel, smem));
+  constexpr auto kernel = projection_backward_kernel<Cfg, T, Acc>;
+  SVP_CUDA_TRY(allow_shared_memory<kernel>(smem));
   const dim3 grid(static_cast<unsigned>(tiles_d), static_cast<unsigned>(splits_b), 1);
   kernel<<<grid, Cfg::NT, smem, stream>>>(params);
+  SVP_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t dropped_typed(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed, float proj_std,
+                          double p, const int64_t* seed, int sms, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t count = C * D;
+  // Enough blocks to fill the device ~8 deep, each thread then walks the rest with a grid stride.
+  const int64_t blocks = max64(1, min64(ceil_div(count, kDroppedThreads), 8 * static_cast<int64_t>(sms)));
+  dropped_projection_kernel<T, Acc><<<static_cast<unsigned>(blocks), kDroppedThreads, 0, stream>>>(
+      make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed), static_cast<T*>(out), count);
   SVP_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
@@ -516,6 +546,28 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
 
 // ---------------------------------------------------------------------------------------------------------
 // Public launchers (svp_cuda.h).
+
+cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed,
+                               float proj_std, double p, const int64_t* seed, DType dtype, cudaStream_t stream) {
+  using namespace detail;
+  if (!valid_dtype(dtype) || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
+  if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
+  if (C == 0 || D == 0) return cudaSuccess;
+  if (out == nullptr) return cudaErrorInvalidValue;
+  int sms = 1;
+  SVP_CUDA_TRY(current_sm_count(&sms));
+  switch (dtype) {
+    case DType::kFloat32:
+      return dropped_typed<float>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kFloat64:
+      return dropped_typed<double>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kBFloat16:
+      return dropped_typed<__nv_bfloat16>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kFloat16:
+      return dropped_typed<__half>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes,
                                               const LaunchPlan& launch_plan) {

@@ -68,6 +68,12 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
                                 int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
                                 DType dtype, const LaunchPlan& launch_plan, cudaStream_t stream);
 
+// R̃ (C, D) of dtype written out, for the GEMM projection path (csrc/projection_gemm.cpp): element (c, j) is the
+// R̃[c, j] the two kernels above generate (in Acc), rounded to dtype: the same bits for float32/float64, one
+// rounding more for bfloat16/float16. weight and seed as above. One kernel, no workspace.
+cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed,
+                               float proj_std, double p, const int64_t* seed, DType dtype, cudaStream_t stream);
+
 // ---------------------------------------------------------------------------------------------------------
 // Loss epilogue on the (B, C) projection:
 //   loss = CE(v, target) + λ·FA,  FA = ‖S(v) − S(v_prev)‖²_F (/ B² when `mean`),  g_v = dloss/dv.

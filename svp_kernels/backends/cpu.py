@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .compiled import (cosine_gram, dropout_projection, epilogue, epilogue_with_grad,  # noqa: F401
-                       local_loss, projection, projection_backward,
+from .compiled import (PROJECTION_PATHS, cosine_gram, dropout_projection, epilogue,  # noqa: F401
+                       epilogue_with_grad, local_loss, projection, projection_backward,
                        projection_value)  # (the backend interface)
 
 NAME = "cpu"

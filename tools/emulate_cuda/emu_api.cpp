@@ -8,15 +8,29 @@
 extern "C" {
 
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+// The SM count the plans see (SVP_EMU_SMS, default 4). Each distinct count is a device of its own, numbered in
+// the order first seen, so the launchers' per-device caches see a new device when the count changes.
+static int emulated_sms() {
+  const char* env = std::getenv("SVP_EMU_SMS");
+  return env != nullptr ? std::atoi(env) : 4;
+}
+static int device_counts[64];
+static int devices_seen = 0;
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  const int sms = emulated_sms();
+  for (*device = 0; *device < devices_seen && device_counts[*device] != sms; ++*device) {
+  }
+  if (*device == devices_seen) {
+    if (devices_seen == 64) return cudaErrorInvalidDevice;
+    device_counts[devices_seen++] = sms;
+  }
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
-  (void)device;
-  if (attribute != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  const char* env = std::getenv("SVP_EMU_SMS");  // the SM count the plans see
-  *value = env != nullptr ? std::atoi(env) : 4;
+  if (attribute != cudaDevAttrMultiProcessorCount || device < 0 || device >= devices_seen) {
+    return cudaErrorInvalidValue;
+  }
+  *value = device_counts[device];
   return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttribute(const void* function, cudaFuncAttribute attribute, int value) {
@@ -33,6 +47,19 @@ uint64_t emu_take_blocks_run(void) {
   const uint64_t blocks = svp_emu::g_blocks_run;
   svp_emu::g_blocks_run = 0;
   return blocks;
+}
+
+// Kernel launches since the last call (then reset to zero).
+uint64_t emu_take_launches_run(void) {
+  const uint64_t launches = svp_emu::g_launches_run;
+  svp_emu::g_launches_run = 0;
+  return launches;
+}
+
+int emu_dropped_projection(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed, float proj_std,
+                           double p, const int64_t* seed, int dtype) {
+  return svp_cuda::dropped_projection(weight, out, C, D, proj_seed, proj_std, p, seed,
+                                      static_cast<svp_cuda::DType>(dtype), nullptr);
 }
 
 int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int dtype, size_t* bytes,

@@ -1,6 +1,8 @@
 """Run the CUDA kernels of csrc/cuda on the CPU, under a fiber-based emulator, against the float64 reference.
 
     python tools/emulate_cuda/run_emulation.py [--quick] [-k SUBSTRING] [--keep-build DIR]
+    python tools/emulate_cuda/run_emulation.py --quick --dump before.pt      # every output the checks produced
+    python tools/emulate_cuda/run_emulation.py --quick --compare before.pt   # ... the same bits as then?
 
 No GPU needed: each csrc/cuda/*.cu is rewritten for g++ (launches -> svp_emu::launcher, __shared__ ->
 static, dynamic shared memory -> a NaN-poisoned buffer; see svp_emu.h), compiled with the launchers into
@@ -70,13 +72,12 @@ def rewrite_for_host(source: str) -> str:
     return source
 
 
-def build(build_dir: str) -> str:
+def build(build_dir: str, cuda_dir: str = os.path.join(ROOT, "csrc", "cuda")) -> str:
     cuda_include = next((d for d in (os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include"),
                                      "/usr/local/cuda/include") if os.path.exists(os.path.join(d, "cuda_runtime.h"))),
                         None)
     if cuda_include is None:
         raise SystemExit("run_emulation: cuda_runtime.h not found (set CUDA_HOME)")
-    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
     sources = []
     for name in sorted(os.listdir(cuda_dir)):
         path = os.path.join(cuda_dir, name)
@@ -138,6 +139,8 @@ class Emulated:
         plan = ctypes.POINTER(LaunchPlan)
         lib.emu_default_launch_plan.argtypes = [plan]
         lib.emu_take_blocks_run.restype = u64
+        lib.emu_take_launches_run.restype = u64
+        lib.emu_dropped_projection.argtypes = [vp, vp, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp, ctypes.c_int]
         lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz), plan]
         lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
                                                ctypes.c_int, vp, sz, plan]
@@ -160,6 +163,18 @@ class Emulated:
     def take_blocks_run(self) -> int:
         """Thread blocks launched since the last call."""
         return self.lib.emu_take_blocks_run()
+
+    def take_launches_run(self) -> int:
+        """Kernel launches since the last call."""
+        return self.lib.emu_take_launches_run()
+
+    def dropped_projection(self, weight, C, D, proj_seed, std, p, seed, dtype):
+        """R̃ (C, D) of `dtype` written by the GEMM path's Philox kernel (svp_cuda::dropped_projection)."""
+        seed = torch.tensor(seed, dtype=torch.int64)
+        out = torch.full((C, D), float("nan"), dtype=dtype)
+        self._check(self.lib.emu_dropped_projection(self._ptr(weight), self._ptr(out), C, D, proj_seed, std, p,
+                                                    self._ptr(seed), DTYPE_CODES[dtype]), "dropped_projection")
+        return out
 
     def projection_forward_workspace_bytes(self, B, C, D, dtype):
         size = ctypes.c_size_t()
@@ -281,6 +296,34 @@ def check_masks(emu, dtypes):
     v = emu.projection_forward(torch.eye(D), None, C, 123, D**-0.5, 0.4, 9)
     expect_close(v.t(), reference.dropped_weight(None, D, C, 123, D**-0.5, 0.4, 9, torch.float32, "cpu"), 2e-6,
                  "implicit R̃")
+
+
+def check_dropped_projection(emu, dtypes):
+    """The GEMM path's R̃ kernel writes, element for element, the R̃ of the fused forward's panels (h = I makes
+    its v exactly R̃ᵀ): float32/float64 bit for bit, dense and implicit; bfloat16/float16 that value rounded to
+    the dtype. Against the CPU kernels' R̃ (the compiled op) bit for bit when svp_kernels._C is loaded; masks
+    against the §3 spec always."""
+    from svp_kernels import _ops
+
+    for C, D, p, seed in MASK_SHAPES:
+        for implicit in (False, True):
+            for dtype in dtypes:
+                weight = None if implicit else randn(C, D, seed=C + D, dtype=dtype)
+                written = emu.dropped_projection(weight, C, D, 77, D**-0.5, p, seed, dtype)
+                name = f"dropped_projection C={C} D={D} p={p} implicit={implicit} {dtype}"
+                if not torch.equal(written != 0, philox.keep_mask(seed, C, D, p)):
+                    raise AssertionError(f"{name}: mask differs from the spec")
+                fused = emu.projection_forward(torch.eye(D, dtype=dtype), weight, C, 77, D**-0.5, p, seed).t()
+                if not torch.equal(written, fused.to(dtype)):
+                    raise AssertionError(f"{name}: differs from the fused forward's R̃")
+                if _ops.extension_loaded() and dtype in (torch.float32, torch.float64):
+                    cpu = torch.ops.svp_kernels.dropped_projection(weight, C, D, 77, D**-0.5, p,
+                                                                   torch.tensor(seed), dtype)
+                    equal = torch.equal(written, cpu) if not implicit else torch.equal(written != 0, cpu != 0)
+                    if not equal:
+                        raise AssertionError(f"{name}: differs from the CPU kernels' R̃")
+                    if implicit:
+                        expect_close(written, cpu, IMPLICIT_TOL, f"{name} vs the CPU kernels' implicit R")
 
 
 def check_projection(emu, dtypes, shapes):
@@ -406,6 +449,36 @@ def check_plans_reach_launchers(emu):
         emu.plan = saved
 
 
+def record_outputs(emu) -> list:
+    """Make every launcher method of `emu` also append (name, outputs) to the returned list."""
+    outputs = []
+    for name in ("projection_forward", "projection_backward", "loss_epilogue", "cosine_gram", "dropped_projection"):
+        method = getattr(emu, name)
+
+        def recording(*args, _method=method, _name=name):
+            result = _method(*args)
+            outputs.append((_name, [t.clone() for t in (result if isinstance(result, tuple) else (result,))]))
+            return result
+
+        setattr(emu, name, recording)
+    return outputs
+
+
+def compare_outputs(outputs: list, saved: list) -> int:
+    """1 (a failed group) unless both lists hold the same calls with bit-identical outputs (NaN equal to NaN,
+    −0 equal to +0), else 0."""
+    if [name for name, _ in outputs] != [name for name, _ in saved]:
+        print(f"FAILED  compare: {len(outputs)} calls now, {len(saved)} saved, or in another order", flush=True)
+        return 1
+    for index, ((name, now), (_, then)) in enumerate(zip(outputs, saved)):
+        for a, b in zip(now, then):
+            if not torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) or a.dtype != b.dtype:
+                print(f"FAILED  compare: call {index} ({name}) differs from the saved output", flush=True)
+                return 1
+    print(f"ok      compare: {len(outputs)} calls, every output bit-identical to the saved run", flush=True)
+    return 0
+
+
 PLANS = {
     "default": "",
     "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
@@ -420,14 +493,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="float32/float64, fewer shapes, default plan only")
     parser.add_argument("--keep-build", help="build into this directory and keep it")
     parser.add_argument("-k", dest="only", default="", help="run only the groups whose name contains this")
+    parser.add_argument("--cuda-dir", default=os.path.join(ROOT, "csrc", "cuda"),
+                        help="the CUDA sources to emulate (default csrc/cuda; e.g. a copy of an earlier version)")
+    parser.add_argument("--dump", help="save every output of the launchers (in call order) to this file")
+    parser.add_argument("--compare", help="fail unless every output equals, bit for bit, the one saved by --dump "
+                                          "in this file (a kernel change that must not change results)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     build_dir = args.keep_build or tempfile.mkdtemp(prefix="svp_emu_")
     os.makedirs(build_dir, exist_ok=True)
     start = time.time()
-    emu = Emulated(build(build_dir))
+    emu = Emulated(build(build_dir, args.cuda_dir))
     print(f"run_emulation: built the kernels for the CPU in {time.time() - start:.0f}s ({build_dir})", flush=True)
+    outputs = record_outputs(emu) if args.dump or args.compare else None
 
     all_dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     dtypes = all_dtypes[:2] if args.quick else all_dtypes
@@ -446,6 +525,8 @@ def main() -> int:
                 label = f"plan={plan_name} reverse={reverse} sms={sms}"
                 if plan_name == "default" and reverse == "0" and sms == "4":
                     groups.append((f"masks {label}", plan, env, lambda d=plan_dtypes: check_masks(emu, d)))
+                    groups.append((f"dropped projection {label}", plan, env,
+                                   lambda d=plan_dtypes: check_dropped_projection(emu, d)))
                 groups.append((f"projection {label}", plan, env,
                                lambda d=plan_dtypes: check_projection(emu, d, projection_shapes)))
                 groups.append((f"epilogue {label}", plan, env,
@@ -469,6 +550,11 @@ def main() -> int:
             print(f"FAILED  {name}: {error}", flush=True)
     if not args.keep_build:
         shutil.rmtree(build_dir, ignore_errors=True)
+    if args.dump:
+        torch.save(outputs, args.dump)
+        print(f"run_emulation: saved {len(outputs)} outputs to {args.dump}")
+    if args.compare:
+        failures += compare_outputs(outputs, torch.load(args.compare))
     print("run_emulation: " + ("all ok" if failures == 0 else f"{failures} group(s) FAILED"))
     return 1 if failures else 0
 

@@ -45,6 +45,7 @@ inline std::vector<unsigned char> g_dynamic_shared;
 inline unsigned char g_warp_exchange[32][32][16];
 inline bool g_reverse_order = false;  // run fibers in reverse order (env SVP_EMU_REVERSE=1)
 inline uint64_t g_blocks_run = 0;     // blocks run by all launches (read and reset by emu_take_blocks_run)
+inline uint64_t g_launches_run = 0;   // kernel launches (read and reset by emu_take_launches_run)
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "svp_emu: %s (block %u,%u,%u thread %d)\n", what, g_block_idx.x, g_block_idx.y,
@@ -138,6 +139,7 @@ void run_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sha
   if (threads <= 0 || threads > 1024) fail("bad block size");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) fail("bad grid size");
   g_blocks_run += static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  ++g_launches_run;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
