@@ -32,14 +32,16 @@ at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tenso
 
 at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed, at::ScalarType dtype, bool gemm) {
+                               const at::Tensor& seed, at::ScalarType dtype, bool gemm,
+                               const std::optional<at::Tensor>& grad_scale = std::nullopt) {
   using Signature = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, double, double,
-                               const at::Tensor&, at::ScalarType);
+                               const at::Tensor&, at::ScalarType, const std::optional<at::Tensor>&);
   static const auto fused =
       c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_backward", "").typed<Signature>();
   static const auto through_gemm =
       c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_backward_gemm", "").typed<Signature>();
-  return (gemm ? through_gemm : fused).call(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype);
+  return (gemm ? through_gemm : fused).call(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype,
+                                           grad_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const at::Tensor& v,
@@ -110,17 +112,18 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
     variable_list grad_inputs(14);  // one per argument of forward; only h has a gradient
     if (!grads[0].defined()) return grad_inputs;  // no gradient reached the loss: none for h either
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor grad_v = grads[0] * saved[0];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     if (ctx->saved_data["identity"].toBool()) {
-      grad_inputs[0] = grad_v.to(dtype);
+      grad_inputs[0] = (grads[0] * saved[0]).to(dtype);
     } else {
+      // dh = (grad_loss · g_v) R̃: the op multiplies grad_loss in (the CUDA kernel as it reads g_v: no launch
+      // of its own), the same product as grads[0] * saved[0].
       const std::optional<at::Tensor> weight =
           saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-      grad_inputs[0] = projection_backward(grad_v.contiguous(), weight, ctx->saved_data["in_features"].toInt(),
+      grad_inputs[0] = projection_backward(saved[0], weight, ctx->saved_data["in_features"].toInt(),
                                            ctx->saved_data["proj_seed"].toInt(),
                                            ctx->saved_data["proj_std"].toDouble(), ctx->saved_data["p"].toDouble(),
-                                           saved[2], dtype, ctx->saved_data["gemm"].toBool());
+                                           saved[2], dtype, ctx->saved_data["gemm"].toBool(), grads[0]);
     }
     return once_differentiable(grads, std::move(grad_inputs));
   }

@@ -102,7 +102,7 @@ TORCH_LIBRARY(svp_kernels, m) {
       "Tensor seed) -> Tensor v");
   m.def(
       "projection_backward(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
-      "float p, Tensor seed, ScalarType dtype) -> Tensor dh");
+      "float p, Tensor seed, ScalarType dtype, Tensor? grad_scale=None) -> Tensor dh");
   m.def(
       "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center) "
       "-> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");
@@ -116,7 +116,7 @@ TORCH_LIBRARY(svp_kernels, m) {
       "Tensor seed) -> Tensor v");
   m.def(
       "projection_backward_gemm(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
-      "float p, Tensor seed, ScalarType dtype) -> Tensor dh");
+      "float p, Tensor seed, ScalarType dtype, Tensor? grad_scale=None) -> Tensor dh");
 }
 
 TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {

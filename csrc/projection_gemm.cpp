@@ -74,14 +74,15 @@ at::Tensor projection_forward_gemm(const at::Tensor& h, const std::optional<at::
   return is_half(h.scalar_type()) ? at::mm(h, r.t(), at::kFloat) : at::mm(h, r.t());
 }
 
-// dh (B, D) = grad_v R̃ in `dtype` (h's dtype); grad_v (B, C) is in the accumulation dtype.
+// dh (B, D) = (grad_scale ·) grad_v R̃ in `dtype` (h's dtype); grad_v (B, C) is in the accumulation dtype.
 at::Tensor projection_backward_gemm(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
                                     int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                                    const at::Tensor& seed, at::ScalarType dtype) {
+                                    const at::Tensor& seed, at::ScalarType dtype,
+                                    const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(grad_v.dim() == 2, "svp_kernels projection_backward_gemm: grad_v must be (B, C), got ",
               grad_v.sizes());
   const at::Tensor r = r_tilde(weight, grad_v.size(1), in_features, proj_seed, proj_std, p, seed, dtype);
-  const at::Tensor grad = grad_v.to(dtype);
+  const at::Tensor grad = (grad_scale.has_value() ? *grad_scale * grad_v : grad_v).to(dtype);
   const IeeeFloat32 ieee(grad);
   return at::mm(grad, r);
 }

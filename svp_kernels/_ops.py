@@ -57,7 +57,7 @@ def register_fakes(prefix: str) -> None:
         return h.new_empty((h.shape[0], out_features), dtype=accumulation_dtype(h.dtype))
 
     @torch.library.register_fake(prefix + "projection_backward")
-    def _projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
+    def _projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype, grad_scale=None):
         return grad_v.new_empty((grad_v.shape[0], in_features), dtype=dtype)
 
     @torch.library.register_fake(prefix + "loss_epilogue")
@@ -121,7 +121,8 @@ def register_gemm_path() -> None:
         return h.new_empty((h.shape[0], out_features), dtype=accumulation_dtype(h.dtype))
 
     @torch.library.register_fake("svp_kernels::projection_backward_gemm")
-    def _projection_backward_gemm(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
+    def _projection_backward_gemm(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype,
+                                  grad_scale=None):
         return grad_v.new_empty((grad_v.shape[0], in_features), dtype=dtype)
 
     register_projection_autograd("svp_kernels::projection_forward_gemm", torch.ops.svp_kernels.projection_backward_gemm)

@@ -219,6 +219,13 @@ EPILOGUE_SHAPES = [  # (B, C, C'): C' None = no v_prev
     (70, 70, 50),                             # batch space, several 32-row tiles, C > 64 classes per step
     (64, 130, None),                          # CE only, C > 128
 ]
+# Two to four small shapes per op that still reach every path of the kernels (tools/sanitize_cuda.py --small,
+# the sanitizer run of tools/gpu_check.py): the 16-, 32- and 64-wide forward tiles (C > 32), split-K and
+# regenerated panels at D = 300 (under the forced plans), the backward regenerating its panel per class chunk
+# (C > 128), 16-byte grad_v loads (C % 4 == 0) and scalar ones; the epilogue in batch space (with a K loop over
+# C + C' > 32) and in feature space. tests/test_sanitizer_shapes.py checks that they do.
+SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17), (9, 200, 40), (3, 130, 132)]
+SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4), (9, 20, 17)]
 # Launch plans ("key=value,...": fields of svp_cuda::LaunchPlan, csrc/cuda/svp_cuda.h) forced through
 # svp_kernels.backends.cuda.launch_plan, which parses them (parse_launch_plan, also used by the emulator).
 PROJECTION_PLANS = [
@@ -236,7 +243,7 @@ OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-2, torc
 IMPLICIT_TOL = 1e-5
 
 
-OP_SAMPLE_COUNT = 13  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
+OP_SAMPLE_COUNT = 15  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
 
 
 def op_samples(dtype=torch.float64, device="cpu"):
@@ -248,7 +255,7 @@ def op_samples(dtype=torch.float64, device="cpu"):
         return torch.tensor(value, dtype=torch.int64, device=device)
 
     def rand(*shape, grad=False):
-        return torch.randn(*shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
+        return torch.randn(shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
 
     h, weight = rand(B, D, grad=True), rand(C, D)
     target = torch.randint(0, C, (B,), generator=generator).to(device)
@@ -259,6 +266,7 @@ def op_samples(dtype=torch.float64, device="cpu"):
         (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, seed(0))),
         (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype)),
         (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype, rand())),
         (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
         (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
         (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
@@ -268,4 +276,5 @@ def op_samples(dtype=torch.float64, device="cpu"):
         (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.3, seed(11))),
         (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.0, seed(0))),
         (ops.projection_backward_gemm.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_backward_gemm.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype, rand())),
     ]

@@ -329,10 +329,12 @@ at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tenso
   return v;
 }
 
-at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
+at::Tensor projection_backward(const at::Tensor& grad_v_in, const std::optional<at::Tensor>& weight,
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed_tensor, at::ScalarType dtype) {
+                               const at::Tensor& seed_tensor, at::ScalarType dtype,
+                               const std::optional<at::Tensor>& grad_scale) {
   const int64_t seed = read_seed(seed_tensor);
+  const at::Tensor grad_v = grad_scale.has_value() ? *grad_scale * grad_v_in : grad_v_in;
   TORCH_CHECK(grad_v.device().is_cpu(), "svp_kernels: projection_backward on CPU needs a CPU grad_v");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "svp_kernels: the CPU kernels produce float32 or float64 dh, got ", dtype);

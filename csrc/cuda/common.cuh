@@ -145,6 +145,24 @@ __device__ Acc block_sum(Acc x, Acc* scratch) {
   return total;
 }
 
+// ---- arrival counting ----------------------------------------------------------------------------------
+// Whether this block is the last of `blocks` to arrive at `*counter` (every thread of the block gets the
+// answer); the last one resets the counter to zero, so a counter that starts at zero ends at zero. Call once
+// this block's results are written: a true answer means every block's writes are visible (read them past L1,
+// which is not coherent: __ldcg). Which block is last varies from run to run; what it does must not depend on it.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned blocks) {
+  __shared__ bool last;
+  __threadfence();  // this block's writes, device-wide, before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1u) + 1u == blocks;
+    if (last) atomicExch(counter, 0u);
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // ---- register-tiled multiply ---------------------------------------------------------------------------
 // acc[i][j] += Σ_kk A[kk][ty+i·NTY]·B[kk][tx+j·NTX] over kk < 8·k_eighths (the whole BK by default, in order);
 // bank-conflict free: A reads broadcast, B reads consecutive. A K step whose last rows are zero padding

@@ -6,7 +6,8 @@
 // the block owns:
 //
 //   forward   M = B, N = C, K = D   grid (D splits, C tiles, B ranges); panel = R̃ᵀ[KP columns of D, BN classes]
-//             partial sums -> workspace [splits, B, C] -> reduce_splits_kernel sums them in a fixed order.
+//             partial sums -> workspace [splits, B, C] -> the last split block of each region (arrival counters)
+//             sums them in split order; without counters reduce_splits_kernel does, in the same order.
 //   backward  M = B, N = D, K = C   grid (D tiles, B ranges); panel = R̃[KP classes, BN columns of D];
 //             the block owns its D columns outright, loops over C and writes dh in h's dtype.
 //
@@ -98,10 +99,12 @@ struct DroppedProjection {
 
 // As[k][m] = X[(r0 + m)·K + k0 + k] for the BM×BK tile of a row-major (M, K) matrix; zero outside it.
 // With vec_ok (X 16-byte aligned and K a multiple of the vector width) each thread moves 16 bytes per load;
-// consecutive threads take consecutive vectors of a row, so a warp reads whole 128-byte lines.
-template <class Cfg, typename T, typename Acc>
+// consecutive threads take consecutive vectors of a row, so a warp reads whole 128-byte lines. kScaled:
+// scale · X instead (the backward's incoming gradient, applied as grad_v is staged).
+template <class Cfg, bool kScaled = false, typename T, typename Acc>
 __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, int64_t K, int64_t r0, int64_t k0,
-                                               bool vec_ok) {
+                                               bool vec_ok, Acc scale = Acc(1)) {
+  const auto scaled = [scale](Acc value) { return kScaled ? scale * value : value; };
   constexpr int kVec = Unpack16<T, Acc>::kCount;
   static_assert(kVec * sizeof(T) == 16, "one vector is 16 bytes");
   static_assert(Cfg::BK % kVec == 0, "BK must hold whole 16-byte vectors");
@@ -121,11 +124,11 @@ __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, i
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(X + row * K + col));
         const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) As[(k + i) * Cfg::A_LD + m] = Unpack16<T, Acc>::get(words, i);
+        for (int i = 0; i < kVec; ++i) As[(k + i) * Cfg::A_LD + m] = scaled(Unpack16<T, Acc>::get(words, i));
       } else {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          As[(k + i) * Cfg::A_LD + m] = (row < M && col + i < K) ? to_acc<Acc>(X[row * K + col + i]) : Acc(0);
+          As[(k + i) * Cfg::A_LD + m] = (row < M && col + i < K) ? scaled(to_acc<Acc>(X[row * K + col + i])) : Acc(0);
         }
       }
     }
@@ -140,7 +143,7 @@ __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, i
       const int k = e % Cfg::BK;
       const int64_t row = r0 + m;
       const int64_t col = k0 + k;
-      As[k * Cfg::A_LD + m] = (row < M && col < K) ? to_acc<Acc>(X[row * K + col]) : Acc(0);
+      As[k * Cfg::A_LD + m] = (row < M && col < K) ? scaled(to_acc<Acc>(X[row * K + col])) : Acc(0);
     }
   }
 }
@@ -187,6 +190,8 @@ template <typename T, typename Acc>
 struct ForwardParams {
   const T* h;            // (B, D)
   Acc* out;              // v (B, C) when splits == 1, else the workspace [splits, B, C]
+  Acc* v;                // (B, C): written by the last split block of each region when counters != nullptr
+  unsigned* counters;    // one per (class tile, batch range), zero on entry and exit; nullptr: no reduction here
   DroppedProjection<T, Acc> r_tilde;
   int64_t B, C, D;
   int64_t d_per_split;   // columns of D per split: a multiple of KP
@@ -253,6 +258,22 @@ __global__ void __launch_bounds__(Cfg::NT, 2) projection_forward_kernel(const Fo
       }
     }
   }
+
+  // Stage 5 (split-K, counters given): the last split block of this region (class tile × batch range) sums
+  // the region's partials in split order 0, 1, … into v — reduce_splits_kernel's order, so the same bits.
+  if (P.counters == nullptr) return;
+  const int64_t region = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
+  if (!last_to_arrive(P.counters + region, gridDim.x)) return;
+  const int64_t row_begin = bt_begin * Cfg::BM;
+  const int64_t row_end = P.B < bt_end * Cfg::BM ? P.B : bt_end * Cfg::BM;
+  const int64_t plane = P.B * P.C;
+  for (int64_t e = threadIdx.x; e < (row_end - row_begin) * Cfg::BN; e += Cfg::NT) {
+    const int64_t b = row_begin + e / Cfg::BN, c = c0 + e % Cfg::BN;
+    if (c >= P.C) continue;
+    Acc sum = __ldcg(P.out + b * P.C + c);
+    for (int64_t s = 1; s < static_cast<int64_t>(gridDim.x); ++s) sum += __ldcg(P.out + s * plane + b * P.C + c);
+    P.v[b * P.C + c] = sum;
+  }
 }
 
 // v[i] = Σ_s parts[s][i], s = 0, 1, ... in order: the deterministic split-K reduction.
@@ -288,6 +309,7 @@ __global__ void __launch_bounds__(kDroppedThreads) dropped_projection_kernel(con
 template <typename T, typename Acc>
 struct BackwardParams {
   const Acc* grad_v;     // (B, C)
+  const Acc* grad_scale;  // one Acc in device memory multiplying grad_v, or nullptr (1)
   T* dh;                 // (B, D)
   DroppedProjection<T, Acc> r_tilde;
   int64_t B, C, D;
@@ -309,6 +331,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
   const int64_t bt_end = tiles_b < bt_begin + P.btiles_per_block ? tiles_b : bt_begin + P.btiles_per_block;
   const bool panel_resident = P.C <= Cfg::KP;  // the whole of R̃[:, j0:j0+BN] fits: generate it once
   const DroppedProjection<T, Acc> r_tilde = P.r_tilde.with_seed();
+  const Acc grad_scale = P.grad_scale != nullptr ? *P.grad_scale : Acc(1);  // x · 1 == x: the same bits
 
   for (int64_t bt = bt_begin; bt < bt_end; ++bt) {
     const int64_t b0 = bt * Cfg::BM;
@@ -326,7 +349,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
       const int64_t chunk_end = P.C < chunk + Cfg::KP ? P.C : chunk + Cfg::KP;
       for (int64_t k0 = chunk; k0 < chunk_end; k0 += Cfg::BK) {
         // Stage 2: the grad_v tile (rows b0.., classes k0..k0+BK).
-        load_rows_tile<Cfg>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec);
+        load_rows_tile<Cfg, true>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec, grad_scale);
         __syncthreads();
         // Stage 3: FMAs over the step's classes rounded up to 8 (at C = 10: 16 of the 32).
         const int k_eighths = static_cast<int>(((chunk_end - k0 < Cfg::BK ? chunk_end - k0 : Cfg::BK) + 7) / 8);
@@ -365,6 +388,7 @@ struct ForwardPlan {
   int64_t splits_b = 1;       // grid.z
   int64_t btiles_per_block = 1;
   size_t workspace_bytes = 0;  // [splits_d, B, C] of Acc when splits_d > 1
+  int64_t counters = 0;        // arrival counters of the in-kernel split-K reduction: one per grid (y, z)
 };
 
 template <class Cfg>
@@ -405,6 +429,7 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
   }
   plan.splits_b = ceil_div(tiles_b, plan.btiles_per_block);
   plan.workspace_bytes = plan.splits_d > 1 ? static_cast<size_t>(plan.splits_d * B * C) * acc : 0;
+  plan.counters = plan.splits_d > 1 ? plan.tiles_c * plan.splits_b : 0;
   return plan;
 }
 
@@ -439,11 +464,13 @@ DroppedProjection<T, Acc> make_r_tilde(const void* weight, uint64_t proj_seed, f
 template <class Cfg, typename T>
 cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B,
                            int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
-                           void* workspace, int sms, cudaStream_t stream) {
+                           void* workspace, unsigned* counters, int sms, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   ForwardParams<T, Acc> params;
   params.h = static_cast<const T*>(h);
   params.out = plan.splits_d > 1 ? static_cast<Acc*>(workspace) : static_cast<Acc*>(v);
+  params.v = static_cast<Acc*>(v);
+  params.counters = plan.splits_d > 1 ? counters : nullptr;
   params.r_tilde = make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed);
   params.B = B;
   params.C = C;
@@ -460,7 +487,7 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
   kernel<<<grid, Cfg::NT, smem, stream>>>(params);
   SVP_CUDA_CHECK_LAUNCH();
 
-  if (plan.splits_d > 1) {
+  if (plan.splits_d > 1 && counters == nullptr) {  // with counters the kernel reduced the splits itself
     const int64_t count = B * C;
     const int64_t blocks = max64(1, min64(ceil_div(count, 256), 8 * static_cast<int64_t>(sms)));
     reduce_splits_kernel<Acc><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
@@ -473,28 +500,29 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
 template <typename T>
 cudaError_t forward_typed(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B, int64_t C,
                           int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed, void* workspace,
-                          int sms, cudaStream_t stream) {
+                          unsigned* counters, int sms, cudaStream_t stream) {
   switch (plan.tile_n) {
     case 16:
       return launch_forward<ForwardTile16, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
     case 32:
       return launch_forward<ForwardTile32, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
     default:
       return launch_forward<ForwardTile64, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
   }
 }
 
 template <typename T>
-cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                           uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int sms,
-                           const LaunchPlan& launch_plan, cudaStream_t stream) {
+cudaError_t backward_typed(const void* grad_v, const void* grad_scale, const void* weight, void* dh, int64_t B,
+                           int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
+                           int sms, const LaunchPlan& launch_plan, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   using Cfg = BackwardTile;
   BackwardParams<T, Acc> params;
   params.grad_v = static_cast<const Acc*>(grad_v);
+  params.grad_scale = static_cast<const Acc*>(grad_scale);
   params.dh = static_cast<T*>(dh);
   params.r_tilde = make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed);
   params.B = B;
@@ -581,10 +609,22 @@ cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, 
   return cudaSuccess;
 }
 
+cudaError_t projection_forward_counters(int64_t B, int64_t C, int64_t D, DType dtype, int64_t* count,
+                                       const LaunchPlan& launch_plan) {
+  using namespace detail;
+  if (count == nullptr || !valid_dtype(dtype) || B < 0 || C < 0 || D < 0) return cudaErrorInvalidValue;
+  *count = 0;
+  if (B == 0 || C == 0) return cudaSuccess;
+  int sms = 1;
+  SVP_CUDA_TRY(current_sm_count(&sms));
+  *count = plan_forward(B, C, D, dtype, sms, launch_plan).counters;
+  return cudaSuccess;
+}
+
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                void* workspace, size_t workspace_bytes, const LaunchPlan& launch_plan,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, unsigned* counters, int64_t counter_count) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -597,23 +637,27 @@ cudaError_t projection_forward(const void* h, const void* weight, void* v, int64
     return cudaErrorInvalidValue;
   }
   if (plan.splits_d > 0x7fffffffLL || plan.tiles_c > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  if (counter_count < plan.counters) counters = nullptr;  // too few (or none): the reduction kernel instead
   switch (dtype) {
     case DType::kFloat32:
-      return forward_typed<float>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<float>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters, sms,
+                                  stream);
     case DType::kFloat64:
-      return forward_typed<double>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<double>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters,
+                                   sms, stream);
     case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms,
-                                          stream);
+      return forward_typed<__nv_bfloat16>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
+                                          counters, sms, stream);
     case DType::kFloat16:
-      return forward_typed<__half>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<__half>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters,
+                                   sms, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
                                 uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
-                                const LaunchPlan& launch_plan, cudaStream_t stream) {
+                                const LaunchPlan& launch_plan, cudaStream_t stream, const void* grad_scale) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -623,15 +667,16 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
   SVP_CUDA_TRY(current_sm_count(&sms));
   switch (dtype) {
     case DType::kFloat32:
-      return backward_typed<float>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, launch_plan, stream);
+      return backward_typed<float>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+                                   launch_plan, stream);
     case DType::kFloat64:
-      return backward_typed<double>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+      return backward_typed<double>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
                                     launch_plan, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
-                                           launch_plan, stream);
+      return backward_typed<__nv_bfloat16>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed,
+                                           sms, launch_plan, stream);
     case DType::kFloat16:
-      return backward_typed<__half>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+      return backward_typed<__half>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
                                     launch_plan, stream);
   }
   return cudaErrorInvalidValue;

@@ -66,17 +66,23 @@ int emu_projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, int 
                                            const svp_cuda::LaunchPlan* plan) {
   return svp_cuda::projection_forward_workspace_bytes(B, C, D, static_cast<svp_cuda::DType>(dtype), bytes, *plan);
 }
+int emu_projection_forward_counters(int64_t B, int64_t C, int64_t D, int dtype, int64_t* count,
+                                    const svp_cuda::LaunchPlan* plan) {
+  return svp_cuda::projection_forward_counters(B, C, D, static_cast<svp_cuda::DType>(dtype), count, *plan);
+}
 int emu_projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                            uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype,
-                           void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan) {
+                           void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan,
+                           unsigned* counters, int64_t counter_count) {
   return svp_cuda::projection_forward(h, weight, v, B, C, D, proj_seed, proj_std, p, seed,
-                                      static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, *plan, nullptr);
+                                      static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, *plan, nullptr,
+                                      counters, counter_count);
 }
 int emu_projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
                             uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int dtype,
-                            const svp_cuda::LaunchPlan* plan) {
+                            const svp_cuda::LaunchPlan* plan, const void* grad_scale) {
   return svp_cuda::projection_backward(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed,
-                                       static_cast<svp_cuda::DType>(dtype), *plan, nullptr);
+                                       static_cast<svp_cuda::DType>(dtype), *plan, nullptr, grad_scale);
 }
 int emu_loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, int dtype, size_t* bytes,
                                       const svp_cuda::LaunchPlan* plan) {

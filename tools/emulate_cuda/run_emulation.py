@@ -46,8 +46,8 @@ from svp_kernels.backends import reference  # noqa: E402
 from svp_kernels.backends.cuda import LAUNCH_PLAN_FIELDS, parse_launch_plan  # noqa: E402
 
 from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_SHAPES,  # noqa: E402
-                   WIDE_ROWS_NARROW_C, cosine_gram_ground_truth, epilogue_ground_truth, plain_epilogue,
-                   projection_ground_truth, wide_row_inputs)
+                   SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS_NARROW_C, cosine_gram_ground_truth,
+                   epilogue_ground_truth, plain_epilogue, projection_ground_truth, wide_row_inputs)
 from helpers import assert_no_less_accurate_to_rounding  # noqa: E402
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -142,10 +142,11 @@ class Emulated:
         lib.emu_take_launches_run.restype = u64
         lib.emu_dropped_projection.argtypes = [vp, vp, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp, ctypes.c_int]
         lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz), plan]
+        lib.emu_projection_forward_counters.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(i64), plan]
         lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                               ctypes.c_int, vp, sz, plan]
+                                               ctypes.c_int, vp, sz, plan, vp, i64]
         lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                                ctypes.c_int, plan]
+                                                ctypes.c_int, plan, vp]
         lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
                                                           ctypes.POINTER(sz), plan]
         lib.emu_loss_epilogue.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, ctypes.c_bool,
@@ -154,6 +155,10 @@ class Emulated:
         lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
         self.lib = lib
         self.plan = LaunchPlan.parse("")
+        # The forward's arrival counters (split-K reduced in its kernel): zero, and zero again after each launch.
+        # reduce_in_kernel=False passes none: the launcher's second kernel reduces instead.
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32)
+        self.reduce_in_kernel = True
         default = LaunchPlan()
         lib.emu_default_launch_plan(ctypes.byref(default))
         if default.as_dict() != self.plan.as_dict():
@@ -210,19 +215,29 @@ class Emulated:
         size = self.projection_forward_workspace_bytes(B, C, D, h.dtype)
         workspace = self._nan_bytes(size)
         v = torch.full((B, C), float("nan"), dtype=acc)
+        count = ctypes.c_int64()
+        self._check(self.lib.emu_projection_forward_counters(B, C, D, DTYPE_CODES[h.dtype], ctypes.byref(count),
+                                                             ctypes.byref(self.plan)), "counters")
+        if count.value > self.counters.numel():
+            raise RuntimeError(f"projection_forward wants {count.value} counters")
+        counters = self.counters if self.reduce_in_kernel else None
         self._check(self.lib.emu_projection_forward(self._ptr(h), self._ptr(weight), self._ptr(v), B, C, D, proj_seed,
                                                     std, p, self._ptr(seed), DTYPE_CODES[h.dtype], self._ptr(workspace),
-                                                    size, ctypes.byref(self.plan)),
+                                                    size, ctypes.byref(self.plan), self._ptr(counters),
+                                                    count.value if counters is not None else 0),
                     "projection_forward")
+        if self.counters.any():
+            raise AssertionError("projection_forward left its arrival counters non-zero")
         return v
 
-    def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype):
+    def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype, grad_scale=None):
+        """grad_scale: None or a 0-dim tensor of grad_v's dtype that the kernel multiplies in."""
         seed = torch.tensor(seed, dtype=torch.int64)
         B, C = grad_v.shape
         dh = torch.full((B, D), float("nan"), dtype=dtype)
         self._check(self.lib.emu_projection_backward(self._ptr(grad_v), self._ptr(weight), self._ptr(dh), B, C, D,
                                                      proj_seed, std, p, self._ptr(seed), DTYPE_CODES[dtype],
-                                                     ctypes.byref(self.plan)),
+                                                     ctypes.byref(self.plan), self._ptr(grad_scale)),
                     "projection_backward")
         return dh
 
@@ -335,13 +350,25 @@ def check_projection(emu, dtypes, shapes):
                 weight = None if implicit else randn(C, D, seed=1, dtype=dtype, scale=D**-0.5)
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 grad_v = randn(B, C, seed=2, dtype=acc)
+                name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
                 v = emu.projection_forward(h, weight, C, proj_seed, std, p, seed)
+                emu.reduce_in_kernel = False  # split-K summed by the second kernel: the same bits
+                try:
+                    if not torch.equal(v, emu.projection_forward(h, weight, C, proj_seed, std, p, seed)):
+                        raise AssertionError(f"split-K reduced in the kernel differs from the reduction kernel: {name}")
+                finally:
+                    emu.reduce_in_kernel = True
                 dh = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype)
                 expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, proj_seed, std, p, seed)
-                name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
                 extra = IMPLICIT_TOL if implicit else 0.0
                 expect_close(v, expected_v, max(ACC_TOL[dtype], extra), f"v {name}")
                 expect_close(dh, expected_dh, max(OUT_TOL[dtype], extra), f"dh {name}")
+                # The incoming gradient's scale, multiplied in as grad_v is read: the bits of scaling first.
+                scale = torch.tensor(-0.37, dtype=acc)
+                scaled = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype, scale)
+                if not torch.equal(scaled, emu.projection_backward(scale * grad_v, weight, D, proj_seed, std, p,
+                                                                   seed, dtype)):
+                    raise AssertionError(f"dh with grad_scale differs from dh of grad_scale · grad_v: {name}")
 
 
 def check_epilogue(emu, dtypes, shapes):
@@ -466,15 +493,19 @@ def record_outputs(emu) -> list:
 
 def compare_outputs(outputs: list, saved: list) -> int:
     """1 (a failed group) unless both lists hold the same calls with bit-identical outputs (NaN equal to NaN,
-    −0 equal to +0), else 0."""
+    −0 equal to +0), else 0. Prints which outputs (op, index in its result) differ, in how many calls."""
     if [name for name, _ in outputs] != [name for name, _ in saved]:
         print(f"FAILED  compare: {len(outputs)} calls now, {len(saved)} saved, or in another order", flush=True)
         return 1
-    for index, ((name, now), (_, then)) in enumerate(zip(outputs, saved)):
-        for a, b in zip(now, then):
-            if not torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) or a.dtype != b.dtype:
-                print(f"FAILED  compare: call {index} ({name}) differs from the saved output", flush=True)
-                return 1
+    differing = {}
+    for (name, now), (_, then) in zip(outputs, saved):
+        for index, (a, b) in enumerate(zip(now, then)):
+            if a.dtype != b.dtype or not torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)):
+                differing[(name, index)] = differing.get((name, index), 0) + 1
+    if differing:
+        print("FAILED  compare: outputs that differ from the saved run (op, output index: calls): "
+              + ", ".join(f"{name} {index}: {count}" for (name, index), count in sorted(differing.items())), flush=True)
+        return 1
     print(f"ok      compare: {len(outputs)} calls, every output bit-identical to the saved run", flush=True)
     return 0
 
@@ -510,9 +541,11 @@ def main() -> int:
 
     all_dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     dtypes = all_dtypes[:2] if args.quick else all_dtypes
-    projection_shapes = PROJECTION_SHAPES[:5] if args.quick else PROJECTION_SHAPES
+    # Quick: every projection shape still (the 64-wide tile, C > 128, 16-byte grad_v loads), plus the sanitizer's.
+    projection_shapes = PROJECTION_SHAPES + [s for s in SMALL_PROJECTION_SHAPES if s not in PROJECTION_SHAPES]
     # Quick: still one multi-tile batch-space shape (70, 70, 50) and one split-Gram shape (300, 10, 12).
     epilogue_shapes = [EPILOGUE_SHAPES[i] for i in (0, 2, 3, 5, 6)] if args.quick else EPILOGUE_SHAPES
+    epilogue_shapes = epilogue_shapes + [s for s in SMALL_EPILOGUE_SHAPES if s not in epilogue_shapes]
     # (name, launch plan, emulator knobs, check): the plan goes to every launcher as a LaunchPlan argument;
     # SVP_EMU_REVERSE and SVP_EMU_SMS are read by the emulator (svp_emu.h, emu_api.cpp).
     groups = [("plans reach the launchers", "", {"SVP_EMU_REVERSE": "0", "SVP_EMU_SMS": "4"},

@@ -183,6 +183,23 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return result;
 }
 
+// Blocks run one at a time, so device-wide atomics and fences need nothing more than the plain operation.
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicExch(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = value;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* pointer) {
+  return *pointer;
+}
+
 inline uint4 __ldg(const uint4* pointer) {
   if ((reinterpret_cast<uintptr_t>(pointer) & 15u) != 0) svp_emu::fail("misaligned 16-byte load");
   return *pointer;
