@@ -23,12 +23,13 @@ BUILD="${SVP_CUDA_BUILD_DIR:-${TMPDIR:-/tmp}/svp_cuda_build}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 declare -a TIMES=()
-step() {  # step NAME COMMAND...: run and time one step
-  local name="$1" start=$SECONDS
+step() {  # step NAME COMMAND...: run and time one step (its status is the command's)
+  local name="$1" start=$SECONDS rc=0
   shift
   echo "== $name"
-  "$@"
+  "$@" || rc=$?
   TIMES+=("$name $((SECONDS - start))s")
+  return $rc
 }
 
 make_venv() {
@@ -69,11 +70,13 @@ run_tests() {
      -p no:cacheprovider "$@")
 }
 
+status=0
 step venv make_venv
 step copy copy_tree
 step build build
 step import import_check
-step tests run_tests "$@"
+step tests run_tests "$@" || status=$?
 echo "== cost"
 printf '%s\n' "${TIMES[@]}"
 du -sh "$VENV" "$BUILD" | sed 's/^/disk /'
+exit $status

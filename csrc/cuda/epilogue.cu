@@ -17,7 +17,7 @@
 //               split order and writes its FA partial)
 //      batch:   batch_alignment_kernel (FA partials, P split over column tiles)
 //   3. alignment_grad_kernel  warp per row: (feature space: its row of P = Z diag(s) G first) through the row
-//                             normalisation, g_v += λ·(…); its block 0 then runs stage 4, whose inputs
+//                             normalisation, g_v += λ·(…); its block 0 first runs stage 4, whose inputs
 //                             earlier launches wrote
 //   4. finalize               one block: ce, alignment, loss (its own kernel when there is no v_prev)
 // Launches: 3 with v_prev (either space), 2 without (bench/NOTES.md, "weak points" 4).
@@ -446,7 +446,7 @@ struct FinalizeArgs {
 };
 
 template <typename Acc>
-__device__ void finalize_block(const FinalizeArgs<Acc>& F) {
+__device__ __forceinline__ void finalize_block(const FinalizeArgs<Acc>& F) {
   __shared__ Acc scratch[kWarpSize];
   Acc ce_sum = Acc(0);
   if (F.ce_rows != nullptr) {
@@ -508,6 +508,9 @@ __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(Acc* __restric
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   const int64_t plane = B * C;
+  // Stage 4 here, in block 0, first: ce_rows and the FA partials come from earlier launches (and nothing of
+  // the row loop below is live yet, which keeps the double kernel from spilling).
+  if (blockIdx.x == 0) finalize_block(finalize);
   for (int64_t b = warp; b < B; b += warps) {
     const Acc* a_hat = Z + b * z_ld;
     Acc* p_row = P + b * C;
@@ -544,8 +547,6 @@ __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(Acc* __restric
     }
     for (int64_t c = lane; c < C; c += kWarpSize) g_v[b * C + c] += weight * static_cast<Acc>(grad_v_row(c) - mean);
   }
-  // Stage 4 here, in block 0: ce_rows and the FA partials come from earlier launches.
-  if (blockIdx.x == 0) finalize_block(finalize);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -704,7 +705,7 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
         w.P, plan.p_splits, plan.feature_space ? w.gram : nullptr, w.Z, Ctot, w.norms, grad, B, C, grad_scale,
         weight, center, finalize);
     SVP_CUDA_CHECK_LAUNCH();
-    return cudaSuccess;  // Stage 4 ran in alignment_grad_kernel's block 0
+    return cudaSuccess;  // Stage 4 runs in alignment_grad_kernel's block 0
   }
 
   // Stage 4: ce, alignment, loss.

@@ -202,6 +202,28 @@ struct ForwardParams {
 // Two blocks per SM (≤ 128 registers): without the hint ptxas gave the float16 64-wide tile 128 registers and
 // a 4-byte spill, and the double one 170 registers (one block per SM); with it no variant spills
 // (tools/static_sm90.py, bench/results/sm90-static.csv).
+// The forward's stage 5 for block (split, class tile, batch range): once every split of the region has written
+// its partial (workspace parts [splits, B, C]; per_block batch tiles per block), the last to arrive sums them
+// in split order into v. Not inlined:
+// the main loop's registers are dead by then, and inlined it made ptxas spill the 64-wide float16 tile.
+template <class Cfg, typename Acc>
+__device__ __noinline__ void reduce_region_if_last(const Acc* parts, Acc* v, unsigned* counters, int64_t B,
+                                                   int64_t C, int64_t per_block) {
+  const int64_t region = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
+  if (!last_to_arrive(counters + region, gridDim.x)) return;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.z) * per_block * Cfg::BM;
+  const int64_t row_end = B < row_begin + per_block * Cfg::BM ? B : row_begin + per_block * Cfg::BM;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  const int64_t plane = B * C;
+  for (int64_t e = threadIdx.x; e < (row_end - row_begin) * Cfg::BN; e += Cfg::NT) {
+    const int64_t b = row_begin + e / Cfg::BN, c = c0 + e % Cfg::BN;
+    if (c >= C) continue;
+    Acc sum = __ldcg(parts + b * C + c);
+    for (int64_t s = 1; s < static_cast<int64_t>(gridDim.x); ++s) sum += __ldcg(parts + s * plane + b * C + c);
+    v[b * C + c] = sum;
+  }
+}
+
 template <class Cfg, typename T, typename Acc>
 __global__ void __launch_bounds__(Cfg::NT, 2) projection_forward_kernel(const ForwardParams<T, Acc> P) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -261,19 +283,7 @@ __global__ void __launch_bounds__(Cfg::NT, 2) projection_forward_kernel(const Fo
 
   // Stage 5 (split-K, counters given): the last split block of this region (class tile × batch range) sums
   // the region's partials in split order 0, 1, … into v — reduce_splits_kernel's order, so the same bits.
-  if (P.counters == nullptr) return;
-  const int64_t region = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
-  if (!last_to_arrive(P.counters + region, gridDim.x)) return;
-  const int64_t row_begin = bt_begin * Cfg::BM;
-  const int64_t row_end = P.B < bt_end * Cfg::BM ? P.B : bt_end * Cfg::BM;
-  const int64_t plane = P.B * P.C;
-  for (int64_t e = threadIdx.x; e < (row_end - row_begin) * Cfg::BN; e += Cfg::NT) {
-    const int64_t b = row_begin + e / Cfg::BN, c = c0 + e % Cfg::BN;
-    if (c >= P.C) continue;
-    Acc sum = __ldcg(P.out + b * P.C + c);
-    for (int64_t s = 1; s < static_cast<int64_t>(gridDim.x); ++s) sum += __ldcg(P.out + s * plane + b * P.C + c);
-    P.v[b * P.C + c] = sum;
-  }
+  if (P.counters != nullptr) reduce_region_if_last<Cfg>(P.out, P.v, P.counters, P.B, P.C, P.btiles_per_block);
 }
 
 // v[i] = Σ_s parts[s][i], s = 0, 1, ... in order: the deterministic split-K reduction.

@@ -108,7 +108,9 @@ def build(build_dir: str, cuda_dir: str = os.path.join(ROOT, "csrc", "cuda")) ->
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objects = list(pool.map(compile_one, sources))
     library = os.path.join(build_dir, "libsvp_emu.so")
-    subprocess.run(["g++", "-shared", "-o", library, *objects], check=True)
+    # -Bsymbolic: the launchers call this library's own cudaGetDevice & co. (emu_api.cpp) even in a process
+    # where a CUDA build of torch has loaded the real runtime, whose symbols would otherwise win.
+    subprocess.run(["g++", "-shared", "-Wl,-Bsymbolic", "-o", library, *objects], check=True)
     return library
 
 

@@ -163,6 +163,9 @@ inline unsigned char* dynamic_shared() { return g_dynamic_shared.data(); }
 }  // namespace svp_emu
 
 // ---- CUDA built-ins on the emulator -------------------------------------------------------------------
+#ifndef __noinline__
+#define __noinline__ __attribute__((noinline))  // cuda_runtime.h defines it for nvcc only
+#endif
 #define threadIdx (svp_emu::g_thread_idx)
 #define blockIdx (svp_emu::g_block_idx)
 #define blockDim (svp_emu::g_block_dim)
