@@ -170,6 +170,17 @@ def test_mismatched_checkpoints_are_refused_naming_the_field(good_checkpoint, ch
         train(replace(CONFIG, **{"epochs": 1, **change}), resume=str(good_checkpoint))
 
 
+def test_a_checkpoint_older_than_a_config_field_resumes_while_the_field_keeps_its_default(tmp_path,
+                                                                                           good_checkpoint):
+    payload = read_checkpoint(good_checkpoint)
+    del payload["config"]["image_size"]  # written before TrainConfig had the field
+    path = tmp_path / "older.ckpt"
+    save_checkpoint(path, payload)
+    assert train(replace(CONFIG, epochs=1), resume=str(path))["steps"] == 4
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: field config.image_size is missing"):
+        train(replace(CONFIG, epochs=1, image_size=8), resume=str(path))
+
+
 def test_a_model_of_another_shape_is_refused_even_with_the_same_config(tmp_path, good_checkpoint):
     payload = read_checkpoint(good_checkpoint)
     weight = payload["trainer"]["model"]["blocks.1.0.weight"]

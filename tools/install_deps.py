@@ -16,6 +16,7 @@ REQUIREMENTS = {
     "sklearn": "scikit-learn",  # [train]
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
+    "PIL": "pillow",
     "triton": "triton",  # [triton]
     "pytest": "pytest",  # [test]
     "pytest_benchmark": "pytest-benchmark",

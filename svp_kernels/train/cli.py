@@ -61,7 +61,10 @@ def train_parser() -> argparse.ArgumentParser:
 
     add("--model", choices=MODELS)
     add("--dataset", choices=DATASETS, help="also picks the recipe (default digits)")
-    add("--data-dir", help="folder holding the MNIST/Fashion-MNIST IDX files or CIFAR python batches")
+    add("--data-dir", help="folder holding the MNIST/Fashion-MNIST IDX files, the CIFAR python batches, or images "
+        "as train/<class>/*.jpg|png with test/ or val/ (imagefolder; cifar10 too)")
+    add("--image-size", int, metavar="N", help="image folders: resize each image's shorter side to N, then "
+        "centre-crop N×N (needed when the images differ in size)")
     add("--method", choices=METHODS, help="svp: layer-wise local losses; bp: end to end (default svp)")
     add("--epochs", int)
     add("--batch-size", int)
@@ -168,7 +171,10 @@ def train_main(argv: list[str]) -> int:
         if path is not None and not Path(path).resolve().parent.is_dir():
             return _fail(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     try:
-        dataset = load_dataset(config.dataset, config.data_dir)
+        dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
+                               progress=not args.no_progress)
+    except ImportError as error:  # Pillow, for image folders
+        return _fail(str(error))
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
     code = distributed.train_main(args, config, dataset)  # --stages, --data-parallel or torchrun

@@ -29,6 +29,7 @@ class TrainConfig:
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
+    image_size: int | None = None  # image folders: shorter side resized to N, then centre-cropped to N × N
     method: str = "svp"
     epochs: int = 30
     batch_size: int = 64
@@ -70,6 +71,7 @@ RECIPES: dict[str, dict] = {
     "cifar100": dict(model="cnn", epochs=50, batch_size=128, lr=1e-3, lr_schedule="cosine", warmup_epochs=1.0,
                      weight_decay=5e-4, optimizer="adamw", augment_shift=4, augment_flip=True),
 }
+RECIPES["imagefolder"] = dict(RECIPES["cifar10"])  # natural images of any size: the CIFAR CNN recipe
 
 
 def recipe_config(dataset: str = "digits", **overrides) -> TrainConfig:
@@ -86,6 +88,7 @@ def validate_config(config: TrainConfig, num_train: int | None = None) -> None:
             raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {getattr(config, field)!r}")
 
     need(config.model in MODELS, "model", f"one of {MODELS}")
+    need(config.image_size is None or config.image_size >= 1, "image_size", "≥ 1")
     need(config.epochs >= 1, "epochs", "≥ 1")
     need(config.batch_size >= 2, "batch_size", "≥ 2 (BatchNorm needs two examples)")
     if num_train is not None:
@@ -187,6 +190,8 @@ def _check_resumable(path, payload: dict, config: TrainConfig, trainer: Layerwis
     for field in fields(TrainConfig):
         if field.name in RESUMABLE_DIFFERENCES:
             continue
+        if field.name not in saved_config and getattr(config, field.name) == field.default:
+            continue  # a field newer than the checkpoint, left at its default: the run computes what it did
         if field.name not in saved_config:
             raise CheckpointError(f"checkpoint {path}: field config.{field.name} is missing")
         if saved_config[field.name] != getattr(config, field.name):
@@ -271,7 +276,8 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
     """
     from tqdm.auto import tqdm
 
-    dataset = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size, progress=progress)
     validate_config(config, len(dataset.train_targets))
     shape, classes = dataset.input_shape, dataset.num_classes
     generator = torch.Generator().manual_seed(config.seed)
