@@ -97,7 +97,8 @@ def cuda_sources(torch) -> list[str]:
     forced = env_flag("SVP_KERNELS_FORCE_CUDA")
     if torch.version.cuda is None:
         if forced:
-            raise RuntimeError(f"SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch (this torch is {torch.__version__})")
+            raise RuntimeError("SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch "
+                               f"(this torch is {torch.__version__})")
         return []
     if not is_cuda_toolkit(CUDA_HOME):
         _, looked = find_cuda_toolkit()

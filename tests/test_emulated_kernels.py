@@ -10,9 +10,9 @@ import torch
 import svp_kernels as sk
 from svp_kernels.philox import keep_mask
 
-from cases import IMPLICIT_TOL, MASK_SHAPES
+from svp_kernels.testing import IMPLICIT_TOL, MASK_SHAPES, assert_close, assert_equal_masks
+
 from emulated_cuda import emulator
-from helpers import assert_close, assert_equal_masks
 
 pytestmark = pytest.mark.skipif(not sk.backends.is_available("cpu"), reason="the cpu backend did not load")
 

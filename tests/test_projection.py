@@ -6,9 +6,10 @@ import torch
 
 import svp_kernels as sk
 from svp_kernels.philox import keep_mask
+from svp_kernels.testing import (assert_close, assert_equal_masks, assert_no_less_accurate, device_backends,
+                                 projection_ground_truth)
 
-from cases import device_backends, project, projection_ground_truth, projection_inputs
-from helpers import assert_close, assert_equal_masks, assert_no_less_accurate
+from cases import project, projection_inputs
 
 FUSED = device_backends(include_reference=False)
 MASK_CASES = [(3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (1, 33, 0.9, 0), (8, 1, 0.3, 2**63 - 1), (4, 6, 0.0, 5)]

@@ -11,9 +11,10 @@ from svp_kernels import backends
 from svp_kernels.backends import reference
 from svp_kernels.philox import keep_mask
 
-from cases import (LOCAL_LOSS_CASES, ground_truth, make_inputs, project, projection_ground_truth, projection_inputs,
-                   run)
-from helpers import assert_close, assert_equal_masks, assert_no_less_accurate
+from svp_kernels.testing import (assert_close, assert_equal_masks, assert_no_less_accurate, ground_truth, make_inputs,
+                                 projection_ground_truth, run)
+
+from cases import LOCAL_LOSS_CASES, project, projection_inputs
 
 GEMM = [(device, backend) for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for backend in ("cpu", "cuda") if backends.is_available(backend)
@@ -90,7 +91,9 @@ def test_local_loss_matches_ground_truth(case, device, backend):
         assert_close(a, e, tol, f"{backend} gemm {name} {case}")
     h, target, v_prev, projection = make_inputs(case, torch.float32, device)
     truth = ground_truth(case, h, target, v_prev, projection)
-    cpu = (lambda x: x.cpu() if isinstance(x, torch.Tensor) else x)
+    def cpu(x):
+        return x.cpu() if isinstance(x, torch.Tensor) else x
+
     plain = run(case, cpu(h), cpu(target), cpu(v_prev), cpu(projection), "reference")
     actual = run(case, h, target, v_prev, projection, backend, projection_path="gemm")
     for name, a, r, e in zip(("loss", "ce", "alignment", "v", "dh"), actual, plain, truth):
@@ -121,7 +124,8 @@ def test_auto_is_the_fused_path():
     """Until a GPU measurement decides, "auto" runs the fused kernels: their bits, not the GEMM's."""
     B, D, C = 5, 500, 70
     h, weight, grad_v = projection_inputs(B, D, C, torch.float32, "cpu")
-    auto, fused, gemm = (project("cpu", h, weight, C, False, 0.1, 3, grad_v, path) for path in ("auto", "fused", "gemm"))
+    auto, fused, gemm = (project("cpu", h, weight, C, False, 0.1, 3, grad_v, path)
+                         for path in ("auto", "fused", "gemm"))
     assert all(torch.equal(a, f) for a, f in zip(auto, fused))
     assert not torch.equal(auto[0], gemm[0]), "the two paths should differ in rounding at D = 500"
 

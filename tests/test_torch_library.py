@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import svp_kernels as sk
+from svp_kernels.testing import Case, assert_close, make_inputs, run
 
-from cases import OP_SAMPLE_COUNT, Case, make_inputs, op_samples, run
-from helpers import assert_close
+from cases import OP_SAMPLE_COUNT, op_samples
 
 needs_extension = pytest.mark.skipif(not sk._ops.extension_loaded(), reason="compiled extension not built")
 

@@ -19,9 +19,8 @@ import torch.distributed as dist
 
 from svp_kernels.train import distributed
 from svp_kernels.train.data import synthetic
-from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches, epoch_means,
-                                          launch,
-                                          plan_from_arguments)
+from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches,
+                                           epoch_means, launch, plan_from_arguments)
 from svp_kernels.train.models import mlp
 from svp_kernels.train.run import TrainConfig, augment, build_trainer
 from svp_kernels.train.seeds import block_step_seed
@@ -40,7 +39,8 @@ def sequential(config: TrainConfig, dataset):
         trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, len(epochs[0]))
         loss_curve, accuracy_curve = [], []
         for batches in epochs:
-            steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step), dataset.train_targets[i])
+            steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step),
+                                        dataset.train_targets[i])
                      for i in batches]
             loss_curve.append(epoch_means([step.output_ce for step in steps])[0])
             accuracy_curve.append(trainer.evaluate(dataset.test_inputs, dataset.test_targets))

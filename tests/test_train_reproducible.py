@@ -62,7 +62,7 @@ def test_svp_step_draws_block_step_seeds_and_no_global_randomness(data, monkeypa
     trainer.train_step(inputs, targets)
     drawn = []
     original = trainer._local_loss
-    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[-1])) or
+    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[3])) or
                         original(index, *args))
     rng_state = torch.get_rng_state()
     trainer.train_step(inputs, targets)
@@ -95,6 +95,37 @@ def test_train_block_by_block_equals_train_step(data):
     assert not all(torch.equal(a, b) for a, b in zip(_params(first), _params(other_seed)))
 
 
+class _WholeBatch:
+    """A SharedBatch whose one process holds every row: gathering and reducing change nothing."""
+
+    def __init__(self, batch: int):
+        self.batch_size, self.rows, self.reductions = batch, slice(0, batch), 0
+
+    def gather(self, v):
+        return v
+
+    def reduce_gradients(self, parameters):
+        self.reductions += 1
+
+
+def test_a_shared_batch_step_is_the_block_step(data):
+    """train_block with a SharedBatch (the data-parallel hook), here holding the whole batch, takes the same
+    arithmetic as without one, on its first call (the public ops) and after it (the lean path), bit for bit."""
+    plain, shared = _trainer(data), _trainer(data)
+    for step in range(3):
+        inputs, targets = data.train_inputs[32 * step:32 * step + 32], data.train_targets[32 * step:32 * step + 32]
+        h, v, h_shared, v_shared = inputs, plain.input_alignment(inputs), inputs, shared.input_alignment(inputs)
+        for index in range(plain.num_blocks):
+            share = _WholeBatch(len(targets))
+            h, v, loss = plain.train_block(index, h, v, targets, step)
+            h_shared, v_shared, loss_shared = shared.train_block(index, h_shared, v_shared, targets, step, share)
+            assert share.reductions == 1
+            assert torch.equal(loss, loss_shared) and torch.equal(v, v_shared) and torch.equal(h, h_shared)
+    assert all(call is not None for call in shared._loss_calls)  # the lean path ran
+    for a, b in zip(_params(plain), _params(shared)):
+        assert torch.equal(a, b)
+
+
 def test_train_block_refuses_bad_index_and_method(data):
     trainer = _trainer(data)
     v = trainer.input_alignment(data.train_inputs[:8])
@@ -122,7 +153,7 @@ def test_lean_path_is_the_public_op_exactly(data, monkeypatch):
 def test_lean_path_still_refuses_out_of_range_targets(data):
     trainer = _trainer(data)
     trainer.train_step(data.train_inputs[:32], data.train_targets[:32])
-    with pytest.raises(ValueError, match=r"targets must be in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 4\)"):
         trainer.train_step(data.train_inputs[:32], torch.full((32,), 4))
 
 

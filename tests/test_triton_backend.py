@@ -23,9 +23,9 @@ import triton.language as tl  # noqa: E402
 
 from svp_kernels import philox  # noqa: E402
 from svp_kernels.backends import triton as triton_backend  # noqa: E402
+from svp_kernels.testing import (assert_close, assert_equal_masks, cosine_gram_ground_truth,  # noqa: E402
+                                 epilogue_ground_truth, projection_ground_truth, seed_tensor)
 
-from cases import cosine_gram_ground_truth, epilogue_ground_truth, projection_ground_truth  # noqa: E402
-from helpers import assert_close, assert_equal_masks, seed_tensor  # noqa: E402
 from test_philox import GOLDEN_MASK, GOLDEN_WORDS  # noqa: E402
 
 if not triton_backend.is_available():

@@ -22,8 +22,6 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from svp_kernels.backends.triton import ops  # noqa: E402  (the kernels must be JIT functions: no TRITON_INTERPRET)
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",

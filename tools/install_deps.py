@@ -21,6 +21,7 @@ REQUIREMENTS = {
     "pytest": "pytest",  # [test]
     "pytest_benchmark": "pytest-benchmark",
     "ninja": "ninja",
+    "ruff": "ruff",  # the linter of `make lint` (pyproject.toml [tool.ruff])
 }
 
 

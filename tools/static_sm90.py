@@ -77,10 +77,11 @@ def demangle(names: list[str]) -> dict:
 def short_name(demangled: str) -> tuple[str, str]:
     """('projection_forward_kernel', 'Tile<128, 16, 32, 4, 2, 256>, float, float') from a demangled name."""
     name = re.sub(r"svp_cuda::detail::(\(anonymous namespace\)::)?", "", demangled)
-    depth = 0
-    for end, char in enumerate(name):  # the parameter list: the first "(" outside the template arguments
+    depth, end = 0, len(name)
+    for index, char in enumerate(name):  # the parameter list: the first "(" outside the template arguments
         depth += {"<": 1, ">": -1}.get(char, 0)
         if char == "(" and depth == 0:
+            end = index
             break
     head = re.sub(r"^void ", "", name[:end])
     match = re.search(r"(\w+)<(.*)>$", head)

@@ -327,8 +327,8 @@ def read_image_folder(root: str | Path, image_size: int | None = None, cache: bo
         stored = _read_cache(path, key, classes, (len(train), len(test)))
     if stored is None:
         images = decode_images(paths, image_size, progress, f"decoding {root}")
-        stored = {"train_images": images[:len(train)], "train_labels": np.array([l for _, l in train], np.int64),
-                  "test_images": images[len(train):], "test_labels": np.array([l for _, l in test], np.int64)}
+        stored = {"train_images": images[:len(train)], "train_labels": np.array([y for _, y in train], np.int64),
+                  "test_images": images[len(train):], "test_labels": np.array([y for _, y in test], np.int64)}
         if path is not None and not _write_cache(path, stored, key, classes):
             path = None
         elif path is not None and progress:

@@ -15,15 +15,16 @@ same model end to end with the same optimizer and learning-rate schedule.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backends
-from .._ops import index_bounds
+from .. import backends, gradient_interface
+from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
+from ..validation import ProjectionArgs, check_projection, check_target_range
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
 
@@ -91,31 +92,45 @@ class BlockSeedTable:
 
 
 def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
-    """Integer targets must lie in [0, num_classes): checked on the host on CPU, without a host sync (an
-    asynchronous device assert) elsewhere. Shapes and dtypes are the lean path's own condition."""
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.numel() == 0:
-        return  # fused_local_loss refuses these with its own message
-    if targets.device.type == "cpu":
-        low, high = index_bounds(targets)
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"targets must be in [0, {num_classes}), got values in [{low}, {high}]")
-    else:
-        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
-                            f"targets must be in [0, {num_classes})")
+    """The range of integer targets, by the ops' one rule (svp_kernels.validation.check_target_range: on the
+    host for CPU tensors; unchecked device targets give NaN losses). Shapes and dtypes are the lean path's
+    own condition; fused_local_loss refuses the others with its own message."""
+    if not (targets.dtype.is_floating_point or targets.dtype == torch.bool):
+        check_target_range(targets, num_classes)
+
+
+class SharedBatch(Protocol):
+    """The hook through which train_block trains a block on a batch shared out between data-parallel
+    processes (svp_kernels/train/distributed/data_parallel.py implements it). The local loss couples a batch
+    through its B×B Gram, so a process holding rows of h needs the whole batch's projection v, and the
+    block's gradient summed over the processes before its step:
+
+        batch_size                   B, the rows of the whole batch (targets and v_prev are (B,) and (B, C'))
+        rows                         slice of this process's rows in it
+        gather(v) -> (B, C)          every process's rows of v (b, C) in order, this process's being v itself
+                                     (so that autograd reaches it); the others constants
+        reduce_gradients(parameters) sum the gradients of `parameters` over the processes, in place
+    """
+
+    batch_size: int
+    rows: slice
+
+    def gather(self, v: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce_gradients(self, parameters: list[torch.Tensor]) -> None: ...
 
 
 class _LossCall(NamedTuple):
     """One block's validated fused_local_loss arguments, kept for the lean path of later steps."""
 
     module: object  # the resolved backend (one with the gradient interface of docs/backends.md)
-    shape: tuple[int, ...]  # (B, D) the arguments were validated for
+    shape: tuple[int, ...]  # (b, D) the arguments were validated for
     device: torch.device
-    weight: torch.Tensor | None  # dense R (C, D), or None for identity / implicit
-    in_features: int
-    out_features: int
-    proj_seed: int
-    proj_std: float
-    identity: bool
+    projection: ProjectionArgs
+
+
+# The projection of the whole batch's gathered v in a shared batch's loss: v itself.
+_IDENTITY = ProjectionArgs(True, None, 0, 0, 0.0)
 
 
 class LayerwiseTrainer:
@@ -196,21 +211,27 @@ class LayerwiseTrainer:
         return StepLosses(ce, torch.stack(block_losses))  # ce: the last block's, i.e. of the logits
 
     def train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
-                    step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    step: int, share: SharedBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Trains block `index` (svp) on its input h (detached here) with alignment target v_prev (B, C')
         at global step `step`. Returns (h_out, v_out, loss), all detached: the block's output computed
         before its update, its projection v (B, C), and its local loss (0-dim, on the device). The block's
-        detached cross-entropy is kept as last_block_ce (of the logits when index is the last block)."""
+        detached cross-entropy is kept as last_block_ce (of the logits when index is the last block).
+
+        share: this process holds only share.rows of a batch shared out between data-parallel processes
+        (SharedBatch); h is those rows, v_prev and targets the whole batch's, and the returned v the whole
+        batch's projection. The loss is the whole batch's, and the block steps with the gradient summed over
+        the processes."""
         if self.method != "svp":
             raise ValueError(f"train_block trains one SVP block; this trainer's method is {self.method!r}")
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
         _check_targets(targets, self.model.num_classes)
-        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, step)
+        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, step, share)
         return h_out, v, loss
 
     def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
-                     step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     step: int, share: SharedBatch | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """train_block's work; also returns the block's detached cross-entropy."""
         block, local_loss, optimizer = self.model.blocks[index], self.local_losses[index], self.optimizers[index]
         if not (block.training and local_loss.training):
@@ -218,47 +239,66 @@ class LayerwiseTrainer:
             local_loss.train()
         h_out = block(h.detach())  # no gradient flows back into earlier blocks
         features = self.readouts[index](h_out)
-        loss, ce, v, grad_features = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step))
+        loss, ce, v, grad_features = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step),
+                                                      share)
         # Either backward frees this block's graph: its activations die before the next block runs.
         if grad_features is None:
             loss.backward()
         else:
             features.backward(grad_features)
+        if share is not None:
+            share.reduce_gradients(list(block.parameters()))
         self._set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return h_out.detach(), v, loss.detach(), ce
 
     def _local_loss(self, index: int, features: torch.Tensor, targets: torch.Tensor, v_prev: torch.Tensor,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(loss, ce, v, grad_features) of block index's fused_local_loss.
+                    seed: int, share: SharedBatch | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss, ce, v, grad_features) of block index's fused_local_loss (over the whole batch with `share`).
 
         The first call, and any call whose shapes, dtypes or devices differ from it, goes through the
-        validating public op and returns grad_features None (loss carries the graph). Later calls run the
-        backend's gradient interface on the arguments validated then: the same kernels without the per-call
-        checks and without an autograd node, returning loss detached and grad_features = dloss/dfeatures
-        for features.backward. The callers range-check the targets first (_check_targets)."""
+        validating public ops and returns grad_features None (loss carries the graph). Later calls run the
+        backend's gradient interface (svp_kernels/gradient_interface.py) on the arguments validated then: the
+        same kernels without the per-call checks and without an autograd node, returning loss detached and
+        grad_features = dloss/dfeatures for features.backward. The callers range-check the targets first
+        (_check_targets)."""
         local_loss = self.local_losses[index]
         projection = local_loss.projection
         p = projection.p if projection is not None and local_loss.training else 0.0
         call = self._loss_calls[index]
         flat = features.reshape(features.shape[0], -1)
+        batch = flat.shape[0] if share is None else share.batch_size
         seed = torch.full((), seed, dtype=torch.int64, device=flat.device)  # the ops' 0-dim seed tensor
         if call is None or call.shape != tuple(flat.shape) or flat.device != call.device or \
                 flat.dtype != torch.float32 or v_prev.dtype != torch.float32 or v_prev.dim() != 2 or \
-                v_prev.shape[0] != flat.shape[0] or v_prev.shape[1] == 0 or v_prev.device != flat.device or \
-                targets.dtype != torch.int64 or targets.shape != flat.shape[:1] or targets.device != flat.device:
-            out = local_loss(features, targets, v_prev, seed=seed)
+                v_prev.shape[0] != batch or v_prev.shape[1] == 0 or v_prev.device != flat.device or \
+                targets.dtype != torch.int64 or targets.shape != (batch,) or targets.device != flat.device:
+            if share is None:
+                out = local_loss(features, targets, v_prev, seed=seed)
+            else:  # the local rows' projection, then the loss of the whole batch's (an identity projection)
+                v = flat if projection is None else projection(flat, seed=seed)
+                out = fused_local_loss(share.gather(v), targets, v_prev, alignment_weight=local_loss.alignment_weight,
+                                       reduction=local_loss.reduction, center=local_loss.center,
+                                       backend=local_loss.backend)
             self._loss_calls[index] = self._validated_call(local_loss, flat)
             return out.loss, out.ce, out.v, None
-        module, h = call.module, flat.detach().contiguous()
-        v = h if call.identity else module.projection_value(h, call.weight, call.out_features, call.proj_seed,
-                                                            call.proj_std, p, seed)
-        loss, ce, _, grad_v = module.epilogue_with_grad(v, targets.contiguous(), v_prev.detach().contiguous(),
-                                                        local_loss.alignment_weight,
-                                                        local_loss.reduction == "mean", local_loss.center)
-        grad_h = grad_v if call.identity else module.projection_backward(
-            grad_v, call.weight, call.in_features, call.proj_seed, call.proj_std, p, seed, torch.float32)
+        h = flat.detach().contiguous()
+        mean = local_loss.reduction == "mean"
+        targets, v_prev = targets.contiguous(), v_prev.detach().contiguous()
+        if share is None:
+            loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
+                call.module, h, call.projection, p, seed, targets, v_prev, local_loss.alignment_weight, mean,
+                local_loss.center)
+        else:
+            rows = share.gather(gradient_interface.projection_value(call.module, h, call.projection, p, seed))
+            loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
+                call.module, rows, _IDENTITY, 0.0, seed, targets, v_prev, local_loss.alignment_weight, mean,
+                local_loss.center)
+            grad_v = grad_v[share.rows]
+        grad_h = gradient_interface.input_grad(call.module, grad_v, call.projection, h.shape[1], p, seed,
+                                               torch.float32)
         return loss, ce, v, grad_h.view(features.shape)
 
     @staticmethod
@@ -270,16 +310,8 @@ class LayerwiseTrainer:
         module = backends.resolve(local_loss.backend, flat.device, flat.dtype)
         if not backends.has_gradient_interface(module):
             return None
-        B, D = flat.shape
-        projection = local_loss.projection
-        if projection is None:
-            return _LossCall(module, (B, D), flat.device, None, D, D, 0, 0.0, True)
-        implicit = projection.implicit
-        if projection.weight is None:
-            return _LossCall(module, (B, D), flat.device, None, D, implicit.out_features, implicit.seed,
-                             implicit.std_for(D), False)
-        weight = projection.weight.contiguous()
-        return _LossCall(module, (B, D), flat.device, weight, D, weight.shape[0], 0, 0.0, False)
+        projection = None if local_loss.projection is None else local_loss.projection.projection
+        return _LossCall(module, tuple(flat.shape), flat.device, check_projection(projection, flat, 0.0))
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         lr = self.lr_at(step)

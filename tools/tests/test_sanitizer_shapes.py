@@ -1,9 +1,9 @@
 """The small shapes of the sanitizer (tools/sanitize_cuda.py --small, run by tools/gpu_check.py) and of the CUDA
-emulator's quick run reach every path of the CUDA kernels (tests/cases.py SMALL_*_SHAPES): the tile a forward
+emulator's quick run reach every path of the CUDA kernels (svp_kernels.testing SMALL_*_SHAPES): the tile a forward
 takes and the paths below are decided by these properties of the shapes alone (csrc/cuda/projection.cu,
 csrc/cuda/epilogue.cu)."""
 
-from cases import SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES
+from svp_kernels.testing import SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES
 
 
 def test_projection_shapes_reach_every_path():

@@ -6,7 +6,7 @@ import csv
 import os
 import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSV_PATH = os.path.join(ROOT, "bench", "results", "sm90-static.csv")
 
 

@@ -1,11 +1,13 @@
-"""The ``cpu`` and ``cuda`` backends: the svp_kernels._C ops, which dispatch on the tensors' device.
+"""The svp_kernels._C extension's ops as the ``cpu`` and ``cuda`` backends run them (they dispatch on the
+tensors' device); backends/cpu.py and backends/cuda.py re-export these functions with their own NAME,
+is_available() and supports().
 
 csrc/cpu implements them for CPU tensors (float32, float64), csrc/cuda for CUDA tensors (float32,
 float64, bfloat16, float16). Autograd and fake rules are attached in svp_kernels/_ops.py.
 
 The gradient interface (projection_value, epilogue_with_grad, projection_backward) runs the same ops below
 autograd: the value and the gradient with no autograd node, for callers that apply the chain rule
-themselves (the trainer's per-block step); local_loss and dropout_projection wrap them in one C++ autograd
+themselves (the trainer's per-block step); fused_local_loss and dropout_projection wrap them in one C++ autograd
 node each (the eager paths of svp_kernels/api.py).
 
 Every projection function takes ``gemm``: False runs the fused kernels (projection_forward/backward), True the
@@ -61,8 +63,8 @@ def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
         return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
 
 
-def local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean, center,
-               identity, gemm=False):
+def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
+                     center, identity, gemm=False):
     """(loss, ce, alignment, v) under one C++ autograd node (csrc/autograd.cpp): projection_value and
     epilogue_with_grad forward, dh = grad_loss · g_v R̃ backward; loss differentiable w.r.t. h only."""
     return _C.fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
