@@ -1,5 +1,5 @@
 """Count what a call costs on the device: its Triton kernel launches and the torch ops around them
-(tests/test_launch_budget.py; tools/gpu_check.py can count the same on a GPU).
+(tests/test_triton_launch_budget.py; tools/gpu_check.py can count the same on a GPU).
 
     with LaunchCounter() as counter:
         out = sk.fused_local_loss(h, target, v_prev, projection=R, p=0.1, seed=1, backend="triton")
