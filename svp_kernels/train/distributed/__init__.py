@@ -36,17 +36,22 @@ checkpoint.py (per-process checkpoints), launch.py (spawning, failures, the CLI 
 modes share).
 """
 
+from .backprop import BackpropReplicaStep, run_backprop_rank
 from .checkpoint import CHECKPOINT_FORMAT
 from .common import EVAL_BATCH, Clock, DistributedTrainingError, epoch_batches, epoch_means
-from .data_parallel import ProcessShare, data_parallel_step, run_data_parallel_rank
+from .data_parallel import (ProcessShare, ReplicaStep, SvpReplicaStep, data_parallel_step, run_data_parallel_rank,
+                            run_replica)
 from .launch import free_port, launch, pin_to_cores, train_main
 from .pipeline import run_pipeline_stage
 from .plan import (MODES, Plan, balanced_split, choose_split, grid_position, measured_block_costs,
                    plan_from_arguments, role, share_sizes, trainable_batch, validate)
 from .protocol import EPOCH_END, EVAL, STOP, TRAIN, Inbound, Message, Outbound
+from .traffic import Traffic, counting, os_bytes_written
 
-__all__ = ["CHECKPOINT_FORMAT", "EPOCH_END", "EVAL", "EVAL_BATCH", "MODES", "STOP", "TRAIN", "Clock",
-           "DistributedTrainingError", "Inbound", "Message", "Outbound", "Plan", "ProcessShare", "balanced_split",
-           "choose_split", "data_parallel_step", "epoch_batches", "epoch_means", "free_port", "grid_position", "launch",
-           "measured_block_costs", "pin_to_cores", "plan_from_arguments", "role", "run_data_parallel_rank",
-           "run_pipeline_stage", "share_sizes", "trainable_batch", "train_main", "validate"]
+__all__ = ["BackpropReplicaStep", "CHECKPOINT_FORMAT", "EPOCH_END", "EVAL", "EVAL_BATCH", "MODES", "STOP", "TRAIN",
+           "Clock", "DistributedTrainingError", "Inbound", "Message", "Outbound", "Plan", "ProcessShare",
+           "ReplicaStep", "SvpReplicaStep", "Traffic", "balanced_split", "choose_split", "counting",
+           "data_parallel_step", "epoch_batches", "epoch_means", "free_port", "grid_position", "launch",
+           "measured_block_costs", "os_bytes_written", "pin_to_cores", "plan_from_arguments", "role",
+           "run_backprop_rank", "run_data_parallel_rank", "run_pipeline_stage", "run_replica", "share_sizes",
+           "trainable_batch", "train_main", "validate"]
