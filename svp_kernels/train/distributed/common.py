@@ -84,15 +84,15 @@ def process_cores() -> list[int] | None:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
-def distributed_fields(plan: Plan, config: TrainConfig, samples: int, wall: float, evaluations: list[dict],
-                        everyone: list[dict]) -> dict:
+def distributed_fields(plan: Plan, config: TrainConfig, steps: int, samples: int, wall: float,
+                        evaluations: list[dict], everyone: list[dict]) -> dict:
     """The JSON fields of a distributed run, beside its curves: run_training's (wall and training clocks, the
     evaluations: svp_kernels/train/evaluations.py) and each process's (busy, idle and CPU seconds, cores, the
     bytes it communicated: traffic.py)."""
     train_seconds = wall - sum(record["eval_seconds"] for record in evaluations)
     return {"wall_seconds": wall, "train_seconds": train_seconds, "evaluations": evaluations,
-            "eval_every": plan.eval_every, "samples": samples, "config": asdict(config), "device": config.device,
-            "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
+            "eval_every": plan.eval_every, "steps": steps, "samples": samples, "config": asdict(config),
+            "device": config.device,            "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
             "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],

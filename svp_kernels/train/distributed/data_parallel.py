@@ -219,7 +219,7 @@ def run_replica(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, pr
     wall = time.perf_counter() - start
     return {"test_accuracy": curves["accuracy"][-1], "train_loss_curve": curves["loss"],
             "test_accuracy_curve": curves["accuracy"], "block_loss_curves": curves["block"],
-            **distributed_fields(plan, config, samples, wall, log.records, everyone)}
+            **distributed_fields(plan, config, step, samples, wall, log.records, everyone)}
 
 
 @torch.no_grad()

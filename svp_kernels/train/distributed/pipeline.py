@@ -216,6 +216,6 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     block_curves = [sum((s["curves"]["block"][epoch] for s in pipeline), []) for epoch in range(config.epochs)]
     return {"test_accuracy": final["accuracy"][-1], "train_loss_curve": final["loss"],
             "test_accuracy_curve": final["accuracy"], "block_loss_curves": block_curves,
-            **distributed_fields(plan, config, samples, wall, pipeline[-1]["evaluations"], everyone),
+            **distributed_fields(plan, config, step, samples, wall, pipeline[-1]["evaluations"], everyone),
             "stage_split": list(split),
             "stage_blocks": [s["blocks"] for s in pipeline]}
