@@ -92,7 +92,8 @@ def distributed_fields(plan: Plan, config: TrainConfig, steps: int, samples: int
     train_seconds = wall - sum(record["eval_seconds"] for record in evaluations)
     return {"wall_seconds": wall, "train_seconds": train_seconds, "evaluations": evaluations,
             "eval_every": plan.eval_every, "steps": steps, "samples": samples, "config": asdict(config),
-            "device": config.device,            "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
+            "device": config.device, "torch_version": torch.__version__, "mode": plan.mode,
+            "world_size": plan.world_size,
             "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],
