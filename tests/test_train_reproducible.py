@@ -198,6 +198,10 @@ def test_augmentation_shifts_flips_and_is_a_function_of_seed_and_step():
     assert out.shape == images.shape and torch.equal(out, augment(images, shifted, 7))
     assert not torch.equal(out, augment(images, shifted, 8))
     assert set(out.unique().tolist()) <= set(images.unique().tolist())  # translated pixels, edges replicated
+    moved = [original[:, (torch.arange(5) + dy).clamp(0, 4)][:, :, (torch.arange(5) + dx).clamp(0, 4)]
+             for original in images for dy in range(-2, 3) for dx in range(-2, 3)]
+    for index, result in enumerate(out):  # each image translated by one (dy, dx) in [-2, 2]², edges replicated
+        assert any(torch.equal(result, candidate) for candidate in moved[25 * index:25 * index + 25])
     flipped = augment(images, TrainConfig(augment_flip=True, seed=0), 0)
     for original, result in zip(images, flipped):
         assert torch.equal(result, original) or torch.equal(result, original.flip(-1))

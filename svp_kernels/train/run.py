@@ -3,6 +3,7 @@ the demo and python/ share."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import signal
@@ -16,8 +17,7 @@ from .data import Dataset, batch_indices, load_dataset
 from .evaluations import EvaluationLog, check_eval_every
 from .memory import measure_step_memory
 from .models import BlockwiseModel, mlp, vgg11, vit
-from .seeds import block_step_seed
-from .trainer import LayerwiseTrainer
+from .trainer import BlockSeedTable, LayerwiseTrainer
 
 MODELS = ("mlp", "cnn", "vit")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -136,8 +136,8 @@ def augment(images: torch.Tensor, config: TrainConfig, step: int) -> torch.Tenso
     shift, flip = config.augment_shift, config.augment_flip
     if not shift and not flip:
         return images
-    generator = torch.Generator().manual_seed(block_step_seed(config.seed, AUGMENT_STREAM, step))
-    batch, _, height, width = images.shape
+    generator = torch.Generator().manual_seed(_augment_seeds(config.seed)(AUGMENT_STREAM, step))
+    batch, channels, height, width = images.shape
     rows = torch.arange(height).expand(batch, height)
     cols = torch.arange(width).expand(batch, width)
     if shift:
@@ -147,9 +147,16 @@ def augment(images: torch.Tensor, config: TrainConfig, step: int) -> torch.Tenso
     if flip:
         mirrored = torch.rand(batch, 1, generator=generator) < 0.5
         cols = torch.where(mirrored, width - 1 - cols, cols)
-    rows, cols = rows.to(images.device), cols.to(images.device)
-    index = torch.arange(batch, device=images.device)[:, None, None]
-    return images[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    # out[b, c, i, j] = images[b, c, rows[b, i], cols[b, j]]: two gathers, rows then columns
+    shape = (batch, channels, height, width)
+    out = images.gather(2, rows.to(images.device)[:, None, :, None].expand(shape))
+    return out.gather(3, cols.to(images.device)[:, None, None, :].expand(shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _augment_seeds(run_seed: int) -> BlockSeedTable:
+    """The run's seed table (block_step_seed of every stream, 1024 steps per vectorised call), kept per seed."""
+    return BlockSeedTable(run_seed)
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockwiseModel:
