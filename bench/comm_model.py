@@ -108,15 +108,43 @@ def table(batch: int, processes: int, widths, depths, inputs: int = 784, classes
     return "\n".join(lines)
 
 
+def exposure_table(batch: int, processes: int, widths, depths, flops: float, inputs: int = 784,
+                   classes: int = 10) -> str:
+    """Communication time over compute time per step, per link: DDP's all_reduce over the compute of one rank
+    (6 (B/K) P FLOPs: forward 2, backward 4), and the pipeline's message
+    over the compute of one stage (its share P/K of the parameters on all B rows; SVP skips the input
+    gradients: 4 B P / K FLOPs). flops: FLOP/s a device achieves on these GEMMs. DDP hides at most the
+    backward (≈ 2/3 of its compute) behind its all_reduce; a pipeline stage hides its whole compute."""
+    lines = ["| W × L | " + " | ".join(f"{name}: DDP / pipeline" for name in LINKS) + " |",
+             "|---|" + "---|" * len(LINKS)]
+    for width in widths:
+        for depth in depths:
+            parameters = mlp_block_parameters(inputs, width, depth, classes)
+            total = sum(parameters)
+            ddp_compute = 6 * batch / processes * total / flops
+            stage_compute = 4 * batch * total / processes / flops
+            ddp = ddp_step_bytes(parameters, processes)["wire"]
+            pipe = pipeline_step_bytes(batch, width, classes)["wire"]
+            cells = " | ".join(f"{ddp / speed / ddp_compute:.2g} / {pipe / speed / stage_compute:.2g}"
+                               for speed in LINKS.values())
+            lines.append(f"| {width} × {depth} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--processes", type=int, default=2, help="K: DDP ranks (the pipeline's links carry the same)")
     parser.add_argument("--widths", default="1024,2048,4096,8192")
     parser.add_argument("--depths", default="3,8")
+    parser.add_argument("--tflops", type=float, default=100.0, help="achieved TFLOP/s of one device, for the "
+                        "second table (communication time over compute time)")
     args = parser.parse_args(argv)
-    print(table(args.batch_size, args.processes, [int(w) for w in args.widths.split(",")],
-                [int(d) for d in args.depths.split(",")]))
+    widths, depths = [int(w) for w in args.widths.split(",")], [int(d) for d in args.depths.split(",")]
+    print(table(args.batch_size, args.processes, widths, depths))
+    print(f"\ncommunication / compute per step at {args.tflops:g} TFLOP/s, B = {args.batch_size}, "
+          f"K = {args.processes}:")
+    print(exposure_table(args.batch_size, args.processes, widths, depths, args.tflops * 1e12))
     return 0
 
 
