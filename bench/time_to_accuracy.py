@@ -230,7 +230,9 @@ def measure(dataset: str, data_dir: str | None, names: list[str], args) -> dict:
     runs, rows = [], []
     for repetition in range(args.repetitions):
         for name in names:
-            _, config_args, _ = config_flags(name, args.threads)
+            method, config_args, _ = config_flags(name, args.threads)
+            own = getattr(args, f"{method}_extra")
+            config_args = config_args + (own.split() if own else [])
             result, seconds, foreign = run_once(base + config_args)
             rows.append(run_row(dataset, name, repetition, result, seconds, foreign, common))
             runs.append({"config": name, "repetition": repetition, "command": base + config_args, "result": result})
@@ -279,6 +281,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="threads of the one-process runs (default: every core)")
     parser.add_argument("--extra", help="more svp-train flags for every run, e.g. '--epochs 3'")
+    parser.add_argument("--svp-extra", help="more flags for the SVP runs only (a recipe of SVP's own, e.g. "
+                        "'--alignment-weight 0.5'); the command of every run is in the JSON")
+    parser.add_argument("--bp-extra", help="more flags for the BP runs only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV and JSON files")
     args = parser.parse_args(argv)
     datasets = [(name, folder) for name, folder in (("mnist", args.mnist), ("cifar10", args.cifar10)) if folder]
