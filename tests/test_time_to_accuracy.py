@@ -20,8 +20,8 @@ CONFIGS = ["bp-1", "bp-ddp-2", "svp-1", "svp-stages-2", "svp-dp-2", "svp-grid-2x
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts bytes through /proc (Linux)")
 def test_time_to_accuracy_runs_every_configuration_and_writes_its_rows(tmp_path):
     command = [sys.executable, "bench/time_to_accuracy.py", "--synthetic", "--repetitions", "1", "--eval-every", "8",
-               "--threshold", "15", "--threads", "1", "--configs", ",".join(CONFIGS), "--extra", "--epochs 1 --lr 0.01", "--svp-extra", "--p 0.2",
-               "--results", str(tmp_path)]
+               "--threshold", "15", "--threads", "1", "--configs", ",".join(CONFIGS),
+               "--extra", "--epochs 1 --lr 0.01", "--svp-extra", "--p 0.2", "--results", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
