@@ -1,6 +1,7 @@
 """One process of a data-parallel run (``--data-parallel N``, or a grid's stage replicas): every block trains on
 this process's share of each global batch through the trainer's own block step (LayerwiseTrainer.train_block
-with a SharedBatch: the whole batch's v all-gathered, the gradients all-reduced)."""
+with a SharedBatch: the whole batch's v all-gathered, the gradients all-reduced). run_replica is the loop of a
+data-parallel rank whatever trains its batches: SVP's step here, backprop's DDP step in backprop.py."""
 
 from __future__ import annotations
 
