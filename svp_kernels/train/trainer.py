@@ -248,7 +248,7 @@ class LayerwiseTrainer:
             features.backward(grad_features)
         if share is not None:
             share.reduce_gradients(list(block.parameters()))
-        self._set_lr(optimizer, step)
+        self.set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return h_out.detach(), v, loss.detach(), ce
@@ -313,7 +313,8 @@ class LayerwiseTrainer:
         projection = None if local_loss.projection is None else local_loss.projection.projection
         return _LossCall(module, tuple(flat.shape), flat.device, check_projection(projection, flat, 0.0))
 
-    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set the learning rate of every group of `optimizer` to the schedule's lr_at(step)."""
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -322,7 +323,7 @@ class LayerwiseTrainer:
         (optimizer,) = self.optimizers
         loss = F.cross_entropy(self.model(inputs), targets)
         loss.backward()
-        self._set_lr(optimizer, step)
+        self.set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
