@@ -62,8 +62,8 @@ def test_svp_step_draws_block_step_seeds_and_no_global_randomness(data, monkeypa
     trainer.train_step(inputs, targets)
     drawn = []
     original = trainer._local_loss
-    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[3])) or
-                        original(index, *args))
+    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, int(args[3]))) or
+                        original(index, *args))  # the seed: a 0-dim int64 tensor on the device, read here
     rng_state = torch.get_rng_state()
     trainer.train_step(inputs, targets)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the step touched no global generator

@@ -56,6 +56,7 @@ class TrainConfig:
     vit_patch_size: int = 4
     vit_blocks_per_unit: int = 1
     vit_token: str = "cls"
+    cuda_graph: bool = False  # capture the whole step as a CUDA graph per batch shape (LayerwiseTrainer)
 
 
 # Per-dataset defaults (svp-train --dataset picks one; every field stays overridable). Fields not named
@@ -110,6 +111,9 @@ def validate_config(config: TrainConfig, num_train: int | None = None) -> None:
     need(config.pool_size is None or config.pool_size >= 1, "pool_size", "≥ 1")
     need(config.vit_patch_size >= 1, "vit_patch_size", "≥ 1")
     need(config.vit_blocks_per_unit >= 1, "vit_blocks_per_unit", "≥ 1")
+    if config.cuda_graph and torch.device(config.device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda): a captured CUDA graph replays GPU "
+                         f"work; got --device {config.device}")
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
@@ -182,7 +186,8 @@ def build_trainer(config: TrainConfig, input_shape: tuple[int, ...], num_classes
     return LayerwiseTrainer(model, method=config.method, optimizer=config.optimizer, lr=config.lr,
                             weight_decay=config.weight_decay, p=config.p, alignment_weight=config.alignment_weight,
                             proj_dim=config.proj_dim, implicit_projection=config.implicit_projection,
-                            backend=config.backend, device=config.device, seed=config.seed, lr_at=lr_at)
+                            backend=config.backend, device=config.device, seed=config.seed, lr_at=lr_at,
+                            cuda_graph=config.cuda_graph)
 
 
 # Fields a resumed run may change: where the data lives does not change the computation.
