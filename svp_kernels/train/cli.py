@@ -100,6 +100,8 @@ def train_parser() -> argparse.ArgumentParser:
     add("--checkpoint", metavar="PATH", help="write a checkpoint here at every epoch end (and on Ctrl-C)")
     add("--checkpoint-every", int, metavar="N", help="also write the checkpoint every N steps")
     add("--resume", metavar="PATH", help="continue the run saved in this checkpoint (same flags)")
+    add("--eval-every", int, metavar="N", help="also evaluate the test set after every N steps (training is "
+        "unchanged; evaluation time is kept off the training clock; every evaluation is in the --json file)")
     add("--json", metavar="PATH", help="write the results as JSON")
     add("--plot", metavar="PATH", help="write the training curves as a PNG")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -188,7 +190,8 @@ def train_main(argv: list[str]) -> int:
         return code
     try:
         result = run_training(config, dataset, progress=not args.no_progress, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume)
+                              checkpoint_every=args.checkpoint_every, resume=args.resume,
+                              eval_every=args.eval_every)
     except CheckpointError as error:
         return _fail(f"--resume: {error}")
     except ValueError as error:  # validate_config against the dataset (e.g. --batch-size larger than it)

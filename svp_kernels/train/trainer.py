@@ -365,6 +365,10 @@ class LayerwiseTrainer:
         projection = None if local_loss.projection is None else local_loss.projection.projection
         return _LossCall(module, tuple(flat.shape), flat.device, check_projection(projection, flat, 0.0))
 
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set the learning rate of every group of `optimizer` to the schedule's lr_at(step)."""
+        self._set_lr(optimizer, self.lr_at(step))
+
     @staticmethod
     def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
