@@ -60,7 +60,7 @@ SCHEMA = 1
 DEFAULT_BUDGET_S = 480.0
 DEFAULT_GRACE_S = 5.0
 # Seconds of the default budget per stage (scaled to the budget given); the minimum a stage needs to start.
-STAGE_SHARES = {"env": 15, "build": 130, "tests": 140, "sanitize": 60, "bench": 90, "train_step": 25,
+STAGE_SHARES = {"env": 15, "build": 110, "tests": 140, "sanitize": 60, "bench": 110, "train_step": 25,
                 "memory_depth": 20}
 STAGE_MINIMUMS = {"env": 10, "build": 30, "tests": 20, "sanitize": 15, "bench": 15, "train_step": 10,
                   "memory_depth": 10}
