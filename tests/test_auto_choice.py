@@ -47,7 +47,7 @@ SYNTHETIC = (  # triton fastest at small shapes, cuda-gemm at wide C, cuda fused
 @pytest.fixture
 def synthetic(monkeypatch):
     """auto's table replaced by SYNTHETIC; cuda and triton 'available' CUDA backends (stand-in modules)."""
-    rows = tuple(auto.Row(*row) for row in SYNTHETIC)
+    rows = tuple(auto.ranked(row) for row in SYNTHETIC)
     kinds = {}
     for row in rows:
         kinds.setdefault((row.dtype, row.projection), []).append(row)
@@ -110,3 +110,20 @@ def test_a_uniform_choice_reads_no_shape(synthetic):
 def test_cpu_calls_do_not_consult_the_table(synthetic):
     module, gemm = backends.choose("auto", "auto", torch.device("cpu"), torch.float32, (256, 4096, 10))
     assert module.NAME in ("cpu", "reference") and not gemm
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_the_choice_traces_under_torch_compile(synthetic, dynamic, implicit):
+    """fullgraph: no graph break in the decision, with static or dynamic sizes, where the table depends on the
+    shape (dense) and where it does not (implicit)."""
+    def step(x):
+        module, gemm = backends.choose("auto", "auto", CUDA, x.dtype, (x.shape[0], x.shape[1], 10), implicit)
+        return x + {"cuda": 1.0, "triton": 2.0}[module.NAME] + (10.0 if gemm else 0.0)
+
+    torch._dynamo.reset()  # the nested step's code object is shared by the parametrisations
+    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=dynamic)
+    for shape in [(256, 4096), (4096, 1024), (300, 3000)]:
+        x = torch.zeros(shape)
+        assert torch.equal(compiled(x), step(x)), shape
+    assert compiled(torch.zeros(256, 4096))[0, 0] == (1.0 if implicit else 2.0)

@@ -21,6 +21,9 @@ ENV_OVERRIDE = "SVP_KERNELS_BACKEND"
 # triton at every benchmark shape, bench/results/NVIDIA-H100-80GB-HBM3.csv).
 AUTO_CUDA_ORDER = ("cuda", "triton")
 AUTO_CPU_ORDER = ("cpu",)
+# The dtypes' names in the auto table (a dictionary: torch.compile traces a lookup, not str(dtype)).
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
 
 
 _MODULES: dict = {}
@@ -153,7 +156,7 @@ def choose(backend: str, path: str, device: torch.device, dtype: torch.dtype, sh
                     and is_available(candidate_backend) and load(candidate_backend).supports(device, dtype))
 
         kind = "implicit" if implicit else "dense"
-        candidate = auto.measured_choice(str(dtype).removeprefix("torch."), kind, shape, allowed)
+        candidate = auto.measured_choice(DTYPE_NAMES.get(dtype, ""), kind, shape, allowed)
         if candidate is not None:
             candidate_backend, _, candidate_path = candidate.partition("-")
             return load(candidate_backend), candidate_path == "gemm"
