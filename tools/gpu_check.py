@@ -11,10 +11,13 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
                   torch.cuda.get_device_capability), MAX_JOBS = cores, no debug flags; then an import check
     tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda backend, the triton
                   backend (each with its opcheck and torch.compile tests), and the host-synchronisation tests
-    sanitize      compute-sanitizer memcheck and racecheck over tools/sanitize_cuda.py --small
-    bench         bench/local_loss.py, one run per benchmark shape for cuda, triton and the eager baseline, then
-                  one per shape for the torch.compile baseline (float32 and bfloat16, dense and implicit R)
-    train_step    bench/train_step.py --device cuda ("missing" when the file does not exist)
+    sanitize      compute-sanitizer memcheck over tools/sanitize_cuda.py --small, then racecheck over its --race
+                  list, one step per op family (projection, epilogue)
+    bench         bench/local_loss.py, one run per benchmark shape for cuda, cuda-gemm, triton and the eager
+                  baseline, then one run over every shape for the torch.compile baseline in mode "default"
+                  (float32 and bfloat16, dense and implicit R)
+    train_step    bench/train_step.py --device cuda, then --cuda-graph at width 1024 (svp, bp and the loss-free
+                  floor captured as CUDA graphs; "missing" when the file does not exist)
     memory_depth  svp-train memory-depth --device cuda (width 1024, depths 2..32, batch 128)
 
 Time. A stage's limit is its share of what is left, remaining × share / (shares of the stages still to run),
@@ -28,7 +31,7 @@ or step is skipped when what it requires did not end ok ("gpu": the env probe fo
 
 Output: at most 8 files, what a device call brings back. OUT/summary.json is rewritten atomically whenever
 a stage or step starts or ends, and when the driver itself is interrupted (SIGINT, SIGTERM, SIGHUP);
-OUT/<stage>.log holds each stage's output. The bench CSV and the memory-depth JSON travel inside
+OUT/<stage>.log holds each stage's output. The bench and train-step CSVs and the memory-depth JSON travel inside
 summary.json ("artifacts"); --unpack writes them to bench/results. Exit status 0 when every stage ended ok,
 partial (some steps skipped for time) or missing (its program does not exist yet); 1 when any failed,
 timed out or was skipped; 128 + the signal number when the driver itself was interrupted.
