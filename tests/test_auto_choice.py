@@ -53,6 +53,7 @@ def synthetic(monkeypatch):
         kinds.setdefault((row.dtype, row.projection), []).append(row)
     monkeypatch.setattr(auto, "ROWS", rows)
     monkeypatch.setattr(auto, "_BY_KIND", kinds)
+    monkeypatch.setattr(backends, "_TABLE_CHOICES", {})  # choices remembered under the real table
     fakes = {name: SimpleNamespace(NAME=name, PROJECTION_PATHS=("fused", "gemm") if name == "cuda" else (),
                                    supports=lambda device, dtype: device.type == "cuda")
              for name in ("cuda", "triton")}

@@ -150,18 +150,37 @@ def choose(backend: str, path: str, device: torch.device, dtype: torch.dtype, sh
     """
     name, _ = requested(backend)
     if device.type == "cuda" and shape is not None and "auto" in (name, path):
-        def allowed(candidate: str) -> bool:
-            candidate_backend, _, candidate_path = candidate.partition("-")
-            return (name in ("auto", candidate_backend) and path in ("auto", candidate_path or "fused")
-                    and is_available(candidate_backend) and load(candidate_backend).supports(device, dtype))
-
-        kind = "implicit" if implicit else "dense"
-        candidate = auto.measured_choice(DTYPE_NAMES.get(dtype, ""), kind, shape, allowed)
+        candidate = _table_choice(name, path, device, dtype, shape, implicit)
         if candidate is not None:
             candidate_backend, _, candidate_path = candidate.partition("-")
             return load(candidate_backend), candidate_path == "gemm"
     module = resolve(backend, device, dtype)
     return module, gemm_projection(path, module)
+
+
+_TABLE_CHOICES: dict = {}  # (request, device, dtype, shape, implicit) -> candidate or None, outside torch.compile
+_TABLE_CHOICES_LIMIT = 4096
+
+
+def _table_choice(name: str, path: str, device: torch.device, dtype: torch.dtype, shape: tuple, implicit: bool):
+    """auto.measured_choice for choose's request, remembered per request and shape outside torch.compile (the
+    lookup costs tens of µs of Python; a remembered one a dictionary read). Traced afresh when compiling."""
+    def allowed(candidate: str) -> bool:
+        candidate_backend, _, candidate_path = candidate.partition("-")
+        return (name in ("auto", candidate_backend) and path in ("auto", candidate_path or "fused")
+                and is_available(candidate_backend) and load(candidate_backend).supports(device, dtype))
+
+    def lookup():
+        return auto.measured_choice(DTYPE_NAMES.get(dtype, ""), "implicit" if implicit else "dense", shape, allowed)
+
+    if torch.compiler.is_compiling():
+        return lookup()
+    key = (name, path, device, dtype, tuple(shape), implicit)
+    if key not in _TABLE_CHOICES:
+        if len(_TABLE_CHOICES) >= _TABLE_CHOICES_LIMIT:
+            _TABLE_CHOICES.clear()
+        _TABLE_CHOICES[key] = lookup()
+    return _TABLE_CHOICES[key]
 
 
 for _name in BACKEND_NAMES:
