@@ -9,8 +9,9 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
     env           device, driver, CUDA / torch / Triton / Python versions, SM count, architecture
     build         svp_kernels._C for the device's own architecture only (TORCH_CUDA_ARCH_LIST from
                   torch.cuda.get_device_capability), MAX_JOBS = cores, no debug flags; then an import check
-    tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda backend, the triton
-                  backend (each with its opcheck and torch.compile tests), and the host-synchronisation tests
+    tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda
+                  backend, the triton backend (each with its opcheck and torch.compile tests), and the
+                  host-synchronisation tests
     sanitize      compute-sanitizer memcheck over tools/sanitize_cuda.py --small, then racecheck over its --race
                   list, one step per op family (projection, epilogue)
     bench         bench/local_loss.py, one run per benchmark shape for cuda, cuda-gemm, triton and the eager
@@ -200,8 +201,8 @@ def test_steps(ctx: Context, stage: Stage) -> list:
         selections = ["stage_state_words"] * 3
         env = {}
     else:
-        base = [ctx.python, "-m", "pytest", "tests", "--maxfail=30", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
-                "-m", "not slow"]
+        base = [ctx.python, "-m", "pytest", "tests", "--maxfail=30", "-q", "-rfE", "--durations=10",
+                "-p", "no:cacheprovider", "-m", "not slow"]
         if ctx.env.get("modules", {}).get("pytest_timeout"):
             base += ["--timeout", str(PER_TEST_TIMEOUT_S)]
         selections = [CUDA_TESTS, TRITON_TESTS, SYNC_TESTS]
