@@ -1,7 +1,7 @@
 """The plain PyTorch formulation of the SVP local loss: what a user writes without svp_kernels.
 
 The benchmarks time it eagerly (`eager`) and through torch.compile (`compile`); it is a baseline,
-not the oracle (the oracle is tests/cases.py's float64 ground truth). It materialises R̃ with
+not the oracle (the oracle is svp_kernels.testing's float64 ground truth). It materialises R̃ with
 F.dropout (torch's RNG, not the Philox stream of docs/design.md §3) and both B×B Gram matrices.
 """
 

@@ -3,8 +3,8 @@
     pytest bench/ --benchmark-only                      # all available CPU backends, ~1 minute
     pytest bench/ --benchmark-only -k cpu --benchmark-compare
 
-Small-to-moderate shapes (the full shape set, torch.compile and the memory measurement are bench/run.py's
-job). Inputs and the fused forward+backward call come from tests/cases.py, the same helpers the tests use;
+Small-to-moderate shapes (the full shape set, torch.compile and the memory measurement are bench/local_loss.py's
+job). Inputs and the fused forward+backward call come from svp_kernels.testing, the same helpers the tests use;
 the baseline ``eager`` is the plain PyTorch formulation of bench/baselines.py. These live under bench/,
 outside `testpaths`, so `pytest tests/` never collects them; without pytest-benchmark the module is
 skipped.
@@ -12,20 +12,15 @@ skipped.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("pytest_benchmark")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from svp_kernels.testing import Case, cpu_backends, make_inputs, run  # noqa: E402
 
 import baselines  # noqa: E402
-from tests.cases import Case, cpu_backends, make_inputs, run  # noqa: E402
 
 THREADS = 2
 # (B, D, C): the small end of the CPU benchmark shapes, plus a B > D case (batch-space vs feature-space epilogue).

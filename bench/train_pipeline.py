@@ -14,7 +14,8 @@ K processes on K free cores would gain, before the fill and drain. --control add
 independent K = 1 runs at once: their summed samples/s over one K = 1 run alone is the CPU the machine
 gives a second process, the ceiling of any 2-stage speedup there. --pin-cores both adds, per round, a
 K-stage run with its stages left to the scheduler (svp-train pins them by default). Rows are appended to
-bench/results/train_pipeline-<device>.csv (the columns of bench/run.py) with p20/p50/p80 over the rounds.
+bench/results/train_pipeline-<device>.csv (the columns of bench/local_loss.py) with p20/p50/p80 over the
+rounds.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ import sys
 import threading
 from pathlib import Path
 
-from run import RESULTS, append_csv, device_slug, git_commit, percentiles, triton_version
-
 import torch
 
 from svp_kernels.train.data import synthetic
-
 from svp_kernels.train.distributed import Plan, launch
 from svp_kernels.train.run import TrainConfig
+
+from local_loss import RESULTS, append_csv, device_slug, git_commit, percentiles, triton_version
 
 CSV_COLUMNS = ["op", "backend", "B", "D", "C", "p", "dtype", "metric", "unit", "p20", "p50", "p80", "device", "torch",
                "triton", "commit", "timestamp"]

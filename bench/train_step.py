@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from run import ForeignLoad, append_csv, device_slug, git_commit, percentiles  # noqa: E402  (bench/run.py)
 
 from svp_kernels import backends  # noqa: E402
 from svp_kernels.train import LayerwiseTrainer, mlp, vgg11  # noqa: E402
+
+from local_loss import ForeignLoad, append_csv, device_slug, git_commit, percentiles  # noqa: E402  (bench/local_loss.py)
 
 DEFAULT_SHAPES = "mlp:1024x3:128,mlp:1024x3:2048,mlp:1024x8:128,mlp:256x3:64,cnn:0.25:64"
 CSV_COLUMNS = ["op", "model", "method", "backend", "batch", "width", "depth", "p", "dtype", "threads", "metric",

@@ -11,7 +11,8 @@ import argparse
 
 import torch
 
-from svp_kernels.train.cli import memory_depth_summary, plot_memory_depth
+from svp_kernels.train.cli import memory_depth_summary
+from svp_kernels.train.outputs import plot_memory_depth
 from svp_kernels.train.run import memory_depth_rows
 
 MIB = 2.0**20

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import svp_kernels as sk
-from svp_kernels.backends import predsim_reference
+from svp_kernels.similarity import reference as similarity_reference
 from svp_kernels.train import batch_indices, load_dataset
 
 
@@ -56,8 +56,8 @@ def block_loss(formulation, pooled, similarity, target, block, beta, classes):
     # The plain formulation, as local-learning code writes it (materialises the one-hot and both B×B matrices).
     logits = block.decoder(pooled)
     onehot = F.one_hot(target, classes).to(similarity.dtype)
-    s_h = predsim_reference.similarity_matrix(similarity, "std")
-    s_y = predsim_reference.similarity_matrix(onehot, "std").detach()
+    s_h = similarity_reference.similarity_matrix(similarity, "std")
+    s_y = similarity_reference.similarity_matrix(onehot, "std").detach()
     return (1 - beta) * F.cross_entropy(logits, target) + beta * F.mse_loss(s_h, s_y), logits
 
 

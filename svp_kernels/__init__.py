@@ -6,9 +6,9 @@
 See docs/design.md §2 for the math and docs/backends.md for the backends.
 """
 
-from . import _ops  # noqa: F401  (loads the extension and registers autograd for its ops)
-from . import nn
-from .api import LocalLoss, alignment_loss, available_backends, cosine_gram, dropout_projection, fused_local_loss
+from . import _ops, nn  # noqa: F401  (loads the extension and registers autograd for its ops)
+from .api import (LocalLoss, LocalLossOutput, alignment_loss, available_backends, cosine_gram, dropout_projection,
+                  fused_local_loss)
 from .predsim import PredSim, predsim_loss, similarity_loss
 from .projection import ImplicitProjection
 
@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImplicitProjection",
-    "LocalLoss",
+    "LocalLoss",  # the first name of LocalLossOutput (docs/design.md §4)
+    "LocalLossOutput",
     "PredSim",
     "alignment_loss",
     "available_backends",
@@ -26,13 +27,16 @@ __all__ = [
     "nn",
     "predsim_loss",
     "similarity_loss",
+    "testing",
     "train",
 ]
 
 
 def __getattr__(name):
-    if name == "train":  # the trainer pulls in optional dependencies (tqdm, matplotlib); load on first use
+    # the trainer pulls in optional dependencies (tqdm, matplotlib), and the testing helpers are for tests,
+    # benchmarks and tools: both load on first use
+    if name in ("train", "testing"):
         import importlib
 
-        return importlib.import_module(".train", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'svp_kernels' has no attribute {name!r}")

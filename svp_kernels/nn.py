@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .api import LocalLoss as LocalLossOutput
-from .api import dropout_projection, fused_local_loss
+from .api import LocalLossOutput, dropout_projection, fused_local_loss
 from .projection import MAX_SEED, ImplicitProjection, draw_seed, stream_seed
 
 
@@ -83,7 +82,7 @@ class LocalLoss(torch.nn.Module):
 
     out_features is C, the width of v (targets must lie in [0, C)); identity=True (needs
     in_features == out_features) uses v = h, as the last layer does on its logits.
-    forward(h, target, v_prev=None, seed=None) returns svp_kernels.LocalLoss. Training dropout seeds come
+    forward(h, target, v_prev=None, seed=None) returns svp_kernels.LocalLossOutput. Training dropout seeds come
     from the projection's seed stream (``seed_state``, see RandomProjection; base = dropout_seed), so the
     module compiles with fullgraph and draws a fresh mask each step; seed= (int or 0-dim int64 tensor)
     overrides one step.

@@ -12,22 +12,23 @@ A 4-D input (B, Ch, H, W) is reduced first: reduce="std" (the default, as local-
 channel's standard deviation over H·W (unbiased), reduce="flatten" uses all Ch·H·W values. Inputs of other
 ranks above 2 need reduce="flatten": nothing is flattened silently.
 
-The fused path (svp_kernels/backends/predsim_fused.py) computes the value and, only when a gradient is
+The fused path (svp_kernels/similarity/fused.py) computes the value and, only when a gradient is
 wanted, the input gradients in the same pass; the one-hot, S(onehot) and W̃ are never built.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
 from . import backends
-from ._ops import index_bounds
-from .api import _check_features, _check_p, _check_seed
-from .backends import predsim_fused, predsim_reference
+from ._ops import accumulation_dtype
+from .similarity import fused as similarity_fused
+from .similarity import reference as similarity_reference
+from .validation import (check_bool, check_choice, check_class_indices, check_features, check_p, check_reduction,
+                         check_seed, check_target_range)
 
 REDUCE_CHOICES = ("std", "flatten")
 
@@ -53,7 +54,7 @@ class PredSim(NamedTuple):
 def _check_rows(x, name: str, reduce: str) -> torch.Tensor:
     """A float tensor (B, K) or (B, Ch, H, W) whose reduction is well defined."""
     if not (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and x.dim() >= 2 and x.numel() > 0):
-        _check_features(x, name)  # raises: a float tensor of rank ≥ 2 with rows and features is expected
+        check_features(x, name)  # raises: a float tensor of rank ≥ 2 with rows and features is expected
     if x.dim() > 2 and reduce == "std":
         if x.dim() != 4:
             raise ValueError(f"reduce='std' reduces a 4-D {name} (B, Ch, H, W) over H·W, but {name} has shape "
@@ -65,9 +66,7 @@ def _check_rows(x, name: str, reduce: str) -> torch.Tensor:
 
 
 def _check_reduce(reduce) -> str:
-    if reduce not in REDUCE_CHOICES:
-        raise ValueError(f"reduce must be 'std' or 'flatten' (for 4-D inputs), got {reduce!r}")
-    return reduce
+    return check_choice(reduce, "reduce", REDUCE_CHOICES)
 
 
 def _check_batch(x: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str) -> None:
@@ -79,18 +78,9 @@ def _check_batch(x: torch.Tensor, name: str, reference: torch.Tensor, reference_
 
 
 def _check_labels(target, reference: torch.Tensor, reference_name: str, num_classes: int) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, shape (B,), got {type(target).__name__}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
-    if target.dim() != 1:
-        raise ValueError(f"target must have shape (B,) = ({reference.shape[0]},), got shape {tuple(target.shape)}")
+    check_class_indices(target, reference.shape[0])
     _check_batch(target, "target", reference, reference_name)
-    if not torch.compiler.is_compiling():
-        low, high = index_bounds(target)
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"target values must be in [0, {num_classes}) (C = {num_classes} classes), "
-                             f"got values in [{low}, {high}]")
+    check_target_range(target, num_classes)
     return target.to(torch.int64).contiguous()
 
 
@@ -112,27 +102,23 @@ def _check_num_classes(num_classes) -> int:
 
 def _uses_reference(backend, device: torch.device, allow_triton: bool = False):
     """True for the plain formulation, False for the fused one, or the Triton backend module (alignment_loss
-    only: its epilogue kernel); ValueError for a backend that cannot run here."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of 'auto', 'reference', 'cpu', 'cuda', got {type(backend).__name__}")
-    source = "backend"
-    if backend == "auto":
-        backend = os.environ.get(backends.ENV_OVERRIDE, "") or "auto"
-        source = f"the environment variable {backends.ENV_OVERRIDE}"
-        if backend not in ("reference", "triton") or not allow_triton and backend == "triton":
-            return False
-    if backend == "reference":
+    only: its epilogue kernel); ValueError for a backend that cannot run here. The name and its environment
+    override are resolved by svp_kernels.backends, as for every op."""
+    name, source = backends.requested(backend)
+    if source != "backend" and name not in ("reference", "triton") or name == "auto":
+        return False  # "auto": the fused path, which runs wherever torch does
+    if name == "reference":
         return True
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            raise ValueError(f"{source} {backend!r} runs on {backend} tensors, but the inputs are on {device}")
+    if name in ("cpu", "cuda"):
+        if device.type != name:
+            raise ValueError(f"{source} {name!r} runs on {name} tensors, but the inputs are on {device}")
         return False
-    if backend == "triton" and allow_triton:
-        if not backends.is_available("triton"):
-            raise ValueError(f"backend 'triton' is not available here; available: {backends.available_backends()}")
-        return backends.load("triton")
+    if name == "triton" and allow_triton:
+        return backends.resolve("triton", device, torch.float32)
+    if source != "backend":
+        return False  # SVP_KERNELS_BACKEND=triton: the similarity losses take their fused path
     raise ValueError(f"{source} must be 'auto', 'reference', 'cpu' or 'cuda' for the similarity losses "
-                     f"(the fused path is built on the device's GEMM; there is no Triton kernel), got {backend!r}")
+                     f"(the fused path is built on the device's GEMM; there is no Triton kernel), got {name!r}")
 
 
 def _needs_grad(x) -> bool:
@@ -169,8 +155,8 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
     h_dec = _check_rows(h_dec, "h_dec", "flatten")
     _check_batch(h_dec, "h_dec", h_sim, "h_sim")
     if not isinstance(decoder_weight, torch.Tensor) or not decoder_weight.dtype.is_floating_point:
-        raise TypeError("decoder_weight must be a floating-point torch.Tensor of shape (C, D), got "
-                        f"{type(decoder_weight).__name__ if not isinstance(decoder_weight, torch.Tensor) else decoder_weight.dtype}")
+        got = decoder_weight.dtype if isinstance(decoder_weight, torch.Tensor) else type(decoder_weight).__name__
+        raise TypeError(f"decoder_weight must be a floating-point torch.Tensor of shape (C, D), got {got}")
     in_features = math.prod(h_dec.shape[1:])
     if decoder_weight.dim() != 2 or decoder_weight.shape[0] == 0 or decoder_weight.shape[1] != in_features:
         raise ValueError(f"decoder_weight must have shape (C, D) = (C, {in_features}) with C ≥ 1 (D = h_dec's "
@@ -188,20 +174,20 @@ def predsim_loss(h_dec, h_sim, target, decoder_weight, decoder_bias=None, *, bet
             raise ValueError(f"decoder_bias is on {decoder_bias.device} but h_dec is on {h_dec.device}")
     labels = _check_labels(target, h_sim, "h_sim", classes)
     beta = _check_beta(beta)
-    p = _check_p(p)
-    seed = _check_seed(seed, p, h_dec.device) if p > 0 or seed is not None else None  # p = 0: no mask, no seed
+    p = check_p(p)
+    seed = check_seed(seed, p, h_dec.device) if p > 0 or seed is not None else None  # p = 0: no mask, no seed
     h_dec = h_dec if h_dec.dim() == 2 else h_dec.reshape(h_dec.shape[0], -1)
 
     if _uses_reference(backend, h_dec.device):
         def upcast(x):
-            return None if x is None else x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return PredSim(*predsim_reference.predsim_loss(upcast(h_dec), upcast(decoder_weight), upcast(decoder_bias),
+            return None if x is None else x.to(accumulation_dtype(x.dtype))
+        return PredSim(*similarity_reference.predsim_loss(upcast(h_dec), upcast(decoder_weight), upcast(decoder_bias),
                                                        upcast(h_sim), labels, beta, p, seed, reduce))
     needs = (_needs_grad(h_dec), _needs_grad(decoder_weight), _needs_grad(decoder_bias), _needs_grad(h_sim))
     if not any(needs):  # the value only, without autograd's bookkeeping
-        return PredSim(*predsim_fused.predsim_forward(h_dec, decoder_weight, decoder_bias, h_sim, labels, beta, p,
+        return PredSim(*similarity_fused.predsim_forward(h_dec, decoder_weight, decoder_bias, h_sim, labels, beta, p,
                                                       seed, reduce, needs)[:4])
-    return PredSim(*predsim_fused.PredSimLoss.apply(h_dec.contiguous(), decoder_weight.contiguous(), decoder_bias,
+    return PredSim(*similarity_fused.PredSimLoss.apply(h_dec.contiguous(), decoder_weight.contiguous(), decoder_bias,
                                                     h_sim.contiguous(), labels, beta, p, seed, reduce, needs))
 
 
@@ -222,7 +208,7 @@ def similarity_loss(h, target, *, num_classes=None, reduce: str = "std", target_
     if isinstance(target, torch.Tensor) and target.dtype.is_floating_point:
         target_rows = _check_rows(target, "target", target_reduce)
         _check_batch(target_rows, "target", h, "h")
-        target_rows = predsim_reference.reduced_rows(target_rows.detach(), target_reduce)
+        target_rows = similarity_reference.reduced_rows(target_rows.detach(), target_reduce)
     else:
         classes = _check_num_classes(num_classes)
         labels = _check_labels(target, h, "h", classes)
@@ -239,35 +225,32 @@ def alignment_loss(v, v_prev, reduction: str, center: bool, backend: str, reduce
         raise TypeError("v_prev must be a torch.Tensor of shape (B, C'), got None")
     v_prev = _check_rows(v_prev, "v_prev", reduce)
     _check_batch(v_prev, "v_prev", v, "v")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"center must be a bool, got {type(center).__name__}")
+    mean = check_reduction(reduction)
+    center = check_bool(center, "center")
     path = _uses_reference(backend, v.device, allow_triton=True)
-    target_rows = predsim_reference.reduced_rows(v_prev.detach(), reduce)
+    target_rows = similarity_reference.reduced_rows(v_prev.detach(), reduce)
     if not isinstance(path, bool):
         from .backends.triton.ops import use_feature_space
 
-        dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-        rows = predsim_reference.reduced_rows(v, reduce).to(dtype).contiguous()
+        dtype = accumulation_dtype(v.dtype)
+        rows = similarity_reference.reduced_rows(v, reduce).to(dtype).contiguous()
         if use_feature_space(rows.shape[0], rows.shape[1], target_rows.shape[1]):
             # The Triton epilogue's feature-space Grams: no S entry exists, |S| ≤ 1 holds exactly there.
-            return path.epilogue(rows, None, target_rows.to(dtype).contiguous(), 1.0, reduction == "mean", center)[0]
+            return path.epilogue(rows, None, target_rows.to(dtype).contiguous(), 1.0, mean, center)[0]
         # Its batch-space tiles of S are not clamped to [−1, 1]; the fused path on the device clamps them.
         path = False
-    return _similarity(v, target_rows, None, 0, reduce, center=center, additive=False, mean=reduction == "mean",
-                       reference=path)
+    return _similarity(v, target_rows, None, 0, reduce, center=center, additive=False, mean=mean, reference=path)
 
 
 def _similarity(h, target_rows, labels, classes, reduce, *, center, additive, mean, reference) -> torch.Tensor:
     """The similarity term on the plain formulation (reference=True) or the fused path."""
     if reference:
-        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(h.dtype)
         rows = None if target_rows is None else target_rows.to(dtype)
-        return predsim_reference.similarity_loss(h.to(dtype), rows, labels, classes, reduce, center, additive, mean)
+        return similarity_reference.similarity_loss(h.to(dtype), rows, labels, classes, reduce, center, additive, mean)
     scale = 1.0 / h.shape[0] ** 2 if mean else 1.0
     if not _needs_grad(h):  # the value only, without autograd's bookkeeping
-        return predsim_fused.similarity_forward(h, target_rows, labels, classes, reduce, center, additive, scale,
+        return similarity_fused.similarity_forward(h, target_rows, labels, classes, reduce, center, additive, scale,
                                                 False)[0]
-    return predsim_fused.SimilarityLoss.apply(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
+    return similarity_fused.SimilarityLoss.apply(h.contiguous(), target_rows, labels, classes, reduce, center, additive,
                                               scale, True)

@@ -97,7 +97,8 @@ class ImplicitProjection:
             raise ValueError(f"out_features must be a positive int, got {self.out_features!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        if self.std is not None and not (isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std > 0):
+        std = self.std
+        if std is not None and not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
             raise ValueError(f"std must be a positive finite float or None, got {self.std!r}")
 
     def std_for(self, in_features: int) -> float:

@@ -9,9 +9,7 @@ import torch
 
 import svp_kernels as sk
 from svp_kernels.backends import reference
-
-from cases import device_backends, epilogue_ground_truth
-from helpers import assert_close, assert_no_less_accurate
+from svp_kernels.testing import assert_close, assert_no_less_accurate, device_backends, epilogue_ground_truth
 
 FUSED = device_backends(include_reference=False)
 EPILOGUE_CASES = [  # (B, C, C' or None, has_target, λ, mean, center): both alignment paths, C ≠ C', B = 1

@@ -7,9 +7,8 @@ import torch
 
 import svp_kernels as sk
 from svp_kernels import backends
-from svp_kernels.backends import predsim_reference
-
-from helpers import assert_close
+from svp_kernels.similarity import reference as similarity_reference
+from svp_kernels.testing import assert_close
 
 
 def grad_of(loss_fn, v):
@@ -39,7 +38,7 @@ def test_four_d_inputs_match_the_reduced_rows(v_shape, prev_shape, reduce, cente
     loss, grad = grad_of(lambda v: sk.alignment_loss(v, v_prev, reduction, center, reduce=reduce), v)
 
     def expected_fn(v):
-        rows, prev_rows = (predsim_reference.reduced_rows(x, reduce) for x in (v, v_prev))
+        rows, prev_rows = (similarity_reference.reduced_rows(x, reduce) for x in (v, v_prev))
         return eager_alignment(rows, prev_rows, center, reduction == "mean")
 
     expected, expected_grad = grad_of(expected_fn, v)
@@ -88,7 +87,7 @@ def test_clamped_similarity_of_identical_rows():
     base = torch.relu(torch.randn(4, 4096, generator=torch.Generator().manual_seed(1))) + 5.0
     v = base.repeat(8, 1)
     v_prev = base.double().repeat(8, 1)[:, :7]
-    similarity = predsim_reference.similarity_matrix(v, "flatten", center=True, additive=False)
+    similarity = similarity_reference.similarity_matrix(v, "flatten", center=True, additive=False)
     assert similarity.max().item() <= 1.0
     loss = sk.alignment_loss(v, v, center=True)
     assert loss.item() == 0.0
@@ -97,14 +96,14 @@ def test_clamped_similarity_of_identical_rows():
 
 def test_similarity_is_clamped_where_rounding_exceeds_one():
     """Equal rows: r_i G_ij r_j rounds to 1 + 2⁻²³ for some pairs; S is clamped to 1 there."""
-    from svp_kernels.backends import predsim_fused
+    from svp_kernels.similarity import fused as similarity_fused
 
     base = torch.relu(torch.randn(4, 4096, generator=torch.Generator().manual_seed(0))) + 5.0
     u = base.repeat(8, 1)
-    r = 1.0 / predsim_fused.row_norms(u)
+    r = 1.0 / similarity_fused.row_norms(u)
     raw = (u @ u.t()) * r[:, None] * r[None, :]
     assert raw.max().item() > 1.0  # the rounding excess the clamp removes
-    _, similarity = predsim_fused._scaled_gram(u, slice(0, 32), r)
+    _, similarity = similarity_fused._scaled_gram(u, slice(0, 32), r)
     assert similarity.max().item() == 1.0 and similarity.min().item() >= -1.0
 
 
@@ -120,10 +119,11 @@ def test_no_gradient_under_no_grad():
 def test_triton_backend_returns_the_clamped_similarity(center):
     """Rows that are positive multiples of one row have S_ij = 1, which their unclamped Gram exceeds by
     rounding; backend="triton" (batch space here: C + C' ≥ B) returns the clamped value of every path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs on CPU only in its interpreter
     generator = torch.Generator().manual_seed(20)
     multiples = torch.arange(1, 9, dtype=torch.float32)[:, None]
-    v = (torch.randn(1, 6, generator=generator) * multiples).requires_grad_(True)
-    v_prev = torch.randn(1, 5, generator=generator) * multiples
+    v = (torch.randn(1, 6, generator=generator) * multiples).to(device).requires_grad_(True)
+    v_prev = (torch.randn(1, 5, generator=generator) * multiples).to(device)
     u = v.detach() - v.detach().mean(dim=1, keepdim=True) if center else v.detach()
     unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(1e-12)
     assert (unit @ unit.t()).max().item() > 1.0  # the rounding excess the clamp removes

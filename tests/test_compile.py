@@ -9,8 +9,7 @@ import torch
 
 import svp_kernels as sk
 from svp_kernels.projection import _stream_seed_tensor, stream_seed
-
-from cases import cpu_backends
+from svp_kernels.testing import cpu_backends
 
 BATCHES = (8, 8, 5)  # two equal batches (same inputs: fresh masks), then a smaller one (a new shape)
 D, HIDDEN, C = 12, 10, 4

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import svp_kernels as sk
-
-from cases import cosine_gram_ground_truth, device_backends, param_id, wide_row_inputs, wide_row_params
-from helpers import assert_close, assert_no_less_accurate_to_rounding
 from svp_kernels.backends import reference
+from svp_kernels.testing import (assert_close, assert_no_less_accurate_to_rounding, cosine_gram_ground_truth,
+                                 device_backends, wide_row_inputs)
+
+from cases import param_id, wide_row_params
 
 FUSED = device_backends(include_reference=False)
 
@@ -31,7 +32,7 @@ def test_cosine_gram_matches_ground_truth(B, C, center, device, backend):
     assert sk.backends.load(backend).cosine_gram(v.float(), center).dtype == torch.float32
 
 
-# Wide float32 rows (tests/cases.py): v_prev's U[0, 1) rows and v's post-ReLU rows, B × C' and B × C.
+# Wide float32 rows (svp_kernels.testing): v_prev's U[0, 1) rows and v's post-ReLU rows, B × C' and B × C.
 @pytest.mark.parametrize("center", [True, False], ids=["center", "raw"])
 @pytest.mark.parametrize("device,backend,shape", wide_row_params(FUSED), ids=param_id)
 def test_float32_wide_rows_no_less_accurate_than_plain_torch(device, backend, shape, center):

@@ -5,7 +5,7 @@ when it is available; this file aims at the kernels themselves: masks bit-identi
 64-bit offsets), forward/backward/epilogue/cosine_gram against the float64 reference on odd shapes in all
 four dtypes, every code path of the launch plans (split-K and its reduction, resident vs regenerated R̃
 panels, feature- vs batch-space alignment, split Grams) forced on small shapes through the testing hook
-svp_kernels.backends.cuda.launch_plan (a LaunchPlan, csrc/cuda/svp_cuda.h), bitwise determinism, and opcheck
+svp_kernels.testing.launch_plan (a LaunchPlan, csrc/cuda/svp_cuda.h), bitwise determinism, and opcheck
 of the four ops.
 
 Every test is @pytest.mark.cuda and skipped without a GPU or without a CUDA build of svp_kernels._C.
@@ -19,12 +19,12 @@ import torch
 import svp_kernels as sk
 from svp_kernels import philox
 from svp_kernels.backends import reference
-from svp_kernels.backends.cuda import launch_plan
+from svp_kernels.testing import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL,
+                                 PROJECTION_PLANS, PROJECTION_SHAPES, assert_close, assert_equal_masks,
+                                 cosine_gram_ground_truth, epilogue_ground_truth, launch_plan,
+                                 projection_ground_truth, seed_tensor)
 
-from cases import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
-                   PROJECTION_SHAPES, cosine_gram_ground_truth, epilogue_ground_truth, op_samples,
-                   projection_ground_truth)
-from helpers import assert_close, assert_equal_masks, seed_tensor
+from cases import OP_SAMPLE_COUNT, op_samples
 
 pytestmark = pytest.mark.cuda
 
@@ -93,7 +93,8 @@ def test_mask_64bit_offsets():
         u1 = ((words[0] >> 8) + 1).to(torch.float32) * 2.0**-24
         u2 = philox.u24(words[1])
         r = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(torch.tensor(philox.TWO_PI_F32, dtype=torch.float32) * u2)
-        return keep, (r * torch.tensor(std, dtype=torch.float32)) * keep * torch.tensor(1 / (1 - p), dtype=torch.float32)
+        scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+        return keep, (r * torch.tensor(std, dtype=torch.float32)) * keep * scale
 
     cs = torch.arange(C)
     for b, j in enumerate(columns):
@@ -287,7 +288,7 @@ def test_fused_local_loss_cuda_backend(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(OP_SAMPLE_COUNT))
 def test_opcheck_cuda(index, dtype):
     op, args = op_samples(dtype, DEVICE)[index]
     torch.library.opcheck(op, args)

@@ -1,5 +1,5 @@
-"""The CUDA launch-plan hook (svp_kernels.backends.cuda.launch_plan, docs/backends.md): the plan strings the
-tests and tools force (tests/cases.py) parse into every field of svp_cuda::LaunchPlan, bad ones raise
+"""The CUDA launch-plan hook (svp_kernels.testing.launch_plan, docs/backends.md): the plan strings the
+tests and tools force (svp_kernels.testing) parse into every field of svp_cuda::LaunchPlan, bad ones raise
 ValueError, and on a CUDA build the hook sets the adapter's process-wide plan and restores it. The kernels
 under each plan are tested by tests/test_cuda_backend.py (GPU) and tools/emulate_cuda (CPU).
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 import pytest
 
 import svp_kernels as sk
-from svp_kernels.backends.cuda import LAUNCH_PLAN_FIELDS, launch_plan, parse_launch_plan
-
-from cases import EPILOGUE_PLANS, PROJECTION_PLANS
+from svp_kernels.testing import EPILOGUE_PLANS, LAUNCH_PLAN_FIELDS, PROJECTION_PLANS, launch_plan, parse_launch_plan
 
 HEURISTIC = {"forward_panels_per_split": 0, "forward_btiles_per_block": 0, "backward_btiles_per_block": 0,
              "gram_splits": 0, "batch_splits": 0, "epilogue_feature": -1}

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import svp_kernels as sk
-
-from cases import Case, make_inputs
-from helpers import assert_close
+from svp_kernels.testing import Case, assert_close, make_inputs
 
 pytestmark = pytest.mark.cuda
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import svp_kernels as sk
-
-from cases import cpu_backends
+from svp_kernels.testing import cpu_backends
 
 B, D, C = 4, 6, 3
 
@@ -29,11 +28,13 @@ BAD_INPUTS = [
     ("h-not-tensor", dict(h=[[1.0]]), TypeError, "h must be a torch.Tensor"),
     ("h-integer", dict(h=torch.ones(B, D, dtype=torch.int64)), TypeError, "h must be a floating-point"),
     ("h-rank-1", dict(h=torch.randn(D)), ValueError, "h must have shape"),
-    ("h-empty-batch", dict(h=torch.randn(0, D), target=torch.zeros(0, dtype=torch.int64), v_prev=None), ValueError, "empty batch"),
+    ("h-empty-batch", dict(h=torch.randn(0, D), target=torch.zeros(0, dtype=torch.int64), v_prev=None), ValueError,
+     "empty batch"),
     ("projection-columns", dict(projection=torch.randn(C, D + 1)), ValueError, "projection has 7 columns but h has 6"),
     ("projection-rank", dict(projection=torch.randn(C)), ValueError, "projection must have shape"),
     ("projection-type", dict(projection="dense"), TypeError, "projection must be None"),
-    ("projection-requires-grad", dict(projection=torch.randn(C, D, requires_grad=True)), ValueError, "projection requires grad"),
+    ("projection-requires-grad", dict(projection=torch.randn(C, D, requires_grad=True)), ValueError,
+     "projection requires grad"),
     ("projection-dtype", dict(projection=torch.randn(C, D, dtype=torch.float64)), TypeError, "projection has dtype"),
     ("target-float", dict(target=torch.zeros(B)), TypeError, "target must hold integer"),
     ("target-bool", dict(target=torch.zeros(B, dtype=torch.bool)), TypeError, "target must hold integer"),
@@ -59,12 +60,14 @@ BAD_INPUTS = [
     ("center", dict(center="yes"), TypeError, "center must be a bool"),
     ("alignment-weight-negative", dict(alignment_weight=-1.0), ValueError, "alignment_weight must be"),
     ("alignment-weight-inf", dict(alignment_weight=math.inf), ValueError, "alignment_weight must be"),
-    ("identity-width", dict(projection=None, p=0.0, target=torch.tensor([0, 1, 2, 6])), ValueError, r"target values must be in \[0, 6\)"),
+    ("identity-width", dict(projection=None, p=0.0, target=torch.tensor([0, 1, 2, 6])), ValueError,
+     r"target values must be in \[0, 6\)"),
 ]
 
 
 @pytest.mark.parametrize("backend", ["auto", *cpu_backends()])
-@pytest.mark.parametrize("changes,exception,message", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize("changes,exception,message", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_raises(changes, exception, message, backend):
     with pytest.raises(exception, match=message):
         call(backend=backend, **changes)
@@ -90,6 +93,46 @@ def test_environment_override(monkeypatch):
     monkeypatch.setenv("SVP_KERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="environment variable SVP_KERNELS_BACKEND must be"):
         call()
+    # the similarity losses resolve their backend argument through the same registry, with the same message
+    with pytest.raises(ValueError, match="environment variable SVP_KERNELS_BACKEND must be"):
+        sk.similarity_loss(torch.randn(B, D), torch.randint(0, C, (B,)), num_classes=C)
+
+
+def _train_one_block(target):
+    from svp_kernels.train import LayerwiseTrainer, mlp
+
+    torch.manual_seed(0)
+    trainer = LayerwiseTrainer(mlp((1, 2, 3), C, width=8, depth=1), p=0.1, seed=0)
+    inputs = torch.randn(B, 1, 2, 3)
+    trainer.train_block(0, inputs, trainer.input_alignment(inputs), target, 0)
+
+
+# Every path that takes class indices: the ops and the trainer's per-block step (its lean path included).
+TARGET_PATHS = {
+    "fused_local_loss": lambda target: call(target=target),
+    "predsim_loss": lambda target: sk.predsim_loss(torch.randn(B, D), torch.randn(B, 5), target,
+                                                   torch.randn(C, D)),
+    "similarity_loss": lambda target: sk.similarity_loss(torch.randn(B, D), target, num_classes=C),
+    "train_block": _train_one_block,
+}
+
+
+@pytest.mark.parametrize("path", TARGET_PATHS)
+def test_one_target_range_rule_and_message(path):
+    """One rule (checked on the host for CPU targets) and one message for a target outside [0, C)."""
+    for bad in (C, -1):
+        target = torch.tensor([0, 1, bad, 2])
+        with pytest.raises(ValueError, match=rf"^target values must be in \[0, {C}\) \(C = {C} classes\), "
+                                             rf"got values in \[{min(bad, 0)}, {max(bad, 2)}\]$"):
+            TARGET_PATHS[path](target)
+    TARGET_PATHS[path](torch.tensor([0, 1, C - 1, 2]))  # in range: no error
+
+
+def test_result_tuple_keeps_its_first_name():
+    """sk.LocalLoss (pinned, docs/design.md §4) is the result tuple LocalLossOutput; sk.nn.LocalLoss the module."""
+    assert sk.LocalLoss is sk.LocalLossOutput
+    assert isinstance(call(), sk.LocalLoss)
+    assert issubclass(sk.nn.LocalLoss, torch.nn.Module)
 
 
 def test_backend_unsupported_dtype_or_device():

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import svp_kernels as sk
+from svp_kernels.testing import (Case, as_float64, assert_close, assert_no_less_accurate,
+                                 assert_no_less_accurate_to_rounding, device_backends, ground_truth, make_inputs,
+                                 run, wide_row_inputs)
 
-from cases import (ALIGNED_FEATURE_SPACE, LOCAL_LOSS_CASES, Case, aligned_inputs, as_float64, device_backends, ground_truth, make_inputs, param_id, run,
-                   wide_row_inputs, wide_row_params)
-from helpers import assert_close, assert_no_less_accurate, assert_no_less_accurate_to_rounding
+from cases import ALIGNED_FEATURE_SPACE, LOCAL_LOSS_CASES, aligned_inputs, param_id, wide_row_params
 
 FIELDS = ("loss", "ce", "alignment", "v", "dh")
 FUSED = device_backends(include_reference=False)
@@ -34,7 +35,7 @@ def test_float64_matches_ground_truth(case, device, backend):
 @pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("case", LOCAL_LOSS_CASES, ids=str)
 def test_float32_no_less_accurate_than_plain_torch(case, device, backend):
-    """The accuracy rule (tests/helpers.py), element by element, for the loss, both terms, v and dh."""
+    """The accuracy rule (svp_kernels.testing), element by element, for the loss, both terms, v and dh."""
     inputs = make_inputs(case, torch.float32, device)
     expected = ground_truth(case, *inputs)
     plain = run(case, *inputs, "reference")
@@ -128,13 +129,13 @@ def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=1, backend=backend)
-    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/api.py
+    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/backends/triton/nodes.py
     native = "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>"
-    assert out.loss.grad_fn.name() == (native if backend in ("cpu", "cuda") else "_FusedLocalLossBackward")
+    assert out.loss.grad_fn.name() == (native if backend in ("cpu", "cuda") else "FusedLocalLossBackward")
     assert sorted(saved) == sorted([(9, 6), (6, 40), ()]), saved
 
 
-# Wide rows (tests/cases.py): identity projection (v = h, dh = dloss/dv), reduction "sum" (gradients of order one).
+# Wide rows (svp_kernels.testing): identity projection (v = h, dh = dloss/dv), reduction "sum" (gradients of order one).
 @pytest.mark.parametrize("center", [True, False], ids=["center", "raw"])
 @pytest.mark.parametrize("device,backend,shape", wide_row_params(FUSED), ids=param_id)
 def test_float32_wide_rows_no_less_accurate_than_plain_torch(device, backend, shape, center):
@@ -263,7 +264,7 @@ def assert_nan_loss_and_gradient(loss, grad_h, name):
 def test_out_of_range_target_eager(value, device, backend, monkeypatch):
     """Eager: the API's range check raises for CPU tensors; on CUDA it is opt-in (SVP_KERNELS_CHECK_TARGETS=1)
     and the kernels give NaN without it."""
-    from svp_kernels.api import CHECK_TARGETS_ENV
+    from svp_kernels.validation import CHECK_TARGETS_ENV
 
     h, _, v_prev, projection = make_inputs(TARGET_CASE, device=device)
     target = bad_target(device, value)
@@ -312,10 +313,10 @@ def test_out_of_range_target_compiled(device, backend):
 
 def test_cuda_target_check_is_opt_in(monkeypatch):
     """The host range check synchronises, so device tensors get it only with SVP_KERNELS_CHECK_TARGETS=1."""
-    from svp_kernels.api import CHECK_TARGETS_ENV, _checks_target_range
+    from svp_kernels.validation import CHECK_TARGETS_ENV, checks_target_range
 
     on_device = torch.zeros(3, dtype=torch.int64, device="meta")
     monkeypatch.delenv(CHECK_TARGETS_ENV, raising=False)
-    assert _checks_target_range(torch.zeros(3, dtype=torch.int64)) and not _checks_target_range(on_device)
+    assert checks_target_range(torch.zeros(3, dtype=torch.int64)) and not checks_target_range(on_device)
     monkeypatch.setenv(CHECK_TARGETS_ENV, "1")
-    assert _checks_target_range(on_device)
+    assert checks_target_range(on_device)

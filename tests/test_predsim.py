@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import svp_kernels as sk
-from svp_kernels.backends import predsim_fused, predsim_reference
 from svp_kernels.philox import keep_mask
-
-from helpers import assert_close, seed_tensor
+from svp_kernels.similarity import fused as similarity_fused
+from svp_kernels.similarity import reference as similarity_reference
+from svp_kernels.testing import assert_close, seed_tensor
 
 
 def make_predsim(B, D, sim_shape, C, dtype=torch.float64, seed=0, bias=True):
@@ -53,7 +53,7 @@ def test_predsim_matches_plain_float64(B, D, sim_shape, C, reduce, p, bias):
         return tuple(sk.predsim_loss(h_dec, h_sim, target, weight, decoder_bias, beta=0.7, p=p, seed=11, reduce=reduce))
 
     def plain(h_dec, weight, decoder_bias, h_sim):
-        return predsim_reference.predsim_loss(h_dec, weight, decoder_bias, h_sim, target, 0.7, p, 11, reduce)
+        return similarity_reference.predsim_loss(h_dec, weight, decoder_bias, h_sim, target, 0.7, p, 11, reduce)
 
     (out, grads), (expected, expected_grads) = value_and_grads(fused, tensors), value_and_grads(plain, tensors)
     for name, got, want in zip(("loss", "ce", "sim", "logits"), out, expected):
@@ -81,10 +81,11 @@ def test_batch_space_blocks_match_one_block(monkeypatch):
     features = torch.randn(23, 19, dtype=torch.float64, generator=generator)
     for target_args in ((target, {"num_classes": 4}), (features, {})):
         one = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], **target_args[1]), [h])
-        monkeypatch.setattr(predsim_fused, "BLOCK_ELEMENTS", 23 * 5)
+        monkeypatch.setattr(similarity_fused, "BLOCK_ELEMENTS", 23 * 5)
         blocked = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], **target_args[1]), [h])
         monkeypatch.undo()
-        plain = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], backend="reference", **target_args[1]), [h])
+        plain = value_and_grads(lambda h: sk.similarity_loss(h, target_args[0], backend="reference", **target_args[1]),
+                                [h])
         assert_close(blocked[0], one[0], 1e-13, "blocked loss")
         assert_close(blocked[1][0], one[1][0], 1e-13, "blocked grad")
         assert_close(blocked[0], plain[0], 1e-12, "loss vs plain")
@@ -120,7 +121,8 @@ def test_zero_rows_have_finite_gradients():
     plain = sk.similarity_loss(h, target, num_classes=3, backend="reference")
     assert_close(loss, plain, 1e-12, "loss with a zero row")
     assert torch.isfinite(grad).all()
-    (_, (plain_grad,)) = value_and_grads(lambda h: sk.similarity_loss(h, target, num_classes=3, backend="reference"), [h])
+    (_, (plain_grad,)) = value_and_grads(lambda h: sk.similarity_loss(h, target, num_classes=3, backend="reference"),
+                                         [h])
     assert torch.isnan(plain_grad[2]).all()
     rows = [0, 1, 3, 4, 5]
     assert_close(grad[rows], plain_grad[rows], 1e-12, "the other rows")
@@ -142,7 +144,7 @@ def test_float32_accuracy_no_worse_than_torch(shape, C, reduce):
     target[:16] = target[16:32]  # many identical one-hot rows
 
     def plain(h):
-        return predsim_reference.similarity_loss(h, None, target, C, reduce, True, True, True)
+        return similarity_reference.similarity_loss(h, None, target, C, reduce, True, True, True)
 
     truth, (truth_grad,) = value_and_grads(plain, [h.double()])
     torch32, (torch32_grad,) = value_and_grads(plain, [h])
@@ -165,9 +167,9 @@ def test_identical_rows_give_zero_alignment_at_large_width():
 
 
 def test_label_target_values_are_exact():
-    t = predsim_fused.label_target(torch.zeros(1, dtype=torch.int64), 10, additive=True)
+    t = similarity_fused.label_target(torch.zeros(1, dtype=torch.int64), 10, additive=True)
     onehot = F.one_hot(torch.arange(10), 10).to(torch.float64)
-    gram = predsim_reference.similarity_matrix(onehot, "flatten")
+    gram = similarity_reference.similarity_matrix(onehot, "flatten")
     assert abs(t.same - gram[0, 0].item()) < 1e-15 and abs(t.other - gram[0, 1].item()) < 1e-15
 
 
@@ -183,7 +185,8 @@ def test_dropout_mask_apply_is_exact(C, D, p, seed):
 
 
 def test_dropout_mask_apply_opcheck():
-    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply, (torch.randn(4, 9, dtype=torch.float64), 0.25, seed_tensor(3)))
+    torch.library.opcheck(torch.ops.svp_kernels.dropout_mask_apply,
+                          (torch.randn(4, 9, dtype=torch.float64), 0.25, seed_tensor(3)))
 
 
 def test_weight_gradient_carries_the_mask():
@@ -195,7 +198,7 @@ def test_weight_gradient_carries_the_mask():
     assert (grad_weight[~dropped] != 0).all()
 
 
-cpu_kernels = pytest.mark.skipif(not predsim_fused.CPU_KERNELS, reason="the compiled extension is not built")
+cpu_kernels = pytest.mark.skipif(not similarity_fused.CPU_KERNELS, reason="the compiled extension is not built")
 
 
 @cpu_kernels
@@ -205,14 +208,14 @@ def test_cpu_similarity_kernel_matches_the_torch_path(monkeypatch, center, addit
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(13, 9, dtype=torch.float64, generator=generator)
     x[4] = x[2]  # duplicated rows: S entries at 1
-    targets = [predsim_fused.feature_target(torch.randn(13, 5, dtype=torch.float64, generator=generator)),
-               predsim_fused.label_target(torch.randint(0, 4, (13,), generator=generator), 4, additive)]
+    targets = [similarity_fused.feature_target(torch.randn(13, 5, dtype=torch.float64, generator=generator)),
+               similarity_fused.label_target(torch.randint(0, 4, (13,), generator=generator), 4, additive)]
     for target in targets:
         def run():
-            return predsim_fused.similarity_loss_and_grad(x, target, center=center, additive=additive,
+            return similarity_fused.similarity_loss_and_grad(x, target, center=center, additive=additive,
                                                           value_scale=0.25, grad_scale=0.5, need_grad=True)
         kernel = run()
-        monkeypatch.setattr(predsim_fused, "CPU_KERNELS", False)
+        monkeypatch.setattr(similarity_fused, "CPU_KERNELS", False)
         plain = run()
         monkeypatch.undo()
         assert_close(kernel[0], plain[0], 1e-14, "value")
@@ -281,13 +284,13 @@ def test_cpu_cross_entropy_kernel():
 def test_no_gradient_work_without_grad(monkeypatch):
     calls = []
     for name in ("similarity_loss_and_grad", "cross_entropy_and_grad"):
-        original = getattr(predsim_fused, name)
+        original = getattr(similarity_fused, name)
 
         def spy(*args, _original=original, **kwargs):
             calls.append(kwargs.get("need_grad", args[-1] if args else None))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(predsim_fused, name, spy)
+        monkeypatch.setattr(similarity_fused, name, spy)
     h_dec, h_sim, target, weight, decoder_bias = make_predsim(9, 6, (4, 3, 3), 3, dtype=torch.float32)
     for t in (h_dec, h_sim, weight, decoder_bias):
         t.requires_grad_(True)

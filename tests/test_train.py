@@ -133,7 +133,9 @@ def test_svp_step_memory_is_flat_in_depth_and_backprop_grows():
     inputs, targets = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
 
     def activation_peak(method: str, depth: int) -> int:
-        build = lambda: LayerwiseTrainer(mlp((1, 16, 16), 10, width=256, depth=depth), method=method)
+        def build():
+            return LayerwiseTrainer(mlp((1, 16, 16), 10, width=256, depth=depth), method=method)
+
         return measure_step_memory(build, inputs, targets, "cpu").activation_peak_bytes
 
     svp_shallow, svp_deep = activation_peak("svp", 2), activation_peak("svp", 8)

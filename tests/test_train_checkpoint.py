@@ -61,6 +61,11 @@ def test_ctrl_c_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_pat
     resumed = train(config, resume=str(path))
     for key in COMPARED:
         assert resumed[key] == uninterrupted[method][key], key
+    # the evaluation log and the example count continue from the checkpoint
+    logged = [[(record["step"], record["test_accuracy"]) for record in run["evaluations"]]
+              for run in (resumed, uninterrupted[method])]
+    assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [4, 8, 12]
+    assert resumed["samples"] == uninterrupted[method]["samples"] == 3 * 256
 
 
 def test_checkpoint_every_n_steps_and_epoch_end(tmp_path, monkeypatch, uninterrupted):
@@ -168,6 +173,17 @@ def test_damaged_checkpoints_are_refused_naming_file_and_field(tmp_path, good_ch
 def test_mismatched_checkpoints_are_refused_naming_the_field(good_checkpoint, change, field):
     with pytest.raises(CheckpointError, match=f"checkpoint {good_checkpoint}: field {field}"):
         train(replace(CONFIG, **{"epochs": 1, **change}), resume=str(good_checkpoint))
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_while_the_field_keeps_its_default(tmp_path,
+                                                                                           good_checkpoint):
+    payload = read_checkpoint(good_checkpoint)
+    del payload["config"]["image_size"]  # written before TrainConfig had the field
+    path = tmp_path / "older.ckpt"
+    save_checkpoint(path, payload)
+    assert train(replace(CONFIG, epochs=1), resume=str(path))["steps"] == 4
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: field config.image_size is missing"):
+        train(replace(CONFIG, epochs=1, image_size=8), resume=str(path))
 
 
 def test_a_model_of_another_shape_is_refused_even_with_the_same_config(tmp_path, good_checkpoint):

@@ -1,5 +1,5 @@
 """float32 accuracy of the loss epilogue (the last stage of fused_local_loss, on v and v_prev) next to plain
-float32 PyTorch, both against the float64 ground truth of tests/cases.py.
+float32 PyTorch, both against the float64 ground truth of svp_kernels.testing.
 
     python tools/epilogue_accuracy.py                      # cpu, B = 128, the rows of docs/migration.md
     python tools/epilogue_accuracy.py --backends cpu,triton --batch 32
@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import svp_kernels as sk  # noqa: E402
-
-from cases import epilogue_ground_truth  # noqa: E402  (the one float64 oracle)
+from svp_kernels.testing import epilogue_ground_truth  # noqa: E402  (the one float64 oracle)
 
 # (name, K = width of v, width of v_prev, classes)
 ROWS = [("onehot", 64, 10, 10), ("onehot", 1024, 100, 100), ("onehot", 32768, 10, 10),

@@ -9,10 +9,10 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
     env           device, driver, CUDA / torch / Triton / Python versions, SM count, architecture
     build         svp_kernels._C for the device's own architecture only (TORCH_CUDA_ARCH_LIST from
                   torch.cuda.get_device_capability), MAX_JOBS = cores, no debug flags; then an import check
-    tests         pytest -x in three runs selected by keyword, not by file: the cuda backend, the triton
+    tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda backend, the triton
                   backend (each with its opcheck and torch.compile tests), and the host-synchronisation tests
     sanitize      compute-sanitizer memcheck and racecheck over tools/sanitize_cuda.py --small
-    bench         bench/run.py, one run per benchmark shape for cuda, triton and the eager baseline, then
+    bench         bench/local_loss.py, one run per benchmark shape for cuda, triton and the eager baseline, then
                   one per shape for the torch.compile baseline (float32 and bfloat16, dense and implicit R)
     train_step    bench/train_step.py --device cuda ("missing" when the file does not exist)
     memory_depth  svp-train memory-depth --device cuda (width 1024, depths 2..32, batch 128)
@@ -192,12 +192,12 @@ def build_steps(ctx: Context, stage: Stage) -> list:
 
 def test_steps(ctx: Context, stage: Stage) -> list:
     if ctx.dry_run:  # the same three runs, each of one pure test of this driver (no torch: quick)
-        base = [ctx.python, "-m", "pytest", "tests/test_gpu_check.py", "--noconftest", "-x", "-q",
+        base = [ctx.python, "-m", "pytest", "tools/tests/test_gpu_check.py", "--noconftest", "--maxfail=30", "-q",
                 "-p", "no:cacheprovider"]
         selections = ["stage_state_words"] * 3
         env = {}
     else:
-        base = [ctx.python, "-m", "pytest", "tests", "-x", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
+        base = [ctx.python, "-m", "pytest", "tests", "--maxfail=30", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
                 "-m", "not slow"]
         if ctx.env.get("modules", {}).get("pytest_timeout"):
             base += ["--timeout", str(PER_TEST_TIMEOUT_S)]
@@ -239,7 +239,7 @@ def sanitize_steps(ctx: Context, stage: Stage) -> list:
 
 
 def benchmark_shapes(run_py: Path) -> list:
-    """GPU_SHAPES of bench/run.py, read without importing it ([None]: let it use its default set)."""
+    """GPU_SHAPES of bench/local_loss.py, read without importing it ([None]: let it use its default set)."""
     try:
         for node in ast.parse(run_py.read_text()).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "GPU_SHAPES" for t in node.targets):
@@ -260,13 +260,13 @@ def eager_baseline(run_py: Path) -> str:
 
 
 def bench_steps(ctx: Context, stage: Stage) -> list:
-    run_py = ROOT / "bench" / "run.py"
+    run_py = ROOT / "bench" / "local_loss.py"
     csv = ctx.work / "bench.csv"
     artifact = (Artifact("bench.csv", csv, "bench/results/{device}.csv", append_csv=True),)
     eager = eager_baseline(run_py)
     if not run_py.exists():
-        return [Step("run", missing="bench/run.py not found")]
-    base = [ctx.python, "bench/run.py", "--csv", str(csv)]
+        return [Step("run", missing="bench/local_loss.py not found")]
+    base = [ctx.python, "bench/local_loss.py", "--csv", str(csv)]
     if ctx.dry_run:
         return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--variants", f"cpu,{eager}",
                                                "--dtype", "float32", "--projection", "dense", "--repeats", "3",
@@ -523,7 +523,9 @@ class Runner:
         grace = min(self.grace, limit / 4)
         log.write(f"\n=== [{step.name}] {shlex.join(map(str, step.argv))}  (limit {limit:.1f} s)\n".encode())
         offset = log_path.stat().st_size
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
+        # the package of this checkout (built in place by the build stage) for every script a step runs
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path, **step.env}
         started = time.monotonic()
         record.update(state="running", limit_s=round(limit, 1), started_at=utc_now())
         self.write()
@@ -614,7 +616,7 @@ def print_table(summary: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 def slug(text: str) -> str:
-    """The device name as bench/run.py names its CSV (e.g. NVIDIA-H200)."""
+    """The device name as bench/local_loss.py names its CSV (e.g. NVIDIA-H200)."""
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
@@ -678,7 +680,6 @@ def probe_env(path: Path, require_gpu: bool) -> int:
 def check_build(kind: str) -> int:
     """Import the freshly built package; for "cuda", fail unless _C has the CUDA kernels. Prints the nvcc
     targets setup.py gives under this environment and, where cuobjdump exists, those inside _C."""
-    sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("svp_setup", ROOT / "setup.py")
     setup_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_module)

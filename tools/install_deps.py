@@ -16,10 +16,12 @@ REQUIREMENTS = {
     "sklearn": "scikit-learn",  # [train]
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
-    "triton": "triton",  # [triton]
+    "PIL": "pillow",
+    "triton": "triton>=3.5",  # [triton]: the oldest the backend supports (svp_kernels/backends/triton)
     "pytest": "pytest",  # [test]
     "pytest_benchmark": "pytest-benchmark",
     "ninja": "ninja",
+    "ruff": "ruff",  # the linter of `make lint` (pyproject.toml [tool.ruff])
 }
 
 

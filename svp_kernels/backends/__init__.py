@@ -57,7 +57,7 @@ def has_gradient_interface(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in GRADIENT_INTERFACE)
 
 
-NATIVE_NODES = ("local_loss", "dropout_projection")
+NATIVE_NODES = ("fused_local_loss", "dropout_projection")
 
 
 def has_native_node(module) -> bool:
@@ -65,6 +65,26 @@ def has_native_node(module) -> bool:
     fused_local_loss and dropout_projection under one native autograd node each (cpu and cuda:
     csrc/autograd.cpp; docs/backends.md)."""
     return all(callable(getattr(module, name, None)) for name in NATIVE_NODES)
+
+
+# projection_path= of the public API (svp_kernels.validation.PROJECTION_PATHS). "auto" takes the fused kernels
+# everywhere until a GPU measurement of both paths decides per shape (bench/NOTES.md, "The GEMM projection
+# path"); gemm_projection is the one place that decision lives.
+def gemm_projection(path: str, module) -> bool:
+    """Whether a call runs the GEMM projection path (docs/backends.md, "projection paths") on backend `module`.
+
+    A backend module lists the paths it runs in PROJECTION_PATHS (cpu and cuda: "fused" and "gemm"); the reference
+    backend's formulation is already the GEMM on a dense R̃, so it takes either; any other backend without "gemm"
+    raises ValueError for path="gemm". `path` is one of validation.PROJECTION_PATHS (checked by the API).
+    """
+    if path != "gemm":
+        return False  # "auto" and "fused"
+    if "gemm" in getattr(module, "PROJECTION_PATHS", ()):
+        return True
+    if module.NAME == "reference":
+        return False
+    raise ValueError(f"projection_path='gemm' is not available on backend {module.NAME!r}: it runs on the 'cpu' "
+                     "and 'cuda' backends (and 'reference', whose projection is already a GEMM)")
 
 
 def unavailable_reason(name: str):
@@ -78,22 +98,31 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if is_available(name)]
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype):
-    """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
+def requested(backend) -> tuple[str, str]:
+    """(name, source): the backend a call asks for, "auto" or one of BACKEND_NAMES, with "auto" replaced by
+    SVP_KERNELS_BACKEND when that is set, and where the name came from ("backend" or the environment
+    variable), for the messages. TypeError/ValueError for anything else. Every op resolves its backend
+    argument here (resolve below; the similarity losses of svp_kernels/predsim.py)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of 'auto' or {BACKEND_NAMES}, got {type(backend).__name__}")
     source = "backend"
     if backend == "auto":
         backend = os.environ.get(ENV_OVERRIDE, "auto") or "auto"
         source = f"the environment variable {ENV_OVERRIDE}"
-        if backend == "auto":
-            order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
-            for name in order:
-                if is_available(name) and load(name).supports(device, dtype):
-                    return load(name)
-            return load("reference")
-    if backend not in BACKEND_NAMES:
+    if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"{source} must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend, source
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The backend module to run on (device, dtype); ValueError if `backend` cannot run there."""
+    backend, _ = requested(backend)
+    if backend == "auto":
+        order = AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
+        for name in order:
+            if is_available(name) and load(name).supports(device, dtype):
+                return load(name)
+        return load("reference")
     if not is_available(backend):
         raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
     module = load(backend)

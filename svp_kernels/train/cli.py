@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -16,13 +17,12 @@ import torch
 
 from .. import backends
 from . import distributed
+from .checkpoint import CheckpointError
 from .data import DATASETS, load_dataset
 from .models import NORMS
-from .checkpoint import CheckpointError
+from .outputs import MIB, plot_memory_depth, write_outputs
 from .run import LR_SCHEDULES, MODELS, TrainConfig, memory_depth_rows, recipe_config, run_training, validate_config
 from .trainer import METHODS, OPTIMIZERS
-
-MIB = 2.0**20
 
 
 def _default_device() -> str:
@@ -52,7 +52,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="svp-train", description="Train with the fused SVP local loss (or backprop) and report accuracy, "
         "wall time and peak memory. Every training flag left out takes the --dataset recipe's value "
-        "(svp_kernels.train.run.RECIPES; README, Training). Subcommand: `svp-train memory-depth --help`.")
+        "(svp_kernels.train.run.RECIPES; docs/training.md). Subcommand: `svp-train memory-depth --help`.")
 
     def add(flag: str, kind=None, **options):
         if kind in (int, float):
@@ -61,7 +61,10 @@ def train_parser() -> argparse.ArgumentParser:
 
     add("--model", choices=MODELS)
     add("--dataset", choices=DATASETS, help="also picks the recipe (default digits)")
-    add("--data-dir", help="folder holding the MNIST/Fashion-MNIST IDX files or CIFAR python batches")
+    add("--data-dir", help="folder holding the MNIST/Fashion-MNIST IDX files, the CIFAR python batches, or images "
+        "as train/<class>/*.jpg|png with test/ or val/ (imagefolder; cifar10 too)")
+    add("--image-size", int, metavar="N", help="image folders: resize each image's shorter side to N, then "
+        "centre-crop N×N (needed when the images differ in size)")
     add("--method", choices=METHODS, help="svp: layer-wise local losses; bp: end to end (default svp)")
     add("--epochs", int)
     add("--batch-size", int)
@@ -89,10 +92,16 @@ def train_parser() -> argparse.ArgumentParser:
     add("--vit-patch-size", int)
     add("--vit-blocks-per-unit", int, help="transformer blocks trained together by one local loss")
     add("--vit-token", choices=("cls", "mean"), help="token each ViT unit projects")
+    add("--cuda-graph", action="store_const", const=True,
+        help="capture each training step (every block: forward, loss, backward, optimizer) as a CUDA graph per "
+        "batch shape and replay it (CUDA only; svp and bp; the learning rate then reaches the optimizer as a "
+        "float32 device value)")
     add("--threads", int, help="torch CPU threads (default: torch's choice)")
     add("--checkpoint", metavar="PATH", help="write a checkpoint here at every epoch end (and on Ctrl-C)")
     add("--checkpoint-every", int, metavar="N", help="also write the checkpoint every N steps")
     add("--resume", metavar="PATH", help="continue the run saved in this checkpoint (same flags)")
+    add("--eval-every", int, metavar="N", help="also evaluate the test set after every N steps (training is "
+        "unchanged; evaluation time is kept off the training clock; every evaluation is in the --json file)")
     add("--json", metavar="PATH", help="write the results as JSON")
     add("--plot", metavar="PATH", help="write the training curves as a PNG")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -168,15 +177,21 @@ def train_main(argv: list[str]) -> int:
         if path is not None and not Path(path).resolve().parent.is_dir():
             return _fail(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     try:
-        dataset = load_dataset(config.dataset, config.data_dir)
+        dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
+                               progress=not args.no_progress)
+    except ImportError as error:  # Pillow, for image folders
+        return _fail(str(error))
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
+    if config.cuda_graph and (args.stages is not None or args.data_parallel is not None or "WORLD_SIZE" in os.environ):
+        return _fail("--cuda-graph captures one process's whole step: not with --stages, --data-parallel or torchrun")
     code = distributed.train_main(args, config, dataset)  # --stages, --data-parallel or torchrun
     if code is not None:
         return code
     try:
         result = run_training(config, dataset, progress=not args.no_progress, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume)
+                              checkpoint_every=args.checkpoint_every, resume=args.resume,
+                              eval_every=args.eval_every)
     except CheckpointError as error:
         return _fail(f"--resume: {error}")
     except ValueError as error:  # validate_config against the dataset (e.g. --batch-size larger than it)
@@ -192,15 +207,6 @@ def train_main(argv: list[str]) -> int:
           f"{result['backend']} kernels")
     write_outputs(result, args)
     return 0
-
-
-def write_outputs(result: dict, args: argparse.Namespace) -> None:
-    """The run's --json file and --plot PNG, where asked for."""
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=2)
-    if args.plot:
-        plot_training(result, args.plot)
 
 
 def memory_depth_main(argv: list[str]) -> int:
@@ -235,55 +241,6 @@ def memory_depth_summary(rows: list[dict]) -> dict:
     return {"shallowest": shallowest, "deepest": deepest,
             "svp_depth_ratio": activation["svp", deepest] / activation["svp", shallowest],
             "bp_over_svp": activation["bp", deepest] / activation["svp", deepest]}
-
-
-def plot_training(result: dict, path: str) -> None:
-    """Two panels: per-epoch training losses (output CE, and each block's local loss) and test accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = range(1, len(result["train_loss_curve"]) + 1)
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, result["train_loss_curve"], label="output cross-entropy", linewidth=2)
-    if result["config"]["method"] == "svp":
-        for index, curve in enumerate(zip(*result["block_loss_curves"])):
-            loss_axis.plot(epochs, curve, label=f"block {index} local loss", linewidth=0.8, alpha=0.7)
-    loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    loss_axis.legend(fontsize=7)
-    accuracy_axis.plot(epochs, [100 * value for value in result["test_accuracy_curve"]])
-    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)")
-    config = result["config"]
-    figure.suptitle(f"{config['method']} {config['model']} on {config['dataset']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_memory_depth(rows: list[dict], path: str) -> None:
-    """Peak and activation-peak memory (MiB) against depth, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, key, title in zip(axes, ("peak_memory_bytes", "activation_peak_bytes"),
-                                ("peak training memory", "activation peak (minus parameters, optimizer state)")):
-        for method in sorted({row["method"] for row in rows}, reverse=True):
-            points = [(row["depth"], row[key] / MIB) for row in rows if row["method"] == method]
-            axis.plot(*zip(*points), marker="o", label=method.upper())
-        axis.set(xlabel="depth (hidden blocks)", ylabel="MiB", title=title)
-        axis.set_xscale("log", base=2)
-        axis.minorticks_off()
-        depths = sorted({row["depth"] for row in rows})
-        axis.set_xticks(depths, labels=[str(depth) for depth in depths])
-        axis.legend()
-    figure.suptitle(f"width {rows[0]['width']}, batch {rows[0]['batch_size']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

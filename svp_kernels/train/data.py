@@ -2,7 +2,9 @@
 
 digits (bundled with scikit-learn) is the default. MNIST, Fashion-MNIST (IDX files, gzipped or not) and
 CIFAR-10/100 (the python pickle batches) are read from a local folder in their standard distribution
-layouts. Inputs are float32 (N, C, H, W), standardised per channel with the training set's statistics.
+layouts; any folder of JPEG/PNG images in the class-folder layout (train/<class>/…, test/ or val/) through
+imagefolder.py, CIFAR-10 too. Inputs are float32 (N, C, H, W), standardised per channel with the training
+set's statistics.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+from .imagefolder import read_image_folder
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 IDX_FOLDERS = {"mnist": (".", "MNIST/raw", "mnist"),
                "fashion-mnist": (".", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist", "data/fashion")}
@@ -26,6 +30,7 @@ CIFAR_LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels", 10),
     "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass
@@ -44,31 +49,50 @@ class Dataset:
         return tuple(self.train_inputs.shape[1:])
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """One of DATASETS; mnist, fashion-mnist, cifar10 and cifar100 need data_dir."""
-    if name == "digits":
-        return load_digits()
-    if name == "synthetic":
-        return synthetic()
+def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
+                 cache: bool | str | Path = True, progress: bool = False) -> Dataset:
+    """One of DATASETS; all but digits and synthetic are read from data_dir.
+
+    image_size, cache and progress apply to image folders (imagefolder, and cifar10 given as a folder):
+    resize to image_size (shorter side, then centre crop), where the decoded arrays are cached (True: the
+    default folder, False: none, or a folder) and whether decoding shows a progress bar.
+    """
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if name in ("digits", "synthetic"):
+        if image_size is not None:
+            raise ValueError(f"image_size applies to image folders (imagefolder, cifar10), not {name!r}")
+        return load_digits() if name == "digits" else synthetic()
     if data_dir is None:
         raise ValueError(f"dataset {name!r} is read from a local folder: pass data_dir (--data-dir); "
                          "nothing is downloaded")
+    if name == "imagefolder" or (name == "cifar10" and _is_image_folder(name, Path(data_dir))):
+        return load_image_folder(data_dir, image_size, cache, progress,
+                                 expected_classes=CIFAR10_CLASSES if name == "cifar10" else None, name=name)
+    if image_size is not None:
+        raise ValueError(f"image_size applies to image folders; the {name} files in {data_dir} have a fixed size")
     if name in IDX_FOLDERS:
         return load_idx_dataset(name, data_dir)
-    return load_cifar(name, data_dir)
+    try:
+        return load_cifar(name, data_dir)
+    except FileNotFoundError as error:
+        if name != "cifar10":
+            raise
+        raise FileNotFoundError(f"{error}; or give an image folder {Path(data_dir) / 'train'}/<class>/… with "
+                                "test/ or val/") from error
 
 
 def _standardized(name: str, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                   test_labels: np.ndarray, num_classes: int) -> Dataset:
     """Images (N, C, H, W) of any numeric dtype -> float32 tensors standardised per channel on the train set."""
-    train = torch.from_numpy(np.asarray(train_images, dtype=np.float32))
-    test = torch.from_numpy(np.asarray(test_images, dtype=np.float32))
+    train = torch.from_numpy(np.array(train_images, dtype=np.float32))  # fresh copies, standardised in place
+    test = torch.from_numpy(np.array(test_images, dtype=np.float32))
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return Dataset(name, (train - mean) / std, torch.from_numpy(np.asarray(train_labels, dtype=np.int64)),
-                   (test - mean) / std, torch.from_numpy(np.asarray(test_labels, dtype=np.int64)), num_classes)
+    train.sub_(mean).div_(std)  # in place: no full-size temporaries (CIFAR-10's train set is 600 MB as float32)
+    test.sub_(mean).div_(std)
+    return Dataset(name, train, torch.from_numpy(np.asarray(train_labels, dtype=np.int64)),
+                   test, torch.from_numpy(np.asarray(test_labels, dtype=np.int64)), num_classes)
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
@@ -105,6 +129,27 @@ def batch_indices(num_examples: int, batch_size: int, generator: torch.Generator
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()
     return batches
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------------
+
+def load_image_folder(data_dir: str | Path, image_size: int | None = None, cache: bool | str | Path = True,
+                      progress: bool = False, expected_classes: tuple[str, ...] | None = None,
+                      name: str = "imagefolder") -> Dataset:
+    """data_dir/train/<class>/… and data_dir/test/ (or val/), JPEG and PNG (imagefolder.read_image_folder):
+    labels follow the sorted class folder names, which must be expected_classes when given."""
+    folder = read_image_folder(data_dir, image_size, cache, progress)
+    if expected_classes is not None and tuple(folder.classes) != expected_classes:
+        unexpected = [cls for cls in folder.classes if cls not in expected_classes]
+        missing = [cls for cls in expected_classes if cls not in folder.classes]
+        problem = f"class {unexpected[0]!r} is not a {name} class" if unexpected else \
+            f"class {missing[0]!r} has no folder"
+        raise ValueError(f"{Path(data_dir) / 'train'}: {problem}; {name} as an image folder needs exactly the "
+                         f"class folders {', '.join(expected_classes)}")
+    return _standardized(name, folder.train_images, folder.train_labels, folder.test_images, folder.test_labels,
+                         len(folder.classes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,6 +244,13 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
     if len(images) != len(labels):
         raise ValueError(f"{path} holds {len(images)} images but {len(labels)} labels")
     return images, labels
+
+
+def _is_image_folder(name: str, root: Path) -> bool:
+    """Whether root is read as an image folder: it has train/ and no CIFAR python batch file (the batches win)."""
+    folder, train_names, _, _, _ = CIFAR_LAYOUTS[name]
+    has_batches = any((root / where / train_names[0]).is_file() for where in (folder, "."))
+    return not has_batches and (root / "train").is_dir()
 
 
 def load_cifar(name: str, data_dir: str | Path) -> Dataset:

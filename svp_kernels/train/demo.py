@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if mnist is not None:
         overrides = {} if args.mnist_epochs is None else {"epochs": args.mnist_epochs}
         accuracy = compare(recipe_config("mnist", **overrides), mnist, (0,))
-        print(f"\nMNIST SVP − BP: {accuracy['svp'] - accuracy['bp']:+.2f} points (seed 0; README: 3 seeds).")
+        print(f"\nMNIST SVP − BP: {accuracy['svp'] - accuracy['bp']:+.2f} points (seed 0; docs/training.md: 3 seeds).")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Networks split into blocks for layer-wise training: an MLP, a VGG-11-style CNN and a small ViT.
+"""Networks split into blocks for layer-wise training: an MLP, a VGG-11-style CNN, a small ViT, and any
+nn.Sequential cut where the user says (BlockwiseModel.from_sequential).
 
 Every model is a ``BlockwiseModel``: ``blocks[i]`` maps the previous block's output to its own, the last
 block returns logits (B, num_classes), and ``readouts[i]`` (parameter-free) turns the output of block i
@@ -8,9 +9,12 @@ block returns logits (B, num_classes), and ``readouts[i]`` (parameter-free) turn
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
+
+from .split import DEFAULT_MAX_FEATURES, split_sequential
 
 NORMS = ("batchnorm", "layernorm", "none")
 VGG11_CHANNELS = (64, "pool", 128, "pool", 256, 256, "pool", 512, 512, "pool", 512, 512, "pool")
@@ -36,6 +40,23 @@ class BlockwiseModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+    @classmethod
+    def from_sequential(cls, modules, cuts: Sequence[int], input_shape: Sequence[int], num_classes: int, *,
+                        readouts: Sequence[nn.Module | None] | None = None,
+                        max_features: int = DEFAULT_MAX_FEATURES) -> "BlockwiseModel":
+        """A user's network as blocks: modules (an nn.Sequential or a list of modules) cut before each index
+        in cuts, e.g. cuts=(2, 5) gives blocks modules[0:2], modules[2:5], modules[5:].
+
+        The last block must map (B, *input_shape) to logits (B, num_classes). Readouts are inferred from
+        each block's output (B, *S): flattened when S has ≤ max_features elements, else (B, C, H, W) maps
+        are average-pooled to the largest k × k with C·k² ≤ max_features (split.py); readouts= overrides
+        (one entry per block but the last, None to infer). ValueError/TypeError name a bad cut, block or
+        readout.
+        """
+        blocks, chosen = split_sequential(modules, cuts, input_shape, num_classes, readouts=readouts,
+                                          max_features=max_features)
+        return cls(blocks, chosen, tuple(input_shape), num_classes)
 
 
 def _norm_1d(norm: str, width: int) -> nn.Module:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools import gpu_check
+
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import gpu_check  # noqa: E402
 
 Stage, Step = gpu_check.Stage, gpu_check.Step
 
@@ -170,12 +170,13 @@ def test_a_stage_whose_requirement_failed_is_skipped(tmp_path):
 def test_interrupted_driver_kills_the_step_and_writes_the_summary(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     program = (
-        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import gpu_check as g\n"
+        "import sys; from tools import gpu_check as g\n"
         f"stages = [g.Stage('long', 1, 0.1, [g.Step('stubborn', {py(STUBBORN) + [str(pid_file)]!r})]),\n"
         "          g.Stage('never', 1, 0.1, [g.Step('quick', [sys.executable, '-c', 'pass'])])]\n"
         f"ctx = g.Context(dry_run=True, python=sys.executable, work=g.Path({str(tmp_path / 'work')!r}))\n"
         f"sys.exit(g.Runner(stages, ctx, g.Path({str(tmp_path / 'out')!r}), 60.0, grace=0.3).run())\n")
-    driver = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen([sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
     try:
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text()), "the step never started"
         driver.send_signal(signal.SIGTERM)
@@ -299,8 +300,9 @@ def load_module(name: str, path: Path):
     return module
 
 
-def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_path):
+def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_path, monkeypatch):
     """The device-mode steps, planned from a 16-core sm_90 env, as the programs they call parse them."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/local_loss.py` finds bench/baselines.py
     ctx = gpu_check.Context(dry_run=False, python=sys.executable, work=tmp_path,
                             env={"arch": "9.0", "cpu_count": 16, "modules": {"pytest_timeout": True}})
     plan = {stage.name: stage for stage in gpu_check.stage_plan(dry_run=False)}
@@ -315,10 +317,10 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
 
     selections = [step.argv[step.argv.index("-k") + 1] for step in steps["tests"]]
     assert selections == [gpu_check.CUDA_TESTS, gpu_check.TRITON_TESTS, gpu_check.SYNC_TESTS]
-    assert all("-x" in step.argv and "--timeout" in step.argv for step in steps["tests"])
+    assert all("--maxfail=30" in step.argv and "--timeout" in step.argv for step in steps["tests"])
     assert [step.requires for step in steps["tests"]] == [("build",), (), ()]
 
-    run_py = load_module("bench_run_for_plan", ROOT / "bench" / "run.py")
+    run_py = load_module("bench_run_for_plan", ROOT / "bench" / "local_loss.py")
     parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]
     shapes = {(name.split("-")[0], args.shapes) for name, args in parsed}
     expected = {",".join(map(str, shape)) for shape in run_py.GPU_SHAPES}
@@ -326,7 +328,8 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
     for name, args in parsed:
         assert args.device == "cuda" and args.dtype == "float32,bfloat16" and args.projection == "dense,implicit"
         assert args.variants.split(",") == (["compile"] if name.startswith("compile") else
-                                            ["cuda", "triton", gpu_check.eager_baseline(ROOT / "bench" / "run.py")])
+                                            ["cuda", "triton",
+                                             gpu_check.eager_baseline(ROOT / "bench" / "local_loss.py")])
 
     from svp_kernels.train import cli
 

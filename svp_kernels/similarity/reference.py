@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .predsim_fused import ADD_EPS, MAX_EPS, _dropped_weight
+from .fused import ADD_EPS, MAX_EPS, dropped_weight
 
 
 def reduced_rows(x: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -41,7 +41,7 @@ def similarity_loss(x, target_rows, labels, classes, reduce, center, additive, m
 
 def predsim_loss(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce):
     """(loss, ce, sim, logits) of (1 − β)·CE(h_dec W̃ᵀ + b, y) + β·MSE(S(h_sim), S(onehot(y)))."""
-    dropped = _dropped_weight(weight, p, seed) if p > 0 else weight
+    dropped = dropped_weight(weight, p, seed) if p > 0 else weight
     logits = F.linear(h_dec, dropped.to(h_dec.dtype), None if bias is None else bias.to(h_dec.dtype))
     ce = F.cross_entropy(logits, labels)
     sim = similarity_loss(h_sim, None, labels, weight.shape[0], reduce, True, True, True)

@@ -1,10 +1,11 @@
 """Forward + backward timings of sk.predsim_loss and sk.alignment_loss against the plain formulation.
 
-    python bench/predsim.py [--op predsim|alignment_loss] [--threads N] [--no-compile] [--only 0,3] [--repeats 25]
+    python bench/similarity_losses.py [--op predsim|alignment_loss] [--threads N] [--no-compile] [--only 0,3]
+                                      [--repeats 25]
 
 Rows: op=predsim (local-loss's predsim block loss: decoder CE + similarity MSE against the labels) and
 op=alignment_loss (the SVP alignment term with a centred similarity, against a float target), each for
-variant = eager (the plain PyTorch formulation, svp_kernels/backends/predsim_reference.py, which is what
+variant = eager (the plain PyTorch formulation, svp_kernels/similarity/reference.py, which is what
 local-learning code writes), compile (torch.compile of it) and fused (svp_kernels). Every timed call is
 `loss.backward()` on fresh inputs' grads (or value only for mode=no_grad). The variants of one shape are
 interleaved call by call in one process, because the machine may be shared: <variant>_ms are medians,
@@ -18,16 +19,14 @@ import csv
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import svp_kernels as sk  # noqa: E402
-from svp_kernels.backends import predsim_reference  # noqa: E402
+from svp_kernels.similarity import reference as similarity_reference  # noqa: E402
 
 B = 128
 # (name, h_dec shape, h_sim shape, reduce, classes): MLP blocks (h_dec = h, h_sim = linear_loss(h)) and conv
@@ -54,7 +53,7 @@ ALIGNMENT_SHAPES = [
 
 
 def eager_predsim(h_dec, h_sim, target, weight, bias, reduce):
-    return predsim_reference.predsim_loss(h_dec, weight, bias, h_sim, target, 0.99, 0.0, 0, reduce)[0]
+    return similarity_reference.predsim_loss(h_dec, weight, bias, h_sim, target, 0.99, 0.0, 0, reduce)[0]
 
 
 def fused_predsim(h_dec, h_sim, target, weight, bias, reduce):
@@ -62,7 +61,7 @@ def fused_predsim(h_dec, h_sim, target, weight, bias, reduce):
 
 
 def eager_alignment(v, v_prev, reduce):
-    return predsim_reference.similarity_loss(v, v_prev, None, 0, reduce, True, False, True)
+    return similarity_reference.similarity_loss(v, v_prev, None, 0, reduce, True, False, True)
 
 
 def fused_alignment(v, v_prev, reduce):

@@ -38,6 +38,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _ops
+from .._ops import accumulation_dtype
 from ..philox import keep_mask
 
 ADD_EPS = 1e-8    # local-loss: u / (1e-8 + ‖u‖)
@@ -234,8 +236,6 @@ def reduce_rows_backward(grad_rows: torch.Tensor, state, shape) -> torch.Tensor:
 
 def _register_cpu_kernel_fakes() -> bool:
     """Shape rules of the ops of csrc/cpu/predsim.cpp for torch.compile; False when they are not built."""
-    from .. import _ops
-
     if not (_ops.extension_loaded() and hasattr(torch.ops.svp_kernels, "similarity_loss")):
         return False
 
@@ -270,7 +270,8 @@ def _cpu_kernels(x: torch.Tensor) -> bool:
     return CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def _dropped_weight(weight, p, seed):
+def dropped_weight(weight, p, seed):
+    """W̃ (C, D) = W ⊙ M / (1 − p) in W's dtype, M the mask of docs/design.md §3 (materialised)."""
     scale = torch.tensor(1.0 / (1.0 - p), dtype=weight.dtype, device=weight.device)
     return weight * keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device) * scale
 
@@ -282,7 +283,7 @@ def decoder_logits(h, weight, bias, p, seed):
     if _cpu_kernels(h):
         logits = torch.ops.svp_kernels.projection_forward(h, weight, weight.shape[0], 0, 0.0, p, seed)
     else:
-        logits = h @ _dropped_weight(weight, p, seed).t()
+        logits = h @ dropped_weight(weight, p, seed).t()
     return logits if bias is None else logits + bias
 
 
@@ -301,11 +302,11 @@ def decoder_grads(grad_logits, h, weight, p, seed, need_h, need_weight):
             grad_h = torch.ops.svp_kernels.projection_backward(grad_logits, weight, h.shape[1], 0, 0.0, p, seed,
                                                                h.dtype)
         else:
-            grad_h = grad_logits @ _dropped_weight(weight, p, seed)
+            grad_h = grad_logits @ dropped_weight(weight, p, seed)
     if need_weight:
         outer = grad_logits.t() @ h
         grad_weight = (torch.ops.svp_kernels.dropout_mask_apply(outer, p, seed) if compiled
-                       else _dropped_weight(outer, p, seed))
+                       else dropped_weight(outer, p, seed))
     return grad_h, grad_weight
 
 
@@ -355,7 +356,7 @@ def _saved_rows_grad(ctx, grad_output, dtype, shape):
 
 def similarity_forward(x, target_rows, labels, classes, reduce, center, additive, scale, need_grad):
     """(scale · Σ (S(x) − T)² in the accumulation dtype, dL/drows or None, reduction state)."""
-    dtype = _accumulation(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     rows, state = reduce_rows(x, reduce, dtype)
     target = (label_target(labels, classes, additive) if labels is not None
               else feature_target(_as(target_rows, dtype).contiguous()))
@@ -381,10 +382,6 @@ class SimilarityLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _as(x, dtype):
     return x if x is None or x.dtype == dtype else x.to(dtype)
 
@@ -393,7 +390,7 @@ def predsim_forward(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, n
     """(loss, ce, sim, logits, (dh_dec, dW, db) or Nones, dL/drows or None, reduction state)."""
     need_h_dec, need_weight, need_bias, need_h_sim = needs
     classes, batch = weight.shape[0], h_dec.shape[0]
-    dec_dtype = _accumulation(h_dec.dtype)
+    dec_dtype = accumulation_dtype(h_dec.dtype)
     h, w, b = _as(h_dec, dec_dtype), _as(weight, dec_dtype), _as(bias, dec_dtype)
     logits = decoder_logits(h, w, b, p, seed)
     need_ce_grad = (need_h_dec or need_weight or need_bias) and beta < 1
@@ -403,7 +400,7 @@ def predsim_forward(h_dec, weight, bias, h_sim, labels, beta, p, seed, reduce, n
         grad_h_dec, grad_weight = decoder_grads(grad_logits, h, w, p, seed, need_h_dec, need_weight)
         grad_bias = grad_logits.sum(dim=0) if need_bias else None
 
-    sim_dtype = _accumulation(h_sim.dtype)
+    sim_dtype = accumulation_dtype(h_sim.dtype)
     rows, state = reduce_rows(h_sim, reduce, sim_dtype)
     sim, grad_rows = similarity_loss_and_grad(rows, label_target(labels, classes, additive=True), center=True,
                                               additive=True, value_scale=1.0 / batch ** 2,

@@ -1,10 +1,10 @@
 """Benchmark runner: fused_local_loss forward+backward against what a user writes, and against the roofline.
 
-    python bench/run.py                                          # CPU: six shapes, dense and implicit R
-    python bench/run.py --shapes "256,4096,10;1024,4096,100" --projection implicit --repeats 30
-    python bench/run.py --threads 1 --clock thread               # one thread's CPU time (a busy machine)
-    python bench/run.py --wait-idle 30 --allocator cached        # wait for quiet; freed memory kept mapped
-    python bench/run.py --device cuda                            # GPU shape set, fused cuda/triton
+    python bench/local_loss.py                                   # CPU: six shapes, dense and implicit R
+    python bench/local_loss.py --shapes "256,4096,10;1024,4096,100" --projection implicit --repeats 30
+    python bench/local_loss.py --threads 1 --clock thread        # one thread's CPU time (a busy machine)
+    python bench/local_loss.py --wait-idle 30 --allocator cached # wait for quiet; freed memory kept mapped
+    python bench/local_loss.py --device cuda                     # GPU shape set, fused cuda/triton
 
 Variants, per shape × dtype × projection:
 - the fused backends (``cpu`` on CPU; ``cuda``, ``triton`` on CUDA): ``fused_local_loss(...).loss.backward()``;
@@ -13,7 +13,7 @@ Variants, per shape × dtype × projection:
 - ``compile``: torch.compile(dynamic=False) of that same function, compiled afresh per shape
   (mode "max-autotune-no-cudagraphs" on CUDA).
 
-Before any timing, every fused variant is checked against the float64 oracle (tests/cases.py
+Before any timing, every fused variant is checked against the float64 oracle (svp_kernels.testing
 ``ground_truth``: the Philox-in-torch reference backend in float64) on the benchmark's own inputs, and
 the eager function at p = 0 against the same oracle; a variant that disagrees is reported, not timed.
 
@@ -57,17 +57,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 
 import svp_kernels as sk  # noqa: E402
 from svp_kernels import backends  # noqa: E402
+from svp_kernels.testing import Case, ground_truth, make_inputs  # noqa: E402  (the one oracle)
+from svp_kernels.testing import run as run_fused  # noqa: E402
 
 import baselines  # noqa: E402
-from cases import Case, ground_truth, make_inputs, run as run_fused  # noqa: E402  (the one oracle)
 
 CSV_COLUMNS = ["op", "B", "D", "C", "p", "dtype", "projection", "variant", "median_ms", "p20_ms", "p80_ms",
                "roofline_ms", "roofline_fraction", "speedup_vs_eager", "speedup_vs_compile", "extra_peak_MiB",
@@ -228,7 +226,8 @@ def percentiles(samples):
 
 
 class ForeignLoad:
-    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time)."""
+    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time, and
+    with children=True minus that of the child processes it waited for meanwhile, theirs included)."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -239,13 +238,16 @@ class ForeignLoad:
         user, nice, system, idle, iowait, irq, softirq, steal = fields
         return (user + nice + system + irq + softirq + steal) / ForeignLoad.TICKS
 
+    def __init__(self, children: bool = False):
+        self.fields = 4 if children else 2  # os.times(): user, system, children's user, children's system
+
     def __enter__(self):
-        self.wall, self.busy, self.own = time.monotonic(), self._busy_seconds(), sum(os.times()[:2])
+        self.wall, self.busy, self.own = time.monotonic(), self._busy_seconds(), sum(os.times()[:self.fields])
         return self
 
     def __exit__(self, *exc):
         wall = time.monotonic() - self.wall
-        own = sum(os.times()[:2]) - self.own
+        own = sum(os.times()[:self.fields]) - self.own
         self.cpus = max(0.0, (self._busy_seconds() - self.busy - own) / max(wall, 1e-9))
         return False
 
