@@ -60,7 +60,7 @@ class TrainConfig:
 
 
 # Per-dataset defaults (svp-train --dataset picks one; every field stays overridable). Fields not named
-# keep TrainConfig's defaults. Measured results: README, "Training".
+# keep TrainConfig's defaults. Measured results: docs/training.md.
 _IMAGE_RECIPE = dict(model="mlp", width=1024, depth=3, epochs=10, batch_size=128, lr=2e-3,
                      lr_schedule="cosine", warmup_epochs=1.0, weight_decay=0.0, augment_shift=2, p=0.1)
 RECIPES: dict[str, dict] = {
