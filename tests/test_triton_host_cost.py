@@ -43,6 +43,16 @@ CHILD = textwrap.dedent("""
             calls = python_calls(lambda: step(*args))
             result["prev" if with_prev else "no_prev"] = dict(
                 launches=list(launched), calls=calls, side_table=len(kernel_side_table.constant_args) - tables)
+        # The gradient interface (the trainer's path) launches directly too.
+        import svp_kernels.backends.triton as backend
+        h, weight, target, v_prev, seed = inputs(64, 300, 10, True)
+        launched.clear()
+        tables = len(kernel_side_table.constant_args)
+        v = backend.projection_value(h.detach(), weight, 10, 0, 1.0, 0.1, seed)
+        backend.epilogue_with_grad(v, target, v_prev, 1.0, True, False)
+        backend.projection_backward(v, weight, 300, 0, 1.0, 0.1, seed, torch.float32)
+        result["gradient_interface"] = dict(launches=list(launched),
+                                            side_table=len(kernel_side_table.constant_args) - tables)
         # Outside the eager nodes (the triton_op bodies that torch.compile traces) a launch stays wrapped.
         result["wrapped_outside"] = isinstance(ops._launch(kernels.projection_forward_kernel),
                                                TraceableTritonKernelWrapper)
@@ -79,6 +89,13 @@ def test_eager_node_launches_kernels_directly(child_result, case):
 def test_eager_node_python_call_budget(child_result, case):
     result = child_result[case]
     assert 0 < result["calls"] <= PYTHON_CALL_BUDGET, result
+
+
+def test_gradient_interface_launches_kernels_directly(child_result):
+    result = child_result["gradient_interface"]
+    assert "projection_forward_kernel" in result["launches"], result
+    assert result["launches"][-1] == "projection_backward_kernel", result
+    assert result["side_table"] == 0, f"launches went through torch's wrap_triton higher-order op: {result}"
 
 
 def test_launches_outside_the_eager_nodes_stay_wrapped_for_compile(child_result):
