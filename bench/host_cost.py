@@ -8,6 +8,7 @@ Triton's own launcher (argument binding, specialization key, driver calls) is no
 tools/gpu_check.py's host-cost stage measures the whole.
 
     env -u TRITON_INTERPRET PYTHONPATH=. python bench/host_cost.py [--calls 300] [--profile]
+    PYTHONPATH=. python bench/host_cost.py --device cuda [--calls 100]   (on a GPU: host vs device per call)
 
 CPU timings are indicative only on a shared machine; the Python call count per step is exact.
 """
@@ -62,9 +63,10 @@ def measure(calls: int, profile: bool) -> int:
                     times.append((time.perf_counter() - start) / (calls // 5) * 1e6)
                 grown = len(kernel_side_table.constant_args) - tables
                 n = 5 * (calls // 5)
+                per_call = len(launched) / n
                 print(f"({B},{D},{C}) v_prev={'yes' if with_prev else 'no '}: min {min(times):7.1f} "
                       f"median {sorted(times)[2]:7.1f} us/call host, {python_calls(lambda: step(*args))} Python "
-                      f"calls/step, {len(launched) / n:.0f} launches/call, side-table entries added {grown / n:.0f}"
+                      f"calls/step, {per_call:.0f} launches/call, side-table entries added {grown / n:.0f}"
                       "/call", flush=True)
                 if profile:
                     profiler = cProfile.Profile()
@@ -76,11 +78,87 @@ def measure(calls: int, profile: bool) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def measure_device(calls: int, backends=("cuda", "triton")) -> int:
+    """On a GPU: per call of fused_local_loss forward + backward (dense R, p = 0.1, float32), the wall time
+    of back-to-back calls, the host time of the forward and of the backward each with the GPU idle before
+    it (so no launch waits on a full queue; no profiler), and, under torch.profiler, the kernels' device
+    time and the top host self times. Host ≈ wall and kernels ≪ wall: the call is host-bound."""
+    import svp_kernels as sk
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, host {cpu_model()}", flush=True)
+    print("shape backend: wall ms/call | host fwd us, bwd us (median) | kernels us/call, launches/call | top host",
+          flush=True)
+    for B, D, C in SHAPES:
+        h = torch.randn(B, D, device="cuda", requires_grad=True)
+        target = torch.randint(0, C, (B,), device="cuda")
+        weight = torch.randn(C, D, device="cuda") / D ** 0.5
+        seed = torch.tensor(7, dtype=torch.int64, device="cuda")
+        for backend in backends:
+            if backend not in sk.available_backends():
+                print(f"({B},{D},{C}) {backend}: unavailable", flush=True)
+                continue
+
+            def forward():
+                return sk.fused_local_loss(h, target, projection=weight, p=0.1, seed=seed, backend=backend)
+
+            def step():
+                h.grad = None
+                forward().loss.backward()
+
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / calls * 1e3
+            fwd, bwd = [], []
+            for _ in range(calls):
+                h.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = forward()
+                t1 = time.perf_counter()
+                out.loss.backward()
+                fwd.append((t1 - t0) * 1e6)
+                bwd.append((time.perf_counter() - t1) * 1e6)
+            torch.cuda.synchronize()
+            n = 10
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    step()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+            kernel_us = sum(e.self_device_time_total for e in kernels) / n
+            launches = sum(e.count for e in kernels) / n
+            top = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
+            host = "; ".join(f"{e.key[:36]} {e.self_cpu_time_total / n:.0f}" for e in top[:5])
+            print(f"({B},{D},{C}) {backend}: wall {wall:.3f} | host fwd {sorted(fwd)[len(fwd) // 2]:.0f}, "
+                  f"bwd {sorted(bwd)[len(bwd) // 2]:.0f} | kernels {kernel_us:.0f}, {launches:.0f} | {host}",
+                  flush=True)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile", action="store_true", help="cProfile the calls, top 15 by own time")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the triton node with launches stubbed; cuda: host vs device time per call")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.device == "cuda":
+        return measure_device(args.calls)
     print(f"{cpu_model()}, torch {torch.__version__}", flush=True)
     return measure(args.calls, args.profile)
 

@@ -271,7 +271,7 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
         return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--variants", f"cpu,{eager}",
                                                "--dtype", "float32", "--projection", "dense", "--repeats", "3",
                                                "--warmup", "1", "--no-memory"],
-                     artifacts=artifact)]
+                     artifacts=artifact)] + host_cost_steps(ctx)
     base += ["--device", "cuda", "--dtype", "float32,bfloat16", "--projection", "dense,implicit"]
     steps = []
     for backends, prefix in ((f"cuda,triton,{eager}", "kernels"), ("compile", "compile")):
@@ -280,7 +280,19 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
             label = "x".join(map(str, shape)) if shape else "default-shapes"
             steps.append(Step(f"{prefix}-{label}", base + ["--variants", backends, *shape_args], min_s=10,
                               artifacts=artifact))
-    return steps
+    return steps + host_cost_steps(ctx)
+
+
+def host_cost_steps(ctx: Context) -> list:
+    """bench/host_cost.py: per fused_local_loss call on cuda and triton at two shapes, the wall time, the host
+    time of forward and backward (no profiler) and the kernels' time (torch.profiler); in the dry run, the
+    triton node on CPU with its launches stubbed (kernels as JIT functions: TRITON_INTERPRET off)."""
+    if not (ROOT / "bench" / "host_cost.py").exists():
+        return [Step("host-cost", missing="bench/host_cost.py not found")]
+    if ctx.dry_run:
+        return [Step("host-cost", [ctx.python, "bench/host_cost.py", "--calls", "10"], env={"TRITON_INTERPRET": "0"},
+                     min_s=5)]
+    return [Step("host-cost", [ctx.python, "bench/host_cost.py", "--device", "cuda", "--calls", "50"], min_s=10)]
 
 
 def train_step_steps(ctx: Context, stage: Stage) -> list:

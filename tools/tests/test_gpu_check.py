@@ -321,7 +321,10 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
     assert [step.requires for step in steps["tests"]] == [("build",), (), ()]
 
     run_py = load_module("bench_run_for_plan", ROOT / "bench" / "local_loss.py")
-    parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]
+    *kernel_steps, host_cost = steps["bench"]
+    parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in kernel_steps]
+    host_py = load_module("bench_host_cost_for_plan", ROOT / "bench" / "host_cost.py")
+    assert host_cost.name == "host-cost" and host_py.parser().parse_args(host_cost.argv[2:]).device == "cuda"
     shapes = {(name.split("-")[0], args.shapes) for name, args in parsed}
     expected = {",".join(map(str, shape)) for shape in run_py.GPU_SHAPES}
     assert shapes == {(kind, shape) for kind in ("kernels", "compile") for shape in expected}
