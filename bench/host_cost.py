@@ -16,6 +16,7 @@ CPU timings are indicative only on a shared machine; the Python call count per s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import platform
@@ -78,6 +79,41 @@ def measure(calls: int, profile: bool) -> int:
     return 0
 
 
+def median_host_us(run, calls: int) -> float:
+    """Median host time of `run()` in µs, the GPU idle before each call (no launch waits on the queue)."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def op_host_times(backend: str, h, weight, target, seed, calls: int) -> str:
+    """Host µs of each op of the call, called directly (no autograd node): tells the ops' own host cost from
+    the autograd machinery's (the node, the engine's device thread)."""
+    h = h.detach()
+    C, D = weight.shape
+    if backend == "cuda":
+        forward = torch.ops.svp_kernels.projection_forward
+        epilogue = torch.ops.svp_kernels.loss_epilogue
+        backward = torch.ops.svp_kernels.projection_backward
+        scope = contextlib.nullcontext
+    else:
+        from svp_kernels.backends.triton import ops
+        forward, epilogue, scope = ops.projection_forward, ops.loss_epilogue, ops.direct_launches
+        backward = ops.projection_backward
+    with scope():
+        v = forward(h, weight, C, 0, 1.0, 0.1, seed)
+        grad_v = epilogue(v, target, None, 1.0, True, False)[3]
+        times = (median_host_us(lambda: forward(h, weight, C, 0, 1.0, 0.1, seed), calls),
+                 median_host_us(lambda: epilogue(v, target, None, 1.0, True, False), calls),
+                 median_host_us(lambda: backward(grad_v, weight, D, 0, 1.0, 0.1, seed, h.dtype), calls))
+    return "ops alone: projection_forward {:.0f}, loss_epilogue {:.0f}, projection_backward {:.0f} us".format(*times)
+
+
 def measure_device(calls: int, backends=("cuda", "triton")) -> int:
     """On a GPU: per call of fused_local_loss forward + backward (dense R, p = 0.1, float32), the wall time
     of back-to-back calls, the host time of the forward and of the backward each with the GPU idle before
@@ -129,6 +165,7 @@ def measure_device(calls: int, backends=("cuda", "triton")) -> int:
                 fwd.append((t1 - t0) * 1e6)
                 bwd.append((time.perf_counter() - t1) * 1e6)
             torch.cuda.synchronize()
+            ops_alone = op_host_times(backend, h, weight, target, seed, calls)
             n = 10
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(n):
@@ -141,8 +178,8 @@ def measure_device(calls: int, backends=("cuda", "triton")) -> int:
             top = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
             host = "; ".join(f"{e.key[:36]} {e.self_cpu_time_total / n:.0f}" for e in top[:5])
             print(f"({B},{D},{C}) {backend}: wall {wall:.3f} | host fwd {sorted(fwd)[len(fwd) // 2]:.0f}, "
-                  f"bwd {sorted(bwd)[len(bwd) // 2]:.0f} | kernels {kernel_us:.0f}, {launches:.0f} | {host}",
-                  flush=True)
+                  f"bwd {sorted(bwd)[len(bwd) // 2]:.0f} | kernels {kernel_us:.0f}, {launches:.0f} | {host}\n"
+                  f"    {ops_alone}", flush=True)
     return 0
 
 
