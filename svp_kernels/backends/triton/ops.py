@@ -5,7 +5,9 @@ The four ops ``svp_kernels::triton_projection_forward``, ``triton_projection_bac
 docs/backends.md (integers appear as ``SymInt`` in the inferred schemas; the dropout seed is a 0-dim
 int64 tensor that the kernels load). On a GPU they are
 ``torch.library.triton_op`` with every launch wrapped in ``wrap_triton``, so torch.compile sees the
-kernels; under TRITON_INTERPRET=1 the kernels are interpreter functions, which neither fake tensors nor
+kernels (the eager autograd nodes and the gradient interface launch inside ``direct_launches()``, which
+skips the wrapper: outside a ``triton_op`` it would dispatch every eager launch through a higher-order op);
+under TRITON_INTERPRET=1 the kernels are interpreter functions, which neither fake tensors nor
 the functional decomposition of ``triton_op`` can run, so the ops are plain ``torch.library.custom_op``
 there. Fake and autograd rules come from svp_kernels/_ops.py, shared with the compiled backends.
 
