@@ -58,8 +58,8 @@ def _inputs(B, D, C, C_prev, projection):
 def count_forward_backward(monkeypatch, B, D, C, C_prev, projection, p):
     """The LaunchCounter of one fused_local_loss forward + backward (an int seed, as users pass it)."""
     monkeypatch.setattr(ops, "_sm_count", lambda device: H100_SMS)
-    # On a GPU the launchers wrap each kernel for torch.compile (wrap_triton), which in eager mode only
-    # forwards to the kernel but may not dispatch under a user TorchDispatchMode: count the kernels bare.
+    # Outside the eager nodes (ops.direct_launches) the launchers wrap each kernel for torch.compile
+    # (wrap_triton), whose higher-order op may not dispatch under a user TorchDispatchMode: count them bare.
     monkeypatch.setattr(ops, "_launch", lambda kernel: kernel)
     h, target, v_prev, projection = _inputs(B, D, C, C_prev, projection)
     with LaunchCounter() as counter:

@@ -295,9 +295,10 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
                                                f"{bench_kernel_variants(run_py, 'cpu')},{eager}",
                                                "--dtype", "float32", "--projection", "dense", "--repeats", "3",
                                                "--warmup", "1", "--no-memory"],
-                     artifacts=artifact)]
+                     artifacts=artifact)] + host_cost_steps(ctx)
     base += ["--device", "cuda", "--dtype", "float32,bfloat16", "--projection", "dense,implicit"]
-    return [*bench_kernel_steps(base, run_py, eager, artifact), *bench_compile_steps(base, run_py, artifact)]
+    return [*bench_kernel_steps(base, run_py, eager, artifact), *host_cost_steps(ctx),
+            *bench_compile_steps(base, run_py, artifact)]
 
 
 def bench_kernel_variants(run_py: Path, device: str) -> str:
@@ -323,6 +324,18 @@ def bench_kernel_steps(base: list, run_py: Path, eager: str, artifact: tuple) ->
         steps.append(Step(f"kernels-{label}", base + ["--variants", variants, *shape_args], min_s=10,
                           artifacts=artifact))
     return steps
+
+
+def host_cost_steps(ctx: Context) -> list:
+    """bench/host_cost.py: per fused_local_loss call on cuda and triton at two shapes, the wall time, the host
+    time of forward and backward (no profiler) and the kernels' time (torch.profiler); in the dry run, the
+    triton node on CPU with its launches stubbed (kernels as JIT functions: TRITON_INTERPRET off)."""
+    if not (ROOT / "bench" / "host_cost.py").exists():
+        return [Step("host-cost", missing="bench/host_cost.py not found")]
+    if ctx.dry_run:
+        return [Step("host-cost", [ctx.python, "bench/host_cost.py", "--calls", "10"], env={"TRITON_INTERPRET": "0"},
+                     min_s=5)]
+    return [Step("host-cost", [ctx.python, "bench/host_cost.py", "--device", "cuda", "--calls", "50"], min_s=10)]
 
 
 def bench_compile_steps(base: list, run_py: Path, artifact: tuple) -> list:

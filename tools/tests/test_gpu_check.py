@@ -321,7 +321,12 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
     assert [step.requires for step in steps["tests"]] == [("build",), (), ()]
 
     run_py = load_module("bench_run_for_plan", ROOT / "bench" / "local_loss.py")
-    parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]
+    bench_steps = [step for step in steps["bench"] if step.name != "host-cost"]
+    (host_cost,) = [step for step in steps["bench"] if step.name == "host-cost"]
+    host_py = load_module("bench_host_cost_for_plan", ROOT / "bench" / "host_cost.py")
+    assert host_py.parser().parse_args(host_cost.argv[2:]).device == "cuda"
+    assert steps["bench"].index(host_cost) < len(steps["bench"]) - 1  # before the compile step, which takes the rest
+    parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in bench_steps]
     expected = [",".join(map(str, shape)) for shape in run_py.GPU_SHAPES]
     kernels = [(name, args) for name, args in parsed if name.startswith("kernels-")]
     assert [args.shapes for _, args in kernels] == expected
@@ -332,7 +337,7 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
             assert args.variants.split(",") == ["cuda", "cuda-gemm", "triton", eager]
     # the compile baseline: every shape in one process, after the kernels, in mode "default"
     assert [name for name, _ in parsed][len(kernels):] == ["compile"]
-    compile_args, compile_argv = parsed[-1][1], steps["bench"][-1].argv
+    compile_args, compile_argv = parsed[-1][1], bench_steps[-1].argv
     assert compile_args.variants == "compile" and compile_args.compile_mode == "default"
     assert compile_argv[compile_argv.index("--compile-mode") + 1] == "default"  # not left to the runner's default
     assert compile_args.shapes is None  # the runner's GPU set

@@ -59,6 +59,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The gradient interface below (projection_value, epilogue_with_grad, projection_backward) runs eagerly only
+# (the API's autograd.Functions, the trainer): its launches skip wrap_triton (ops.direct_launches).
+
 # Why the kernels could not be loaded although Triton imports (an incompatible Triton, say), or None.
 LOAD_ERROR = None
 
@@ -121,17 +124,23 @@ def epilogue(v, target, v_prev, alignment_weight, mean, center):
 
 def projection_value(h, weight, out_features, proj_seed, proj_std, p, seed):
     """v (B, C) = h R̃ᵀ, launched directly: no op dispatch, no autograd node."""
-    return load_ops().projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
+    ops = load_ops()
+    with ops.direct_launches():
+        return ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
 def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
     """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C) from the same pass; no autograd node."""
-    return load_ops().loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+    ops = load_ops()
+    with ops.direct_launches():
+        return ops.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
 
 
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
     """dh (B, D) = grad_v R̃ in `dtype`, the mask regenerated from `seed`; no autograd node."""
-    return load_ops().projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
+    ops = load_ops()
+    with ops.direct_launches():
+        return ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
 
 
 def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight,

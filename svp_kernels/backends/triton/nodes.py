@@ -10,6 +10,8 @@ over the launchers of ops.py, with two savings a generic node cannot make:
   v) are never materialised as zeros.
 
 Autograd saves only g_v (B, C), the seed tensor and a dense R; the mask is regenerated in the backward.
+The nodes run only in eager mode (svp_kernels/api.py), so they launch the kernels directly
+(ops.direct_launches): no higher-order-op dispatch per launch.
 The arithmetic is that of the registered ops that torch.compile traces: the same bits.
 """
 
@@ -27,11 +29,12 @@ class FusedLocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
                 center, identity):
-        if identity:
-            x = h.to(accumulation_dtype(h.dtype))
-        else:
-            x = ops.projection_partials(h, weight, out_features, proj_seed, proj_std, p, seed)
-        loss, ce, alignment, grad_v, v = ops.epilogue(x, target, v_prev, alignment_weight, mean, center)
+        with ops.direct_launches():
+            if identity:
+                x = h.to(accumulation_dtype(h.dtype))
+            else:
+                x = ops.projection_partials(h, weight, out_features, proj_seed, proj_std, p, seed)
+            loss, ce, alignment, grad_v, v = ops.epilogue(x, target, v_prev, alignment_weight, mean, center)
         if identity:
             v = v.detach()  # an output must not be the input itself
         ctx.set_materialize_grads(False)
@@ -50,8 +53,9 @@ class FusedLocalLoss(torch.autograd.Function):
         identity, in_features, proj_seed, proj_std, p, h_dtype = ctx.arguments
         if identity:
             return ((grad_loss * grad_v).to(h_dtype),) + none
-        return (ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, h_dtype,
-                                        grad_scale=grad_loss),) + none
+        with ops.direct_launches():
+            return (ops.projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, h_dtype,
+                                            grad_scale=grad_loss),) + none
 
 
 class DropoutProjection(torch.autograd.Function):
@@ -62,7 +66,8 @@ class DropoutProjection(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(weight, seed)
         ctx.arguments = (h.shape[1], proj_seed, proj_std, p, h.dtype)
-        return ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
+        with ops.direct_launches():
+            return ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -72,5 +77,6 @@ class DropoutProjection(torch.autograd.Function):
             return (None,) + none
         weight, seed = ctx.saved_tensors
         in_features, proj_seed, proj_std, p, h_dtype = ctx.arguments
-        return (ops.projection_backward(grad_v.contiguous(), weight, in_features, proj_seed, proj_std, p, seed,
-                                        h_dtype),) + none
+        with ops.direct_launches():
+            return (ops.projection_backward(grad_v.contiguous(), weight, in_features, proj_seed, proj_std, p, seed,
+                                            h_dtype),) + none

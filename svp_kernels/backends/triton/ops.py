@@ -5,7 +5,9 @@ The four ops ``svp_kernels::triton_projection_forward``, ``triton_projection_bac
 docs/backends.md (integers appear as ``SymInt`` in the inferred schemas; the dropout seed is a 0-dim
 int64 tensor that the kernels load). On a GPU they are
 ``torch.library.triton_op`` with every launch wrapped in ``wrap_triton``, so torch.compile sees the
-kernels; under TRITON_INTERPRET=1 the kernels are interpreter functions, which neither fake tensors nor
+kernels (the eager autograd nodes and the gradient interface launch inside ``direct_launches()``, which
+skips the wrapper: outside a ``triton_op`` it would dispatch every eager launch through a higher-order op);
+under TRITON_INTERPRET=1 the kernels are interpreter functions, which neither fake tensors nor
 the functional decomposition of ``triton_op`` can run, so the ops are plain ``torch.library.custom_op``
 there. Fake and autograd rules come from svp_kernels/_ops.py, shared with the compiled backends.
 
@@ -16,11 +18,11 @@ path), which the tests use to force multi-tile and split paths on tiny shapes.
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import triton
 from triton.runtime.jit import JITFunction
 
 from ... import _ops
@@ -62,16 +64,45 @@ def float_bits(value: float, dtype: torch.dtype) -> int:
         return struct.unpack("<i", struct.pack("<f", math.copysign(math.inf, value)))[0]
 
 
+class _LaunchMode(threading.local):
+    direct = False  # set by direct_launches(), per thread (autograd runs CUDA backwards on its own threads)
+
+
+_LAUNCH_MODE = _LaunchMode()
+
+
+class direct_launches:
+    """Within it, launches call the Triton kernel itself, not the ``wrap_triton`` wrapper: for the eager
+    autograd nodes (nodes.py), which torch.compile never traces. Outside a ``triton_op`` (which unwraps its
+    own eager calls), the wrapper dispatches every launch through torch's triton_kernel_wrapper_mutation
+    higher-order op even in eager mode: ~0.3-0.5 ms of Python per launch, and one entry per launch added to
+    torch's kernel side table for good (bench/NOTES.md, "Host cost of the triton backend")."""
+
+    def __enter__(self):
+        self.previous = _LAUNCH_MODE.direct
+        _LAUNCH_MODE.direct = True
+
+    def __exit__(self, *exc):
+        _LAUNCH_MODE.direct = self.previous
+
+
 def _launch(kernel):
-    """The kernel, wrapped for torch.compile when it is a compiled (not interpreted) Triton kernel. Every launch
-    goes through here (tools/gpu_compile_check.py records them)."""
-    if INTERPRETED:
+    """The kernel, wrapped for torch.compile when it is a compiled (not interpreted) Triton kernel launched
+    outside direct_launches(). Every launch goes through here (tools/gpu_compile_check.py records them)."""
+    if INTERPRETED or _LAUNCH_MODE.direct:
         return kernel
     return torch.library.wrap_triton(kernel)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for ints: triton.cdiv's value in plain Python (triton's is a constexpr function, whose call
+    costs microseconds of argument unwrapping; a launch computes a dozen of these)."""
+    return -(-a // b)
+
+
 def _next_pow2(n: int, low: int = 16, high: Optional[int] = None) -> int:
-    value = max(low, triton.next_power_of_2(max(int(n), 1)))
+    """The least power of two ≥ n (and ≥ low, ≤ high): triton.next_power_of_2's value in plain Python."""
+    value = max(low, 1 << (max(int(n), 1) - 1).bit_length())
     return min(value, high) if high is not None else value
 
 
@@ -154,15 +185,15 @@ def projection_partials(h: torch.Tensor, weight: Optional[torch.Tensor], out_fea
     h = h.contiguous()
     weight = weight.contiguous() if weight is not None else None
     config = config or projection_config(B, C, D, h.dtype, h.device, dense=weight is not None)
-    b_tiles, c_tiles = triton.cdiv(B, config.block_b), triton.cdiv(C, config.block_c)
-    chunks = triton.cdiv(D, config.block_d)
+    b_tiles, c_tiles = _cdiv(B, config.block_b), _cdiv(C, config.block_c)
+    chunks = _cdiv(D, config.block_d)
     splits = config.splits
     if splits is None:  # enough programs to fill the GPU, a bounded workspace
-        splits = triton.cdiv(2 * _sm_count(h.device), b_tiles * c_tiles)
+        splits = _cdiv(2 * _sm_count(h.device), b_tiles * c_tiles)
         splits = min(splits, max(1, MAX_WORKSPACE_ELEMENTS // max(1, B * C)))
     splits = max(1, min(int(splits), chunks))
-    d_per_split = triton.cdiv(chunks, splits) * config.block_d
-    splits = triton.cdiv(D, d_per_split)
+    d_per_split = _cdiv(chunks, splits) * config.block_d
+    splits = _cdiv(D, d_per_split)
 
     out = torch.empty((splits, B, C) if splits > 1 else (B, C), dtype=acc, device=h.device)
     stride_os = out.stride(0) if splits > 1 else 0
@@ -183,7 +214,7 @@ def reduce_splits(partials: torch.Tensor) -> torch.Tensor:
     splits, B, C = partials.shape
     v = torch.empty((B, C), dtype=partials.dtype, device=partials.device)
     block = 256 if INTERPRETED else 1024
-    _launch(kernels.reduce_splits_kernel)[(triton.cdiv(B * C, block),)](
+    _launch(kernels.reduce_splits_kernel)[(_cdiv(B * C, block),)](
         partial_ptr=partials, out_ptr=v, N=B * C, splits=splits, BLOCK=block)
     return v
 
@@ -222,7 +253,7 @@ def projection_backward(grad_v: torch.Tensor, weight: Optional[torch.Tensor], in
     weight = weight.contiguous() if weight is not None else None
     config = config or projection_backward_config(B, C, D, acc, grad_v.device)
     dh = torch.empty((B, D), dtype=dtype, device=grad_v.device)
-    grid = (triton.cdiv(D, config.block_d), triton.cdiv(B, config.block_b))
+    grid = (_cdiv(D, config.block_d), _cdiv(B, config.block_b))
     _launch(kernels.projection_backward_kernel)[grid](
         grad_ptr=grad_v, dh_ptr=dh, grad_scale_ptr=grad_scale if grad_scale is not None else grad_v,
         B=B, C=C, D=D, stride_gb=grad_v.stride(0), stride_dhb=dh.stride(0), HAS_GRAD_SCALE=grad_scale is not None,
@@ -252,7 +283,7 @@ def weight_window(weight: Optional[torch.Tensor], out_features: int, in_features
     args.pop("INPUT_PRECISION")
     args.pop("scale_bits")
     args["OFFSET_64"] = args["OFFSET_64"] or (row_start + n_rows + block_r) * D + col_start >= MAX_INT32_OFFSET
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
+    grid = (_cdiv(n_rows, block_r), _cdiv(n_cols, block_k))
     _launch(kernels.weight_window_kernel)[grid](out_ptr=out, row_start=row_start, col_start=col_start,
                                                 n_rows=n_rows, n_cols=n_cols, C=C, D=D, BLOCK_R=block_r,
                                                 BLOCK_K=block_k, **args)
@@ -264,7 +295,7 @@ def philox_words(seed: int, offsets: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     flat = offsets.to(torch.int64).contiguous().view(-1)
     words = torch.empty((4, flat.numel()), dtype=torch.int64, device=flat.device)
     block = 64
-    _launch(kernels.philox_words_kernel)[(triton.cdiv(flat.numel(), block),)](
+    _launch(kernels.philox_words_kernel)[(_cdiv(flat.numel(), block),)](
         offsets_ptr=flat, words_ptr=words, N=flat.numel(), seed_lo=seed % 2**32, seed_hi=seed // 2**32, BLOCK=block)
     return tuple(w.view(offsets.shape) for w in words)
 
@@ -330,7 +361,7 @@ def _rows(x, config: EpilogueConfig, acc: torch.dtype, center: bool, *, target=N
     norm = torch.empty(B, dtype=acc, device=device) if normalize else None
     C_prev = v_prev.shape[1] if v_prev is not None else 0
     xhat_prev = torch.empty((B, C_prev), dtype=acc, device=device) if v_prev is not None else None
-    _launch(epilogue_kernels.rows_kernel)[(triton.cdiv(B, config.row_block_b),)](
+    _launch(epilogue_kernels.rows_kernel)[(_cdiv(B, config.row_block_b),)](
         x_ptr=x, v_ptr=v, prev_ptr=v_prev if v_prev is not None else x, target_ptr=target if target is not None else x,
         ce_ptr=_or(ce_rows, placeholder), grad_ptr=placeholder, xhat_ptr=_or(xhat, placeholder),
         norm_ptr=_or(norm, placeholder), xhat_prev_ptr=_or(xhat_prev, placeholder),
@@ -383,7 +414,7 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
     if path == "feature":
         # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖²
         # cancels when v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
-        tiles = triton.cdiv(max(C, C_prev), config.matmul_tile)
+        tiles = _cdiv(max(C, C_prev), config.matmul_tile)
         gram = torch.empty((C, C), dtype=torch.float64, device=device)
         cross = torch.empty((C_prev, C), dtype=torch.float64, device=device)
         partials = torch.empty((3, tiles, tiles), dtype=torch.float64, device=device)
@@ -394,10 +425,10 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
         )
         grad_xhat = torch.empty((B, C), dtype=acc, device=device) if compute_grad else None
     elif path == "batch":
-        batch_tiles = triton.cdiv(B, config.batch_tile)
+        batch_tiles = _cdiv(B, config.batch_tile)
         partials = torch.empty(batch_tiles, dtype=acc, device=device)
         grad_xhat = torch.empty((B, C), dtype=acc, device=device) if compute_grad else None
-        chunks = triton.cdiv(C, config.grad_block_c) if compute_grad else 1
+        chunks = _cdiv(C, config.grad_block_c) if compute_grad else 1
         _launch(epilogue_kernels.batch_alignment_kernel)[(batch_tiles, chunks)](
             a_ptr=xhat, b_ptr=xhat_prev, grad_ptr=_or(grad_xhat, partials), partial_ptr=partials, B=B, C=C, CP=C_prev,
             COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
@@ -406,7 +437,7 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
         )
 
     loss, ce, alignment = (torch.empty((), dtype=acc, device=device) for _ in range(3))
-    row_tiles = triton.cdiv(B, config.gradient_block_b) if compute_grad else 0
+    row_tiles = _cdiv(B, config.gradient_block_b) if compute_grad else 0
     coef = alignment_weight * 4.0 / (B * B if mean else 1)  # g_v += λ · 4 (/B²) · ∂â/∂v (â(âᵀâ) − b̂(b̂ᵀâ))
     _launch(epilogue_kernels.gradient_kernel)[(row_tiles + 1,)](
         xhat_ptr=_or(xhat, grad_v), xhat_prev_ptr=_or(xhat_prev, grad_v), gram_ptr=_or(gram, grad_v),
@@ -436,7 +467,7 @@ def cosine_gram(v: torch.Tensor, center: bool, config: Optional[EpilogueConfig] 
     config = config or epilogue_config(B, C, acc)
     _, _, xhat, _, _ = _rows(v.contiguous(), config, acc, center)
     S = torch.empty((B, B), dtype=acc, device=v.device)
-    grid = (triton.cdiv(B, config.matmul_tile), triton.cdiv(B, config.matmul_tile))
+    grid = (_cdiv(B, config.matmul_tile), _cdiv(B, config.matmul_tile))
     _launch(epilogue_kernels.matmul_kernel)[grid](
         a_ptr=xhat, b_ptr=xhat, out_ptr=S, M=B, N=B, K=C, stride_am=C, stride_ak=1, stride_bk=1, stride_bn=C,
         stride_om=B, stride_on=1, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
