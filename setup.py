@@ -2,7 +2,8 @@
 
 Always compiled: the C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp). The CUDA kernels
 (csrc/bindings_cuda.cpp, csrc/cuda/*.cu) join them when torch is a CUDA build and a CUDA toolkit is found
-(torch.utils.cpp_extension.CUDA_HOME); no GPU needs to be visible at build time.
+(torch.utils.cpp_extension.CUDA_HOME, with its include/cuda_runtime_api.h); no GPU needs to be visible at
+build time.
 
 Environment knobs:
     SVP_KERNELS_SKIP_EXT=1     build no extension at all (a pure-Python install: reference/Triton backends)
@@ -41,12 +42,19 @@ def cuda_sources(torch) -> list[str]:
     from torch.utils.cpp_extension import CUDA_HOME
 
     forced = env_flag("SVP_KERNELS_FORCE_CUDA")
-    if torch.version.cuda is None or CUDA_HOME is None:
+    # torch guesses CUDA_HOME from any nvcc on the PATH (a wrapper script in /usr/local/bin gives /usr/local):
+    # a toolkit counts only when its headers are there, else the CPU kernels are built alone
+    headers = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h"))
+    if torch.version.cuda is None or not headers:
         if forced:
             raise RuntimeError(
                 "SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
-                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}, "
+                f"{'with' if headers else 'without'} include/cuda_runtime_api.h); set CUDA_HOME to the toolkit"
             )
+        if torch.version.cuda is not None:
+            print(f"svp_kernels: building the CPU kernels only: no CUDA toolkit with headers at CUDA_HOME={CUDA_HOME} "
+                  "(set CUDA_HOME, or SVP_KERNELS_FORCE_CUDA=1 to make this an error)", file=sys.stderr)
         return []
     return relative_sources("csrc/bindings_cuda.cpp", "csrc/cuda/*.cu")
 
