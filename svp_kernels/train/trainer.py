@@ -25,6 +25,7 @@ from .. import backends, gradient_interface
 from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
 from ..validation import ProjectionArgs, check_projection, check_target_range
+from .aligned import aligned
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
 
@@ -189,7 +190,7 @@ class LayerwiseTrainer:
         """One update of every block on a batch: inputs (B, *input_shape) float, targets (B,) int64 in
         [0, num_classes). Advances self.step by one."""
         self.model.train()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        inputs, targets = aligned(inputs.to(self.device)), targets.to(self.device)
         step = self.step
         losses = self._backprop_step(inputs, targets, step) if self.method == "bp" else \
             self._svp_step(inputs, targets, step)
@@ -199,7 +200,7 @@ class LayerwiseTrainer:
     @torch.no_grad()
     def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
         """v_0 (B, proj_dim) = inputs.flatten(1) Rᵀ: the alignment target of block 0 (no dropout), detached."""
-        return self.input_projection(inputs.to(self.device).flatten(1))
+        return self.input_projection(aligned(inputs.to(self.device)).flatten(1))
 
     def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> StepLosses:
         _check_targets(targets, self.model.num_classes)  # once for every block's lean path
@@ -226,7 +227,10 @@ class LayerwiseTrainer:
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
         _check_targets(targets, self.model.num_classes)
-        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, step, share)
+        # h and v_prev may be views into a message buffer or a share of a batch: compute on them where a fresh
+        # tensor would lie (svp_kernels/train/aligned.py), as the sequential step does
+        h_out, v, loss, self.last_block_ce = self._train_block(index, aligned(h), aligned(v_prev), targets, step,
+                                                               share)
         return h_out, v, loss
 
     def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
@@ -296,7 +300,7 @@ class LayerwiseTrainer:
             loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
                 call.module, rows, _IDENTITY, 0.0, seed, targets, v_prev, local_loss.alignment_weight, mean,
                 local_loss.center)
-            grad_v = grad_v[share.rows]
+            grad_v = aligned(grad_v[share.rows])  # this process's rows, off the start of grad_v
         grad_h = gradient_interface.input_grad(call.module, grad_v, call.projection, h.shape[1], p, seed,
                                                torch.float32)
         return loss, ce, v, grad_h.view(features.shape)
@@ -334,7 +338,7 @@ class LayerwiseTrainer:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(targets), batch_size):
-            logits = self.model(inputs[start:start + batch_size].to(self.device))
+            logits = self.model(aligned(inputs[start:start + batch_size].to(self.device)))
             correct += (logits.argmax(dim=1) == targets[start:start + batch_size].to(self.device)).sum()
         return correct.item() / len(targets)
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ... import __version__
+from ..aligned import aligned
 from ..data import Dataset, batch_indices
 from ..run import TrainConfig
 
@@ -41,6 +43,12 @@ def epoch_means(values: list[torch.Tensor]) -> list[float]:
     for value in values:
         total += value
     return [total.item() / len(values)] if total.dim() == 0 else (total / len(values)).tolist()
+
+
+def replica_rows(batch: torch.Tensor, replicas: int, replica: int, device: torch.device) -> torch.Tensor:
+    """Replica `replica`'s contiguous share of the batch's rows (Tensor.tensor_split's, share_sizes), on the
+    device and starting on a 64-byte boundary (a view off the batch's start is copied: svp_kernels/train/aligned.py)."""
+    return aligned(batch.tensor_split(replicas)[replica].to(device))
 
 
 def run_meta(config: TrainConfig, dataset: Dataset) -> dict:
@@ -87,7 +95,8 @@ def distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: floa
                         everyone: list[dict]) -> dict:
     """The JSON fields every distributed run adds to run_training's."""
     return {"wall_seconds": wall, "config": asdict(config), "device": config.device,
-            "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
+            "torch_version": torch.__version__, "svp_kernels_version": __version__, "mode": plan.mode,
+            "world_size": plan.world_size,
             "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],

@@ -10,11 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..aligned import aligned
 from ..data import Dataset
+from ..extras import progress_bar
 from ..run import TrainConfig, augment, build_trainer
 from ..trainer import LayerwiseTrainer
-from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_checkpoint
-from .common import EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_means, process_cores, run_meta
+from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_rank_checkpoint
+from .common import (EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_means, process_cores, replica_rows,
+                     run_meta)
 from .plan import Plan, check_global_batch, share_sizes, trainable_batch
 
 
@@ -26,8 +29,17 @@ def gather_rows(local: torch.Tensor, sizes: list[int], rank: int, group=None) ->
     padded[:len(local)] = local.detach()
     pieces = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(pieces, padded, group=group)
-    pieces = [piece[:size] for piece, size in zip(pieces, sizes)]
+    return join_rows([piece[:size] for piece, size in zip(pieces, sizes)], local, rank)
+
+
+def join_rows(pieces: list[torch.Tensor], local: torch.Tensor, rank: int) -> torch.Tensor:
+    """torch.cat of pieces with pieces[rank] replaced by `local` (so that gradients reach it). The gradient
+    that reaches local is a slice of the whole batch's, off its start: it is handed on from an aligned copy
+    (svp_kernels/train/aligned.py), as a process holding the whole batch would compute on it."""
+    pieces = list(pieces)
     pieces[rank] = local
+    if local.requires_grad:
+        local.register_hook(aligned)
     return torch.cat(pieces)
 
 
@@ -96,19 +108,17 @@ def data_parallel_step(trainer: LayerwiseTrainer, blocks: range, h: torch.Tensor
 def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset,
                            progress: bool) -> dict | None:
     """Rank `rank` of a data-parallel run; returns the run's result on rank 0, None elsewhere."""
-    from tqdm.auto import tqdm
-
     world, meta = plan.world_size, run_meta(config, dataset)
     trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
     everything, min_batch = range(len(trainer.model.blocks)), trainable_batch(trainer.model, world)
     check_global_batch(config, min_batch, world)
     clock, device = Clock(trainer.device), trainer.device
     state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
-    epochs_done, step, curves = resume(state, plan, config, trainer, None)
+    epochs_done, step, curves = resume(state, plan, config, trainer, None, everything)
     trainer.step = step
-    bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
-               disable=not progress or rank != 0,
-               desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
+    bar = progress_bar(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
+                       disable=not progress or rank != 0,
+                       desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
     samples = 0
     dist.barrier()
     start = time.perf_counter()
@@ -121,7 +131,7 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
             samples += len(indices)
             sizes = share_sizes(len(indices), world)
             global_targets = dataset.train_targets[indices].to(device)
-            inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank].to(device)
+            inputs = replica_rows(augment(dataset.train_inputs[indices], config, step), world, rank, device)
             _, logits, losses = data_parallel_step(trainer, everything, inputs,
                                                    input_alignment_rows(trainer, inputs, sizes, rank),
                                                    global_targets, sizes, rank, step, clock)
@@ -139,7 +149,7 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
         curves["accuracy"].append(_sharded_accuracy(trainer, dataset, rank, world, clock))
         epochs_done += 1
         if plan.checkpoint_dir is not None:
-            save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
+            save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done,
                             checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer, everything),
                             keep=2)
     bar.close()
