@@ -1,9 +1,15 @@
 """Builds the svp_kernels._C extension; the package metadata lives in pyproject.toml.
 
 Always compiled: the C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp). The CUDA kernels
-(csrc/bindings_cuda.cpp, csrc/cuda/*.cu) join them when torch is a CUDA build and a CUDA toolkit is found
-(torch.utils.cpp_extension.CUDA_HOME, with its include/cuda_runtime_api.h); no GPU needs to be visible at
-build time.
+(csrc/bindings_cuda.cpp, csrc/cuda/*.cu) join them when torch is a CUDA build and a CUDA toolkit is found;
+no GPU needs to be visible at build time.
+
+The toolkit is the first of $CUDA_HOME, $CUDA_PATH, the toolkit of the `nvcc` on PATH (followed through
+links and through a wrapper script that execs another nvcc), /usr/local/cuda and /usr/local/cuda-* that
+holds both bin/nvcc and include/cuda_runtime_api.h. torch's own guess (the folder above the first `nvcc` on
+PATH) is wrong when that nvcc is a wrapper outside the toolkit, so setup.py sets CUDA_HOME for torch before
+torch looks. With a CUDA build of torch and an nvcc on PATH but no such toolkit, the build fails and says to
+set CUDA_HOME.
 
 Environment knobs:
     SVP_KERNELS_SKIP_EXT=1     build no extension at all (a pure-Python install: reference/Triton backends)
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -37,24 +45,69 @@ def relative_sources(*patterns: str) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in found)
 
 
+def is_cuda_toolkit(folder) -> bool:
+    """Whether `folder` is a CUDA toolkit: its own nvcc and the runtime's headers."""
+    return bool(folder) and os.path.isfile(os.path.join(folder, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(folder, "include", "cuda_runtime_api.h"))
+
+
+def nvcc_toolkits(nvcc: str) -> list[str]:
+    """Toolkit folders that an `nvcc` on PATH points to: through symbolic links, and through a wrapper script
+    that runs another nvcc by its absolute path (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`)."""
+    real = os.path.realpath(nvcc)
+    found = [os.path.dirname(os.path.dirname(real))]
+    try:
+        with open(real, "rb") as script:
+            head = script.read(4096)
+    except OSError:
+        return found
+    if head.startswith(b"#!"):
+        for target in re.findall(rb"(/[^\s\"']*/bin/nvcc)\b", head):
+            found.append(os.path.dirname(os.path.dirname(os.path.realpath(target.decode()))))
+    return found
+
+
+def find_cuda_toolkit() -> tuple[str | None, list[str]]:
+    """(the CUDA toolkit folder or None, the folders looked at), in the order of the module docstring."""
+    looked = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        looked += nvcc_toolkits(nvcc)
+    looked += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    looked = [folder for folder in dict.fromkeys(looked) if folder]
+    return next((folder for folder in looked if is_cuda_toolkit(folder)), None), looked
+
+
+def point_torch_at_toolkit() -> None:
+    """Set CUDA_HOME to the toolkit find_cuda_toolkit finds (before torch.utils.cpp_extension reads it), unless
+    CUDA_HOME already names a toolkit. A CUDA_HOME that is set but is no toolkit fails the build."""
+    given = os.environ.get("CUDA_HOME", "")
+    if given and not is_cuda_toolkit(given):
+        raise RuntimeError(f"CUDA_HOME={given} is not a CUDA toolkit (no bin/nvcc and include/cuda_runtime_api.h "
+                           "there): set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda-13.0")
+    toolkit, _ = find_cuda_toolkit()
+    if toolkit is not None:
+        os.environ["CUDA_HOME"] = toolkit
+
+
 def cuda_sources(torch) -> list[str]:
     """The CUDA sources to compile, or [] when the CUDA kernels are not built here."""
     from torch.utils.cpp_extension import CUDA_HOME
 
     forced = env_flag("SVP_KERNELS_FORCE_CUDA")
-    # torch guesses CUDA_HOME from any nvcc on the PATH (a wrapper script in /usr/local/bin gives /usr/local):
-    # a toolkit counts only when its headers are there, else the CPU kernels are built alone
-    headers = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h"))
-    if torch.version.cuda is None or not headers:
+    if torch.version.cuda is None:
         if forced:
+            raise RuntimeError("SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch "
+                               f"(this torch is {torch.__version__})")
+        return []
+    if not is_cuda_toolkit(CUDA_HOME):
+        _, looked = find_cuda_toolkit()
+        if forced or shutil.which("nvcc"):
             raise RuntimeError(
-                "SVP_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
-                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}, "
-                f"{'with' if headers else 'without'} include/cuda_runtime_api.h); set CUDA_HOME to the toolkit"
+                "torch is a CUDA build but no CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h) was found in "
+                f"{', '.join(looked) or 'any usual place'}: set CUDA_HOME to the toolkit's folder "
+                "(or SVP_KERNELS_SKIP_EXT=1 to build no extension)"
             )
-        if torch.version.cuda is not None:
-            print(f"svp_kernels: building the CPU kernels only: no CUDA toolkit with headers at CUDA_HOME={CUDA_HOME} "
-                  "(set CUDA_HOME, or SVP_KERNELS_FORCE_CUDA=1 to make this an error)", file=sys.stderr)
         return []
     return relative_sources("csrc/bindings_cuda.cpp", "csrc/cuda/*.cu")
 
@@ -73,6 +126,7 @@ def nvcc_arch_flags() -> list[str]:
 def extensions() -> tuple[list, dict]:
     if env_flag("SVP_KERNELS_SKIP_EXT"):
         return [], {}
+    point_torch_at_toolkit()
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -82,7 +136,7 @@ def extensions() -> tuple[list, dict]:
     # -fno-math-errno: the kernels never read errno, and without it sqrt cannot be vectorised.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-fno-math-errno", "-Wno-psabi"] + openmp
-    sources = relative_sources("csrc/bindings.cpp", "csrc/autograd.cpp", "csrc/cpu/*.cpp")
+    sources = relative_sources("csrc/bindings.cpp", "csrc/autograd.cpp", "csrc/projection_gemm.cpp", "csrc/cpu/*.cpp")
     options = dict(
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
         extra_link_args=openmp,

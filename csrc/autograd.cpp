@@ -17,24 +17,31 @@ using torch::autograd::variable_list;
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The ops through the dispatcher, so that the kernel of the tensors' device runs (csrc/bindings.cpp).
+// The ops through the dispatcher, so that the kernel of the tensors' device runs (csrc/bindings.cpp); `gemm`
+// picks the GEMM projection path (csrc/projection_gemm.cpp), whose ops have the same schemas.
 at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
-                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("svp_kernels::projection_forward", "")
-                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
-                                               double, double, const at::Tensor&)>();
-  return op.call(h, weight, out_features, proj_seed, proj_std, p, seed);
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed, bool gemm) {
+  using Signature = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, double, double,
+                               const at::Tensor&);
+  static const auto fused =
+      c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_forward", "").typed<Signature>();
+  static const auto through_gemm =
+      c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_forward_gemm", "").typed<Signature>();
+  return (gemm ? through_gemm : fused).call(h, weight, out_features, proj_seed, proj_std, p, seed);
 }
 
 at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed, at::ScalarType dtype) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("svp_kernels::projection_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
-                                               double, double, const at::Tensor&, at::ScalarType)>();
-  return op.call(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype);
+                               const at::Tensor& seed, at::ScalarType dtype, bool gemm,
+                               const std::optional<at::Tensor>& grad_scale = std::nullopt) {
+  using Signature = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, double, double,
+                               const at::Tensor&, at::ScalarType, const std::optional<at::Tensor>&);
+  static const auto fused =
+      c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_backward", "").typed<Signature>();
+  static const auto through_gemm =
+      c10::Dispatcher::singleton().findSchemaOrThrow("svp_kernels::projection_backward_gemm", "").typed<Signature>();
+  return (gemm ? through_gemm : fused).call(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype,
+                                           grad_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const at::Tensor& v,
@@ -80,10 +87,10 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
                                int64_t out_features, int64_t proj_seed, double proj_std, double p,
                                const at::Tensor& seed, const std::optional<at::Tensor>& target,
                                const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean,
-                               bool center, bool identity) {
+                               bool center, bool identity, bool gemm) {
     // An output must not be the input itself: detach gives v its own tensor when h is already float32/64.
     const at::Tensor v = identity ? h.to(accumulation_dtype(h.scalar_type())).detach()
-                                  : projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed);
+                                  : projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed, gemm);
     auto [loss, ce, alignment, grad_v] = loss_epilogue(v, target, v_prev, alignment_weight, mean, center);
     ctx->save_for_backward({grad_v, weight.value_or(at::Tensor()), seed});
     ctx->saved_data["in_features"] = h.size(1);
@@ -92,25 +99,31 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["dtype"] = static_cast<int64_t>(h.scalar_type());
     ctx->saved_data["identity"] = identity;
+    ctx->saved_data["gemm"] = gemm;
     ctx->mark_non_differentiable({ce, alignment, v});
+    // ce, alignment and v get no gradient: without this the engine would fill three zero tensors (three
+    // kernel launches on CUDA) for the backward to ignore (tests/test_launch_budget.py).
+    ctx->set_materialize_grads(false);
     return {loss, ce, alignment, v};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the gradient interface: no graph of its own
+    variable_list grad_inputs(14);  // one per argument of forward; only h has a gradient
+    if (!grads[0].defined()) return grad_inputs;  // no gradient reached the loss: none for h either
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor grad_v = grads[0] * saved[0];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    variable_list grad_inputs(13);  // one per argument of forward; only h has a gradient
     if (ctx->saved_data["identity"].toBool()) {
-      grad_inputs[0] = grad_v.to(dtype);
+      grad_inputs[0] = (grads[0] * saved[0]).to(dtype);
     } else {
+      // dh = (grad_loss · g_v) R̃: the op multiplies grad_loss in (the CUDA kernel as it reads g_v: no launch
+      // of its own), the same product as grads[0] * saved[0].
       const std::optional<at::Tensor> weight =
           saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-      grad_inputs[0] = projection_backward(grad_v.contiguous(), weight, ctx->saved_data["in_features"].toInt(),
+      grad_inputs[0] = projection_backward(saved[0], weight, ctx->saved_data["in_features"].toInt(),
                                            ctx->saved_data["proj_seed"].toInt(),
                                            ctx->saved_data["proj_std"].toDouble(), ctx->saved_data["p"].toDouble(),
-                                           saved[2], dtype);
+                                           saved[2], dtype, ctx->saved_data["gemm"].toBool(), grads[0]);
     }
     return once_differentiable(grads, std::move(grad_inputs));
   }
@@ -121,40 +134,43 @@ class DropoutProjection : public torch::autograd::Function<DropoutProjection> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& weight,
                                int64_t out_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed) {
+                               const at::Tensor& seed, bool gemm) {
     ctx->save_for_backward({weight.value_or(at::Tensor()), seed});
     ctx->saved_data["in_features"] = h.size(1);
     ctx->saved_data["proj_seed"] = proj_seed;
     ctx->saved_data["proj_std"] = proj_std;
     ctx->saved_data["p"] = p;
     ctx->saved_data["dtype"] = static_cast<int64_t>(h.scalar_type());
-    return {projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)};
+    ctx->saved_data["gemm"] = gemm;
+    return {projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed, gemm)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const variable_list saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> weight = saved[0].defined() ? std::optional<at::Tensor>(saved[0]) : std::nullopt;
-    variable_list grad_inputs(7);  // one per argument of forward; only h has a gradient
+    variable_list grad_inputs(8);  // one per argument of forward; only h has a gradient
     grad_inputs[0] = projection_backward(grads[0].contiguous(), weight, ctx->saved_data["in_features"].toInt(),
                                          ctx->saved_data["proj_seed"].toInt(), ctx->saved_data["proj_std"].toDouble(),
                                          ctx->saved_data["p"].toDouble(), saved[1],
-                                         static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()));
+                                         static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()),
+                                         ctx->saved_data["gemm"].toBool());
     return once_differentiable(grads, std::move(grad_inputs));
   }
 };
 
 at::Tensor dropout_projection(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
-                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed) {
-  return DropoutProjection::apply(h, weight, out_features, proj_seed, proj_std, p, seed)[0];
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed, bool gemm) {
+  return DropoutProjection::apply(h, weight, out_features, proj_seed, proj_std, p, seed, gemm)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,
     double proj_std, double p, const at::Tensor& seed, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity) {
+    const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity,
+    bool gemm) {
   const variable_list out = FusedLocalLoss::apply(h, weight, out_features, proj_seed, proj_std, p, seed, target,
-                                                  v_prev, alignment_weight, mean, center, identity);
+                                                  v_prev, alignment_weight, mean, center, identity, gemm);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -102,11 +102,21 @@ TORCH_LIBRARY(svp_kernels, m) {
       "Tensor seed) -> Tensor v");
   m.def(
       "projection_backward(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
-      "float p, Tensor seed, ScalarType dtype) -> Tensor dh");
+      "float p, Tensor seed, ScalarType dtype, Tensor? grad_scale=None) -> Tensor dh");
   m.def(
       "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center) "
       "-> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");
   m.def("cosine_gram(Tensor v, bool center) -> Tensor");
+  // The GEMM projection path (csrc/projection_gemm.cpp): R̃ written out once, then the device's GEMM.
+  m.def(
+      "dropped_projection(Tensor? weight, int out_features, int in_features, int proj_seed, float proj_std, "
+      "float p, Tensor seed, ScalarType dtype) -> Tensor");
+  m.def(
+      "projection_forward_gemm(Tensor h, Tensor? weight, int out_features, int proj_seed, float proj_std, float p, "
+      "Tensor seed) -> Tensor v");
+  m.def(
+      "projection_backward_gemm(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
+      "float p, Tensor seed, ScalarType dtype, Tensor? grad_scale=None) -> Tensor dh");
 }
 
 TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
@@ -114,6 +124,7 @@ TORCH_LIBRARY_IMPL(svp_kernels, CPU, m) {
   m.impl("projection_backward", &svp::cpu::projection_backward);
   m.impl("loss_epilogue", &svp::cpu::loss_epilogue);
   m.impl("cosine_gram", &svp::cpu::cosine_gram);
+  m.impl("dropped_projection", &svp::cpu::dropped_projection);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -127,11 +138,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),
              pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("target"),
              pybind11::arg("v_prev"), pybind11::arg("alignment_weight"), pybind11::arg("mean"),
-             pybind11::arg("center"), pybind11::arg("identity"));
+             pybind11::arg("center"), pybind11::arg("identity"), pybind11::arg("gemm") = false);
   module.def("dropout_projection", &svp::nodes::dropout_projection,
              "v = h R̃ᵀ of dropout_projection on validated arguments, under one C++ autograd node",
              pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),
-             pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"));
+             pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("gemm") = false);
 #if defined(SVP_WITH_CUDA)
   // Testing and diagnostic hook (docs/backends.md); use svp_kernels.backends.cuda.launch_plan, which
   // validates the values and restores the previous plan.

@@ -12,10 +12,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "bindings_cuda.h"
 #include "cuda/svp_cuda.h"
@@ -98,6 +101,23 @@ const int64_t* seed_pointer(const at::Tensor& seed, const at::Tensor& like, cons
   return seed.data_ptr<int64_t>();
 }
 
+// `count` zeroed arrival counters for the launchers that reduce across blocks inside a kernel (svp_cuda.h,
+// projection_forward): the kernels leave them zero, so each (device, stream) keeps one buffer for the process,
+// zeroed once when it is made or grown. One per stream, because launches on two streams may run at once.
+unsigned* arrival_counters(const at::Tensor& like, int64_t count) {
+  if (count <= 0) return nullptr;
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, cudaStream_t>, at::Tensor> buffers;  // guarded by mutex
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = buffers[{like.device().index(), stream}];
+  if (!buffer.defined() || buffer.numel() < count) {
+    const int64_t size = std::max<int64_t>({count, 2 * (buffer.defined() ? buffer.numel() : 0), 1024});
+    buffer = at::zeros({size}, like.options().dtype(at::kInt));  // on the current stream, before the kernel
+  }
+  return reinterpret_cast<unsigned*>(buffer.data_ptr<int32_t>());
+}
+
 // Scratch of `bytes` bytes from the caching allocator (an undefined tensor for zero bytes).
 at::Tensor workspace_like(const at::Tensor& like, size_t bytes) {
   if (bytes == 0) return at::Tensor();
@@ -128,17 +148,21 @@ at::Tensor projection_forward_cuda(const at::Tensor& h, const std::optional<at::
   size_t bytes = 0;
   check_cuda(svp_cuda::projection_forward_workspace_bytes(B, C, D, dtype, &bytes, plan), op);
   const at::Tensor workspace = workspace_like(h_c, bytes);
+  int64_t counter_count = 0;
+  check_cuda(svp_cuda::projection_forward_counters(B, C, D, dtype, &counter_count, plan), op);
   check_cuda(svp_cuda::projection_forward(h_c.data_ptr(), data_or_null(w), v.data_ptr(), B, C, D,
                                           seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
                                           seed_ptr, dtype, data_or_null(workspace), bytes, plan,
-                                          c10::cuda::getCurrentCUDAStream().stream()),
+                                          c10::cuda::getCurrentCUDAStream().stream(),
+                                          arrival_counters(h_c, counter_count), counter_count),
              op);
   return v;
 }
 
 at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
                                     int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                                    const at::Tensor& seed, at::ScalarType dtype) {
+                                    const at::Tensor& seed, at::ScalarType dtype,
+                                    const std::optional<at::Tensor>& grad_scale) {
   constexpr const char* op = "projection_backward";
   TORCH_CHECK(grad_v.is_cuda() && grad_v.dim() == 2, "svp_kernels cuda ", op,
               ": grad_v must be a (B, C) CUDA tensor, got ", grad_v.sizes(), " on ", grad_v.device());
@@ -151,15 +175,43 @@ at::Tensor projection_backward_cuda(const at::Tensor& grad_v, const std::optiona
   const int64_t B = grad_c.size(0), C = grad_c.size(1), D = in_features;
   const at::Tensor w = dense_weight(weight, grad_c, dtype, C, D, op);
   const int64_t* seed_ptr = seed_pointer(seed, grad_c, op);
+  // The incoming gradient's scale: read by the kernel on the device (no host copy), in grad_v's dtype.
+  at::Tensor scale;
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    check_on_device(*grad_scale, grad_c, op, "grad_scale");
+    TORCH_CHECK(grad_scale->dim() == 0, "svp_kernels cuda ", op, ": grad_scale must be 0-dim, got ",
+                grad_scale->sizes());
+    scale = grad_scale->to(grad_c.scalar_type());
+  }
   at::Tensor dh = at::empty({B, D}, grad_c.options().dtype(dtype));
   if (B == 0 || D == 0) return dh;
 
   check_cuda(svp_cuda::projection_backward(grad_c.data_ptr(), data_or_null(w), dh.data_ptr(), B, C, D,
                                            seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
                                            seed_ptr, kernel_type, svp_cuda_adapter::launch_plan(),
-                                           c10::cuda::getCurrentCUDAStream().stream()),
+                                           c10::cuda::getCurrentCUDAStream().stream(), data_or_null(scale)),
              op);
   return dh;
+}
+
+at::Tensor dropped_projection_cuda(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                                   int64_t proj_seed, double proj_std, double p, const at::Tensor& seed,
+                                   at::ScalarType dtype) {
+  constexpr const char* op = "dropped_projection";
+  TORCH_CHECK(seed.is_cuda(), "svp_kernels cuda ", op, ": seed must be a CUDA tensor, got one on ", seed.device());
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, "svp_kernels cuda ", op,
+              ": out_features and in_features must be >= 0, got ", out_features, ", ", in_features);
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "svp_kernels cuda ", op, ": p must be in [0, 1), got ", p);
+  const c10::cuda::CUDAGuard device_guard(seed.device());
+  const svp_cuda::DType kernel_type = kernel_dtype(dtype, op, "dtype");
+  const at::Tensor w = dense_weight(weight, seed, dtype, out_features, in_features, op);
+  const int64_t* seed_ptr = seed_pointer(seed, seed, op);
+  at::Tensor out = at::empty({out_features, in_features}, seed.options().dtype(dtype));
+  check_cuda(svp_cuda::dropped_projection(data_or_null(w), out.data_ptr(), out_features, in_features,
+                                          seed_value(proj_seed, op, "proj_seed"), static_cast<float>(proj_std), p,
+                                          seed_ptr, kernel_type, c10::cuda::getCurrentCUDAStream().stream()),
+             op);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
@@ -237,4 +289,5 @@ TORCH_LIBRARY_IMPL(svp_kernels, CUDA, m) {
   m.impl("projection_backward", &projection_backward_cuda);
   m.impl("loss_epilogue", &loss_epilogue_cuda);
   m.impl("cosine_gram", &cosine_gram_cuda);
+  m.impl("dropped_projection", &dropped_projection_cuda);
 }

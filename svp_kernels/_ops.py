@@ -57,7 +57,7 @@ def register_fakes(prefix: str) -> None:
         return h.new_empty((h.shape[0], out_features), dtype=accumulation_dtype(h.dtype))
 
     @torch.library.register_fake(prefix + "projection_backward")
-    def _projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
+    def _projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype, grad_scale=None):
         return grad_v.new_empty((grad_v.shape[0], in_features), dtype=dtype)
 
     @torch.library.register_fake(prefix + "loss_epilogue")
@@ -108,7 +108,28 @@ def register_epilogue_autograd(epilogue_name: str) -> None:
     torch.library.register_autograd(epilogue_name, backward, setup_context=setup_context)
 
 
+def register_gemm_path() -> None:
+    """Fake and autograd rules of the GEMM projection path's ops (csrc/projection_gemm.cpp): the R̃ writer and
+    the projection through the device's GEMM, whose schemas are projection_forward's and projection_backward's."""
+
+    @torch.library.register_fake("svp_kernels::dropped_projection")
+    def _dropped_projection(weight, out_features, in_features, proj_seed, proj_std, p, seed, dtype):
+        return seed.new_empty((out_features, in_features), dtype=dtype)
+
+    @torch.library.register_fake("svp_kernels::projection_forward_gemm")
+    def _projection_forward_gemm(h, weight, out_features, proj_seed, proj_std, p, seed):
+        return h.new_empty((h.shape[0], out_features), dtype=accumulation_dtype(h.dtype))
+
+    @torch.library.register_fake("svp_kernels::projection_backward_gemm")
+    def _projection_backward_gemm(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype,
+                                  grad_scale=None):
+        return grad_v.new_empty((grad_v.shape[0], in_features), dtype=dtype)
+
+    register_projection_autograd("svp_kernels::projection_forward_gemm", torch.ops.svp_kernels.projection_backward_gemm)
+
+
 if _C is not None:
     register_fakes("svp_kernels::")
+    register_gemm_path()
     register_projection_autograd("svp_kernels::projection_forward", torch.ops.svp_kernels.projection_backward)
     register_epilogue_autograd("svp_kernels::loss_epilogue")

@@ -10,7 +10,8 @@ from . import backends, gradient_interface, predsim
 from ._ops import accumulation_dtype
 from .projection import ImplicitProjection
 from .validation import (ProjectionArgs, check_alignment_weight, check_bool, check_features, check_p,
-                         check_projection, check_reduction, check_seed, check_target, check_v_prev, is_compiling)
+                         check_projection, check_projection_path, check_reduction, check_seed, check_target,
+                         check_v_prev, is_compiling)
 
 Projection = Union[None, torch.Tensor, ImplicitProjection]
 
@@ -34,12 +35,18 @@ class LocalLossOutput(NamedTuple):
 LocalLoss = LocalLossOutput
 
 
-def _project(module, h, projection: ProjectionArgs, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _gemm_keyword(gemm: bool) -> dict:
+    """The backend functions' projection-path keyword: passed only when the GEMM path runs, so that backends
+    with the fused path alone keep their signatures."""
+    return {"gemm": True} if gemm else {}
+
+
+def _project(module, h, projection: ProjectionArgs, p: float, seed: torch.Tensor, gemm: bool = False) -> torch.Tensor:
     """v (B, C) in the accumulation dtype, differentiable w.r.t. h (the op path that torch.compile traces)."""
     if projection.identity:
         return h.to(accumulation_dtype(h.dtype))
     return module.projection(h, projection.weight, projection.out_features, projection.proj_seed,
-                             projection.proj_std, p, seed)
+                             projection.proj_std, p, seed, **_gemm_keyword(gemm))
 
 
 def _save_projection(ctx, h, module, projection: ProjectionArgs, p: float) -> None:
@@ -103,7 +110,7 @@ class _DropoutProjection(torch.autograd.Function):
 
 def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p: float = 0.0, seed=None,
                      alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
-                     backend: str = "auto") -> LocalLossOutput:
+                     backend: str = "auto", projection_path: str = "auto") -> LocalLossOutput:
     """The SVP local loss of one layer and its gradient, without materialising R̃ or any B×B matrix.
 
     v = h R̃ᵀ with R̃ = R ⊙ M / (1 − p); loss = CE(v, target) + λ‖S(v) − S(v_prev)‖²_F (/ B² for "mean"),
@@ -122,6 +129,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
         reduction: "mean" (FA / B²) or "sum" of the alignment term; CE is always a batch mean.
         center: subtract each row's mean before normalising (Pearson similarity).
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
+        projection_path: "auto" | "fused" (R̃ generated tile by tile inside the kernels) | "gemm" (R̃ (C, D)
+            written out once per direction, then the device's GEMM: cuBLAS tensor cores for bfloat16/float16;
+            C·D extra transient memory); cpu and cuda backends. "auto" is "fused" for now.
 
     Returns:
         LocalLossOutput(loss, ce, alignment, v): loss differentiable w.r.t. h; ce, alignment detached; v (B, C)
@@ -136,7 +146,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     center = check_bool(center, "center")
     alignment_weight = check_alignment_weight(alignment_weight)
     seed = check_seed(seed, p, h.device)
+    path = check_projection_path(projection_path)
     module = backends.resolve(backend, h.device, h.dtype)
+    gemm = backends.gemm_projection(path, module)
 
     h = h.contiguous()
     if not is_compiling() and backends.has_gradient_interface(module):
@@ -144,18 +156,21 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
             loss, ce, alignment, v = module.fused_local_loss(h, projection_args.weight, projection_args.out_features,
                                                        projection_args.proj_seed, projection_args.proj_std, p, seed,
                                                        target, v_prev, alignment_weight, mean, center,
-                                                       projection_args.identity)
+                                                       projection_args.identity, **_gemm_keyword(gemm))
         else:
             loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
                                                             alignment_weight, mean, center)
         return LocalLossOutput(loss, ce, alignment, v.to(h.dtype))
-    v = _project(module, h, projection_args, p, seed)
+    v = _project(module, h, projection_args, p, seed, gemm)
     loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)
     return LocalLossOutput(loss, ce.detach(), alignment.detach(), v.detach().to(h.dtype))
 
 
-def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto") -> torch.Tensor:
-    """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored.
+def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto", *,
+                       projection_path: str = "auto") -> torch.Tensor:
+    """v (B, C) = h (R ⊙ M / (1 − p))ᵀ in h's dtype, differentiable w.r.t. h; R̃ is never stored (with
+    projection_path="gemm": written out as one transient (C, D) tensor per direction and multiplied by the
+    device's GEMM; see fused_local_loss).
 
     Replaces ``h @ (R * (torch.rand_like(R) >= p) / (1 - p)).T`` (with the mask of docs/design.md §3).
     """
@@ -163,15 +178,17 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     p = check_p(p)
     projection_args = check_projection(projection, h, p)
     seed = check_seed(seed, p, h.device)
+    path = check_projection_path(projection_path)
     module = backends.resolve(backend, h.device, h.dtype)
+    gemm = backends.gemm_projection(path, module)
     h = h.contiguous()
     if not is_compiling() and backends.has_gradient_interface(module) and not projection_args.identity:
         if backends.has_native_node(module):
             return module.dropout_projection(h, projection_args.weight, projection_args.out_features,
                                              projection_args.proj_seed, projection_args.proj_std, p,
-                                             seed).to(h.dtype)
+                                             seed, **_gemm_keyword(gemm)).to(h.dtype)
         return _DropoutProjection.apply(h, module, projection_args, p, seed).to(h.dtype)
-    return _project(module, h, projection_args, p, seed).to(h.dtype)
+    return _project(module, h, projection_args, p, seed, gemm).to(h.dtype)
 
 
 def alignment_loss(v, v_prev, reduction: str = "mean", center: bool = False, backend: str = "auto", *,

@@ -232,3 +232,14 @@ def check_projection(projection, h: torch.Tensor, p: float) -> ProjectionArgs:
                          "pass projection.detach() or register it as a buffer")
     check_same_place(projection, "projection", h)
     return ProjectionArgs(False, projection.contiguous(), projection.shape[0], 0, 0.0)
+
+
+PROJECTION_PATHS = ("auto", "fused", "gemm")
+
+
+def check_projection_path(projection_path) -> str:
+    """One of PROJECTION_PATHS: "auto", "fused" (the fused kernels) or "gemm" (R̃ written out, then the device's
+    GEMM; docs/backends.md "projection paths"); backends.gemm_projection decides which one a call runs."""
+    if projection_path not in PROJECTION_PATHS:
+        raise ValueError(f"projection_path must be one of {PROJECTION_PATHS}, got {projection_path!r}")
+    return projection_path

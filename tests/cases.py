@@ -9,8 +9,11 @@ import torch
 
 # tools/emulate_cuda/run_emulation.py imports these through this module (with tests/ on its path).
 from svp_kernels.testing import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL,  # noqa: F401
-                                 PROJECTION_SHAPES, WIDE_ROWS, WIDE_ROWS_NARROW_C, Case, cosine_gram_ground_truth,
-                                 epilogue_ground_truth, plain_epilogue, projection_ground_truth, wide_row_inputs)
+                                 PROJECTION_SHAPES, SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS,
+                                 WIDE_ROWS_NARROW_C, Case, cosine_gram_ground_truth, epilogue_ground_truth,
+                                 plain_epilogue, projection_ground_truth, wide_row_inputs)
+
+import svp_kernels as sk
 
 # The fused local loss problems every backend runs (odd shapes, every projection, p, reduction, center).
 LOCAL_LOSS_CASES = [
@@ -46,9 +49,29 @@ def wide_row_params(pairs):
             for shape in (WIDE_ROWS_NARROW_C if (device, backend) == ("cpu", "triton") else WIDE_ROWS)]
 
 
+def project(backend: str, h, weight, C: int, implicit: bool, p: float, seed: int, grad_v, projection_path="auto"):
+    """(v, dh) of dropout_projection forward and backward (an implicit R: ImplicitProjection(C, seed=77))."""
+    h = h.detach().requires_grad_(True)
+    projection = sk.ImplicitProjection(C, seed=77) if implicit else weight
+    v = sk.dropout_projection(h, projection, p=p, seed=seed, backend=backend, projection_path=projection_path)
+    v.backward(grad_v.to(v.dtype))
+    return v.detach(), h.grad
+
+
+def projection_inputs(B: int, D: int, C: int, dtype, device):
+    """(h (B, D), R (C, D) / √D, grad_v (B, C)) of `dtype` on `device`, seeded by the shape."""
+    generator = torch.Generator().manual_seed(B * D + C)
+    h, weight, grad_v = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
+                         ((B, D), (C, D), (B, C)))
+    return h.to(dtype).to(device), (weight / D**0.5).to(dtype).to(device), grad_v.to(dtype).to(device)
+
+
 def param_id(value) -> str:
     """pytest id of a parameter: shapes as BxCxC'."""
     return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+OP_SAMPLE_COUNT = 15  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
 
 
 def op_samples(dtype=torch.float64, device="cpu"):
@@ -60,7 +83,7 @@ def op_samples(dtype=torch.float64, device="cpu"):
         return torch.tensor(value, dtype=torch.int64, device=device)
 
     def rand(*shape, grad=False):
-        return torch.randn(*shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
+        return torch.randn(shape, dtype=dtype, generator=generator).to(device).requires_grad_(grad)
 
     h, weight = rand(B, D, grad=True), rand(C, D)
     target = torch.randint(0, C, (B,), generator=generator).to(device)
@@ -71,8 +94,15 @@ def op_samples(dtype=torch.float64, device="cpu"):
         (ops.projection_forward.default, (h, None, C, 17, 0.5, 0.0, seed(0))),
         (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype)),
         (ops.projection_backward.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_backward.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype, rand())),
         (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
         (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
         (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
         (ops.cosine_gram.default, (v.detach(), True)),
+        (ops.dropped_projection.default, (weight, C, D, 0, 0.0, 0.3, seed(11), dtype)),
+        (ops.dropped_projection.default, (None, C, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.3, seed(11))),
+        (ops.projection_forward_gemm.default, (h, weight, C, 0, 0.0, 0.0, seed(0))),
+        (ops.projection_backward_gemm.default, (grad_v, None, D, 17, 0.5, 0.2, seed(4), dtype)),
+        (ops.projection_backward_gemm.default, (grad_v, weight, D, 0, 0.0, 0.3, seed(11), dtype, rand())),
     ]

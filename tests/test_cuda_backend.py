@@ -24,7 +24,7 @@ from svp_kernels.testing import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLI
                                  cosine_gram_ground_truth, epilogue_ground_truth, launch_plan,
                                  projection_ground_truth, seed_tensor)
 
-from cases import op_samples
+from cases import OP_SAMPLE_COUNT, op_samples
 
 pytestmark = pytest.mark.cuda
 
@@ -288,7 +288,7 @@ def test_fused_local_loss_cuda_backend(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(OP_SAMPLE_COUNT))
 def test_opcheck_cuda(index, dtype):
     op, args = op_samples(dtype, DEVICE)[index]
     torch.library.opcheck(op, args)

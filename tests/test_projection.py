@@ -9,6 +9,8 @@ from svp_kernels.philox import keep_mask
 from svp_kernels.testing import (assert_close, assert_equal_masks, assert_no_less_accurate, device_backends,
                                  projection_ground_truth)
 
+from cases import project, projection_inputs
+
 FUSED = device_backends(include_reference=False)
 MASK_CASES = [(3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (1, 33, 0.9, 0), (8, 1, 0.3, 2**63 - 1), (4, 6, 0.0, 5)]
 PROJECTION_CASES = [  # (B, D, C, implicit, p)
@@ -40,22 +42,6 @@ def test_implicit_projection_matches_materialize(device, backend):
     assert_close(v.t(), implicit.materialize(D), 2e-6, f"{backend} implicit R")
     dropped = sk.dropout_projection(h, implicit, p=0.4, seed=9, backend=backend)
     assert_equal_masks(dropped.t() != 0, keep_mask(9, C, D, 0.4), f"{backend} implicit mask")
-
-
-def project(backend, h, weight, C, implicit, p, seed, grad_v):
-    """(v, dh) of dropout_projection forward and backward."""
-    h = h.detach().requires_grad_(True)
-    projection = sk.ImplicitProjection(C, seed=77) if implicit else weight
-    v = sk.dropout_projection(h, projection, p=p, seed=seed, backend=backend)
-    v.backward(grad_v.to(v.dtype))
-    return v.detach(), h.grad
-
-
-def projection_inputs(B, D, C, dtype, device):
-    generator = torch.Generator().manual_seed(B * D + C)
-    h, weight, grad_v = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
-                         ((B, D), (C, D), (B, C)))
-    return h.to(dtype).to(device), (weight / D**0.5).to(dtype).to(device), grad_v.to(dtype).to(device)
 
 
 @pytest.mark.parametrize("device,backend", FUSED)

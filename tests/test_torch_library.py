@@ -8,7 +8,7 @@ import torch
 import svp_kernels as sk
 from svp_kernels.testing import Case, assert_close, make_inputs, run
 
-from cases import op_samples
+from cases import OP_SAMPLE_COUNT, op_samples
 
 needs_extension = pytest.mark.skipif(not sk._ops.extension_loaded(), reason="compiled extension not built")
 
@@ -20,7 +20,7 @@ def test_extension_is_built():
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(OP_SAMPLE_COUNT))
 def test_opcheck(index, dtype):
     op, args = op_samples(dtype)[index]
     torch.library.opcheck(op, args)

@@ -5,8 +5,9 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tools/sanitize_cuda.py
     compute-sanitizer --tool memcheck   --error-exitcode 1 python tools/sanitize_cuda.py --small  # 2 shapes per op
 
-Covers: projection_forward (the 16/32/64-wide tiles; dense and implicit R; p = 0 and p > 0; resident
-and regenerated panels; with and without split-K and its reduction; vector and scalar loads of h),
+Covers: dropped_projection (the GEMM path's R̃ kernel), projection_forward (the 16/32/64-wide tiles; dense and
+implicit R; p = 0 and p > 0; resident and regenerated panels; with and without split-K and its reduction;
+vector and scalar loads of h),
 projection_backward (resident and per-chunk panels), loss_epilogue (feature and batch space, split Grams,
 split column tiles, with/without target and v_prev, center, both reductions) and cosine_gram, in all four
 dtypes, and an epilogue whose targets are out of range (never read through: NaN rows). Shapes and plans are
@@ -28,16 +29,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import svp_kernels as sk  # noqa: E402
+from svp_kernels.backends import reference  # noqa: E402
 from svp_kernels.testing import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, OUT_TOL,  # noqa: E402
-                                 PROJECTION_PLANS, PROJECTION_SHAPES, assert_close, cosine_gram_ground_truth,
-                                 epilogue_ground_truth, launch_plan, projection_ground_truth)
+                                 PROJECTION_PLANS, PROJECTION_SHAPES, SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES,
+                                 assert_close, cosine_gram_ground_truth, epilogue_ground_truth, launch_plan,
+                                 projection_ground_truth)
 
 DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# --small: two shapes per op; every plan still runs (split-K and regenerated panels at D = 300, the
-# batch-space (7, 5, 3) and feature-space (33, 4, 4) alignment paths).
-SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17)]
-SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4)]
+# --small: cases.SMALL_PROJECTION_SHAPES / SMALL_EPILOGUE_SHAPES, every plan still runs.
 ops = torch.ops.svp_kernels
 
 
@@ -76,6 +76,13 @@ def projection_kernels(shapes):
                                          projection_ground_truth(h, weight, grad_v, C, 7, D**-0.5, p, 11),
                                          (max(ACC_TOL[dtype], extra), max(OUT_TOL[dtype], extra)))
                             count += 2
+                            if not plan:  # the GEMM path's R̃ kernel (the GEMMs are cuBLAS's)
+                                r_tilde = ops.dropped_projection(weight, C, D, 7, D**-0.5, p, seed, dtype)
+                                expected = reference.dropped_weight(None if weight is None else weight.cpu(), D,
+                                                                    C, 7, D**-0.5, p, 11, torch.float64, "cpu")
+                                check_values(f"dropped_projection C={C} D={D} {dtype}", (r_tilde,), (expected,),
+                                             (max(OUT_TOL[dtype], extra),))
+                                count += 1
     # Unaligned h (storage offset of one element): the scalar-load path.
     h = randn(9 * 64 + 1)[1:].view(9, 64)
     v = ops.projection_forward(h, None, 7, 3, 0.125, 0.2, seed)

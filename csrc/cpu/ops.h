@@ -12,10 +12,19 @@ namespace svp::cpu {
 at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features,
                               int64_t proj_seed, double proj_std, double p, const at::Tensor& seed);
 
-// dh (B, D) = grad_v R̃ in `dtype`, regenerating the tiles of R̃.
+// dh (B, D) = grad_v R̃ in `dtype`, regenerating the tiles of R̃; with grad_scale (a 0-dim tensor of grad_v's
+// dtype): (grad_scale · grad_v) R̃, the product formed first.
 at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed, at::ScalarType dtype);
+                               const at::Tensor& seed, at::ScalarType dtype,
+                               const std::optional<at::Tensor>& grad_scale = std::nullopt);
+
+// R̃ (C, D) = R ⊙ M / (1 − p) in `dtype` (float32/float64), written out: the transient operand of the GEMM
+// projection path (csrc/projection_gemm.cpp). Element for element the values the tiles of projection_forward and
+// projection_backward generate, so the same bits.
+at::Tensor dropped_projection(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed,
+                              at::ScalarType dtype);
 
 // (loss, ce, alignment, g_v): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean) and g_v = dloss/dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(

@@ -329,10 +329,12 @@ at::Tensor projection_forward(const at::Tensor& h, const std::optional<at::Tenso
   return v;
 }
 
-at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at::Tensor>& weight,
+at::Tensor projection_backward(const at::Tensor& grad_v_in, const std::optional<at::Tensor>& weight,
                                int64_t in_features, int64_t proj_seed, double proj_std, double p,
-                               const at::Tensor& seed_tensor, at::ScalarType dtype) {
+                               const at::Tensor& seed_tensor, at::ScalarType dtype,
+                               const std::optional<at::Tensor>& grad_scale) {
   const int64_t seed = read_seed(seed_tensor);
+  const at::Tensor grad_v = grad_scale.has_value() ? *grad_scale * grad_v_in : grad_v_in;
   TORCH_CHECK(grad_v.device().is_cpu(), "svp_kernels: projection_backward on CPU needs a CPU grad_v");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "svp_kernels: the CPU kernels produce float32 or float64 dh, got ", dtype);
@@ -351,6 +353,38 @@ at::Tensor projection_backward(const at::Tensor& grad_v, const std::optional<at:
     run_backward(grad_contiguous.data_ptr<scalar_t>(), grad_v.size(0), R, dh.data_ptr<scalar_t>());
   });
   return dh;
+}
+
+at::Tensor dropped_projection(const std::optional<at::Tensor>& weight, int64_t out_features, int64_t in_features,
+                              int64_t proj_seed, double proj_std, double p, const at::Tensor& seed_tensor,
+                              at::ScalarType dtype) {
+  const int64_t seed = read_seed(seed_tensor);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "svp_kernels: the CPU kernels write float32 or float64 R̃, got ", dtype);
+  check_projection_args(weight, out_features, in_features, dtype, proj_seed, p, seed);
+  const std::optional<at::Tensor> weight_contiguous =
+      weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+  at::Tensor out = at::empty({out_features, in_features}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "svp_kernels::dropped_projection", [&] {
+    const auto R = make_projection<scalar_t>(weight_contiguous, out_features, in_features, proj_seed, proj_std, p, seed);
+    scalar_t* data = out.data_ptr<scalar_t>();
+    // Row by row, as the kernels' tiles: the same element functions, so the same bits as their R̃.
+    at::parallel_for(0, out_features, row_grain(in_features), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t* row = data + c * in_features;
+        const uint64_t base = static_cast<uint64_t>(c) * static_cast<uint64_t>(in_features);
+        const scalar_t* source = row;
+        if (R.weight != nullptr) {
+          source = R.weight + c * in_features;
+          if (R.p == 0) std::copy(source, source + in_features, row);
+        } else {
+          implicit_normals(R.proj_seed, base, in_features, R.proj_std, row);
+        }
+        if (R.p > 0) dropout_run(R.seed, base, in_features, R.p, R.scale, source, row);
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace svp::cpu

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -144,23 +145,48 @@ __device__ Acc block_sum(Acc x, Acc* scratch) {
   return total;
 }
 
+// ---- arrival counting ----------------------------------------------------------------------------------
+// Whether this block is the last of `blocks` to arrive at `*counter` (every thread of the block gets the
+// answer); the last one resets the counter to zero, so a counter that starts at zero ends at zero. Call once
+// this block's results are written: a true answer means every block's writes are visible (read them past L1,
+// which is not coherent: __ldcg). Which block is last varies from run to run; what it does must not depend on it.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned blocks) {
+  __shared__ bool last;
+  __threadfence();  // this block's writes, device-wide, before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1u) + 1u == blocks;
+    if (last) atomicExch(counter, 0u);
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // ---- register-tiled multiply ---------------------------------------------------------------------------
-// acc[i][j] += Σ_kk A[kk][ty+i·NTY]·B[kk][tx+j·NTX]; bank-conflict free: A reads broadcast, B reads consecutive.
+// acc[i][j] += Σ_kk A[kk][ty+i·NTY]·B[kk][tx+j·NTX] over kk < 8·k_eighths (the whole BK by default, in order);
+// bank-conflict free: A reads broadcast, B reads consecutive. A K step whose last rows are zero padding
+// (k_eighths < BK/8) skips them in whole groups of 8: the skipped terms would add 0·0.
 template <int TM, int TN, int BK, int NTX, int NTY, int A_LD, int B_LD, typename Acc>
-__device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const Acc* A, const Acc* B, int tx,
-                                                       int ty) {
+__device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const Acc* A, const Acc* B, int tx, int ty,
+                                                       int k_eighths = BK / 8) {
+  static_assert(BK % 8 == 0, "K steps are whole groups of 8");
 #pragma unroll
-  for (int kk = 0; kk < BK; ++kk) {
-    Acc a[TM];
-    Acc b[TN];
+  for (int k8 = 0; k8 < BK / 8; ++k8) {
+    if (k8 >= k_eighths) break;
 #pragma unroll
-    for (int i = 0; i < TM; ++i) a[i] = A[kk * A_LD + ty + i * NTY];
+    for (int kk = 8 * k8; kk < 8 * k8 + 8; ++kk) {
+      Acc a[TM];
+      Acc b[TN];
 #pragma unroll
-    for (int j = 0; j < TN; ++j) b[j] = B[kk * B_LD + tx + j * NTX];
+      for (int i = 0; i < TM; ++i) a[i] = A[kk * A_LD + ty + i * NTY];
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
+      for (int j = 0; j < TN; ++j) b[j] = B[kk * B_LD + tx + j * NTX];
 #pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+      }
     }
   }
 }
@@ -171,12 +197,40 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Number of SMs of the current device.
+// The current device and its number of SMs; the count is read from the runtime once per device and cached
+// (bench/NOTES.md, "weak points" 3).
 inline cudaError_t current_sm_count(int* sms) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0 until read
   int device = 0;
   SVP_CUDA_TRY(cudaGetDevice(&device));
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) {
+      *sms = known;
+      return cudaSuccess;
+    }
+  }
   SVP_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
   if (*sms < 1) *sms = 1;
+  if (cacheable) cached[device].store(*sms, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// Lets kKernel launch with `bytes` of dynamic shared memory, which above 48 KB needs an opt-in (sm_80: up to
+// 163 KB, sm_90: 227 KB). The attribute is set once per device: `bytes` is the same at every launch of a
+// kernel (its tile's size), and the runtime call would otherwise cost every launch.
+template <auto kKernel>
+cudaError_t allow_shared_memory(size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  static std::atomic<uint64_t> raised{0};  // bit d: raised on device d
+  int device = 0;
+  SVP_CUDA_TRY(cudaGetDevice(&device));
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (raised.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  SVP_CUDA_TRY(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  raised.fetch_or(bit, std::memory_order_acq_rel);
   return cudaSuccess;
 }
 

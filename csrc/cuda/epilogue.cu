@@ -11,11 +11,16 @@
 //                                is computed, used for FA += ΣΔ² and ∂FA/∂â += 4 Δ â, and dropped.
 //
 // Pipeline (one stream, each stage a kernel; all reductions in a fixed order, no float atomics):
-//   1. rows_kernel            warp per row: CE row term + (softmax − onehot)/B into g_v, â and b̂ into Z
-//   2. feature: gram (split over B) -> gram_reduce (+ FA partials) -> Z diag(s) G  into P
+//   1. rows_kernel            warp per row: CE row term + (softmax − onehot)/B into g_v, â and b̂ into Z;
+//                             zeroes the arrival counters of stage 2
+//   2. feature: Gram (split over B; the last split block of each output tile sums the tile's partials in
+//               split order and writes its FA partial)
 //      batch:   batch_alignment_kernel (FA partials, P split over column tiles)
-//   3. alignment_grad_kernel  warp per row: through the row normalisation, g_v += λ·(…)
-//   4. finalize_kernel        one block: ce, alignment, loss
+//   3. alignment_grad_kernel  warp per row: (feature space: its row of P = Z diag(s) G first) through the row
+//                             normalisation, g_v += λ·(…); its block 0 first runs stage 4, whose inputs
+//                             earlier launches wrote
+//   4. finalize               one block: ce, alignment, loss (its own kernel when there is no v_prev)
+// Launches: 3 with v_prev (either space), 2 without (bench/NOTES.md, "weak points" 4).
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -87,6 +92,8 @@ struct RowParams {
   Acc* Z;                  // (B, z_ld): â in columns [0, C), b̂ in [C, C + Cp); nullptr: not wanted
   int64_t z_ld;
   Acc* norms;              // (B,): ‖v_b (centred)‖, for the backward through the normalisation
+  unsigned* counters;      // (counter_count,): zeroed here for the later stages' arrival counts; may be nullptr
+  int64_t counter_count;
 };
 
 // â = u / max(‖u‖, ε), u = row (minus its mean when `center`), into out[0, n) when out != nullptr.
@@ -122,6 +129,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> 
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P.counter_count; i += stride) {
+    P.counters[i] = 0u;
+  }
   for (int64_t b = warp; b < P.B; b += warps) {  // warp-uniform loop: shuffles stay converged
     const T* row = P.v + b * P.C;
 
@@ -179,8 +190,9 @@ struct GemmTile {
 };
 // Gram ZᵀZ: (C+C') is small, K = B is long: 32×32 output tiles, split over B across blocks.
 using GramTile = GemmTile<32, 32, 32, 2, 2>;
-// Z diag(s) G[:, :C]: batch rows × classes.
-using FeatureGradTile = GemmTile<64, 32, 32, 4, 2>;
+// The K step of the float Gram products (their float partials fold into WideSum once per step, KFold): the
+// register-tiled GEMMs' BK, and alignment_grad_kernel's P = Z diag(s) G, which keeps that order.
+constexpr int kGramK = GramTile::BK;
 // cosine_gram S = Z Zᵀ: B × B output.
 using CosineTile = GemmTile<64, 64, 32, 4, 4>;
 
@@ -214,10 +226,21 @@ __device__ __forceinline__ void load_operand_tile(Acc* tile, const Op& op, int64
   }
 }
 
-template <class Cfg, typename Acc, class AOp, class BOp>
+// The Gram's tail (stage 2, feature space): once every split of an output tile has written its partial, the
+// last to arrive sums them in split order into slot 0 (G) and writes the tile's FA partial Σ s_m s_n G_mn²
+// (s = +1 on the first C of the C + C' features, −1 after) to fa_parts[tile]. counters: one per output tile,
+// zero on entry (rows_kernel zeroes them), zero again on exit.
+template <typename Acc>
+struct GramTail {
+  unsigned* counters = nullptr;
+  Acc* fa_parts = nullptr;
+  int64_t C = 0;
+};
+
+template <class Cfg, typename Acc, class AOp, class BOp, bool kGram = false>
 __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, const BOp b_op, Acc* out, int64_t ld,
                                                              int64_t split_stride, int64_t M, int64_t N, int64_t K,
-                                                             int64_t k_per_split) {
+                                                             int64_t k_per_split, const GramTail<Acc> tail) {
   __shared__ Acc As[Cfg::BK * Cfg::A_LD];
   __shared__ Acc Bs[Cfg::BK * Cfg::B_LD];
   const int tx = static_cast<int>(threadIdx.x) % Cfg::NTX;
@@ -258,42 +281,42 @@ __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, con
       if (n < N) slot[m * ld + n] = acc[i][j];
     }
   }
+  if constexpr (kGram) {
+    // Stage 4 (the Gram): G = Σ_splits partials for this tile, its FA partial.
+    __shared__ Acc scratch[kWarpSize];
+    const int64_t tile = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+    if (gridDim.z > 1) {
+      if (!last_to_arrive(tail.counters + tile, gridDim.z)) return;
+    } else {
+      __syncthreads();  // the tile this block's threads just wrote
+    }
+    Acc local = Acc(0);
+    for (int e = static_cast<int>(threadIdx.x); e < Cfg::BM * Cfg::BN; e += Cfg::NT) {
+      const int64_t m = m0 + e / Cfg::BN, n = n0 + e % Cfg::BN;
+      if (m >= M || n >= N) continue;
+      Acc g = __ldcg(out + m * ld + n);
+      for (int64_t s = 1; s < static_cast<int64_t>(gridDim.z); ++s) g += __ldcg(out + s * split_stride + m * ld + n);
+      out[m * ld + n] = g;
+      local += (m < tail.C) == (n < tail.C) ? g * g : -(g * g);
+    }
+    const Acc total = block_sum(local, scratch);
+    if (threadIdx.x == 0) tail.fa_parts[tile] = total;
+  }
 }
 
-template <class Cfg, typename Acc, class AOp, class BOp>
+template <class Cfg, typename Acc, class AOp, class BOp, bool kGram = false>
 cudaError_t launch_small_gemm(const AOp& a_op, const BOp& b_op, Acc* out, int64_t ld, int64_t split_stride,
                               int64_t M, int64_t N, int64_t K, int64_t k_per_split, int64_t splits,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, const GramTail<Acc>& tail = GramTail<Acc>{}) {
   const int64_t tiles_m = ceil_div(M, Cfg::BM);
   const int64_t tiles_n = ceil_div(N, Cfg::BN);
   if (tiles_m == 0 || tiles_n == 0 || splits == 0) return cudaSuccess;  // empty output
   if (tiles_m > kMaxGridX || tiles_n > kMaxGridYZ || splits > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(splits));
-  small_gemm_kernel<Cfg, Acc, AOp, BOp><<<grid, Cfg::NT, 0, stream>>>(a_op, b_op, out, ld, split_stride, M, N, K,
-                                                                      k_per_split);
+  small_gemm_kernel<Cfg, Acc, AOp, BOp, kGram><<<grid, Cfg::NT, 0, stream>>>(a_op, b_op, out, ld, split_stride, M,
+                                                                             N, K, k_per_split, tail);
   SVP_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Stage 2, feature space: G = Σ_splits G_parts (in split order, in place into slot 0) and the FA partial
-// Σ s_m s_n G_mn² of this block's elements.
-template <typename Acc>
-__global__ void __launch_bounds__(kThreads) gram_reduce_kernel(Acc* gram_parts, int64_t splits, int64_t Ctot,
-                                                               int64_t C, Acc* fa_parts) {
-  __shared__ Acc scratch[kWarpSize];
-  const int64_t count = Ctot * Ctot;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  Acc local = Acc(0);
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride) {
-    Acc g = gram_parts[e];
-    for (int64_t s = 1; s < splits; ++s) g += gram_parts[s * count + e];
-    gram_parts[e] = g;
-    const bool same_side = (e / Ctot < C) == (e % Ctot < C);
-    local += same_side ? g * g : -(g * g);
-  }
-  const Acc total = block_sum(local, scratch);
-  if (threadIdx.x == 0) fa_parts[blockIdx.x] = total;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -408,21 +431,92 @@ __global__ void __launch_bounds__(kThreads) batch_alignment_kernel(const Acc* __
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Stage 4: the scalars, each a fixed-order block reduction (one block of kThreads threads).
+template <typename Acc>
+struct FinalizeArgs {
+  const Acc* ce_rows;   // (B,) or nullptr
+  int64_t B;
+  const Acc* fa_parts;  // (fa_count,) or nullptr
+  int64_t fa_count;
+  bool mean;
+  Acc weight;
+  Acc* loss;
+  Acc* ce;
+  Acc* alignment;
+};
+
+template <typename Acc>
+__device__ __forceinline__ void finalize_block(const FinalizeArgs<Acc>& F) {
+  __shared__ Acc scratch[kWarpSize];
+  Acc ce_sum = Acc(0);
+  if (F.ce_rows != nullptr) {
+    for (int64_t b = threadIdx.x; b < F.B; b += blockDim.x) ce_sum += F.ce_rows[b];
+  }
+  ce_sum = block_sum(ce_sum, scratch);
+  Acc fa_sum = Acc(0);
+  if (F.fa_parts != nullptr) {
+    for (int64_t e = threadIdx.x; e < F.fa_count; e += blockDim.x) fa_sum += F.fa_parts[e];
+  }
+  fa_sum = block_sum(fa_sum, scratch);
+  if (threadIdx.x == 0) {
+    const Acc ce_value = F.ce_rows != nullptr ? ce_sum / static_cast<Acc>(F.B) : Acc(0);
+    const Acc fa_value = F.mean ? fa_sum / (static_cast<Acc>(F.B) * static_cast<Acc>(F.B)) : fa_sum;
+    *F.ce = ce_value;
+    *F.alignment = fa_value;
+    *F.loss = ce_value + F.weight * fa_value;
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeArgs<Acc> F) {
+  finalize_block(F);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Stage 3: g_v[b] += λ · J_normᵀ (grad_scale · Σ_s P[s][b]),  J_normᵀ g = (g − â(â·g)) / ‖u‖ (or g / ε),
 // minus its row mean when `center`.
+//
+// Feature space (gram != nullptr) computes its row of P here first: P[b][c] = Σ_k Z[b, k] s_k G[k, c], in the
+// order and with the folding of the register-tiled GEMM it replaces (K steps of 32 in Acc, folded into WideSum
+// for float), so P is the same bits; each lane writes and reads back only its own classes.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads) alignment_grad_kernel(const Acc* __restrict__ P, int64_t splits,
+__device__ __forceinline__ Acc signed_gram_row_product(const Acc* __restrict__ z_row, const Acc* __restrict__ gram,
+                                                       int64_t Ctot, int64_t C, int64_t c) {
+  Acc part[1][1] = {{Acc(0)}};
+  WideSum wide[1][1] = {{0.0}};
+  for (int64_t k0 = 0; k0 < Ctot; k0 += kGramK) {
+    const int64_t k1 = Ctot < k0 + kGramK ? Ctot : k0 + kGramK;
+    for (int64_t k = k0; k < k1; ++k) {
+      const Acc g = gram[k * Ctot + c];
+      part[0][0] += z_row[k] * (k < C ? g : -g);
+    }
+    KFold<Acc>::step(part, wide);
+  }
+  KFold<Acc>::finish(wide, part);
+  return part[0][0];
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) alignment_grad_kernel(Acc* __restrict__ P, int64_t splits,
+                                                                  const Acc* __restrict__ gram,
                                                                   const Acc* __restrict__ Z, int64_t z_ld,
                                                                   const Acc* __restrict__ norms,
                                                                   Acc* __restrict__ g_v, int64_t B, int64_t C,
-                                                                  Acc grad_scale, Acc weight, bool center) {
+                                                                  Acc grad_scale, Acc weight, bool center,
+                                                                  const FinalizeArgs<Acc> finalize) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   const int64_t plane = B * C;
+  // Stage 4 here, in block 0, first: ce_rows and the FA partials come from earlier launches (and nothing of
+  // the row loop below is live yet, which keeps the double kernel from spilling).
+  if (blockIdx.x == 0) finalize_block(finalize);
   for (int64_t b = warp; b < B; b += warps) {
     const Acc* a_hat = Z + b * z_ld;
-    const Acc* p_row = P + b * C;
+    Acc* p_row = P + b * C;
+    if (gram != nullptr) {
+      for (int64_t c = lane; c < C; c += kWarpSize) p_row[c] = signed_gram_row_product(a_hat, gram, z_ld, C, c);
+    }
     // dL/dâ_b[c] = grad_scale · Σ_s P[s][b][c] (split order fixed).
     auto grad_a_hat = [&](int64_t c) {
       Acc sum = p_row[c];
@@ -456,33 +550,6 @@ __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(const Acc* __r
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Stage 4: the scalars, each a fixed-order block reduction.
-template <typename Acc>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(const Acc* __restrict__ ce_rows, int64_t B,
-                                                            const Acc* __restrict__ fa_parts, int64_t fa_count,
-                                                            bool mean, Acc weight, Acc* loss, Acc* ce,
-                                                            Acc* alignment) {
-  __shared__ Acc scratch[kWarpSize];
-  Acc ce_sum = Acc(0);
-  if (ce_rows != nullptr) {
-    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) ce_sum += ce_rows[b];
-  }
-  ce_sum = block_sum(ce_sum, scratch);
-  Acc fa_sum = Acc(0);
-  if (fa_parts != nullptr) {
-    for (int64_t e = threadIdx.x; e < fa_count; e += blockDim.x) fa_sum += fa_parts[e];
-  }
-  fa_sum = block_sum(fa_sum, scratch);
-  if (threadIdx.x == 0) {
-    const Acc ce_value = ce_rows != nullptr ? ce_sum / static_cast<Acc>(B) : Acc(0);
-    const Acc fa_value = mean ? fa_sum / (static_cast<Acc>(B) * static_cast<Acc>(B)) : fa_sum;
-    *ce = ce_value;
-    *alignment = fa_value;
-    *loss = ce_value + weight * fa_value;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Host side: the plan (shared by the workspace query and the launch) and the workspace layout.
 
 struct EpiloguePlan {
@@ -492,7 +559,7 @@ struct EpiloguePlan {
   int64_t Ctot = 0;            // C + C'
   int64_t gram_splits = 1;     // feature: split of K = B for ZᵀZ
   int64_t gram_rows_per_split = 0;
-  int64_t gram_reduce_blocks = 1;
+  int64_t gram_tiles = 0;      // feature: output tiles of ZᵀZ (one FA partial and one arrival counter each)
   int64_t batch_tiles = 0;     // batch: ceil(B / 32)
   int64_t batch_splits = 1;    // batch: column-tile splits (grid.y)
   int64_t batch_tiles_per_split = 1;
@@ -515,17 +582,16 @@ EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bo
   if (launch_plan.epilogue_feature >= 0) plan.feature_space = launch_plan.epilogue_feature > 0;
   if (plan.feature_space) {
     // ZᵀZ has few output tiles and a long K = B: split K so that ~4 blocks per SM run, each at least 256
-    // rows deep; the partial Grams are summed in split order by gram_reduce_kernel.
+    // rows deep; the last split block of each tile sums the partial Grams in split order.
     const int64_t tiles = ceil_div(plan.Ctot, GramTile::BM) * ceil_div(plan.Ctot, GramTile::BN);
     int64_t splits = max64(1, min64(ceil_div(target_blocks, tiles), ceil_div(B, 256)));
     if (launch_plan.gram_splits > 0) splits = launch_plan.gram_splits;
     plan.gram_rows_per_split = round_up(ceil_div(B, splits), GramTile::BK);
     plan.gram_splits = min64(ceil_div(B, plan.gram_rows_per_split), kMaxGridYZ);
     plan.gram_rows_per_split = max64(plan.gram_rows_per_split, round_up(ceil_div(B, plan.gram_splits), GramTile::BK));
-    plan.gram_reduce_blocks =
-        max64(1, min64(ceil_div(plan.Ctot * plan.Ctot, kThreads), 4 * static_cast<int64_t>(sms)));
+    plan.gram_tiles = tiles;
     plan.p_splits = 1;
-    plan.fa_count = plan.gram_reduce_blocks;
+    plan.fa_count = tiles;
   } else {
     // Row tiles give B/32 blocks; split the column tiles (at most 16 ways, each split one slot of P) until
     // ~4 blocks per SM run.
@@ -549,6 +615,7 @@ struct EpilogueWorkspace {
   Acc* gram = nullptr;         // (gram_splits, Ctot, Ctot)
   Acc* P = nullptr;            // (p_splits, B, C)
   Acc* fa_parts = nullptr;     // (fa_count,)
+  unsigned* counters = nullptr;  // (gram_tiles,): arrivals of the Gram's split blocks per output tile
   size_t bytes = 0;
 };
 
@@ -563,6 +630,7 @@ EpilogueWorkspace<Acc> carve_epilogue(void* base, const EpiloguePlan& plan, int6
     if (plan.feature_space) w.gram = carver.take<Acc>(plan.gram_splits * plan.Ctot * plan.Ctot);
     w.P = carver.take<Acc>(plan.p_splits * B * C);
     w.fa_parts = carver.take<Acc>(plan.fa_count);
+    if (plan.feature_space) w.counters = carver.take<unsigned>(plan.gram_tiles);
   }
   w.bytes = carver.bytes();
   return w;
@@ -592,26 +660,36 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
   rows.Z = w.Z;
   rows.z_ld = plan.Ctot;
   rows.norms = w.norms;
+  rows.counters = w.counters;
+  rows.counter_count = w.counters != nullptr ? plan.gram_tiles : 0;
   rows_kernel<T, Acc><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
   SVP_CUDA_CHECK_LAUNCH();
 
   const Acc weight = static_cast<Acc>(alignment_weight);
+  FinalizeArgs<Acc> finalize;
+  finalize.ce_rows = rows.ce_rows;
+  finalize.B = B;
+  finalize.fa_parts = w.fa_parts;
+  finalize.fa_count = plan.alignment ? plan.fa_count : 0;
+  finalize.mean = mean;
+  finalize.weight = weight;
+  finalize.loss = static_cast<Acc*>(loss);
+  finalize.ce = static_cast<Acc*>(ce);
+  finalize.alignment = static_cast<Acc*>(alignment);
   if (plan.alignment) {
     const int64_t Ctot = plan.Ctot;
     if (plan.feature_space) {
       // Stage 2a: partial Grams ZᵀZ over row splits of Z: A(m, k) = Z[k, m], B(k, n) = Z[k, n].
+      // The last split block of each tile: G = Σ partials (slot 0) and the tile's FA partial.
       const Operand<Acc, false> z_columns{w.Z, 1, Ctot, kNoNegation};
-      SVP_CUDA_TRY((launch_small_gemm<GramTile, Acc>(z_columns, z_columns, w.gram, Ctot, Ctot * Ctot, Ctot, Ctot,
-                                                     B, plan.gram_rows_per_split, plan.gram_splits, stream)));
-      // Stage 2b: G = Σ partials (slot 0) and the FA partials.
-      gram_reduce_kernel<Acc><<<static_cast<unsigned>(plan.gram_reduce_blocks), kThreads, 0, stream>>>(
-          w.gram, plan.gram_splits, Ctot, C, w.fa_parts);
-      SVP_CUDA_CHECK_LAUNCH();
-      // Stage 2c: P = Z diag(s) G[:, :C]: A(m, k) = Z[m, k], B(k, n) = s_k G[k, n].
-      const Operand<Acc, true> z_rows{w.Z, Ctot, 1, kNoNegation};
-      const Operand<Acc, false> signed_gram{w.gram, 1, Ctot, C};
-      SVP_CUDA_TRY((launch_small_gemm<FeatureGradTile, Acc>(z_rows, signed_gram, w.P, C, 0, B, C, Ctot, Ctot, 1,
-                                                            stream)));
+      GramTail<Acc> tail;
+      tail.counters = w.counters;
+      tail.fa_parts = w.fa_parts;
+      tail.C = C;
+      SVP_CUDA_TRY((launch_small_gemm<GramTile, Acc, Operand<Acc, false>, Operand<Acc, false>, true>(
+          z_columns, z_columns, w.gram, Ctot, Ctot * Ctot, Ctot, Ctot, B, plan.gram_rows_per_split, plan.gram_splits,
+          stream, tail)));
+      // P = Z diag(s) G[:, :C] row by row in alignment_grad_kernel (stage 3).
     } else {
       // Stage 2: flash-style batch-space tiles.
       if (plan.batch_tiles > kMaxGridX || plan.batch_splits > kMaxGridYZ) return cudaErrorInvalidConfiguration;
@@ -624,14 +702,14 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
     const Acc grad_scale = mean ? static_cast<Acc>(4.0 / (static_cast<double>(B) * static_cast<double>(B)))
                                 : static_cast<Acc>(4);
     alignment_grad_kernel<Acc><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(
-        w.P, plan.p_splits, w.Z, Ctot, w.norms, grad, B, C, grad_scale, weight, center);
+        w.P, plan.p_splits, plan.feature_space ? w.gram : nullptr, w.Z, Ctot, w.norms, grad, B, C, grad_scale,
+        weight, center, finalize);
     SVP_CUDA_CHECK_LAUNCH();
+    return cudaSuccess;  // Stage 4 runs in alignment_grad_kernel's block 0
   }
 
   // Stage 4: ce, alignment, loss.
-  finalize_kernel<Acc><<<1, kThreads, 0, stream>>>(rows.ce_rows, B, w.fa_parts, plan.alignment ? plan.fa_count : 0,
-                                                   mean, weight, static_cast<Acc*>(loss), static_cast<Acc*>(ce),
-                                                   static_cast<Acc*>(alignment));
+  finalize_kernel<Acc><<<1, kThreads, 0, stream>>>(finalize);
   SVP_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
@@ -658,6 +736,8 @@ cudaError_t cosine_gram_typed(const void* v, void* S, int64_t B, int64_t C, bool
   rows.Z = Z;
   rows.z_ld = C;
   rows.norms = nullptr;
+  rows.counters = nullptr;
+  rows.counter_count = 0;
   const int64_t row_blocks = max64(1, min64(ceil_div(B, kRowsPerBlock), 16 * static_cast<int64_t>(sms)));
   rows_kernel<T, Acc><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(rows);
   SVP_CUDA_CHECK_LAUNCH();

@@ -6,7 +6,8 @@
 // the block owns:
 //
 //   forward   M = B, N = C, K = D   grid (D splits, C tiles, B ranges); panel = R̃ᵀ[KP columns of D, BN classes]
-//             partial sums -> workspace [splits, B, C] -> reduce_splits_kernel sums them in a fixed order.
+//             partial sums -> workspace [splits, B, C] -> the last split block of each region (arrival counters)
+//             sums them in split order; without counters reduce_splits_kernel does, in the same order.
 //   backward  M = B, N = D, K = C   grid (D tiles, B ranges); panel = R̃[KP classes, BN columns of D];
 //             the block owns its D columns outright, loops over C and writes dh in h's dtype.
 //
@@ -98,10 +99,12 @@ struct DroppedProjection {
 
 // As[k][m] = X[(r0 + m)·K + k0 + k] for the BM×BK tile of a row-major (M, K) matrix; zero outside it.
 // With vec_ok (X 16-byte aligned and K a multiple of the vector width) each thread moves 16 bytes per load;
-// consecutive threads take consecutive vectors of a row, so a warp reads whole 128-byte lines.
-template <class Cfg, typename T, typename Acc>
+// consecutive threads take consecutive vectors of a row, so a warp reads whole 128-byte lines. kScaled:
+// scale · X instead (the backward's incoming gradient, applied as grad_v is staged).
+template <class Cfg, bool kScaled = false, typename T, typename Acc>
 __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, int64_t K, int64_t r0, int64_t k0,
-                                               bool vec_ok) {
+                                               bool vec_ok, Acc scale = Acc(1)) {
+  const auto scaled = [scale](Acc value) { return kScaled ? scale * value : value; };
   constexpr int kVec = Unpack16<T, Acc>::kCount;
   static_assert(kVec * sizeof(T) == 16, "one vector is 16 bytes");
   static_assert(Cfg::BK % kVec == 0, "BK must hold whole 16-byte vectors");
@@ -121,11 +124,11 @@ __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, i
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(X + row * K + col));
         const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) As[(k + i) * Cfg::A_LD + m] = Unpack16<T, Acc>::get(words, i);
+        for (int i = 0; i < kVec; ++i) As[(k + i) * Cfg::A_LD + m] = scaled(Unpack16<T, Acc>::get(words, i));
       } else {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          As[(k + i) * Cfg::A_LD + m] = (row < M && col + i < K) ? to_acc<Acc>(X[row * K + col + i]) : Acc(0);
+          As[(k + i) * Cfg::A_LD + m] = (row < M && col + i < K) ? scaled(to_acc<Acc>(X[row * K + col + i])) : Acc(0);
         }
       }
     }
@@ -140,7 +143,7 @@ __device__ __forceinline__ void load_rows_tile(Acc* As, const T* X, int64_t M, i
       const int k = e % Cfg::BK;
       const int64_t row = r0 + m;
       const int64_t col = k0 + k;
-      As[k * Cfg::A_LD + m] = (row < M && col < K) ? to_acc<Acc>(X[row * K + col]) : Acc(0);
+      As[k * Cfg::A_LD + m] = (row < M && col < K) ? scaled(to_acc<Acc>(X[row * K + col])) : Acc(0);
     }
   }
 }
@@ -187,6 +190,8 @@ template <typename T, typename Acc>
 struct ForwardParams {
   const T* h;            // (B, D)
   Acc* out;              // v (B, C) when splits == 1, else the workspace [splits, B, C]
+  Acc* v;                // (B, C): written by the last split block of each region when counters != nullptr
+  unsigned* counters;    // one per (class tile, batch range), zero on entry and exit; nullptr: no reduction here
   DroppedProjection<T, Acc> r_tilde;
   int64_t B, C, D;
   int64_t d_per_split;   // columns of D per split: a multiple of KP
@@ -194,8 +199,33 @@ struct ForwardParams {
   bool h_vec;            // 16-byte loads of h are legal
 };
 
+// Two blocks per SM (≤ 128 registers): without the hint ptxas gave the float16 64-wide tile 128 registers and
+// a 4-byte spill, and the double one 170 registers (one block per SM); with it no variant spills
+// (tools/static_sm90.py, bench/results/sm90-static.csv).
+// The forward's stage 5 for block (split, class tile, batch range): once every split of the region has written
+// its partial (workspace parts [splits, B, C]; per_block batch tiles per block), the last to arrive sums them
+// in split order into v. Not inlined:
+// the main loop's registers are dead by then, and inlined it made ptxas spill the 64-wide float16 tile.
+template <class Cfg, typename Acc>
+__device__ __noinline__ void reduce_region_if_last(const Acc* parts, Acc* v, unsigned* counters, int64_t B,
+                                                   int64_t C, int64_t per_block) {
+  const int64_t region = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
+  if (!last_to_arrive(counters + region, gridDim.x)) return;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.z) * per_block * Cfg::BM;
+  const int64_t row_end = B < row_begin + per_block * Cfg::BM ? B : row_begin + per_block * Cfg::BM;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  const int64_t plane = B * C;
+  for (int64_t e = threadIdx.x; e < (row_end - row_begin) * Cfg::BN; e += Cfg::NT) {
+    const int64_t b = row_begin + e / Cfg::BN, c = c0 + e % Cfg::BN;
+    if (c >= C) continue;
+    Acc sum = __ldcg(parts + b * C + c);
+    for (int64_t s = 1; s < static_cast<int64_t>(gridDim.x); ++s) sum += __ldcg(parts + s * plane + b * C + c);
+    v[b * C + c] = sum;
+  }
+}
+
 template <class Cfg, typename T, typename Acc>
-__global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const ForwardParams<T, Acc> P) {
+__global__ void __launch_bounds__(Cfg::NT, 2) projection_forward_kernel(const ForwardParams<T, Acc> P) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   Acc* As = reinterpret_cast<Acc*>(shared_raw);  // [BK][BM+1]  tile of h, k-major
   Acc* Ps = As + Cfg::BK * Cfg::A_LD;             // [KP][BN+1]  panel of R̃ᵀ
@@ -250,6 +280,10 @@ __global__ void __launch_bounds__(Cfg::NT) projection_forward_kernel(const Forwa
       }
     }
   }
+
+  // Stage 5 (split-K, counters given): the last split block of this region (class tile × batch range) sums
+  // the region's partials in split order 0, 1, … into v — reduce_splits_kernel's order, so the same bits.
+  if (P.counters != nullptr) reduce_region_if_last<Cfg>(P.out, P.v, P.counters, P.B, P.C, P.btiles_per_block);
 }
 
 // v[i] = Σ_s parts[s][i], s = 0, 1, ... in order: the deterministic split-K reduction.
@@ -265,11 +299,27 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const Acc* __restric
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// R̃ written out (the GEMM projection path): out[n] = R̃ at flat offset n = c·D + j, rounded to T. The values the
+// panels of the kernels above hold (in Acc), so float32/float64 R̃ are the same bits.
+constexpr int kDroppedThreads = 256;
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kDroppedThreads) dropped_projection_kernel(const DroppedProjection<T, Acc> R,
+                                                                             T* __restrict__ out, int64_t count) {
+  const DroppedProjection<T, Acc> r_tilde = R.with_seed();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kDroppedThreads;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kDroppedThreads + threadIdx.x; n < count; n += stride) {
+    out[n] = convert<T>(r_tilde(static_cast<uint64_t>(n)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Backward: dh for BN columns of D and a range of batch tiles.
 
 template <typename T, typename Acc>
 struct BackwardParams {
   const Acc* grad_v;     // (B, C)
+  const Acc* grad_scale;  // one Acc in device memory multiplying grad_v, or nullptr (1)
   T* dh;                 // (B, D)
   DroppedProjection<T, Acc> r_tilde;
   int64_t B, C, D;
@@ -291,6 +341,7 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
   const int64_t bt_end = tiles_b < bt_begin + P.btiles_per_block ? tiles_b : bt_begin + P.btiles_per_block;
   const bool panel_resident = P.C <= Cfg::KP;  // the whole of R̃[:, j0:j0+BN] fits: generate it once
   const DroppedProjection<T, Acc> r_tilde = P.r_tilde.with_seed();
+  const Acc grad_scale = P.grad_scale != nullptr ? *P.grad_scale : Acc(1);  // x · 1 == x: the same bits
 
   for (int64_t bt = bt_begin; bt < bt_end; ++bt) {
     const int64_t b0 = bt * Cfg::BM;
@@ -308,11 +359,12 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
       const int64_t chunk_end = P.C < chunk + Cfg::KP ? P.C : chunk + Cfg::KP;
       for (int64_t k0 = chunk; k0 < chunk_end; k0 += Cfg::BK) {
         // Stage 2: the grad_v tile (rows b0.., classes k0..k0+BK).
-        load_rows_tile<Cfg>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec);
+        load_rows_tile<Cfg, true>(As, P.grad_v, P.B, P.C, b0, k0, P.grad_vec, grad_scale);
         __syncthreads();
-        // Stage 3: FMAs.
+        // Stage 3: FMAs over the step's classes rounded up to 8 (at C = 10: 16 of the 32).
+        const int k_eighths = static_cast<int>(((chunk_end - k0 < Cfg::BK ? chunk_end - k0 : Cfg::BK) + 7) / 8);
         register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::P_LD>(
-            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty);
+            acc, As, Ps + (k0 - chunk) * Cfg::P_LD, tx, ty, k_eighths);
         __syncthreads();
       }
     }
@@ -335,6 +387,8 @@ __global__ void __launch_bounds__(Cfg::NT) projection_backward_kernel(const Back
 // Host-side plans. Both the workspace query and the launch call these, so they agree by construction.
 
 constexpr int64_t kMaxGridYZ = 65535;
+// Split-K partial sums up to this size stay in L2 (a third of an H100's 50 MB): no cap on their traffic.
+constexpr size_t kL2PartialBytes = size_t(16) << 20;
 
 struct ForwardPlan {
   int tile_n = 64;            // which ForwardTile: 16, 32 or 64
@@ -344,6 +398,7 @@ struct ForwardPlan {
   int64_t splits_b = 1;       // grid.z
   int64_t btiles_per_block = 1;
   size_t workspace_bytes = 0;  // [splits_d, B, C] of Acc when splits_d > 1
+  int64_t counters = 0;        // arrival counters of the in-kernel split-K reduction: one per grid (y, z)
 };
 
 template <class Cfg>
@@ -358,10 +413,13 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
   const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
   const int64_t splits_for_parallelism = ceil_div(target_blocks, tiles_b * plan.tiles_c);
   // One panel per split lets a block generate R̃ once for all its batch tiles, but every split adds a (B, C)
-  // partial that is written and read back: keep that traffic under 1/4 of reading h
-  // (2·splits·C·acc <= D·elem / 4 bytes per row of h).
-  const int64_t splits_for_traffic = max64(1, static_cast<int64_t>(D * elem) / static_cast<int64_t>(8 * C * acc));
-  int64_t splits = min64(panels, max64(splits_for_parallelism, splits_for_traffic));
+  // partial that is written and read back: the splits parallelism asks for are capped so that this traffic
+  // stays under 1/4 of reading h (2·splits·C·acc <= D·elem / 4 bytes per row of h), or within
+  // kL2PartialBytes, where it never leaves L2 (bench/NOTES.md, "weak points" 1).
+  const int64_t splits_for_traffic =
+      max64(max64(1, static_cast<int64_t>(D * elem) / static_cast<int64_t>(8 * C * acc)),
+            static_cast<int64_t>(kL2PartialBytes) / static_cast<int64_t>(2 * B * C * acc));
+  int64_t splits = max64(1, min64(panels, min64(splits_for_parallelism, splits_for_traffic)));
   int64_t panels_per_split = ceil_div(panels, splits);
   if (launch_plan.forward_panels_per_split > 0) {
     panels_per_split = min64(launch_plan.forward_panels_per_split, panels);
@@ -381,6 +439,7 @@ ForwardPlan plan_forward_with(int64_t B, int64_t C, int64_t D, size_t elem, size
   }
   plan.splits_b = ceil_div(tiles_b, plan.btiles_per_block);
   plan.workspace_bytes = plan.splits_d > 1 ? static_cast<size_t>(plan.splits_d * B * C) * acc : 0;
+  plan.counters = plan.splits_d > 1 ? plan.tiles_c * plan.splits_b : 0;
   return plan;
 }
 
@@ -395,13 +454,6 @@ ForwardPlan plan_forward(int64_t B, int64_t C, int64_t D, DType dtype, int sms, 
 bool valid_dtype(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat64 || dtype == DType::kBFloat16 ||
          dtype == DType::kFloat16;
-}
-
-template <typename Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, size_t bytes) {
-  // Above 48 KB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KB, sm_90: 227 KB).
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 template <typename T, typename Acc>
@@ -422,11 +474,13 @@ DroppedProjection<T, Acc> make_r_tilde(const void* weight, uint64_t proj_seed, f
 template <class Cfg, typename T>
 cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B,
                            int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
-                           void* workspace, int sms, cudaStream_t stream) {
+                           void* workspace, unsigned* counters, int sms, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   ForwardParams<T, Acc> params;
   params.h = static_cast<const T*>(h);
   params.out = plan.splits_d > 1 ? static_cast<Acc*>(workspace) : static_cast<Acc*>(v);
+  params.v = static_cast<Acc*>(v);
+  params.counters = plan.splits_d > 1 ? counters : nullptr;
   params.r_tilde = make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed);
   params.B = B;
   params.C = C;
@@ -436,14 +490,14 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
   params.h_vec = aligned16(h) && D % (16 / static_cast<int64_t>(sizeof(T))) == 0;
 
   const size_t smem = Cfg::template smem_bytes<Acc>();
-  auto kernel = projection_forward_kernel<Cfg, T, Acc>;
-  SVP_CUDA_TRY(allow_shared_memory(kernel, smem));
+  constexpr auto kernel = projection_forward_kernel<Cfg, T, Acc>;
+  SVP_CUDA_TRY(allow_shared_memory<kernel>(smem));
   const dim3 grid(static_cast<unsigned>(plan.splits_d), static_cast<unsigned>(plan.tiles_c),
                   static_cast<unsigned>(plan.splits_b));
   kernel<<<grid, Cfg::NT, smem, stream>>>(params);
   SVP_CUDA_CHECK_LAUNCH();
 
-  if (plan.splits_d > 1) {
+  if (plan.splits_d > 1 && counters == nullptr) {  // with counters the kernel reduced the splits itself
     const int64_t count = B * C;
     const int64_t blocks = max64(1, min64(ceil_div(count, 256), 8 * static_cast<int64_t>(sms)));
     reduce_splits_kernel<Acc><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
@@ -456,28 +510,29 @@ cudaError_t launch_forward(const ForwardPlan& plan, const void* h, const void* w
 template <typename T>
 cudaError_t forward_typed(const ForwardPlan& plan, const void* h, const void* weight, void* v, int64_t B, int64_t C,
                           int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed, void* workspace,
-                          int sms, cudaStream_t stream) {
+                          unsigned* counters, int sms, cudaStream_t stream) {
   switch (plan.tile_n) {
     case 16:
       return launch_forward<ForwardTile16, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
     case 32:
       return launch_forward<ForwardTile32, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
     default:
       return launch_forward<ForwardTile64, T>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
-                                              sms, stream);
+                                              counters, sms, stream);
   }
 }
 
 template <typename T>
-cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
-                           uint64_t proj_seed, float proj_std, double p, const int64_t* seed, int sms,
-                           const LaunchPlan& launch_plan, cudaStream_t stream) {
+cudaError_t backward_typed(const void* grad_v, const void* grad_scale, const void* weight, void* dh, int64_t B,
+                           int64_t C, int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
+                           int sms, const LaunchPlan& launch_plan, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   using Cfg = BackwardTile;
   BackwardParams<T, Acc> params;
   params.grad_v = static_cast<const Acc*>(grad_v);
+  params.grad_scale = static_cast<const Acc*>(grad_scale);
   params.dh = static_cast<T*>(dh);
   params.r_tilde = make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed);
   params.B = B;
@@ -503,10 +558,23 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
   if (tiles_d > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
 
   const size_t smem = Cfg::template smem_bytes<Acc>();
-  auto kernel = projection_backward_kernel<Cfg, T, Acc>;
-  SVP_CUDA_TRY(allow_shared_memory(kernel, smem));
+  constexpr auto kernel = projection_backward_kernel<Cfg, T, Acc>;
+  SVP_CUDA_TRY(allow_shared_memory<kernel>(smem));
   const dim3 grid(static_cast<unsigned>(tiles_d), static_cast<unsigned>(splits_b), 1);
   kernel<<<grid, Cfg::NT, smem, stream>>>(params);
+  SVP_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t dropped_typed(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed, float proj_std,
+                          double p, const int64_t* seed, int sms, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t count = C * D;
+  // Enough blocks to fill the device ~8 deep, each thread then walks the rest with a grid stride.
+  const int64_t blocks = max64(1, min64(ceil_div(count, kDroppedThreads), 8 * static_cast<int64_t>(sms)));
+  dropped_projection_kernel<T, Acc><<<static_cast<unsigned>(blocks), kDroppedThreads, 0, stream>>>(
+      make_r_tilde<T, Acc>(weight, proj_seed, proj_std, p, seed), static_cast<T*>(out), count);
   SVP_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
@@ -516,6 +584,28 @@ cudaError_t backward_typed(const void* grad_v, const void* weight, void* dh, int
 
 // ---------------------------------------------------------------------------------------------------------
 // Public launchers (svp_cuda.h).
+
+cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed,
+                               float proj_std, double p, const int64_t* seed, DType dtype, cudaStream_t stream) {
+  using namespace detail;
+  if (!valid_dtype(dtype) || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
+  if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
+  if (C == 0 || D == 0) return cudaSuccess;
+  if (out == nullptr) return cudaErrorInvalidValue;
+  int sms = 1;
+  SVP_CUDA_TRY(current_sm_count(&sms));
+  switch (dtype) {
+    case DType::kFloat32:
+      return dropped_typed<float>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kFloat64:
+      return dropped_typed<double>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kBFloat16:
+      return dropped_typed<__nv_bfloat16>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+    case DType::kFloat16:
+      return dropped_typed<__half>(weight, out, C, D, proj_seed, proj_std, p, seed, sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes,
                                               const LaunchPlan& launch_plan) {
@@ -529,10 +619,22 @@ cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, 
   return cudaSuccess;
 }
 
+cudaError_t projection_forward_counters(int64_t B, int64_t C, int64_t D, DType dtype, int64_t* count,
+                                       const LaunchPlan& launch_plan) {
+  using namespace detail;
+  if (count == nullptr || !valid_dtype(dtype) || B < 0 || C < 0 || D < 0) return cudaErrorInvalidValue;
+  *count = 0;
+  if (B == 0 || C == 0) return cudaSuccess;
+  int sms = 1;
+  SVP_CUDA_TRY(current_sm_count(&sms));
+  *count = plan_forward(B, C, D, dtype, sms, launch_plan).counters;
+  return cudaSuccess;
+}
+
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                void* workspace, size_t workspace_bytes, const LaunchPlan& launch_plan,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, unsigned* counters, int64_t counter_count) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -545,23 +647,27 @@ cudaError_t projection_forward(const void* h, const void* weight, void* v, int64
     return cudaErrorInvalidValue;
   }
   if (plan.splits_d > 0x7fffffffLL || plan.tiles_c > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  if (counter_count < plan.counters) counters = nullptr;  // too few (or none): the reduction kernel instead
   switch (dtype) {
     case DType::kFloat32:
-      return forward_typed<float>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<float>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters, sms,
+                                  stream);
     case DType::kFloat64:
-      return forward_typed<double>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<double>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters,
+                                   sms, stream);
     case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms,
-                                          stream);
+      return forward_typed<__nv_bfloat16>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace,
+                                          counters, sms, stream);
     case DType::kFloat16:
-      return forward_typed<__half>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, sms, stream);
+      return forward_typed<__half>(plan, h, weight, v, B, C, D, proj_seed, proj_std, p, seed, workspace, counters,
+                                   sms, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C, int64_t D,
                                 uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
-                                const LaunchPlan& launch_plan, cudaStream_t stream) {
+                                const LaunchPlan& launch_plan, cudaStream_t stream, const void* grad_scale) {
   using namespace detail;
   if (!valid_dtype(dtype) || B < 0 || C < 0 || D < 0 || !(p >= 0.0 && p < 1.0)) return cudaErrorInvalidValue;
   if (p > 0.0 && seed == nullptr) return cudaErrorInvalidValue;
@@ -571,15 +677,16 @@ cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh
   SVP_CUDA_TRY(current_sm_count(&sms));
   switch (dtype) {
     case DType::kFloat32:
-      return backward_typed<float>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms, launch_plan, stream);
+      return backward_typed<float>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+                                   launch_plan, stream);
     case DType::kFloat64:
-      return backward_typed<double>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+      return backward_typed<double>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
                                     launch_plan, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
-                                           launch_plan, stream);
+      return backward_typed<__nv_bfloat16>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed,
+                                           sms, launch_plan, stream);
     case DType::kFloat16:
-      return backward_typed<__half>(grad_v, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
+      return backward_typed<__half>(grad_v, grad_scale, weight, dh, B, C, D, proj_seed, proj_std, p, seed, sms,
                                     launch_plan, stream);
   }
   return cudaErrorInvalidValue;

@@ -56,17 +56,33 @@ struct LaunchPlan {
 // p in [0, 1); p == 0 disables the mask. The mask and an implicit R are generated in registers.
 cudaError_t projection_forward_workspace_bytes(int64_t B, int64_t C, int64_t D, DType dtype, size_t* bytes,
                                               const LaunchPlan& launch_plan);
+// Split-K: with `counters` (at least projection_forward_counters() of them, all zero) the kernel's last split
+// block per output region sums the partials itself, in split order, and leaves the counters zero again — one
+// launch; without them (nullptr, or too few) a second kernel sums them in the same order: the same bits. The
+// counters must not be shared with a launch running concurrently (e.g. on another stream).
+cudaError_t projection_forward_counters(int64_t B, int64_t C, int64_t D, DType dtype, int64_t* count,
+                                       const LaunchPlan& launch_plan);
 cudaError_t projection_forward(const void* h, const void* weight, void* v, int64_t B, int64_t C, int64_t D,
                                uint64_t proj_seed, float proj_std, double p, const int64_t* seed, DType dtype,
                                void* workspace, size_t workspace_bytes, const LaunchPlan& launch_plan,
-                               cudaStream_t stream);
+                               cudaStream_t stream, unsigned* counters = nullptr, int64_t counter_count = 0);
 
-// Projection backward: dh (B, D) = grad_v R̃, regenerating the mask (and an implicit R); seed as above.
+// Projection backward: dh (B, D) = (grad_scale ·) grad_v R̃, regenerating the mask (and an implicit R); seed
+// as above.
 //   grad_v: (B, C) of Acc.   weight: (C, D) of dtype or nullptr.   dh: (B, D) of dtype (output).
+//   grad_scale: one Acc in device memory (the incoming gradient of a loss), read by the kernel and multiplied
+//   into each element of grad_v as it is read (grad_scale · g, the product torch would form); nullptr: 1.
 // Needs no workspace.
 cudaError_t projection_backward(const void* grad_v, const void* weight, void* dh, int64_t B, int64_t C,
                                 int64_t D, uint64_t proj_seed, float proj_std, double p, const int64_t* seed,
-                                DType dtype, const LaunchPlan& launch_plan, cudaStream_t stream);
+                                DType dtype, const LaunchPlan& launch_plan, cudaStream_t stream,
+                                const void* grad_scale = nullptr);
+
+// R̃ (C, D) of dtype written out, for the GEMM projection path (csrc/projection_gemm.cpp): element (c, j) is the
+// R̃[c, j] the two kernels above generate (in Acc), rounded to dtype: the same bits for float32/float64, one
+// rounding more for bfloat16/float16. weight and seed as above. One kernel, no workspace.
+cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t D, uint64_t proj_seed,
+                               float proj_std, double p, const int64_t* seed, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
 // Loss epilogue on the (B, C) projection:

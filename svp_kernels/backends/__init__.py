@@ -67,6 +67,26 @@ def has_native_node(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in NATIVE_NODES)
 
 
+# projection_path= of the public API (svp_kernels.validation.PROJECTION_PATHS). "auto" takes the fused kernels
+# everywhere until a GPU measurement of both paths decides per shape (bench/NOTES.md, "The GEMM projection
+# path"); gemm_projection is the one place that decision lives.
+def gemm_projection(path: str, module) -> bool:
+    """Whether a call runs the GEMM projection path (docs/backends.md, "projection paths") on backend `module`.
+
+    A backend module lists the paths it runs in PROJECTION_PATHS (cpu and cuda: "fused" and "gemm"); the reference
+    backend's formulation is already the GEMM on a dense R̃, so it takes either; any other backend without "gemm"
+    raises ValueError for path="gemm". `path` is one of validation.PROJECTION_PATHS (checked by the API).
+    """
+    if path != "gemm":
+        return False  # "auto" and "fused"
+    if "gemm" in getattr(module, "PROJECTION_PATHS", ()):
+        return True
+    if module.NAME == "reference":
+        return False
+    raise ValueError(f"projection_path='gemm' is not available on backend {module.NAME!r}: it runs on the 'cpu' "
+                     "and 'cuda' backends (and 'reference', whose projection is already a GEMM)")
+
+
 def unavailable_reason(name: str):
     """None when backend `name` is available, else why not (the import or load error where there is one)."""
     is_available(name)

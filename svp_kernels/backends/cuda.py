@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .extension_ops import (cosine_gram, dropout_projection, epilogue, epilogue_with_grad,  # noqa: F401
-                            fused_local_loss, projection, projection_backward, projection_value)
+from .extension_ops import (PROJECTION_PATHS, cosine_gram, dropout_projection, epilogue,  # noqa: F401
+                            epilogue_with_grad, fused_local_loss, projection, projection_backward,
+                            projection_value)
 
 NAME = "cuda"
 

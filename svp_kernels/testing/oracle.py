@@ -64,12 +64,12 @@ def as_float64(value):
     return value.detach().double().requires_grad_(value.requires_grad) if isinstance(value, torch.Tensor) else value
 
 
-def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42):
+def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42, projection_path: str = "auto"):
     """(loss, ce, alignment, v, dh) of fused_local_loss forward + backward on `backend`."""
     h = h.detach().requires_grad_(True)
     out = fused_local_loss(h, target, v_prev, projection=projection, p=case.p, seed=seed,
-                              alignment_weight=case.alignment_weight, reduction=case.reduction,
-                              center=case.center, backend=backend)
+                           alignment_weight=case.alignment_weight, reduction=case.reduction,
+                           center=case.center, backend=backend, projection_path=projection_path)
     out.loss.backward()
     return out.loss.detach(), out.ce, out.alignment, out.v, h.grad
 

@@ -42,6 +42,13 @@ EPILOGUE_SHAPES = [  # (B, C, C'): C' None = no v_prev
     (70, 70, 50),                             # batch space, several 32-row tiles, C > 64 classes per step
     (64, 130, None),                          # CE only, C > 128
 ]
+# Two to four small shapes per op that still reach every path of the kernels (tools/sanitize_cuda.py --small,
+# the sanitizer run of tools/gpu_check.py): the 16-, 32- and 64-wide forward tiles (C > 32), split-K and
+# regenerated panels at D = 300 (under the forced plans), the backward regenerating its panel per class chunk
+# (C > 128), 16-byte grad_v loads (C % 4 == 0) and scalar ones; the epilogue in batch space (with a K loop over
+# C + C' > 32) and in feature space. tests/test_sanitizer_shapes.py checks that they do.
+SMALL_PROJECTION_SHAPES = [(5, 9, 11), (33, 300, 17), (9, 200, 40), (3, 130, 132)]
+SMALL_EPILOGUE_SHAPES = [(7, 5, 3), (33, 4, 4), (9, 20, 17)]
 # Launch plans ("key=value,...": fields of svp_cuda::LaunchPlan, csrc/cuda/svp_cuda.h) forced through
 # svp_kernels.testing.launch_plan, which parses them (parse_launch_plan, also used by the emulator).
 PROJECTION_PLANS = [

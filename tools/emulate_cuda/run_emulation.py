@@ -1,6 +1,8 @@
 """Run the CUDA kernels of csrc/cuda on the CPU, under a fiber-based emulator, against the float64 reference.
 
     python tools/emulate_cuda/run_emulation.py [--quick] [-k SUBSTRING] [--keep-build DIR]
+    python tools/emulate_cuda/run_emulation.py --quick --dump before.pt      # every output the checks produced
+    python tools/emulate_cuda/run_emulation.py --quick --compare before.pt   # ... the same bits as then?
 
 No GPU needed: each csrc/cuda/*.cu is rewritten for g++ (launches -> svp_emu::launcher, __shared__ ->
 static, dynamic shared memory -> a NaN-poisoned buffer; see svp_emu.h), compiled with the launchers into
@@ -44,8 +46,8 @@ from svp_kernels.backends import reference  # noqa: E402
 from svp_kernels.backends.cuda import LAUNCH_PLAN_FIELDS, parse_launch_plan  # noqa: E402
 
 from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_SHAPES,  # noqa: E402
-                   WIDE_ROWS_NARROW_C, cosine_gram_ground_truth, epilogue_ground_truth, plain_epilogue,
-                   projection_ground_truth, wide_row_inputs)
+                   SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS_NARROW_C, cosine_gram_ground_truth,
+                   epilogue_ground_truth, plain_epilogue, projection_ground_truth, wide_row_inputs)
 from helpers import assert_no_less_accurate_to_rounding  # noqa: E402
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -70,13 +72,12 @@ def rewrite_for_host(source: str) -> str:
     return source
 
 
-def build(build_dir: str) -> str:
+def build(build_dir: str, cuda_dir: str = os.path.join(ROOT, "csrc", "cuda")) -> str:
     cuda_include = next((d for d in (os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include"),
                                      "/usr/local/cuda/include") if os.path.exists(os.path.join(d, "cuda_runtime.h"))),
                         None)
     if cuda_include is None:
         raise SystemExit("run_emulation: cuda_runtime.h not found (set CUDA_HOME)")
-    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
     sources = []
     for name in sorted(os.listdir(cuda_dir)):
         path = os.path.join(cuda_dir, name)
@@ -107,7 +108,9 @@ def build(build_dir: str) -> str:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objects = list(pool.map(compile_one, sources))
     library = os.path.join(build_dir, "libsvp_emu.so")
-    subprocess.run(["g++", "-shared", "-o", library, *objects], check=True)
+    # -Bsymbolic: the launchers call this library's own cudaGetDevice & co. (emu_api.cpp) even in a process
+    # where a CUDA build of torch has loaded the real runtime, whose symbols would otherwise win.
+    subprocess.run(["g++", "-shared", "-Wl,-Bsymbolic", "-o", library, *objects], check=True)
     return library
 
 
@@ -138,11 +141,14 @@ class Emulated:
         plan = ctypes.POINTER(LaunchPlan)
         lib.emu_default_launch_plan.argtypes = [plan]
         lib.emu_take_blocks_run.restype = u64
+        lib.emu_take_launches_run.restype = u64
+        lib.emu_dropped_projection.argtypes = [vp, vp, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp, ctypes.c_int]
         lib.emu_projection_forward_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(sz), plan]
+        lib.emu_projection_forward_counters.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.POINTER(i64), plan]
         lib.emu_projection_forward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                               ctypes.c_int, vp, sz, plan]
+                                               ctypes.c_int, vp, sz, plan, vp, i64]
         lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
-                                                ctypes.c_int, plan]
+                                                ctypes.c_int, plan, vp]
         lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
                                                           ctypes.POINTER(sz), plan]
         lib.emu_loss_epilogue.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, ctypes.c_bool,
@@ -151,6 +157,10 @@ class Emulated:
         lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
         self.lib = lib
         self.plan = LaunchPlan.parse("")
+        # The forward's arrival counters (split-K reduced in its kernel): zero, and zero again after each launch.
+        # reduce_in_kernel=False passes none: the launcher's second kernel reduces instead.
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32)
+        self.reduce_in_kernel = True
         default = LaunchPlan()
         lib.emu_default_launch_plan(ctypes.byref(default))
         if default.as_dict() != self.plan.as_dict():
@@ -160,6 +170,18 @@ class Emulated:
     def take_blocks_run(self) -> int:
         """Thread blocks launched since the last call."""
         return self.lib.emu_take_blocks_run()
+
+    def take_launches_run(self) -> int:
+        """Kernel launches since the last call."""
+        return self.lib.emu_take_launches_run()
+
+    def dropped_projection(self, weight, C, D, proj_seed, std, p, seed, dtype):
+        """R̃ (C, D) of `dtype` written by the GEMM path's Philox kernel (svp_cuda::dropped_projection)."""
+        seed = torch.tensor(seed, dtype=torch.int64)
+        out = torch.full((C, D), float("nan"), dtype=dtype)
+        self._check(self.lib.emu_dropped_projection(self._ptr(weight), self._ptr(out), C, D, proj_seed, std, p,
+                                                    self._ptr(seed), DTYPE_CODES[dtype]), "dropped_projection")
+        return out
 
     def projection_forward_workspace_bytes(self, B, C, D, dtype):
         size = ctypes.c_size_t()
@@ -195,19 +217,29 @@ class Emulated:
         size = self.projection_forward_workspace_bytes(B, C, D, h.dtype)
         workspace = self._nan_bytes(size)
         v = torch.full((B, C), float("nan"), dtype=acc)
+        count = ctypes.c_int64()
+        self._check(self.lib.emu_projection_forward_counters(B, C, D, DTYPE_CODES[h.dtype], ctypes.byref(count),
+                                                             ctypes.byref(self.plan)), "counters")
+        if count.value > self.counters.numel():
+            raise RuntimeError(f"projection_forward wants {count.value} counters")
+        counters = self.counters if self.reduce_in_kernel else None
         self._check(self.lib.emu_projection_forward(self._ptr(h), self._ptr(weight), self._ptr(v), B, C, D, proj_seed,
                                                     std, p, self._ptr(seed), DTYPE_CODES[h.dtype], self._ptr(workspace),
-                                                    size, ctypes.byref(self.plan)),
+                                                    size, ctypes.byref(self.plan), self._ptr(counters),
+                                                    count.value if counters is not None else 0),
                     "projection_forward")
+        if self.counters.any():
+            raise AssertionError("projection_forward left its arrival counters non-zero")
         return v
 
-    def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype):
+    def projection_backward(self, grad_v, weight, D, proj_seed, std, p, seed, dtype, grad_scale=None):
+        """grad_scale: None or a 0-dim tensor of grad_v's dtype that the kernel multiplies in."""
         seed = torch.tensor(seed, dtype=torch.int64)
         B, C = grad_v.shape
         dh = torch.full((B, D), float("nan"), dtype=dtype)
         self._check(self.lib.emu_projection_backward(self._ptr(grad_v), self._ptr(weight), self._ptr(dh), B, C, D,
                                                      proj_seed, std, p, self._ptr(seed), DTYPE_CODES[dtype],
-                                                     ctypes.byref(self.plan)),
+                                                     ctypes.byref(self.plan), self._ptr(grad_scale)),
                     "projection_backward")
         return dh
 
@@ -283,6 +315,34 @@ def check_masks(emu, dtypes):
                  "implicit R̃")
 
 
+def check_dropped_projection(emu, dtypes):
+    """The GEMM path's R̃ kernel writes, element for element, the R̃ of the fused forward's panels (h = I makes
+    its v exactly R̃ᵀ): float32/float64 bit for bit, dense and implicit; bfloat16/float16 that value rounded to
+    the dtype. Against the CPU kernels' R̃ (the compiled op) bit for bit when svp_kernels._C is loaded; masks
+    against the §3 spec always."""
+    from svp_kernels import _ops
+
+    for C, D, p, seed in MASK_SHAPES:
+        for implicit in (False, True):
+            for dtype in dtypes:
+                weight = None if implicit else randn(C, D, seed=C + D, dtype=dtype)
+                written = emu.dropped_projection(weight, C, D, 77, D**-0.5, p, seed, dtype)
+                name = f"dropped_projection C={C} D={D} p={p} implicit={implicit} {dtype}"
+                if not torch.equal(written != 0, philox.keep_mask(seed, C, D, p)):
+                    raise AssertionError(f"{name}: mask differs from the spec")
+                fused = emu.projection_forward(torch.eye(D, dtype=dtype), weight, C, 77, D**-0.5, p, seed).t()
+                if not torch.equal(written, fused.to(dtype)):
+                    raise AssertionError(f"{name}: differs from the fused forward's R̃")
+                if _ops.extension_loaded() and dtype in (torch.float32, torch.float64):
+                    cpu = torch.ops.svp_kernels.dropped_projection(weight, C, D, 77, D**-0.5, p,
+                                                                   torch.tensor(seed), dtype)
+                    equal = torch.equal(written, cpu) if not implicit else torch.equal(written != 0, cpu != 0)
+                    if not equal:
+                        raise AssertionError(f"{name}: differs from the CPU kernels' R̃")
+                    if implicit:
+                        expect_close(written, cpu, IMPLICIT_TOL, f"{name} vs the CPU kernels' implicit R")
+
+
 def check_projection(emu, dtypes, shapes):
     for B, D, C in shapes:
         for dtype in dtypes:
@@ -292,13 +352,25 @@ def check_projection(emu, dtypes, shapes):
                 weight = None if implicit else randn(C, D, seed=1, dtype=dtype, scale=D**-0.5)
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 grad_v = randn(B, C, seed=2, dtype=acc)
+                name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
                 v = emu.projection_forward(h, weight, C, proj_seed, std, p, seed)
+                emu.reduce_in_kernel = False  # split-K summed by the second kernel: the same bits
+                try:
+                    if not torch.equal(v, emu.projection_forward(h, weight, C, proj_seed, std, p, seed)):
+                        raise AssertionError(f"split-K reduced in the kernel differs from the reduction kernel: {name}")
+                finally:
+                    emu.reduce_in_kernel = True
                 dh = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype)
                 expected_v, expected_dh = projection_ground_truth(h, weight, grad_v, C, proj_seed, std, p, seed)
-                name = f"B={B} D={D} C={C} {dtype} implicit={implicit} p={p}"
                 extra = IMPLICIT_TOL if implicit else 0.0
                 expect_close(v, expected_v, max(ACC_TOL[dtype], extra), f"v {name}")
                 expect_close(dh, expected_dh, max(OUT_TOL[dtype], extra), f"dh {name}")
+                # The incoming gradient's scale, multiplied in as grad_v is read: the bits of scaling first.
+                scale = torch.tensor(-0.37, dtype=acc)
+                scaled = emu.projection_backward(grad_v, weight, D, proj_seed, std, p, seed, dtype, scale)
+                if not torch.equal(scaled, emu.projection_backward(scale * grad_v, weight, D, proj_seed, std, p,
+                                                                   seed, dtype)):
+                    raise AssertionError(f"dh with grad_scale differs from dh of grad_scale · grad_v: {name}")
 
 
 def check_epilogue(emu, dtypes, shapes):
@@ -406,6 +478,40 @@ def check_plans_reach_launchers(emu):
         emu.plan = saved
 
 
+def record_outputs(emu) -> list:
+    """Make every launcher method of `emu` also append (name, outputs) to the returned list."""
+    outputs = []
+    for name in ("projection_forward", "projection_backward", "loss_epilogue", "cosine_gram", "dropped_projection"):
+        method = getattr(emu, name)
+
+        def recording(*args, _method=method, _name=name):
+            result = _method(*args)
+            outputs.append((_name, [t.clone() for t in (result if isinstance(result, tuple) else (result,))]))
+            return result
+
+        setattr(emu, name, recording)
+    return outputs
+
+
+def compare_outputs(outputs: list, saved: list) -> int:
+    """1 (a failed group) unless both lists hold the same calls with bit-identical outputs (NaN equal to NaN,
+    −0 equal to +0), else 0. Prints which outputs (op, index in its result) differ, in how many calls."""
+    if [name for name, _ in outputs] != [name for name, _ in saved]:
+        print(f"FAILED  compare: {len(outputs)} calls now, {len(saved)} saved, or in another order", flush=True)
+        return 1
+    differing = {}
+    for (name, now), (_, then) in zip(outputs, saved):
+        for index, (a, b) in enumerate(zip(now, then)):
+            if a.dtype != b.dtype or not torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)):
+                differing[(name, index)] = differing.get((name, index), 0) + 1
+    if differing:
+        print("FAILED  compare: outputs that differ from the saved run (op, output index: calls): "
+              + ", ".join(f"{name} {index}: {count}" for (name, index), count in sorted(differing.items())), flush=True)
+        return 1
+    print(f"ok      compare: {len(outputs)} calls, every output bit-identical to the saved run", flush=True)
+    return 0
+
+
 PLANS = {
     "default": "",
     "max-split": "forward_panels_per_split=1,backward_btiles_per_block=1,epilogue_feature=1,gram_splits=3",
@@ -420,20 +526,28 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="float32/float64, fewer shapes, default plan only")
     parser.add_argument("--keep-build", help="build into this directory and keep it")
     parser.add_argument("-k", dest="only", default="", help="run only the groups whose name contains this")
+    parser.add_argument("--cuda-dir", default=os.path.join(ROOT, "csrc", "cuda"),
+                        help="the CUDA sources to emulate (default csrc/cuda; e.g. a copy of an earlier version)")
+    parser.add_argument("--dump", help="save every output of the launchers (in call order) to this file")
+    parser.add_argument("--compare", help="fail unless every output equals, bit for bit, the one saved by --dump "
+                                          "in this file (a kernel change that must not change results)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     build_dir = args.keep_build or tempfile.mkdtemp(prefix="svp_emu_")
     os.makedirs(build_dir, exist_ok=True)
     start = time.time()
-    emu = Emulated(build(build_dir))
+    emu = Emulated(build(build_dir, args.cuda_dir))
     print(f"run_emulation: built the kernels for the CPU in {time.time() - start:.0f}s ({build_dir})", flush=True)
+    outputs = record_outputs(emu) if args.dump or args.compare else None
 
     all_dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     dtypes = all_dtypes[:2] if args.quick else all_dtypes
-    projection_shapes = PROJECTION_SHAPES[:5] if args.quick else PROJECTION_SHAPES
+    # Quick: every projection shape still (the 64-wide tile, C > 128, 16-byte grad_v loads), plus the sanitizer's.
+    projection_shapes = PROJECTION_SHAPES + [s for s in SMALL_PROJECTION_SHAPES if s not in PROJECTION_SHAPES]
     # Quick: still one multi-tile batch-space shape (70, 70, 50) and one split-Gram shape (300, 10, 12).
     epilogue_shapes = [EPILOGUE_SHAPES[i] for i in (0, 2, 3, 5, 6)] if args.quick else EPILOGUE_SHAPES
+    epilogue_shapes = epilogue_shapes + [s for s in SMALL_EPILOGUE_SHAPES if s not in epilogue_shapes]
     # (name, launch plan, emulator knobs, check): the plan goes to every launcher as a LaunchPlan argument;
     # SVP_EMU_REVERSE and SVP_EMU_SMS are read by the emulator (svp_emu.h, emu_api.cpp).
     groups = [("plans reach the launchers", "", {"SVP_EMU_REVERSE": "0", "SVP_EMU_SMS": "4"},
@@ -446,6 +560,8 @@ def main() -> int:
                 label = f"plan={plan_name} reverse={reverse} sms={sms}"
                 if plan_name == "default" and reverse == "0" and sms == "4":
                     groups.append((f"masks {label}", plan, env, lambda d=plan_dtypes: check_masks(emu, d)))
+                    groups.append((f"dropped projection {label}", plan, env,
+                                   lambda d=plan_dtypes: check_dropped_projection(emu, d)))
                 groups.append((f"projection {label}", plan, env,
                                lambda d=plan_dtypes: check_projection(emu, d, projection_shapes)))
                 groups.append((f"epilogue {label}", plan, env,
@@ -469,6 +585,11 @@ def main() -> int:
             print(f"FAILED  {name}: {error}", flush=True)
     if not args.keep_build:
         shutil.rmtree(build_dir, ignore_errors=True)
+    if args.dump:
+        torch.save(outputs, args.dump)
+        print(f"run_emulation: saved {len(outputs)} outputs to {args.dump}")
+    if args.compare:
+        failures += compare_outputs(outputs, torch.load(args.compare))
     print("run_emulation: " + ("all ok" if failures == 0 else f"{failures} group(s) FAILED"))
     return 1 if failures else 0
 

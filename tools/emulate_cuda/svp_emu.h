@@ -45,6 +45,7 @@ inline std::vector<unsigned char> g_dynamic_shared;
 inline unsigned char g_warp_exchange[32][32][16];
 inline bool g_reverse_order = false;  // run fibers in reverse order (env SVP_EMU_REVERSE=1)
 inline uint64_t g_blocks_run = 0;     // blocks run by all launches (read and reset by emu_take_blocks_run)
+inline uint64_t g_launches_run = 0;   // kernel launches (read and reset by emu_take_launches_run)
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "svp_emu: %s (block %u,%u,%u thread %d)\n", what, g_block_idx.x, g_block_idx.y,
@@ -138,6 +139,7 @@ void run_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sha
   if (threads <= 0 || threads > 1024) fail("bad block size");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) fail("bad grid size");
   g_blocks_run += static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  ++g_launches_run;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -161,6 +163,9 @@ inline unsigned char* dynamic_shared() { return g_dynamic_shared.data(); }
 }  // namespace svp_emu
 
 // ---- CUDA built-ins on the emulator -------------------------------------------------------------------
+#ifndef __noinline__
+#define __noinline__ __attribute__((noinline))  // cuda_runtime.h defines it for nvcc only
+#endif
 #define threadIdx (svp_emu::g_thread_idx)
 #define blockIdx (svp_emu::g_block_idx)
 #define blockDim (svp_emu::g_block_dim)
@@ -179,6 +184,23 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   std::memcpy(&result, svp_emu::g_warp_exchange[warp][(lane ^ lane_mask) & 31], sizeof(T));
   svp_emu::block_until_released(svp_emu::FiberState::kWarpBarrier);  // the buffer is reused next shuffle
   return result;
+}
+
+// Blocks run one at a time, so device-wide atomics and fences need nothing more than the plain operation.
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicExch(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = value;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* pointer) {
+  return *pointer;
 }
 
 inline uint4 __ldg(const uint4* pointer) {
