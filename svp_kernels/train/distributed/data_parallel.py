@@ -149,9 +149,8 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
         curves["accuracy"].append(_sharded_accuracy(trainer, dataset, rank, world, clock))
         epochs_done += 1
         if plan.checkpoint_dir is not None:
-            save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done,
-                            checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer, everything),
-                            keep=2)
+            saved = checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer, everything)
+            save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done, saved, keep=2)
     bar.close()
     stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(),
              "cores": process_cores()}

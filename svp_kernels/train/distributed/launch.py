@@ -87,8 +87,9 @@ def describe(error: BaseException) -> str:
 
 def _spawned_entry(rank: int, parent_pid: int, plan: Plan, config: TrainConfig, dataset: Dataset,
                    init_method: str, progress: bool, threads: int | None, connection) -> None:
-    """A process started by spawn: runs rank `rank` and sends ("result", dict) or ("error", text) to the
-    parent, then exits at once (os._exit: no teardown can hang on a dead peer)."""
+    """A process started by spawn: runs rank `rank` and sends ("result", dict), ("refused", text) for a
+    checkpoint every rank refused, or ("error", text) to the parent, then exits at once (os._exit: no
+    teardown can hang on a dead peer)."""
     die_with_parent(parent_pid)
     try:  # not tqdm's default multiprocessing lock, which os._exit would leak
         from tqdm.auto import tqdm

@@ -157,9 +157,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
             block_losses, output_ce, correct, evaluated = [], [], 0, 0
             epochs_done += 1
             if plan.checkpoint_dir is not None:
-                save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done,
-                                checkpoint_state(plan, rank, split, epochs_done, step, config, curves, trainer, blocks),
-                                keep)
+                saved = checkpoint_state(plan, rank, split, epochs_done, step, config, curves, trainer, blocks)
+                save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done, saved, keep)
         clock.charge("busy")
         if not last:
             outbound.send(message)
