@@ -129,9 +129,9 @@ def test_eager_node_saves_only_g_v_the_seed_and_r(device, backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=0.2, seed=1, backend=backend)
-    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/api.py
+    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/backends/triton/nodes.py
     native = "torch::autograd::CppNode<svp::nodes::FusedLocalLoss>"
-    assert out.loss.grad_fn.name() == (native if backend in ("cpu", "cuda") else "_FusedLocalLossBackward")
+    assert out.loss.grad_fn.name() == (native if backend in ("cpu", "cuda") else "FusedLocalLossBackward")
     assert sorted(saved) == sorted([(9, 6), (6, 40), ()]), saved
 
 

@@ -85,9 +85,9 @@ def test_eager_node_matches_the_traced_op_bitwise(B, D, C, implicit, p, device, 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         out = sk.dropout_projection(leaf, weight, p=p, seed=5, backend=backend)
-    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/api.py
+    # cpu and cuda: the C++ node of csrc/autograd.cpp; triton: the Python node of svp_kernels/backends/triton/nodes.py
     native = "torch::autograd::CppNode<svp::nodes::DropoutProjection>"
-    assert out.grad_fn.name() == (native if backend in ("cpu", "cuda") else "_DropoutProjectionBackward")
+    assert out.grad_fn.name() == (native if backend in ("cpu", "cuda") else "DropoutProjectionBackward")
     assert sorted(saved) == sorted([(C, D), ()]), saved  # R and the seed: nothing of size B·D
 
 

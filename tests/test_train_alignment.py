@@ -29,7 +29,9 @@ COMPUTE = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, at
 
 
 class ComputeInputs(TorchDispatchMode):
-    """Records every call of a COMPUTE op or an svp_kernels op with a tensor argument off a 64-byte boundary."""
+    """Records every call of a COMPUTE op or an svp_kernels op with a tensor argument off a 64-byte boundary.
+    0-dim tensors are exempt: a kernel reads them as one value (the per-block dropout seeds are 0-dim views
+    into one device buffer, svp_kernels/train/graphs.py's StepScalars), no product's code path depends on them."""
 
     def __init__(self):
         super().__init__()
@@ -39,7 +41,7 @@ class ComputeInputs(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.overloadpacket in COMPUTE or func.namespace == "svp_kernels":
             for tensor in tree_leaves((args, kwargs)):
-                if isinstance(tensor, torch.Tensor) and not is_aligned(tensor):
+                if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and not is_aligned(tensor):
                     self.misaligned.append(f"{func}: {tuple(tensor.shape)} at {tensor.data_ptr() % ALIGNMENT} "
                                            f"bytes past a {ALIGNMENT}-byte boundary")
         return func(*args, **kwargs)

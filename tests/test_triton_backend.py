@@ -63,8 +63,11 @@ def _randint4x_kernel(offsets_ptr, words_ptr, N, seed, BLOCK: tl.constexpr):
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offsets = tl.load(offsets_ptr + index, mask=index < N, other=0)
     w0, w1, w2, w3 = tl.randint4x(seed, offsets)
-    for k, word in enumerate((w0, w1, w2, w3)):
-        tl.store(words_ptr + k * N + index, word.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    # One store per word: compiled Triton (unlike its interpreter) has no enumerate() over a tuple.
+    tl.store(words_ptr + index, w0.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + N + index, w1.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + 2 * N + index, w2.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + 3 * N + index, w3.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
 
 
 @pytest.mark.parametrize("seed,offset,words", GOLDEN_WORDS)
@@ -292,6 +295,25 @@ def test_import_without_triton_is_unavailable_not_an_error():
     assert result.returncode == 0, result.stderr
 
 
+def test_triton_older_than_supported_is_refused_in_one_line():
+    """MIN_TRITON: the first release whose tl.dot takes float64. An older Triton makes the backend unavailable
+    with one line naming both versions (SVP_KERNELS_REQUIRE=triton then fails the session with it)."""
+    assert triton_backend.version_tuple("3.5.0+git1a2b") == (3, 5, 0)
+    assert triton_backend.version_tuple("3.10.1") == (3, 10, 1) and triton_backend.version_tuple("4") == (4, 0, 0)
+    assert triton_backend.version_error(triton.__version__) is None  # the suite's own Triton is supported
+    oldest = ".".join(map(str, triton_backend.MIN_TRITON))
+    assert triton_backend.version_error(oldest) is None
+    code = ("import triton; triton.__version__ = '3.4.1'\n"
+            "from svp_kernels import backends\n"
+            "print(backends.is_available('triton')); print(backends.unavailable_reason('triton'))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    available, reason = result.stdout.strip().split("\n")
+    assert available == "False"
+    assert reason.startswith(f"triton 3.4.1 is older than {oldest}, the oldest this backend supports"), reason
+
+
 def test_tf32_only_when_allowed(monkeypatch):
     monkeypatch.delenv("SVP_KERNELS_ALLOW_TF32", raising=False)
     assert ops.input_precision() == "ieee"
@@ -341,25 +363,6 @@ def test_torch_compile_fullgraph():
     (compiled_grad,) = torch.autograd.grad(compiled, h)
     assert_close(compiled, eager, 1e-6, "compiled loss")
     assert_close(compiled_grad, eager_grad, 1e-6, "compiled dh")
-
-
-def _nvidia_toolchain():
-    backend = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")
-    return all(os.path.exists(os.path.join(backend, "bin", tool)) for tool in ("ptxas", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _nvidia_toolchain(), reason="this Triton wheel ships no NVIDIA ptxas/cuobjdump")
-def test_kernels_compile_for_sm90_without_spills():
-    """The launchers' GPU block sizes compile for an H100 (no GPU needed) with no register spills: the
-    only stack frame is libdevice's (32 bytes)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gpu_compile_check.py")
-    result = subprocess.run([sys.executable, "-W", "ignore", script, "--quick", "--arch", "90"], capture_output=True,
-                            text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    worst = int(result.stdout.strip().splitlines()[-1].split("largest stack frame ")[1].split()[0])
-    assert worst <= 32, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ REQUIREMENTS = {
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "PIL": "pillow",
-    "triton": "triton",  # [triton]
+    "triton": "triton>=3.5",  # [triton]: the oldest the backend supports (svp_kernels/backends/triton)
     "pytest": "pytest",  # [test]
     "pytest_benchmark": "pytest-benchmark",
     "ninja": "ninja",

@@ -2,7 +2,8 @@
 
 Runs on CUDA tensors (float32, float64, bfloat16, float16) and, when TRITON_INTERPRET=1 was set before
 Triton was imported, on CPU tensors (float32, float64) in Triton's interpreter — that is how CI tests it.
-Importing this module never fails: ``is_available()`` answers False when Triton is missing. Where the
+Importing this module never fails: ``is_available()`` answers False when Triton is missing or older than
+MIN_TRITON (``unavailable_reason()`` says which, in one line). Where the
 backend is available, importing it also loads the kernels and registers the ops ``svp_kernels::triton_*``
 (``load_ops()``), so that torch.compile finds them without tracing an import. Whether the kernels run in
 the interpreter is fixed then: set TRITON_INTERPRET=1 before this module (or Triton) is imported.
@@ -12,23 +13,45 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 
 import torch
 
 NAME = "triton"
+# The oldest Triton the kernels support: the first release whose tl.dot takes float64 operands (float64 data
+# and the float32 path's feature-space Grams, formed in double, use it). tools/gpu_compile_check.py compiles
+# every launch variant for sm_90 at this version, at 3.6 and at the suite's version (.ci/run).
+MIN_TRITON = (3, 5, 0)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float64)
 
 
-def _triton_import_error():
-    """None when Triton imports, else the exception (ImportError, or whatever a broken install raises)."""
+def version_tuple(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "3.6.0", "3.5.0+git1234abcd" or "3.7.0rc1"; (0, 0, 0)
+    for one that does not start with a number."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    return tuple(int(part or 0) for part in match.groups()) if match else (0, 0, 0)
+
+
+def version_error(version: str):
+    """None when Triton `version` is supported, else the one-line reason it is not."""
+    if version_tuple(version) >= MIN_TRITON:
+        return None
+    oldest = ".".join(map(str, MIN_TRITON))
+    return (f"triton {version} is older than {oldest}, the oldest this backend supports (its kernels need "
+            f"float64 tl.dot); pip install 'triton>={oldest}'")
+
+
+def _triton_problem():
+    """None when a supported Triton imports, else why not, in one line: the import's exception (ImportError,
+    or whatever a broken install raises) or version_error's line."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as error:
-        return error
-    return None
+        return f"triton does not import: {error!r}"
+    return version_error(getattr(triton, "__version__", "0"))
 
 
 def interpreting() -> bool:
@@ -44,9 +67,9 @@ def unavailable_reason():
     """None when available, else why not: Triton does not import, the kernels did not load, or nothing runs them."""
     if LOAD_ERROR is not None:
         return f"its kernels failed to load: {LOAD_ERROR!r}"
-    error = _triton_import_error()
-    if error is not None:
-        return f"triton does not import: {error!r}"
+    problem = _triton_problem()
+    if problem is not None:
+        return problem
     if not (interpreting() or torch.cuda.is_available()):
         return "needs a CUDA device or TRITON_INTERPRET=1"
     return None
@@ -70,13 +93,15 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _OPS = None
+_NODES = None
 
 
 def load_ops():
     """The ops module (kernels are compiled on first launch); registers torch.ops.svp_kernels.triton_*."""
-    global _OPS
+    global _OPS, _NODES
     if _OPS is None:
         _OPS = importlib.import_module(f"{__name__}.ops")
+        _NODES = importlib.import_module(f"{__name__}.nodes")
     return _OPS
 
 
@@ -107,6 +132,20 @@ def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
     """dh (B, D) = grad_v R̃ in `dtype`, the mask regenerated from `seed`; no autograd node."""
     return load_ops().projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype)
+
+
+def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight,
+                     mean, center, identity):
+    """(loss, ce, alignment, v) of fused_local_loss under one autograd node (nodes.py; v = h when `identity`)."""
+    load_ops()
+    return _NODES.FusedLocalLoss.apply(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
+                                       alignment_weight, mean, center, identity)
+
+
+def dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed):
+    """v (B, C) = h R̃ᵀ under one autograd node (nodes.py)."""
+    load_ops()
+    return _NODES.DropoutProjection.apply(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
 def cosine_gram(v, center):

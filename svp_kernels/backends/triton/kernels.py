@@ -7,27 +7,14 @@ Data flow (the launchers and block-size choices live in ``ops.py``):
         h tile (BLOCK_B × BLOCK_D), generates the matching tile of R ⊙ M (BLOCK_C × BLOCK_D) in registers
         (dense R is loaded; implicit R and the keep mask come from Philox) and accumulates
         h · (R ⊙ M)ᵀ with tl.dot. The dropout scale 1/(1−p) multiplies the accumulator once at the end.
-        Each split writes its partial sums to a (splits, B, C) workspace that the launcher reduces with
-        a fixed-order ``sum(0)`` (deterministic; no atomics). With one split the kernel writes v.
-    projection backward  grad_v (B, C) ──► dh (B, D) = grad_v · R̃
+        Each split writes its partial sums to a (splits, B, C) workspace, added in split order by
+        ``sum_splits`` (deterministic; no atomics): in ``reduce_splits_kernel``, or inside the epilogue's first
+        launch when fused_local_loss runs (nodes.py). With one split the kernel writes v.
+    projection backward  grad_v (B, C) ──► dh (B, D) = (g · grad_v) · R̃
         grid (D tiles, B tiles); each program loops over C in BLOCK_C chunks, regenerating the same
-        R ⊙ M tiles bit for bit, and writes dh in h's dtype.
-    loss epilogue        v (B, C), target, v_prev (B, C') ──► loss, ce, alignment, g_v
-        1. ``row_statistics_kernel`` (grid: B tiles) — per row: online logsumexp, CE, the CE gradient
-           (softmax − onehot)/B into g_v; the row mean (center), the norm and â = v/max(‖v‖, ε).
-           Run once for v and once (normalisation only) for v_prev.
-        2. FA and ∂FA/∂â by the cheaper path:
-           feature space (C + C' < B): ``matmul_kernel`` builds the Grams âᵀâ (C×C), b̂ᵀâ (C'×C),
-           b̂ᵀb̂ (C'×C'); FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖²; then ∂FA/∂â ∝ â(âᵀâ) − b̂(b̂ᵀâ), one
-           more ``matmul_kernel`` with two products.
-           batch space: ``batch_alignment_kernel`` (grid: row tiles × C chunks) computes tiles of
-           S(â) − S(b̂) (BLOCK_B × BLOCK_B) in registers, accumulates their squares and (S(â) − S(b̂)) â_j;
-           no B×B tensor exists.
-        3. ``normalization_backward_kernel`` (grid: B tiles) pulls λ·∂FA/∂â through the row
-           normalisation, (g − â(â·g))/‖v‖ (g/ε when ‖v‖ ≤ ε), minus its row mean when centering, and adds
-           it to g_v.
-        Scratch: â, b̂, ∂FA/∂â (B×C, B×C'), the norms (B) and the Grams (C×C, C'×C, C'×C'): O(B·C + C²).
-    cosine gram          v ──► S = â âᵀ (B × B), inspection only: row_statistics_kernel + matmul_kernel.
+        R ⊙ M tiles bit for bit, and writes dh in h's dtype; g, the loss's incoming gradient, scales grad_v
+        as it is loaded (HAS_GRAD_SCALE).
+    loss epilogue and cosine Gram: epilogue_kernels.py.
 
 Randomness. ``philox4x32_10`` is written out here with tl.umulhi (not tl.randint4x, whose handling of
 64-bit offsets has changed between Triton releases) so the words are the same in every Triton version:
@@ -54,10 +41,14 @@ Block sizes (ops.py picks them; every tl.dot dimension is ≥ 16).
 - GPU, float32/float64 dots (ieee, and every implicit R): these run on the FMA units, which keep both
   operands of a dot in registers, so the reduction width stays at 16: forward BLOCK_B ≤ 64 (32 for
   float64), BLOCK_C ≤ 32, BLOCK_D 16; backward (grad_v is float32/float64) BLOCK_B ≤ 64, BLOCK_C 16,
-  BLOCK_D 128 (64 for float64) with 8 warps; epilogue Grams 64×64 tiles over K = 16 (8 warps), S tiles
-  32×32, row tiles of ≤ 1024 elements.
-- These compile for sm_90 without register spills (tools/gpu_compile_check.py; the only stack frame is
-  libdevice's 32 bytes). Their speed has not been tuned on a GPU yet.
+  BLOCK_D 64, 8 warps for BLOCK_B 64, no pipelining (num_stages 1, also for the forward of an implicit R);
+  epilogue Grams 64×64 tiles over K = 16 (8 warps), S tiles 32×32, row tiles of ≤ 1024 elements (≤ 128
+  wide), gradient tiles of 16 rows × ≤ 64 columns.
+- Every launch variant compiles for sm_90 with Triton 3.5 (the oldest supported: the first whose tl.dot
+  takes float64), 3.6 and the suite's Triton, without spills with the suite's (tools/gpu_compile_check.py;
+  registers, spills, shared memory and occupancy per variant in bench/results/sm90-static.csv; the older
+  ptxas keeps a few bytes of spills in some variants for occupancy, bench/NOTES.md). Their speed has not
+  been tuned on a GPU yet.
 - The forward's D splits: enough that splits × B tiles × C tiles ≈ 2 × the SM count, with the
   workspace capped at 2²⁴ elements. Each program regenerates its R tile, so Philox runs
   ceil(B / BLOCK_B) times per element of R: BLOCK_B as large as registers allow.
@@ -97,8 +88,8 @@ def philox4x32_10(seed_lo, seed_hi, counter_lo, counter_hi):
     (seed_lo, seed_hi) = (lo32(seed), hi32(seed)). counter_lo/hi: uint32 blocks; seed_lo/hi: integer
     scalars in [0, 2³²) (the launchers split the 64-bit seed: no 64-bit shifts of a scalar argument,
     which the interpreter mishandles for values in [2³¹, 2³²))."""
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    k0 = tl.full((), seed_lo, tl.uint32)  # a scalar argument, a constexpr (the JIT's 1) or a uint32 scalar
+    k1 = tl.full((), seed_hi, tl.uint32)
     c0 = counter_lo
     c1 = counter_hi
     c2 = counter_lo * 0
@@ -125,6 +116,17 @@ def load_seed(seed_ptr):
 
 
 @triton.jit
+def scalar_from_bits(bits, dtype: tl.constexpr):
+    """The float32/float64 scalar whose bit pattern is the integer argument `bits` (ops.float_bits): how the
+    launchers pass a constant of the accumulation dtype exactly (Triton passes a Python float as float32)."""
+    if dtype == tl.float64:
+        value = tl.full((), bits, tl.int64).to(tl.float64, bitcast=True)
+    else:
+        value = tl.full((), bits, tl.int32).to(tl.float32, bitcast=True)
+    return value
+
+
+@triton.jit
 def element_counters(rows, cols, D, OFFSET_64: tl.constexpr):
     """(lo32(n), hi32(n)) of the element offsets n = row·D + col, as uint32 blocks."""
     if OFFSET_64:
@@ -136,6 +138,9 @@ def element_counters(rows, cols, D, OFFSET_64: tl.constexpr):
         counter_hi = counter_lo * 0
     return counter_lo, counter_hi
 
+
+# Kernels take seeds, thresholds, counts and the bit patterns of scalar constants with do_not_specialize:
+# Triton would otherwise compile one more variant for every such value that is 1 or a multiple of 16.
 
 # Elementwise math. PRECISE_MATH (compiled GPU code): libdevice, accurate for float32 (Triton's own
 # tl.exp/tl.log/tl.cos/tl.sqrt lower to approximate PTX instructions there) and defined for float64.
@@ -253,8 +258,8 @@ def weight_window_kernel(weight_ptr, out_ptr, row_start, col_start, n_rows, n_co
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
+@triton.jit(do_not_specialize=["scale_bits", "proj_seed_lo", "proj_seed_hi", "keep_threshold"])
+def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_bits,
                               B, C, D, stride_hb, stride_wc, stride_os, stride_ob, d_per_split,
                               proj_seed_lo, proj_seed_hi, proj_std, seed_ptr, keep_threshold,
                               HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
@@ -263,7 +268,8 @@ def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
     """out[split] (B, C) = h[:, split's D range] · (R ⊙ M)[:, same range]ᵀ · scale.
 
     d_per_split is a multiple of BLOCK_D. The accumulation dtype is out's; the dot runs in the dense R's
-    dtype (h's) or, for an implicit (float32) R, in the accumulation dtype."""
+    dtype (h's) or, for an implicit (float32) R, in the accumulation dtype. scale_bits: 1/(1 − p) in the
+    accumulation dtype (scalar_from_bits)."""
     seed_lo, seed_hi = load_seed(seed_ptr)
     acc_dtype = out_ptr.dtype.element_ty
     if HAS_WEIGHT:
@@ -288,241 +294,62 @@ def projection_forward_kernel(h_ptr, weight_ptr, out_ptr, scale_ptr,
         acc = tl.dot(h_tile.to(dot_dtype), tl.trans(weight_tile.to(dot_dtype)), acc,
                      input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
     if HAS_DROPOUT:
-        acc = acc * tl.load(scale_ptr)
+        acc = acc * scalar_from_bits(scale_bits, acc_dtype)
     out = out_ptr + split.to(tl.int64) * stride_os + rows_b.to(tl.int64)[:, None] * stride_ob + rows_c[None, :]
     tl.store(out, acc, mask=(rows_b[:, None] < B) & (rows_c[None, :] < C))
 
 
-@triton.jit
-def projection_backward_kernel(grad_ptr, weight_ptr, dh_ptr, scale_ptr,
+@triton.jit(do_not_specialize=["scale_bits", "proj_seed_lo", "proj_seed_hi", "keep_threshold"])
+def projection_backward_kernel(grad_ptr, weight_ptr, dh_ptr, grad_scale_ptr, scale_bits,
                                B, C, D, stride_gb, stride_wc, stride_dhb,
                                proj_seed_lo, proj_seed_hi, proj_std, seed_ptr, keep_threshold,
                                HAS_WEIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
-                               PRECISE_MATH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                               HAS_GRAD_SCALE: tl.constexpr, PRECISE_MATH: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr,
                                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dh (B, D) = grad_v (B, C) · (R ⊙ M) · scale, accumulated in grad_v's dtype, written in dh's."""
+    """dh (B, D) = (g · grad_v) (B, C) · (R ⊙ M) · scale, accumulated in grad_v's dtype, written in dh's.
+
+    g: the 0-dim grad_scale (the incoming gradient of the loss) when HAS_GRAD_SCALE, each g · grad_v element
+    rounded as the torch product would be; scale_bits: 1/(1 − p) (scalar_from_bits)."""
     seed_lo, seed_hi = load_seed(seed_ptr)
     acc_dtype = grad_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     grad_rows = grad_ptr + rows_b.to(tl.int64)[:, None] * stride_gb
 
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=acc_dtype)
     for c0 in range(0, C, BLOCK_C):
         rows_c = c0 + tl.arange(0, BLOCK_C)
-        grad_tile = tl.load(grad_rows + rows_c[None, :], mask=(rows_b[:, None] < B) & (rows_c[None, :] < C),
-                            other=0.0)
+        grad_mask = (rows_b[:, None] < B) & (rows_c[None, :] < C)
+        grad_tile = tl.load(grad_rows + rows_c[None, :], mask=grad_mask, other=0.0)
+        if HAS_GRAD_SCALE:  # zero outside: an infinite g must not turn the padding into NaN
+            grad_tile = tl.where(grad_mask, grad_tile * grad_scale, 0.0)
         weight_tile = masked_weight_tile(weight_ptr, stride_wc, rows_c[:, None], cols[None, :], C, D,
                                          proj_seed_lo, proj_seed_hi, proj_std, seed_lo, seed_hi, keep_threshold,
                                          HAS_WEIGHT, HAS_DROPOUT, OFFSET_64, PRECISE_MATH)
         acc = tl.dot(grad_tile, weight_tile.to(acc_dtype), acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
     if HAS_DROPOUT:
-        acc = acc * tl.load(scale_ptr)
+        acc = acc * scalar_from_bits(scale_bits, acc_dtype)
     out = dh_ptr + rows_b.to(tl.int64)[:, None] * stride_dhb + cols[None, :]
     tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=(rows_b[:, None] < B) & (cols[None, :] < D))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loss epilogue
-# ----------------------------------------------------------------------------------------------------
-
-
-
-
 @triton.jit
-def row_statistics_kernel(x_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_ptr, inv_batch_ptr,
-                          B, C, stride_xb,
-                          HAS_TARGET: tl.constexpr, NORMALIZE: tl.constexpr, CENTER: tl.constexpr,
-                          PRECISE_MATH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row b of x (B, C):
-    HAS_TARGET: ce[b] = logsumexp(x_b) − x_b[y_b], grad[b] = (softmax(x_b) − onehot(y_b)) / B; a target outside
-                [0, C) is not loaded through, and ce[b] and grad[b] are NaN;
-    NORMALIZE:  x_c = x_b − mean (when CENTER), norm[b] = ‖x_c‖, xhat[b] = x_c / max(‖x_c‖, ε).
-    The accumulation dtype is inv_batch's (a 0-dim tensor holding 1/B); outputs are contiguous."""
-    acc_dtype = inv_batch_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xb
-    out_rows = rows.to(tl.int64)[:, None] * C
-
-    if HAS_TARGET:
-        # online logsumexp over C chunks
-        running_max = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
-        running_sum = tl.zeros((BLOCK_B,), acc_dtype)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-            x = tl.where(cols[None, :] < C, x.to(acc_dtype), float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(x, axis=1))
-            running_sum = (running_sum * _exp(running_max - new_max, PRECISE_MATH)
-                           + tl.sum(_exp(x - new_max[:, None], PRECISE_MATH), axis=1))
-            running_max = new_max
-        logsumexp = running_max + _log(running_sum, PRECISE_MATH)
-        target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-        target_ok = (target >= 0) & (target < C)
-        target_logit = tl.load(x_ptr + rows.to(tl.int64) * stride_xb + target, mask=row_ok & target_ok, other=0.0)
-        ce = tl.where(target_ok, logsumexp - target_logit.to(acc_dtype), float("nan"))
-        tl.store(ce_ptr + rows, ce, mask=row_ok)
-        # CE gradient, written to g_v
-        inv_batch = tl.where(target_ok, tl.load(inv_batch_ptr), float("nan")).to(acc_dtype)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            valid = row_ok[:, None] & (cols[None, :] < C)
-            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
-            softmax = _exp(x - logsumexp[:, None], PRECISE_MATH)
-            onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0).to(acc_dtype)
-            tl.store(grad_ptr + out_rows + cols[None, :], (softmax - onehot) * inv_batch[:, None], mask=valid)
-
-    if NORMALIZE:
-        # The mean, the square sum and x_c itself in float64 (WIDE_SUM), rounded to acc_dtype once at the end.
-        mean = tl.zeros((BLOCK_B,), WIDE_SUM)
-        if CENTER:
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-                mean += tl.sum(x.to(WIDE_SUM), axis=1)
-            mean = mean / C
-        squares = tl.zeros((BLOCK_B,), WIDE_SUM)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            valid = row_ok[:, None] & (cols[None, :] < C)
-            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
-            x = tl.where(valid, x - mean[:, None], 0.0)
-            squares += tl.sum(x * x, axis=1)
-        norm = _sqrt(squares, PRECISE_MATH)
-        tl.store(norm_ptr + rows, norm.to(acc_dtype), mask=row_ok)
-        denominator = tl.maximum(norm, NORM_EPS)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            valid = row_ok[:, None] & (cols[None, :] < C)
-            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
-            tl.store(xhat_ptr + out_rows + cols[None, :], ((x - mean[:, None]) / denominator[:, None]).to(acc_dtype),
-                     mask=valid)
+def sum_splits(partial_ptr, offsets, mask, splits, stride_split):
+    """Σ_s partial[s · stride_split + offsets] for s = 0, 1, …, splits − 1, added in that order: the forward's
+    fixed-order reduction over its D splits, the same bits in reduce_splits_kernel and rows_kernel. Offsets
+    stay int32-safe: the workspace holds fewer than 2²⁴ elements (ops.MAX_WORKSPACE_ELEMENTS)."""
+    total = tl.load(partial_ptr + offsets, mask=mask, other=0.0)
+    for split in range(1, splits):
+        total += tl.load(partial_ptr + split * stride_split + offsets, mask=mask, other=0.0)
+    return total
 
 
-@triton.jit
-def dot_over_k(a_ptr, b_ptr, rows, cols, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, acc_dtype: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A[rows, :K] · B[:K, cols] in acc_dtype (zero outside (M, N)); with WIDE_K the BLOCK_K-step products are
-    summed in float64 (WIDE_SUM) and rounded once."""
-    if WIDE_K:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), WIDE_SUM)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        if WIDE_K:
-            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype).to(WIDE_SUM)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
-    return acc.to(acc_dtype)
-
-
-@triton.jit
-def matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr, M, N, K, K2,
-                  stride_am, stride_ak, stride_bk, stride_bn,
-                  stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_om, stride_on,
-                  HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (M, N) = A (M, K) · B (K, N) [− A2 (M, K2) · B2 (K2, N)], any strides (so Aᵀ is free).
-
-    Used for the feature-space Grams (âᵀâ, b̂ᵀâ, b̂ᵀb̂: reductions over the batch), the feature-space
-    gradient â(âᵀâ) − b̂(b̂ᵀâ), and the inspection Gram â âᵀ. Operands and out share one dtype. WIDE_K
-    (float32): each BLOCK_K step's product is added in float64, so a long K is not one float32 chain."""
-    acc_dtype = out_ptr.dtype.element_ty
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    acc = dot_over_k(a_ptr, b_ptr, rows, cols, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                     acc_dtype, INPUT_PRECISION, WIDE_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_SECOND:
-        acc = acc - dot_over_k(a2_ptr, b2_ptr, rows, cols, M, N, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-                               acc_dtype, INPUT_PRECISION, WIDE_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.jit
-def batch_alignment_kernel(a_ptr, b_ptr, grad_ptr, partial_ptr, B, C, CP,
-                           COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_K: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Batch-space FA for row tile i and gradient columns [c-chunk]: for every column tile j,
-    Δ = â_i â_jᵀ − b̂_i b̂_jᵀ (BLOCK_B × BLOCK_B, registers only); partial[i] = Σ Δ² (written by the
-    chunk-0 program), grad[i, chunk] = Σ_j Δ â_j[:, chunk]. â: (B, C), b̂: (B, CP), contiguous."""
-    acc_dtype = partial_ptr.dtype.element_ty
-    rows_i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    chunk = tl.program_id(1)
-    grad_cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-    squares = tl.zeros((BLOCK_B, BLOCK_B), acc_dtype)
-    grad = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
-    for j0 in range(0, B, BLOCK_B):
-        rows_j = j0 + tl.arange(0, BLOCK_B)
-        # â_i â_jᵀ and b̂_i b̂_jᵀ: row-major (B, C) operands, the second one read transposed
-        gram_a = dot_over_k(a_ptr, a_ptr, rows_i, rows_j, B, B, C, C, 1, 1, C, acc_dtype, INPUT_PRECISION, WIDE_K,
-                            BLOCK_B, BLOCK_B, BLOCK_K)
-        gram_b = dot_over_k(b_ptr, b_ptr, rows_i, rows_j, B, B, CP, CP, 1, 1, CP, acc_dtype, INPUT_PRECISION, WIDE_K,
-                            BLOCK_B, BLOCK_B, BLOCK_K)
-        difference = gram_a - gram_b
-        squares += difference * difference
-        if COMPUTE_GRAD:
-            a_j = tl.load(a_ptr + rows_j[:, None] * C + grad_cols[None, :],
-                          mask=(rows_j[:, None] < B) & (grad_cols[None, :] < C), other=0.0)
-            grad = tl.dot(difference, a_j, grad, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
-    if chunk == 0:
-        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(squares, axis=1), axis=0))
-    if COMPUTE_GRAD:
-        tl.store(grad_ptr + rows_i[:, None] * C + grad_cols[None, :], grad,
-                 mask=(rows_i[:, None] < B) & (grad_cols[None, :] < C))
-
-
-@triton.jit
-def normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection, above_eps,
-                                safe_norm):
-    """(g − x̂ (x̂·g)) / ‖v‖ (g / ε where ‖v‖ ≤ ε) for one BLOCK_B × BLOCK_C tile, in float64 (WIDE_SUM);
-    g = coef · grad_xhat."""
-    xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0).to(WIDE_SUM)
-    g = (tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef).to(WIDE_SUM)
-    return tl.where(above_eps[:, None], (g - xhat * projection[:, None]) / safe_norm[:, None], g / NORM_EPS)
-
-
-@triton.jit
-def normalization_backward_kernel(xhat_ptr, norm_ptr, grad_xhat_ptr, grad_v_ptr, coef_ptr, B, C,
-                                  CENTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_v[b] += P((g − x̂_b (x̂_b·g)) / ‖v_b‖) with g = coef · grad_xhat[b] (g / ε when ‖v_b‖ ≤ ε);
-    P subtracts the row mean when CENTER. All (B, C) contiguous; coef is a 0-dim tensor."""
-    acc_dtype = coef_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    offsets = rows.to(tl.int64)[:, None] * C
-    coef = tl.load(coef_ptr)
-    norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0).to(WIDE_SUM)
-    # x̂·g per row, in float64 (WIDE_SUM) like every row sum here
-    projection = tl.zeros((BLOCK_B,), WIDE_SUM)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        valid = row_ok[:, None] & (cols[None, :] < C)
-        xhat = tl.load(xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0)
-        g = tl.load(grad_xhat_ptr + offsets + cols[None, :], mask=valid, other=0.0) * coef
-        projection += tl.sum(xhat.to(WIDE_SUM) * g.to(WIDE_SUM), axis=1)
-    above_eps = norm > NORM_EPS
-    safe_norm = tl.where(above_eps, norm, 1.0)  # no 0/0 in the branch tl.where discards
-    mean = tl.zeros((BLOCK_B,), WIDE_SUM)
-    if CENTER:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            valid = row_ok[:, None] & (cols[None, :] < C)
-            through = normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection,
-                                                  above_eps, safe_norm)
-            mean += tl.sum(tl.where(valid, through, 0.0), axis=1)
-        mean = mean / C
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        valid = row_ok[:, None] & (cols[None, :] < C)
-        through = normalization_backward_tile(xhat_ptr, grad_xhat_ptr, offsets, cols, valid, coef, projection,
-                                              above_eps, safe_norm)
-        grad_v = tl.load(grad_v_ptr + offsets + cols[None, :], mask=valid, other=0.0)
-        tl.store(grad_v_ptr + offsets + cols[None, :], (grad_v + through - mean[:, None]).to(acc_dtype), mask=valid)
+@triton.jit(do_not_specialize=["splits"])
+def reduce_splits_kernel(partial_ptr, out_ptr, N, splits, BLOCK: tl.constexpr):
+    """out (N,) = Σ_s partial[s] over the (splits, N) partial sums, in split order (sum_splits)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < N
+    tl.store(out_ptr + offsets, sum_splits(partial_ptr, offsets, mask, splits, N), mask=mask)

@@ -25,7 +25,7 @@ from triton.runtime.jit import JITFunction
 
 from ... import _ops
 from ..._ops import accumulation_dtype
-from . import kernels
+from . import epilogue_kernels, kernels
 
 NAMESPACE = "svp_kernels"
 PREFIX = "triton_"
@@ -50,8 +50,21 @@ def keep_threshold(p: float) -> int:
     return math.ceil(p32 * 2**24)  # exact: p32 · 2²⁴ is a double without rounding
 
 
+def float_bits(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of float `value` rounded to `dtype` (float64, else float32) as a signed int: how the
+    launchers hand a kernel a constant of the accumulation dtype exactly (kernels.scalar_from_bits), without a
+    0-dim tensor to fill first. Rounds to nearest like ``torch.full``; beyond float32's range, ±inf."""
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    try:
+        return struct.unpack("<i", struct.pack("<f", value))[0]
+    except OverflowError:  # rounds to ±inf in float32
+        return struct.unpack("<i", struct.pack("<f", math.copysign(math.inf, value)))[0]
+
+
 def _launch(kernel):
-    """The kernel, wrapped for torch.compile when it is a compiled (not interpreted) Triton kernel."""
+    """The kernel, wrapped for torch.compile when it is a compiled (not interpreted) Triton kernel. Every launch
+    goes through here (tools/gpu_compile_check.py records them)."""
     if INTERPRETED:
         return kernel
     return torch.library.wrap_triton(kernel)
@@ -82,6 +95,13 @@ class ProjectionConfig:
     block_d: int
     num_warps: int = 4
     splits: Optional[int] = None
+    num_stages: Optional[int] = None  # software pipelining of the loop's loads (None: Triton's default)
+
+    def launch_options(self) -> dict:
+        options = {"num_warps": self.num_warps}
+        if self.num_stages is not None and not INTERPRETED:
+            options["num_stages"] = self.num_stages
+        return options
 
 
 def projection_config(B: int, C: int, D: int, dtype: torch.dtype, device: torch.device,
@@ -100,12 +120,15 @@ def projection_config(B: int, C: int, D: int, dtype: torch.dtype, device: torch.
             return ProjectionConfig(block_b=128, block_c=_next_pow2(C, high=64), block_d=64, num_warps=8)
         return ProjectionConfig(block_b=_next_pow2(B, high=64), block_c=_next_pow2(C, high=64), block_d=32)
     high_b = 32 if dtype == torch.float64 else 64
-    return ProjectionConfig(block_b=_next_pow2(B, high=high_b), block_c=_next_pow2(C, high=32), block_d=16)
+    # An implicit R is generated, not loaded: nothing to pipeline but h, and without it no variant spills.
+    return ProjectionConfig(block_b=_next_pow2(B, high=high_b), block_c=_next_pow2(C, high=32), block_d=16,
+                            num_stages=None if dense else 1)
 
 
 def _weight_arguments(weight, h, C: int, D: int, proj_seed: int, proj_std: float, p: float, seed: torch.Tensor,
-                      block_c: int):
-    """Kernel arguments shared by forward and backward: (weight_ptr, stride, seeds, threshold, flags).
+                      block_c: int, acc: torch.dtype = torch.float32):
+    """Kernel arguments shared by forward and backward: (weight_ptr, stride, seeds, threshold, the dropout
+    scale 1/(1 − p) in `acc` (computed in double, rounded once), flags).
 
     The dropout seed is a 0-dim int64 tensor on the kernels' device; they load it themselves."""
     has_weight = weight is not None
@@ -114,16 +137,17 @@ def _weight_arguments(weight, h, C: int, D: int, proj_seed: int, proj_std: float
         weight_ptr=weight if has_weight else h,
         stride_wc=weight.stride(0) if has_weight else 0,
         proj_seed_lo=proj_seed % 2**32, proj_seed_hi=proj_seed // 2**32, proj_std=float(proj_std),
-        seed_ptr=seed, keep_threshold=keep_threshold(p),
+        seed_ptr=seed, keep_threshold=keep_threshold(p), scale_bits=float_bits(1.0 / (1.0 - p), acc) if p > 0 else 0,
         HAS_WEIGHT=has_weight, HAS_DROPOUT=p > 0, OFFSET_64=offset_64, PRECISE_MATH=PRECISE_MATH,
         INPUT_PRECISION=input_precision(),
     )
 
 
-def projection_forward(h: torch.Tensor, weight: Optional[torch.Tensor], out_features: int, proj_seed: int,
-                       proj_std: float, p: float, seed: torch.Tensor,
-                       config: Optional[ProjectionConfig] = None) -> torch.Tensor:
-    """v (B, C) = h (B, D) · R̃ᵀ in the accumulation dtype; R̃ = R ⊙ M / (1 − p) is never stored."""
+def projection_partials(h: torch.Tensor, weight: Optional[torch.Tensor], out_features: int, proj_seed: int,
+                        proj_std: float, p: float, seed: torch.Tensor,
+                        config: Optional[ProjectionConfig] = None) -> torch.Tensor:
+    """The forward's partial sums of v = h (B, D) · R̃ᵀ, one per split of D: (splits, B, C) in the accumulation
+    dtype, or v itself (B, C) when one split covers D. R̃ = R ⊙ M / (1 − p) is never stored."""
     B, D = h.shape
     C = int(out_features)
     acc = accumulation_dtype(h.dtype)
@@ -140,45 +164,70 @@ def projection_forward(h: torch.Tensor, weight: Optional[torch.Tensor], out_feat
     d_per_split = triton.cdiv(chunks, splits) * config.block_d
     splits = triton.cdiv(D, d_per_split)
 
-    scale = torch.full((), 1.0 / (1.0 - p), dtype=acc, device=h.device)
     out = torch.empty((splits, B, C) if splits > 1 else (B, C), dtype=acc, device=h.device)
     stride_os = out.stride(0) if splits > 1 else 0
     _launch(kernels.projection_forward_kernel)[(splits, b_tiles, c_tiles)](
-        h_ptr=h, out_ptr=out, scale_ptr=scale, B=B, C=C, D=D, stride_hb=h.stride(0), stride_os=stride_os,
+        h_ptr=h, out_ptr=out, B=B, C=C, D=D, stride_hb=h.stride(0), stride_os=stride_os,
         stride_ob=C, d_per_split=d_per_split,
-        BLOCK_B=config.block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d, num_warps=config.num_warps,
-        **_weight_arguments(weight, h, C, D, proj_seed, proj_std, p, seed, config.block_c),
+        BLOCK_B=config.block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d, **config.launch_options(),
+        **_weight_arguments(weight, h, C, D, proj_seed, proj_std, p, seed, config.block_c, acc),
     )
-    return out.sum(dim=0) if splits > 1 else out  # fixed-order reduction: deterministic
+    return out
+
+
+def reduce_splits(partials: torch.Tensor) -> torch.Tensor:
+    """v (B, C) from projection_partials: the partial sums added in split order (kernels.sum_splits), the same
+    bits as the loss epilogue's own reduction of them."""
+    if partials.dim() == 2:
+        return partials
+    splits, B, C = partials.shape
+    v = torch.empty((B, C), dtype=partials.dtype, device=partials.device)
+    block = 256 if INTERPRETED else 1024
+    _launch(kernels.reduce_splits_kernel)[(triton.cdiv(B * C, block),)](
+        partial_ptr=partials, out_ptr=v, N=B * C, splits=splits, BLOCK=block)
+    return v
+
+
+def projection_forward(h: torch.Tensor, weight: Optional[torch.Tensor], out_features: int, proj_seed: int,
+                       proj_std: float, p: float, seed: torch.Tensor,
+                       config: Optional[ProjectionConfig] = None) -> torch.Tensor:
+    """v (B, C) = h (B, D) · R̃ᵀ in the accumulation dtype; R̃ = R ⊙ M / (1 − p) is never stored."""
+    return reduce_splits(projection_partials(h, weight, out_features, proj_seed, proj_std, p, seed, config))
 
 
 def projection_backward_config(B: int, C: int, D: int, dtype: torch.dtype, device: torch.device) -> ProjectionConfig:
-    """dh tiles BLOCK_B × BLOCK_D over a reduction of BLOCK_C = 16 (grad_v is float32/float64: FMA dots)."""
+    """dh tiles BLOCK_B × BLOCK_D (64) over a reduction of BLOCK_C = 16 (grad_v is float32/float64: FMA dots)."""
     if INTERPRETED:
         return ProjectionConfig(block_b=_next_pow2(B, high=32), block_c=_next_pow2(C, high=32), block_d=32)
+    # The loop over C is short (R's tile is generated, grad_v's is small): no pipelining. With it, or with
+    # BLOCK_D 128, ptxas traded a few bytes of spills for occupancy in some variants.
     if dtype == torch.float64:
-        return ProjectionConfig(block_b=_next_pow2(B, high=32), block_c=16, block_d=64)
+        return ProjectionConfig(block_b=_next_pow2(B, high=32), block_c=16, block_d=64, num_stages=1)
     block_b = _next_pow2(B, high=64)
-    return ProjectionConfig(block_b=block_b, block_c=16, block_d=128, num_warps=8 if block_b == 64 else 4)
+    return ProjectionConfig(block_b=block_b, block_c=16, block_d=64, num_warps=8 if block_b == 64 else 4,
+                            num_stages=1)
 
 
 def projection_backward(grad_v: torch.Tensor, weight: Optional[torch.Tensor], in_features: int, proj_seed: int,
                         proj_std: float, p: float, seed: torch.Tensor, dtype: torch.dtype,
-                        config: Optional[ProjectionConfig] = None) -> torch.Tensor:
-    """dh (B, D) = grad_v (B, C) · R̃ in `dtype` (h's); the mask and an implicit R are regenerated."""
+                        config: Optional[ProjectionConfig] = None,
+                        grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dh (B, D) = (grad_scale · grad_v) (B, C) · R̃ in `dtype` (h's); the mask and an implicit R are
+    regenerated. grad_scale: None or a 0-dim tensor of the accumulation dtype on grad_v's device (the loss's
+    incoming gradient), multiplied in by the kernel as the torch product would round it."""
     B, C = grad_v.shape
     D = int(in_features)
     acc = accumulation_dtype(dtype)
     grad_v = grad_v.to(acc).contiguous()
     weight = weight.contiguous() if weight is not None else None
     config = config or projection_backward_config(B, C, D, acc, grad_v.device)
-    scale = torch.full((), 1.0 / (1.0 - p), dtype=acc, device=grad_v.device)
     dh = torch.empty((B, D), dtype=dtype, device=grad_v.device)
     grid = (triton.cdiv(D, config.block_d), triton.cdiv(B, config.block_b))
     _launch(kernels.projection_backward_kernel)[grid](
-        grad_ptr=grad_v, dh_ptr=dh, scale_ptr=scale, B=B, C=C, D=D, stride_gb=grad_v.stride(0), stride_dhb=dh.stride(0),
-        BLOCK_B=config.block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d, num_warps=config.num_warps,
-        **_weight_arguments(weight, grad_v, C, D, proj_seed, proj_std, p, seed, config.block_c),
+        grad_ptr=grad_v, dh_ptr=dh, grad_scale_ptr=grad_scale if grad_scale is not None else grad_v,
+        B=B, C=C, D=D, stride_gb=grad_v.stride(0), stride_dhb=dh.stride(0), HAS_GRAD_SCALE=grad_scale is not None,
+        BLOCK_B=config.block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d, **config.launch_options(),
+        **_weight_arguments(weight, grad_v, C, D, proj_seed, proj_std, p, seed, config.block_c, acc),
     )
     return dh
 
@@ -201,10 +250,12 @@ def weight_window(weight: Optional[torch.Tensor], out_features: int, in_features
     args = _weight_arguments(weight.contiguous() if weight is not None else None, out, C, D, proj_seed, proj_std,
                              p, seed, block_r)
     args.pop("INPUT_PRECISION")
+    args.pop("scale_bits")
     args["OFFSET_64"] = args["OFFSET_64"] or (row_start + n_rows + block_r) * D + col_start >= MAX_INT32_OFFSET
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
-    kernels.weight_window_kernel[grid](out_ptr=out, row_start=row_start, col_start=col_start, n_rows=n_rows,
-                                       n_cols=n_cols, C=C, D=D, BLOCK_R=block_r, BLOCK_K=block_k, **args)
+    _launch(kernels.weight_window_kernel)[grid](out_ptr=out, row_start=row_start, col_start=col_start,
+                                                n_rows=n_rows, n_cols=n_cols, C=C, D=D, BLOCK_R=block_r,
+                                                BLOCK_K=block_k, **args)
     return out
 
 
@@ -213,7 +264,7 @@ def philox_words(seed: int, offsets: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     flat = offsets.to(torch.int64).contiguous().view(-1)
     words = torch.empty((4, flat.numel()), dtype=torch.int64, device=flat.device)
     block = 64
-    kernels.philox_words_kernel[(triton.cdiv(flat.numel(), block),)](
+    _launch(kernels.philox_words_kernel)[(triton.cdiv(flat.numel(), block),)](
         offsets_ptr=flat, words_ptr=words, N=flat.numel(), seed_lo=seed % 2**32, seed_hi=seed // 2**32, BLOCK=block)
     return tuple(w.view(offsets.shape) for w in words)
 
@@ -227,30 +278,35 @@ def philox_words(seed: int, offsets: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 class EpilogueConfig:
     """Blocks of the epilogue kernels. path: "feature" | "batch" | None (by cost, docs/backends.md)."""
 
-    row_block_b: int  # row_statistics_kernel, normalization_backward_kernel: BLOCK_B × BLOCK_C row tiles
+    row_block_b: int  # rows_kernel: BLOCK_B × BLOCK_C row tiles
     row_block_c: int
-    matmul_tile: int  # matmul_kernel: BLOCK_M = BLOCK_N
-    matmul_block_k: int
+    matmul_tile: int  # feature_grams_kernel and matmul_kernel: BLOCK_M = BLOCK_N
+    matmul_block_k: int  # the reduction step of every dot
     batch_tile: int  # batch_alignment_kernel: BLOCK_B (S tiles are batch_tile × batch_tile)
     batch_block_k: int
     grad_block_c: int  # gradient columns per batch_alignment_kernel program
+    gradient_block_b: int = 16  # gradient_kernel: rows per program (≥ 16: its dots' M; ≤ 1024 elements a tile)
+    gradient_block_c: int = 16  # gradient_kernel: columns per step (≥ 16: its dots' N)
     num_warps: int = 4
     matmul_warps: int = 4
     path: Optional[str] = None
 
 
 def epilogue_config(B: int, C: int, dtype: torch.dtype) -> EpilogueConfig:
-    """Row kernels hold ≤ 1024 elements per tile; the dots are float32/float64 (FMA) with K = 16.
-    Compiles for sm_90 without spills (Triton 3.9); to be tuned on a GPU."""
+    """Row tiles of ≤ 1024 elements at most 128 wide (256-wide ones spilled), gradient tiles of ≤ 1024; the
+    dots are float32/float64 (FMA) with K = 16.
+    Compiles for sm_90 without spills (bench/results/sm90-static.csv); to be tuned on a GPU."""
     if INTERPRETED:
         return EpilogueConfig(row_block_b=_next_pow2(B, low=1, high=32), row_block_c=_next_pow2(C, high=32),
                               matmul_tile=32, matmul_block_k=32, batch_tile=32, batch_block_k=32,
-                              grad_block_c=_next_pow2(C, high=32))
-    row_block_c = _next_pow2(C, high=256)
+                              grad_block_c=_next_pow2(C, high=32), gradient_block_b=_next_pow2(B, high=32),
+                              gradient_block_c=_next_pow2(C, high=32))
+    row_block_c = _next_pow2(C, high=128)
     row_block_b = max(2, min(_next_pow2(B, low=2), 1024 // row_block_c))
     return EpilogueConfig(row_block_b=row_block_b, row_block_c=row_block_c, matmul_tile=64, matmul_block_k=16,
-                          batch_tile=32, batch_block_k=16, grad_block_c=_next_pow2(C, high=64), num_warps=4,
-                          matmul_warps=8)
+                          batch_tile=32, batch_block_k=16, grad_block_c=_next_pow2(C, high=64),
+                          gradient_block_b=16, gradient_block_c=_next_pow2(C, high=64),
+                          num_warps=4, matmul_warps=8)
 
 
 def use_feature_space(B: int, C: int, C_prev: int) -> bool:
@@ -258,107 +314,119 @@ def use_feature_space(B: int, C: int, C_prev: int) -> bool:
     return C + C_prev < B
 
 
-def _row_statistics(x, target, config: EpilogueConfig, acc, center: bool, normalize: bool, grad_v=None):
-    """Launch row_statistics_kernel; returns (ce_rows or None, xhat or None, norm or None)."""
-    B, C = x.shape
+def _rows(x, config: EpilogueConfig, acc: torch.dtype, center: bool, *, target=None, grad_v=None, v_prev=None,
+          normalize: bool = True):
+    """Launch rows_kernel on v, or on the forward's partial sums x (splits, B, C), and on v_prev.
+
+    Returns (v, ce_rows, xhat, norm, xhat_prev), None where not computed. grad_v (B, C) receives the CE gradient
+    (zeros without a target) when given."""
+    B, C = x.shape[-2:]
     device = x.device
-    has_target = target is not None
-    inv_batch = torch.full((), 1.0 / B, dtype=acc, device=device)
-    ce_rows = torch.empty(B, dtype=acc, device=device) if has_target else inv_batch
-    xhat = torch.empty((B, C), dtype=acc, device=device) if normalize else inv_batch
-    norm = torch.empty(B, dtype=acc, device=device) if normalize else inv_batch
-    _launch(kernels.row_statistics_kernel)[(triton.cdiv(B, config.row_block_b),)](
-        x_ptr=x, target_ptr=target if has_target else x, ce_ptr=ce_rows,
-        grad_ptr=grad_v if has_target else inv_batch, xhat_ptr=xhat, norm_ptr=norm, inv_batch_ptr=inv_batch,
-        B=B, C=C, stride_xb=x.stride(0), HAS_TARGET=has_target, NORMALIZE=normalize, CENTER=center,
-        PRECISE_MATH=PRECISE_MATH,
+    split = x.dim() == 3
+    v = torch.empty((B, C), dtype=acc, device=device) if split else x
+    placeholder = grad_v if grad_v is not None else torch.empty(0, dtype=acc, device=device)
+    ce_rows = torch.empty(B, dtype=acc, device=device) if target is not None else None
+    xhat = torch.empty((B, C), dtype=acc, device=device) if normalize else None
+    norm = torch.empty(B, dtype=acc, device=device) if normalize else None
+    C_prev = v_prev.shape[1] if v_prev is not None else 0
+    xhat_prev = torch.empty((B, C_prev), dtype=acc, device=device) if v_prev is not None else None
+    _launch(epilogue_kernels.rows_kernel)[(triton.cdiv(B, config.row_block_b),)](
+        x_ptr=x, v_ptr=v, prev_ptr=v_prev if v_prev is not None else x, target_ptr=target if target is not None else x,
+        ce_ptr=_or(ce_rows, placeholder), grad_ptr=placeholder, xhat_ptr=_or(xhat, placeholder),
+        norm_ptr=_or(norm, placeholder), xhat_prev_ptr=_or(xhat_prev, placeholder),
+        B=B, C=C, CP=C_prev, splits=x.shape[0] if split else 1, stride_xb=x.stride(-2),
+        stride_pb=v_prev.stride(0) if v_prev is not None else 0, inv_batch_bits=float_bits(1.0 / B, acc),
+        SPLIT=split, HAS_TARGET=target is not None, HAS_GRAD=grad_v is not None, NORMALIZE=normalize,
+        HAS_PREV=v_prev is not None, CENTER=center, PRECISE_MATH=PRECISE_MATH,
         BLOCK_B=config.row_block_b, BLOCK_C=config.row_block_c, num_warps=config.num_warps,
     )
-    return (ce_rows if has_target else None, xhat if normalize else None, norm if normalize else None)
+    return v, ce_rows, xhat, norm, xhat_prev
 
 
-def _matmul(a, b, config: EpilogueConfig, second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-    """a (M, K) · b (K, N) [− a2 · b2] with any strides (views such as xhat.t() cost nothing)."""
-    M, K = a.shape
-    N = b.shape[1]
-    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    a2, b2 = second if second is not None else (a, b)
-    grid = (triton.cdiv(M, config.matmul_tile), triton.cdiv(N, config.matmul_tile))
-    _launch(kernels.matmul_kernel)[grid](
-        a_ptr=a, b_ptr=b, a2_ptr=a2, b2_ptr=b2, out_ptr=out, M=M, N=N, K=K, K2=a2.shape[1],
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
-        stride_a2m=a2.stride(0), stride_a2k=a2.stride(1), stride_b2k=b2.stride(0), stride_b2n=b2.stride(1),
-        stride_om=out.stride(0), stride_on=out.stride(1),
-        HAS_SECOND=second is not None, INPUT_PRECISION=input_precision(), WIDE_K=out.dtype == torch.float32,
-        BLOCK_M=config.matmul_tile, BLOCK_N=config.matmul_tile, BLOCK_K=config.matmul_block_k,
-        num_warps=config.matmul_warps,
+def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A kernel's pointer argument: the tensor, or a placeholder of the same dtype the kernel never reads."""
+    return tensor if tensor is not None else placeholder
+
+
+def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[torch.Tensor],
+             alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, alignment, g_v, v) from v (B, C), or from the forward's partial sums x (splits, B, C), whose
+    reduction then happens in the first launch. Three launches at most (docs/backends.md):
+
+        rows_kernel            v (from the partials), CE and its gradient into g_v, â, ‖v‖, b̂
+        feature_grams_kernel   âᵀâ, b̂ᵀâ and the squared sums of the three Grams    (C + C' < B), or
+        batch_alignment_kernel S(â) − S(b̂) tile by tile, its squared sums and Δ â      (otherwise)
+        gradient_kernel        g_v += λ·∂FA/∂v through the row normalisation; loss, ce, alignment
+
+    Without v_prev only the first and the scalars of the last run; with λ = 0 no gradient rows."""
+    B, C = x.shape[-2:]
+    acc = accumulation_dtype(x.dtype)
+    device = x.device
+    x = x.contiguous()
+    config = config or epilogue_config(B, C, acc)
+    has_alignment = v_prev is not None
+    path = None
+    if has_alignment:
+        v_prev = v_prev.contiguous()
+        C_prev = v_prev.shape[1]
+        path = config.path or ("feature" if use_feature_space(B, C, C_prev) else "batch")
+        if path not in ("feature", "batch"):
+            raise ValueError(f"path must be 'feature', 'batch' or None, got {path!r}")
+    grad_v = torch.empty((B, C), dtype=acc, device=device)
+    target = target.contiguous() if target is not None else None
+    v, ce_rows, xhat, norm, xhat_prev = _rows(x, config, acc, center, target=target, grad_v=grad_v, v_prev=v_prev,
+                                               normalize=has_alignment)
+
+    compute_grad = has_alignment and alignment_weight != 0.0
+    gram = cross = partials = grad_xhat = None
+    if path == "feature":
+        # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖²
+        # cancels when v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
+        tiles = triton.cdiv(max(C, C_prev), config.matmul_tile)
+        gram = torch.empty((C, C), dtype=torch.float64, device=device)
+        cross = torch.empty((C_prev, C), dtype=torch.float64, device=device)
+        partials = torch.empty((3, tiles, tiles), dtype=torch.float64, device=device)
+        _launch(epilogue_kernels.feature_grams_kernel)[(tiles, tiles, 3)](
+            xhat_ptr=xhat, xhat_prev_ptr=xhat_prev, gram_ptr=gram, cross_ptr=cross, partial_ptr=partials, B=B, C=C,
+            CP=C_prev, INPUT_PRECISION=input_precision(), BLOCK=config.matmul_tile, BLOCK_K=config.matmul_block_k,
+            num_warps=config.matmul_warps,
+        )
+        grad_xhat = torch.empty((B, C), dtype=acc, device=device) if compute_grad else None
+    elif path == "batch":
+        batch_tiles = triton.cdiv(B, config.batch_tile)
+        partials = torch.empty(batch_tiles, dtype=acc, device=device)
+        grad_xhat = torch.empty((B, C), dtype=acc, device=device) if compute_grad else None
+        chunks = triton.cdiv(C, config.grad_block_c) if compute_grad else 1
+        _launch(epilogue_kernels.batch_alignment_kernel)[(batch_tiles, chunks)](
+            a_ptr=xhat, b_ptr=xhat_prev, grad_ptr=_or(grad_xhat, partials), partial_ptr=partials, B=B, C=C, CP=C_prev,
+            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
+            BLOCK_B=config.batch_tile, BLOCK_K=config.batch_block_k, BLOCK_C=config.grad_block_c,
+            num_warps=config.num_warps,
+        )
+
+    loss, ce, alignment = (torch.empty((), dtype=acc, device=device) for _ in range(3))
+    row_tiles = triton.cdiv(B, config.gradient_block_b) if compute_grad else 0
+    coef = alignment_weight * 4.0 / (B * B if mean else 1)  # g_v += λ · 4 (/B²) · ∂â/∂v (â(âᵀâ) − b̂(b̂ᵀâ))
+    _launch(epilogue_kernels.gradient_kernel)[(row_tiles + 1,)](
+        xhat_ptr=_or(xhat, grad_v), xhat_prev_ptr=_or(xhat_prev, grad_v), gram_ptr=_or(gram, grad_v),
+        cross_ptr=_or(cross, grad_v), grad_xhat_ptr=_or(grad_xhat, grad_v), norm_ptr=_or(norm, grad_v),
+        grad_v_ptr=grad_v, ce_ptr=_or(ce_rows, grad_v), partial_ptr=_or(partials, grad_v), loss_ptr=loss,
+        ce_out_ptr=ce, alignment_ptr=alignment, B=B, C=C, CP=C_prev if has_alignment else 0, row_tiles=row_tiles,
+        n_partials=partials.numel() if partials is not None else 0, coef_bits=float_bits(coef, acc),
+        weight_bits=float_bits(alignment_weight, acc), FEATURE=path == "feature", HAS_TARGET=target is not None,
+        HAS_ALIGNMENT=has_alignment, MEAN=mean, CENTER=center, INPUT_PRECISION=input_precision(),
+        BLOCK_B=config.gradient_block_b, BLOCK_C=config.gradient_block_c, BLOCK_K=config.matmul_block_k,
+        BLOCK_R=256 if INTERPRETED else 1024, num_warps=config.num_warps,
     )
-    return out
+    return loss, ce, alignment, grad_v, v
 
 
 def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[torch.Tensor],
                   alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, alignment, g_v): CE(v, y) + λ·FA and its gradient g_v = dloss/dv (B, C), one pass."""
-    B, C = v.shape
-    acc = accumulation_dtype(v.dtype)
-    device = v.device
-    v = v.contiguous()
-    config = config or epilogue_config(B, C, acc)
-    compute_alignment = v_prev is not None
-    grad_v = (torch.empty if target is not None else torch.zeros)((B, C), dtype=acc, device=device)
-
-    ce_rows, xhat, norm = None, None, None
-    if target is not None or compute_alignment:
-        ce_rows, xhat, norm = _row_statistics(v, target.contiguous() if target is not None else None, config, acc,
-                                              center, compute_alignment, grad_v)
-    ce = ce_rows.sum() / B if ce_rows is not None else torch.zeros((), dtype=acc, device=device)
-    if not compute_alignment:
-        return ce.clone(), ce, torch.zeros((), dtype=acc, device=device), grad_v
-
-    v_prev = v_prev.contiguous()
-    C_prev = v_prev.shape[1]
-    _, xhat_prev, _ = _row_statistics(v_prev, None, config, acc, center, True)
-    compute_grad = alignment_weight != 0.0
-    path = config.path or ("feature" if use_feature_space(B, C, C_prev) else "batch")
-    grad_xhat = None
-    if path == "feature":
-        # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² cancels when
-        # v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
-        wide, wide_prev = xhat.double(), xhat_prev.double()
-        gram = _matmul(wide.t(), wide, config)  # âᵀâ (C, C)
-        cross = _matmul(wide_prev.t(), wide, config)  # b̂ᵀâ (C', C)
-        gram_prev = _matmul(wide_prev.t(), wide_prev, config)  # b̂ᵀb̂ (C', C')
-        alignment = (gram.square().sum() - 2.0 * cross.square().sum() + gram_prev.square().sum()).to(acc)
-        if compute_grad:  # â(âᵀâ) − b̂(b̂ᵀâ), which cancel likewise: in float64 too
-            grad_xhat = _matmul(wide, gram, config, second=(wide_prev, cross)).to(acc)
-    elif path == "batch":
-        row_tiles = triton.cdiv(B, config.batch_tile)
-        partials = torch.empty(row_tiles, dtype=acc, device=device)
-        grad_xhat = torch.empty((B, C), dtype=acc, device=device) if compute_grad else partials
-        chunks = triton.cdiv(C, config.grad_block_c) if compute_grad else 1
-        _launch(kernels.batch_alignment_kernel)[(row_tiles, chunks)](
-            a_ptr=xhat, b_ptr=xhat_prev, grad_ptr=grad_xhat, partial_ptr=partials, B=B, C=C, CP=C_prev,
-            COMPUTE_GRAD=compute_grad, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
-            BLOCK_B=config.batch_tile, BLOCK_K=config.batch_block_k, BLOCK_C=config.grad_block_c,
-            num_warps=config.num_warps,
-        )
-        alignment = partials.sum()
-        grad_xhat = grad_xhat if compute_grad else None
-    else:
-        raise ValueError(f"path must be 'feature', 'batch' or None, got {path!r}")
-    if mean:
-        alignment = alignment / (B * B)
-
-    if compute_grad:  # g_v += λ · 4 (/B²) · ∂â/∂v applied to (â(âᵀâ) − b̂(b̂ᵀâ))
-        coef = torch.full((), alignment_weight * 4.0 / (B * B if mean else 1), dtype=acc, device=device)
-        _launch(kernels.normalization_backward_kernel)[(triton.cdiv(B, config.row_block_b),)](
-            xhat_ptr=xhat, norm_ptr=norm, grad_xhat_ptr=grad_xhat, grad_v_ptr=grad_v, coef_ptr=coef, B=B, C=C,
-            CENTER=center,
-            BLOCK_B=config.row_block_b, BLOCK_C=config.row_block_c, num_warps=config.num_warps,
-        )
-    loss = ce + alignment_weight * alignment
-    return loss, ce, alignment, grad_v
+    """(loss, ce, alignment, g_v): CE(v, y) + λ·FA and its gradient g_v = dloss/dv (B, C), one pass (epilogue)."""
+    return epilogue(v, target, v_prev, alignment_weight, mean, center, config)[:4]
 
 
 def cosine_gram(v: torch.Tensor, center: bool, config: Optional[EpilogueConfig] = None) -> torch.Tensor:
@@ -366,8 +434,16 @@ def cosine_gram(v: torch.Tensor, center: bool, config: Optional[EpilogueConfig] 
     B, C = v.shape
     acc = accumulation_dtype(v.dtype)
     config = config or epilogue_config(B, C, acc)
-    _, xhat, _ = _row_statistics(v.contiguous(), None, config, acc, center, True)
-    return _matmul(xhat, xhat.t(), config)
+    _, _, xhat, _, _ = _rows(v.contiguous(), config, acc, center)
+    S = torch.empty((B, B), dtype=acc, device=v.device)
+    grid = (triton.cdiv(B, config.matmul_tile), triton.cdiv(B, config.matmul_tile))
+    _launch(epilogue_kernels.matmul_kernel)[grid](
+        a_ptr=xhat, b_ptr=xhat, out_ptr=S, M=B, N=B, K=C, stride_am=C, stride_ak=1, stride_bk=1, stride_bn=C,
+        stride_om=B, stride_on=1, INPUT_PRECISION=input_precision(), WIDE_K=acc == torch.float32,
+        BLOCK_M=config.matmul_tile, BLOCK_N=config.matmul_tile, BLOCK_K=config.matmul_block_k,
+        num_warps=config.matmul_warps,
+    )
+    return S
 
 
 # ----------------------------------------------------------------------------------------------------
