@@ -65,9 +65,10 @@ def test_a_missing_extra_ends_with_one_line_naming_it(tmp_path, hidden, module, 
 
 
 @pytest.mark.parametrize("flags", [TINY + ["--json", "run.json"], TINY + ["--stages", "2", "--json", "run.json"],
+                                   TINY + ["--data-parallel", "2", "--json", "run.json"],
                                    ["memory-depth", "--width", "8", "--depths", "1", "--batch-size", "4",
                                     "--device", "cpu", "--json", "run.json"]],
-                         ids=["single-process", "pipeline", "memory-depth"])
+                         ids=["single-process", "pipeline", "data-parallel", "memory-depth"])
 def test_runs_without_tqdm_scikit_learn_matplotlib_or_pillow(tmp_path, flags):
     run = run_without(tmp_path, EXTRA, "svp_kernels.train.cli", *flags)
     assert run.returncode == 0, run.stderr[-3000:]
