@@ -33,7 +33,7 @@ def test_python_and_torch_bounds_are_the_tested_ones():
     assert project["requires-python"] == ">=3.10"  # zip(strict=True); torch 2.11 needs 3.10 as well
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py310"
     torch_requirement = next(dependency for dependency in project["dependencies"] if dependency.startswith("torch"))
-    # built and tested: 2.11.0, 2.13.0 (the suite's) and 2.14.1 (tools/build_cuda_extension.sh's CUDA build)
+    # built and tested: 2.11.0, 2.13.0 (the suite's) and 2.14.1 (CI's CUDA build, tools/build_cuda_extension.sh)
     assert torch_requirement == "torch>=2.11,<2.15"
     assert torch_requirement in PYPROJECT["build-system"]["requires"]
     assert PYPROJECT["project"]["optional-dependencies"]["triton"] == ["triton>=3.5,<3.10"]
