@@ -7,11 +7,14 @@
     python bench/local_loss.py --device cuda                     # GPU shape set, fused cuda/triton
 
 Variants, per shape × dtype × projection:
-- the fused backends (``cpu`` on CPU; ``cuda``, ``triton`` on CUDA): ``fused_local_loss(...).loss.backward()``;
+- the fused backends (``cpu`` on CPU; ``cuda``, ``triton`` on CUDA): ``fused_local_loss(...).loss.backward()``
+  with projection_path="fused"; ``cpu-gemm``, ``cuda-gemm``: the same backend with projection_path="gemm"
+  (R̃ written out, then the device's GEMM);
 - ``eager``: the plain formulation of bench/baselines.py (F.dropout(R, p), h @ R̃ᵀ, F.normalize, the B×B
   Grams, F.cross_entropy); with implicit R it regenerates R from a seeded torch.randn on every call;
-- ``compile``: torch.compile(dynamic=False) of that same function, compiled afresh per shape
-  (mode "max-autotune-no-cudagraphs" on CUDA).
+- ``compile``: torch.compile(dynamic=False) of that same function, compiled afresh per shape, in the mode of
+  --compile-mode (recorded in the compile_mode column; "default" unless asked: max-autotune tries GEMM
+  configurations for minutes per shape).
 
 Before any timing, every fused variant is checked against the float64 oracle (svp_kernels.testing
 ``ground_truth``: the Philox-in-torch reference backend in float64) on the benchmark's own inputs, and
@@ -36,7 +39,8 @@ forward+backward, VmRSS, peak reset (/proc/self/clear_refs), one forward+backwar
 before − bytes of dh (MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live memory). CUDA:
 max_memory_allocated beyond the inputs and dh.
 
-Rows are appended to bench/results/<device>.csv (CSV_COLUMNS); a markdown table is printed.
+Rows are appended to bench/results/<device>.csv (CSV_COLUMNS) after each shape and dtype, so a run stopped at a
+time limit keeps what it measured; a markdown table is printed at the end.
 """
 
 from __future__ import annotations
@@ -70,13 +74,15 @@ import baselines  # noqa: E402
 CSV_COLUMNS = ["op", "B", "D", "C", "p", "dtype", "projection", "variant", "median_ms", "p20_ms", "p80_ms",
                "roofline_ms", "roofline_fraction", "speedup_vs_eager", "speedup_vs_compile", "extra_peak_MiB",
                "other_load_cpus", "copy_GBps", "fma_peak_GFLOPs", "clock", "allocator", "threads", "device",
-               "torch", "triton", "commit", "timestamp", "implicit_over_dense"]
+               "torch", "triton", "commit", "timestamp", "implicit_over_dense", "compile_mode"]
 # (B, D, C) with C' = C.
 CPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (4096, 1024, 10), (1024, 4096, 100), (128, 3072, 10),
               (512, 1024, 100)]
 GPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (1024, 65536, 100), (4096, 1024, 10), (256, 768, 1000),
               (8192, 4096, 10)]
 BASELINES = ("eager", "compile")
+GEMM_SUFFIX = "-gemm"  # "<backend>-gemm": the backend's GEMM projection path; "<backend>": its fused kernels
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DROPOUT_SEED = 1234
 ALIGNMENT_WEIGHT = 0.7
 ORACLE_TOLERANCE = 1e-4  # float32 fused vs float64 oracle: max |error| / max(1, max |oracle|), loss and dh
@@ -148,16 +154,25 @@ def baseline_loss(case, target, v_prev, projection):
     return lambda h: baselines.local_loss(h, target, v_prev, projection, case.p, case.alignment_weight)
 
 
-def make_step(variant: str, case, h, target, v_prev, projection, device: str):
+def fused_variant(variant: str) -> tuple[str, str]:
+    """(backend, projection_path) of a fused variant: "cuda" -> ("cuda", "fused"), "cuda-gemm" -> ("cuda", "gemm")."""
+    if variant.endswith(GEMM_SUFFIX):
+        return variant[:-len(GEMM_SUFFIX)], "gemm"
+    return variant, "fused"
+
+
+def make_step(variant: str, case, h, target, v_prev, projection, device: str, compile_mode: str = "default"):
     """A callable running one forward+backward of `variant` and returning dh."""
     if variant not in BASELINES:
+        backend, path = fused_variant(variant)
+
         def fused():
-            return run_fused(case, h, target, v_prev, projection, variant, seed=DROPOUT_SEED)[4]
+            return run_fused(case, h, target, v_prev, projection, backend, seed=DROPOUT_SEED, projection_path=path)[4]
 
         return fused
     loss = baseline_loss(case, target, v_prev, projection)
     if variant == "compile":
-        loss = torch.compile(loss, dynamic=False, mode="max-autotune-no-cudagraphs" if device == "cuda" else None)
+        loss = torch.compile(loss, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
 
     def baseline():
         leaf = h.detach().requires_grad_(True)
@@ -189,7 +204,8 @@ def oracle_check(variant: str, case, h, target, v_prev, projection):
         got = (loss, leaf.grad)
         expected = ground_truth(exact, h, target, v_prev, projection)
     else:
-        result = run_fused(case, h, target, v_prev, projection, variant, seed=DROPOUT_SEED)
+        backend, path = fused_variant(variant)
+        result = run_fused(case, h, target, v_prev, projection, backend, seed=DROPOUT_SEED, projection_path=path)
         got = (result[0], result[4])
         expected = ground_truth(case, h, target, v_prev, projection, seed=DROPOUT_SEED)
     errors = {"loss": scaled_error(got[0], expected[0]), "dh": scaled_error(got[1], expected[4])}
@@ -407,17 +423,23 @@ def parse_shapes(text: str):
 
 def default_variants(device: str) -> list[str]:
     """The fused backends that run on `device` (not the reference, the oracle; triton on CPU is only its
-    interpreter), then the two baselines."""
+    interpreter), each with its GEMM projection path where it has one, then the two baselines."""
     fused = [name for name in backends.available_backends()
              if name != "reference" and not (device == "cpu" and name == "triton")
              and backends.load(name).supports(torch.device(device), torch.float32)]
-    return [*fused, *BASELINES]
+    gemm = [name + GEMM_SUFFIX for name in fused if "gemm" in getattr(backends.load(name), "PROJECTION_PATHS", ())]
+    return [*fused, *gemm, *BASELINES]
 
 
 def variant_supports(variant: str, device: str, dtype) -> bool:
     if variant in BASELINES:
         return True
-    return backends.is_available(variant) and backends.load(variant).supports(torch.device(device), dtype)
+    backend, path = fused_variant(variant)
+    if not backends.is_available(backend):
+        return False
+    module = backends.load(backend)
+    return module.supports(torch.device(device), dtype) and (path == "fused" or
+                                                              path in getattr(module, "PROJECTION_PATHS", ()))
 
 
 def parse_args(argv=None):
@@ -446,6 +468,8 @@ def parse_args(argv=None):
     parser.add_argument("--allocator", choices=["system", "cached"], default="system",
                         help="CPU timing: glibc as configured (fresh dh pages faulted in on every call) or "
                              "'cached' (freed memory kept, like a caching allocator); memory probes use their own")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode of the compile baseline (default: default)")
     parser.add_argument("--csv", help="output CSV (default bench/results/<device>.csv); 'none' to not write")
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -505,7 +529,8 @@ def main(argv=None) -> int:
             "allocator": args.allocator if device == "cpu" else "", "threads": args.threads if device == "cpu" else "",
             "device": device_name, "torch": torch.__version__,
             "triton": triton_version(), "commit": git_commit(),
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "compile_mode": args.compile_mode if "compile" in variants else ""}
     print(f"# svp_kernels benchmark on {device_name}: torch {meta['torch']}, triton {meta['triton'] or '-'}, "
           f"commit {meta['commit']}, variants {variants}, p = {args.p}, repeats {args.repeats}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -519,16 +544,18 @@ def main(argv=None) -> int:
           f"p80 {copy_rates[2]:.1f}]; FMA peak ({gemm_n}² float32 torch.mm): {peak:.1f} GFLOP/s "
           f"[p20 {peak_rates[0]:.1f}, p80 {peak_rates[2]:.1f}]", flush=True)
 
+    path = None if args.csv == "none" else Path(args.csv) if args.csv else RESULTS / f"{device_name}.csv"
     rows = []
     for shape in shapes:
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
-            rows += bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args)
+            new = bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args)
+            if path is not None:  # shape by shape: a run stopped at a time limit keeps what it measured
+                append_csv(path, new, CSV_COLUMNS, extrasaction="ignore")
+            rows += new
             gc.collect()
 
-    if args.csv != "none":
-        path = Path(args.csv) if args.csv else RESULTS / f"{device_name}.csv"
-        append_csv(path, rows, CSV_COLUMNS, extrasaction="ignore")
+    if path is not None:
         print(f"\nappended {len(rows)} rows to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     print()
     print(markdown_table(rows))
@@ -559,7 +586,7 @@ def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak
             try:
                 problem = oracle_check(variant, case, h, target, v_prev, proj)
                 if problem is None:
-                    steps[key] = make_step(variant, case, h, target, v_prev, proj, device)
+                    steps[key] = make_step(variant, case, h, target, v_prev, proj, device, args.compile_mode)
                     steps[key]()  # compile / first touch before the timed warm-up
             except Exception as error:  # a failing variant (e.g. torch.compile) is reported, not fatal
                 traceback.print_exc()

@@ -41,6 +41,12 @@ def _gemm_keyword(gemm: bool) -> dict:
     return {"gemm": True} if gemm else {}
 
 
+def _choose(backend: str, path: str, h: torch.Tensor, projection: ProjectionArgs) -> tuple:
+    """(backend module, gemm) of a call on h (B, D): backends.choose with the projection's shape (B, D, C)."""
+    shape = None if projection.identity else (h.shape[0], h.shape[1], projection.out_features)
+    return backends.choose(backend, path, h.device, h.dtype, shape, implicit=projection.weight is None)
+
+
 def _project(module, h, projection: ProjectionArgs, p: float, seed: torch.Tensor, gemm: bool = False) -> torch.Tensor:
     """v (B, C) in the accumulation dtype, differentiable w.r.t. h (the op path that torch.compile traces)."""
     if projection.identity:
@@ -131,7 +137,9 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
         projection_path: "auto" | "fused" (R̃ generated tile by tile inside the kernels) | "gemm" (R̃ (C, D)
             written out once per direction, then the device's GEMM: cuBLAS tensor cores for bfloat16/float16;
-            C·D extra transient memory); cpu and cuda backends. "auto" is "fused" for now.
+            C·D extra transient memory); cpu and cuda backends. "auto": on CUDA, the path (and with backend
+            "auto" the backend) measured fastest at the nearest benchmark shape (svp_kernels/backends/auto_table.py);
+            "fused" where nothing is measured.
 
     Returns:
         LocalLossOutput(loss, ce, alignment, v): loss differentiable w.r.t. h; ce, alignment detached; v (B, C)
@@ -147,8 +155,7 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     alignment_weight = check_alignment_weight(alignment_weight)
     seed = check_seed(seed, p, h.device)
     path = check_projection_path(projection_path)
-    module = backends.resolve(backend, h.device, h.dtype)
-    gemm = backends.gemm_projection(path, module)
+    module, gemm = _choose(backend, path, h, projection_args)
 
     h = h.contiguous()
     if not is_compiling() and backends.has_gradient_interface(module):
@@ -179,8 +186,7 @@ def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, bac
     projection_args = check_projection(projection, h, p)
     seed = check_seed(seed, p, h.device)
     path = check_projection_path(projection_path)
-    module = backends.resolve(backend, h.device, h.dtype)
-    gemm = backends.gemm_projection(path, module)
+    module, gemm = _choose(backend, path, h, projection_args)
     h = h.contiguous()
     if not is_compiling() and backends.has_gradient_interface(module) and not projection_args.identity:
         if backends.has_native_node(module):

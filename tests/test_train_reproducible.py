@@ -178,6 +178,20 @@ def test_recipes_pick_defaults_by_dataset_and_every_field_overrides():
         recipe_config("imagenet")
 
 
+def test_cifar10_mlp_has_its_own_recipe_and_the_cnn_keeps_the_dataset_recipe():
+    from svp_kernels.train.cli import config_from_args, train_parser
+
+    cnn = recipe_config("cifar10")
+    assert (cnn.model, cnn.epochs, cnn.optimizer, cnn.weight_decay) == ("cnn", 50, "adamw", 5e-4)
+    assert recipe_config("cifar10", model="cnn") == cnn
+    picked = config_from_args(train_parser().parse_args(["--dataset", "cifar10", "--model", "mlp"]))
+    assert picked == recipe_config("cifar10", model="mlp", device=picked.device)
+    assert (picked.model, picked.width, picked.depth, picked.epochs) == ("mlp", 1024, 3, 15)
+    assert (picked.optimizer, picked.lr, picked.weight_decay, picked.augment_shift) == ("adam", 2e-3, 0.0, 4)
+    assert recipe_config("cifar10", model="mlp", lr=1e-3, method="bp").lr == 1e-3  # every field overrides
+    assert recipe_config("cifar100", model="mlp").optimizer == "adamw"  # only cifar10 + mlp has its own
+
+
 def test_learning_rate_schedules():
     config = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1.0, lr_schedule="cosine")
     lr_at = learning_rate_schedule(config, steps_per_epoch=10)

@@ -12,10 +12,13 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
     tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda
                   backend, the triton backend (each with its opcheck and torch.compile tests), and the
                   host-synchronisation tests
-    sanitize      compute-sanitizer memcheck and racecheck over tools/sanitize_cuda.py --small
-    bench         bench/local_loss.py, one run per benchmark shape for cuda, triton and the eager baseline, then
-                  one per shape for the torch.compile baseline (float32 and bfloat16, dense and implicit R)
-    train_step    bench/train_step.py --device cuda ("missing" when the file does not exist)
+    sanitize      compute-sanitizer memcheck over tools/sanitize_cuda.py --small, then racecheck over its --race
+                  list, one step per op family (projection, epilogue)
+    bench         bench/local_loss.py, one run per benchmark shape for cuda, cuda-gemm, triton and the eager
+                  baseline, then one run over every shape for the torch.compile baseline in mode "default"
+                  (float32 and bfloat16, dense and implicit R)
+    train_step    bench/train_step.py --device cuda, then --cuda-graph at width 1024 (svp, bp and the loss-free
+                  floor captured as CUDA graphs; "missing" when the file does not exist)
     memory_depth  svp-train memory-depth --device cuda (width 1024, depths 2..32, batch 128)
 
 Time. A stage's limit is its share of what is left, remaining × share / (shares of the stages still to run),
@@ -29,7 +32,7 @@ or step is skipped when what it requires did not end ok ("gpu": the env probe fo
 
 Output: at most 8 files, what a device call brings back. OUT/summary.json is rewritten atomically whenever
 a stage or step starts or ends, and when the driver itself is interrupted (SIGINT, SIGTERM, SIGHUP);
-OUT/<stage>.log holds each stage's output. The bench CSV and the memory-depth JSON travel inside
+OUT/<stage>.log holds each stage's output. The bench and train-step CSVs and the memory-depth JSON travel inside
 summary.json ("artifacts"); --unpack writes them to bench/results. Exit status 0 when every stage ended ok,
 partial (some steps skipped for time) or missing (its program does not exist yet); 1 when any failed,
 timed out or was skipped; 128 + the signal number when the driver itself was interrupted.
@@ -61,7 +64,7 @@ SCHEMA = 1
 DEFAULT_BUDGET_S = 480.0
 DEFAULT_GRACE_S = 5.0
 # Seconds of the default budget per stage (scaled to the budget given); the minimum a stage needs to start.
-STAGE_SHARES = {"env": 15, "build": 130, "tests": 140, "sanitize": 60, "bench": 90, "train_step": 25,
+STAGE_SHARES = {"env": 15, "build": 110, "tests": 140, "sanitize": 60, "bench": 110, "train_step": 25,
                 "memory_depth": 20}
 STAGE_MINIMUMS = {"env": 10, "build": 30, "tests": 20, "sanitize": 15, "bench": 15, "train_step": 10,
                   "memory_depth": 10}
@@ -230,16 +233,35 @@ def find_sanitizer() -> Optional[str]:
 def sanitize_steps(ctx: Context, stage: Stage) -> list:
     script = [ctx.python, "tools/sanitize_cuda.py", "--small"]
     if ctx.dry_run:  # no sanitizer: the script's imports and flags only
-        return [Step("memcheck", script + ["--help"]), Step("racecheck", script + ["--quick", "--help"], reserve=0.5)]
+        return [Step("memcheck", script + ["--help"]), *racecheck_steps(None, [], script, None, ["--help"])]
     sanitizer = find_sanitizer()
     missing = None if sanitizer else "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda, beside nvcc)"
     common = ["--error-exitcode", "1", "--print-limit", "50"]
     # No caching allocator under memcheck: every tensor is its own cudaMalloc, so bounds are exact.
     memcheck = Step("memcheck", [sanitizer, "--tool", "memcheck", *common, *script] if sanitizer else None,
                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, min_s=10, missing=missing)
-    racecheck = Step("racecheck", [sanitizer, "--tool", "racecheck", "--racecheck-report", "all", *common, *script,
-                                   "--quick"] if sanitizer else None, reserve=0.5, min_s=10, missing=missing)
-    return [memcheck, racecheck]
+    return [memcheck, *racecheck_steps(sanitizer, common, script, missing)]
+
+
+RACECHECK_OPS = ("projection", "epilogue")
+RACECHECK_RESERVE = 0.35  # of the sanitize stage's limit, per racecheck step (memcheck takes ~10 s)
+
+
+def racecheck_steps(sanitizer: Optional[str], common: list, script: list, missing: Optional[str],
+                    suffix: tuple = ()) -> list:
+    """compute-sanitizer racecheck over the racecheck list of tools/sanitize_cuda.py (--race: float32 under
+    every launch plan, float64 under the heuristic one), one step per op family so that each has its own limit
+    (a whole --quick run took 78 s on an H100 and did not finish). sanitizer None and suffix ["--help"]: the
+    dry run, the script's flags only."""
+    steps = []
+    for op in RACECHECK_OPS:
+        argv = [*script, "--race", "--ops", op, *suffix]
+        if sanitizer:
+            argv = [sanitizer, "--tool", "racecheck", "--racecheck-report", "all", *common, *argv]
+        elif missing:
+            argv = None
+        steps.append(Step(f"racecheck-{op}", argv, reserve=RACECHECK_RESERVE, min_s=10, missing=missing))
+    return steps
 
 
 def benchmark_shapes(run_py: Path) -> list:
@@ -272,26 +294,71 @@ def bench_steps(ctx: Context, stage: Stage) -> list:
         return [Step("run", missing="bench/local_loss.py not found")]
     base = [ctx.python, "bench/local_loss.py", "--csv", str(csv)]
     if ctx.dry_run:
-        return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--variants", f"cpu,{eager}",
+        return [Step("kernels-8x16x4", base + ["--device", "cpu", "--shapes", "8,16,4", "--variants",
+                                               f"{bench_kernel_variants(run_py, 'cpu')},{eager}",
                                                "--dtype", "float32", "--projection", "dense", "--repeats", "3",
                                                "--warmup", "1", "--no-memory"],
                      artifacts=artifact)]
     base += ["--device", "cuda", "--dtype", "float32,bfloat16", "--projection", "dense,implicit"]
+    return [*bench_kernel_steps(base, run_py, eager, artifact), *bench_compile_steps(base, run_py, artifact)]
+
+
+def bench_kernel_variants(run_py: Path, device: str) -> str:
+    """The fused variants the bench stage times: the device's fused kernels and their GEMM projection path
+    ("cuda-gemm") where the runner knows that variant, then triton on CUDA."""
+    fused = device
+    try:
+        if "GEMM_SUFFIX" in run_py.read_text():
+            fused += f",{device}-gemm"
+    except OSError:
+        pass
+    return fused + (",triton" if device == "cuda" else "")
+
+
+def bench_kernel_steps(base: list, run_py: Path, eager: str, artifact: tuple) -> list:
+    """One run per benchmark shape: cuda (fused), cuda-gemm, triton and the eager baseline, float32 and
+    bfloat16, dense and implicit R (the measurements of the auto table, svp_kernels/backends/auto_table.py)."""
+    variants = f"{bench_kernel_variants(run_py, 'cuda')},{eager}"
     steps = []
-    for backends, prefix in ((f"cuda,triton,{eager}", "kernels"), ("compile", "compile")):
-        for shape in benchmark_shapes(run_py):
-            shape_args = ["--shapes", ",".join(map(str, shape))] if shape else []
-            label = "x".join(map(str, shape)) if shape else "default-shapes"
-            steps.append(Step(f"{prefix}-{label}", base + ["--variants", backends, *shape_args], min_s=10,
-                              artifacts=artifact))
+    for shape in benchmark_shapes(run_py):
+        shape_args = ["--shapes", ",".join(map(str, shape))] if shape else []
+        label = "x".join(map(str, shape)) if shape else "default-shapes"
+        steps.append(Step(f"kernels-{label}", base + ["--variants", variants, *shape_args], min_s=10,
+                          artifacts=artifact))
     return steps
+
+
+def bench_compile_steps(base: list, run_py: Path, artifact: tuple) -> list:
+    """The torch.compile baseline in mode "default" (max-autotune's GEMM search took the whole time the first
+    shape had on an H100), every shape in one process: compiling is what costs, and the runner appends each
+    shape's rows as it goes, so a run stopped at its limit keeps the shapes it finished."""
+    mode = ["--compile-mode", "default"] if "--compile-mode" in run_py.read_text() else []
+    return [Step("compile", base + ["--variants", "compile", *mode], min_s=20, artifacts=artifact)]
 
 
 def train_step_steps(ctx: Context, stage: Stage) -> list:
     if not (ROOT / "bench" / "train_step.py").exists():
         return [Step("svp_vs_bp", missing="bench/train_step.py not found")]
-    args = ["--help"] if ctx.dry_run else ["--device", "cuda"]
-    return [Step("svp_vs_bp", [ctx.python, "bench/train_step.py", *args])]
+    csv = ctx.work / "train_step.csv"
+    artifact = (Artifact("train_step.csv", csv, "bench/results/train_step-{device}.csv", append_csv=True),)
+    args = ["--help"] if ctx.dry_run else ["--device", "cuda", "--csv", str(csv)]
+    return [Step("svp_vs_bp", [ctx.python, "bench/train_step.py", *args], artifacts=artifact, reserve=0.0),
+            train_step_graph_step(ctx, csv, artifact)]
+
+
+GRAPH_STEP_SHAPES = "mlp:1024x3:128,mlp:1024x8:128,mlp:1024x3:2048"
+
+
+def train_step_graph_step(ctx: Context, csv: Path, artifact: tuple) -> Step:
+    """bench/train_step.py --cuda-graph: svp and bp captured whole, against the captured loss-free floor, at
+    width 1024 (the target: the captured SVP step within 1.1x of the floor). The dry run: a tiny CPU shape
+    (the variants are eager there; capture needs a GPU)."""
+    if ctx.dry_run:
+        args = ["--device", "cpu", "--shapes", "mlp:16x2:8", "--repeats", "2", "--warmup", "1", "--csv",
+                str(csv)]
+    else:
+        args = ["--device", "cuda", "--cuda-graph", "--shapes", GRAPH_STEP_SHAPES, "--csv", str(csv)]
+    return Step("graph", [ctx.python, "bench/train_step.py", *args], artifacts=artifact, reserve=0.5, min_s=10)
 
 
 def memory_depth_steps(ctx: Context, stage: Stage) -> list:

@@ -1,4 +1,4 @@
-"""The backend registry: names, availability, and the choice made for backend="auto".
+"""The backend registry: names, availability, and the choice made for backend="auto" and projection_path="auto".
 
 Every backend module has the same interface (docs/backends.md): NAME, is_available(), unavailable_reason(),
 supports(device, dtype), projection(...), epilogue(...), cosine_gram(...). Availability is decided once, at import,
@@ -12,12 +12,18 @@ import os
 
 import torch
 
+from . import auto
+
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_OVERRIDE = "SVP_KERNELS_BACKEND"
-# "auto" tries these in order and falls back to "reference". No GPU timing has been recorded for this
-# repository yet (bench/NOTES.md); the compiled CUDA kernels come first because they need no JIT warm-up.
+# Where the measured table (auto_table.py, read by choose) does not decide, "auto" tries these in order and falls
+# back to "reference"; the compiled CUDA kernels come first (they need no JIT warm-up, and on an H100 they beat
+# triton at every benchmark shape, bench/results/NVIDIA-H100-80GB-HBM3.csv).
 AUTO_CUDA_ORDER = ("cuda", "triton")
 AUTO_CPU_ORDER = ("cpu",)
+# The dtypes' names in the auto table (a dictionary: torch.compile traces a lookup, not str(dtype)).
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
 
 
 _MODULES: dict = {}
@@ -67,9 +73,8 @@ def has_native_node(module) -> bool:
     return all(callable(getattr(module, name, None)) for name in NATIVE_NODES)
 
 
-# projection_path= of the public API (svp_kernels.validation.PROJECTION_PATHS). "auto" takes the fused kernels
-# everywhere until a GPU measurement of both paths decides per shape (bench/NOTES.md, "The GEMM projection
-# path"); gemm_projection is the one place that decision lives.
+# projection_path= of the public API (svp_kernels.validation.PROJECTION_PATHS). Without a measurement of both
+# paths (choose: the auto table), "auto" takes the fused kernels (bench/NOTES.md, "The GEMM projection path").
 def gemm_projection(path: str, module) -> bool:
     """Whether a call runs the GEMM projection path (docs/backends.md, "projection paths") on backend `module`.
 
@@ -129,6 +134,53 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     if not module.supports(device, dtype):
         raise ValueError(f"backend {backend!r} does not support {dtype} tensors on {device.type}")
     return module
+
+
+def choose(backend: str, path: str, device: torch.device, dtype: torch.dtype, shape: tuple | None = None,
+           implicit: bool = False) -> tuple:
+    """(module, gemm): the backend module and whether the GEMM projection path runs, for one call of a projection
+    of `shape` (B, D, C) (None: no projection, e.g. the identity) with a dense or an `implicit` R. The one place
+    both are decided.
+
+    On CUDA, when the backend or the path is "auto": the candidate (backend with path) measured fastest at the
+    nearest measured shape of this dtype and R (svp_kernels.backends.auto, the table auto_table.py), among those
+    the request allows and that run here. Where the table does not decide (another dtype, no shape, nothing
+    measured that is allowed), resolve's fixed order and gemm_projection's path. `path` is one of
+    validation.PROJECTION_PATHS (checked by the API); errors as resolve and gemm_projection.
+    """
+    name, _ = requested(backend)
+    if device.type == "cuda" and shape is not None and "auto" in (name, path):
+        candidate = _table_choice(name, path, device, dtype, shape, implicit)
+        if candidate is not None:
+            candidate_backend, _, candidate_path = candidate.partition("-")
+            return load(candidate_backend), candidate_path == "gemm"
+    module = resolve(backend, device, dtype)
+    return module, gemm_projection(path, module)
+
+
+_TABLE_CHOICES: dict = {}  # (request, device, dtype, shape, implicit) -> candidate or None, outside torch.compile
+_TABLE_CHOICES_LIMIT = 4096
+
+
+def _table_choice(name: str, path: str, device: torch.device, dtype: torch.dtype, shape: tuple, implicit: bool):
+    """auto.measured_choice for choose's request, remembered per request and shape outside torch.compile (the
+    lookup costs tens of µs of Python; a remembered one a dictionary read). Traced afresh when compiling."""
+    def allowed(candidate: str) -> bool:
+        candidate_backend, _, candidate_path = candidate.partition("-")
+        return (name in ("auto", candidate_backend) and path in ("auto", candidate_path or "fused")
+                and is_available(candidate_backend) and load(candidate_backend).supports(device, dtype))
+
+    def lookup():
+        return auto.measured_choice(DTYPE_NAMES.get(dtype, ""), "implicit" if implicit else "dense", shape, allowed)
+
+    if torch.compiler.is_compiling():
+        return lookup()
+    key = (name, path, device, dtype, tuple(shape), implicit)
+    if key not in _TABLE_CHOICES:
+        if len(_TABLE_CHOICES) >= _TABLE_CHOICES_LIMIT:
+            _TABLE_CHOICES.clear()
+        _TABLE_CHOICES[key] = lookup()
+    return _TABLE_CHOICES[key]
 
 
 for _name in BACKEND_NAMES:

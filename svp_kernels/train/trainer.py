@@ -360,14 +360,19 @@ class LayerwiseTrainer:
     @staticmethod
     def _validated_call(local_loss: LocalLoss, flat: torch.Tensor) -> _LossCall | None:
         """The arguments the lean path reuses for float32 (B, D) features on a backend with the gradient
-        interface, or None to stay on the public op (the reference backend: its autograd formulation)."""
+        interface and the fused projection, or None to stay on the public op (the reference backend: its
+        autograd formulation; a call for which the auto table picks the GEMM projection path). The backend is
+        chosen as the public op chooses it (backends.choose)."""
         if flat.dtype != torch.float32:
             return None
-        module = backends.resolve(local_loss.backend, flat.device, flat.dtype)
-        if not backends.has_gradient_interface(module):
-            return None
         projection = None if local_loss.projection is None else local_loss.projection.projection
-        return _LossCall(module, tuple(flat.shape), flat.device, check_projection(projection, flat, 0.0))
+        args = check_projection(projection, flat, 0.0)
+        shape = None if args.identity else (flat.shape[0], flat.shape[1], args.out_features)
+        module, gemm = backends.choose(local_loss.backend, "auto", flat.device, flat.dtype, shape,
+                                       implicit=args.weight is None)
+        if gemm or not backends.has_gradient_interface(module):
+            return None
+        return _LossCall(module, tuple(flat.shape), flat.device, args)
 
     def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Set the learning rate of every group of `optimizer` to the schedule's lr_at(step)."""

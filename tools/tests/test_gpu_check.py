@@ -322,14 +322,37 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
 
     run_py = load_module("bench_run_for_plan", ROOT / "bench" / "local_loss.py")
     parsed = [(step.name, run_py.parse_args(step.argv[2:])) for step in steps["bench"]]
-    shapes = {(name.split("-")[0], args.shapes) for name, args in parsed}
-    expected = {",".join(map(str, shape)) for shape in run_py.GPU_SHAPES}
-    assert shapes == {(kind, shape) for kind in ("kernels", "compile") for shape in expected}
+    expected = [",".join(map(str, shape)) for shape in run_py.GPU_SHAPES]
+    kernels = [(name, args) for name, args in parsed if name.startswith("kernels-")]
+    assert [args.shapes for _, args in kernels] == expected
+    eager = gpu_check.eager_baseline(ROOT / "bench" / "local_loss.py")
     for name, args in parsed:
         assert args.device == "cuda" and args.dtype == "float32,bfloat16" and args.projection == "dense,implicit"
-        assert args.variants.split(",") == (["compile"] if name.startswith("compile") else
-                                            ["cuda", "triton",
-                                             gpu_check.eager_baseline(ROOT / "bench" / "local_loss.py")])
+        if name.startswith("kernels-"):
+            assert args.variants.split(",") == ["cuda", "cuda-gemm", "triton", eager]
+    # the compile baseline: every shape in one process, after the kernels, in mode "default"
+    assert [name for name, _ in parsed][len(kernels):] == ["compile"]
+    compile_args, compile_argv = parsed[-1][1], steps["bench"][-1].argv
+    assert compile_args.variants == "compile" and compile_args.compile_mode == "default"
+    assert compile_argv[compile_argv.index("--compile-mode") + 1] == "default"  # not left to the runner's default
+    assert compile_args.shapes is None  # the runner's GPU set
+
+    # sanitize: memcheck over the whole --small list, racecheck over the --race list, one step per op family
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    sanitize = plan["sanitize"].steps(ctx, plan["sanitize"])
+    assert [step.name for step in sanitize] == ["memcheck", "racecheck-projection", "racecheck-epilogue"]
+    for step in sanitize:
+        tool = step.argv[step.argv.index("--tool") + 1]
+        script = step.argv[step.argv.index("tools/sanitize_cuda.py"):]
+        assert step.argv[0] == "/opt/cuda/bin/compute-sanitizer" and tool == step.name.split("-")[0]
+        assert ("--race" in script) == (tool == "racecheck") and "--small" in script
+    assert sum(step.reserve for step in sanitize[1:]) < 1
+
+    # train_step: the eager variants, then the captured ones; both CSVs travel back
+    names = [step.name for step in steps["train_step"]]
+    assert names == ["svp_vs_bp", "graph"]
+    graph = steps["train_step"][1]
+    assert "--cuda-graph" in graph.argv and "--device" in graph.argv and graph.artifacts
 
     from svp_kernels.train import cli
 
