@@ -13,7 +13,8 @@ processes; every count is what one process sends per step:
   all_gather of this process's ⌈B/K⌉ × C projection: (K − 1) · ⌈B/K⌉ · C · 4 bytes sent (the payload is
   ⌈B/K⌉ · C · 4).
 - SVP pipeline (K stages): per link, one message per step: a 24-byte header, h (B × W, float32), v (B × C),
-  targets (B, int64), each field 8-byte aligned — independent of P: 4B(W + C) + 8B + 24.
+  targets (B, int64), each field padded to a 64-byte boundary (protocol.Packing: the receiver computes on
+  aligned operands) — independent of P: ⌈24⌉ + ⌈4BW⌉ + ⌈4BC⌉ + ⌈8B⌉, ⌈·⌉ rounding up to 64 bytes.
 - SVP grid (S stages × R replicas): per stage, the data-parallel terms over its R replicas with its own
   parameters P_s, plus per link the message of a replica's rows of h with the whole batch's v and targets.
 
@@ -28,6 +29,7 @@ import argparse
 import math
 
 FLOAT = 4
+ALIGNMENT = 64  # every field of a pipeline message starts on a 64-byte boundary (svp_kernels/train/aligned.py)
 LINKS = {"NVLink (450 GB/s)": 450e9, "PCIe 4 ×16 (25 GB/s)": 25e9, "100 Gb/s Ethernet": 12.5e9,
          "10 Gb/s Ethernet": 1.25e9}
 
@@ -40,13 +42,15 @@ def mlp_block_parameters(inputs: int, width: int, depth: int, classes: int, norm
 
 
 def aligned(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
+    """nbytes rounded up to a multiple of ALIGNMENT: a message field with its padding."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def pipeline_message_bytes(rows: int, h_features: int, classes: int, h_rows: int | None = None) -> int:
-    """One TRAIN message: header (3 int64), h (h_rows × h_features), v (rows × classes), targets (rows, int64)."""
+    """One TRAIN message: header (3 int64), h (h_rows × h_features), v (rows × classes), targets (rows, int64),
+    each padded to ALIGNMENT bytes."""
     h_rows = rows if h_rows is None else h_rows
-    return 24 + aligned(h_rows * h_features * FLOAT) + aligned(rows * classes * FLOAT) + rows * 8
+    return aligned(24) + aligned(h_rows * h_features * FLOAT) + aligned(rows * classes * FLOAT) + aligned(rows * 8)
 
 
 def ring_all_reduce_bytes(nbytes: int, processes: int) -> float:

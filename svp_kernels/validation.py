@@ -122,7 +122,7 @@ def check_in_range(ok, requirement: str, value) -> None:
     if ok is True:  # a plain bool that holds: nothing to record, eager or compiled
         return
     if is_compiling():
-        torch._check(ok, lambda: requirement)
+        torch._check(ok, lambda requirement=requirement: requirement)  # no closure: torch 2.11 refuses one
     elif not ok:
         raise ValueError(f"{requirement}, got {value}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -203,3 +205,116 @@ def test_cli_refuses_a_bad_checkpoint_in_one_line(tmp_path, good_checkpoint, cap
     assert main(flags + ["--resume", str(path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(path) in error and "Traceback" not in error
+
+
+class CreatesFile:
+    """Unpickling this object creates the file `marker` (open(marker, "w")): what a crafted checkpoint runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def crafted_files(tmp_path: Path, kind: str) -> tuple[dict[str, Path], Path]:
+    """Files whose unpickling creates the returned marker: a plain pickle, a plain torch.save file, and an
+    svp-train checkpoint of `kind` with an intact SHA-256 over such a payload."""
+    marker = tmp_path / "ran"
+    payload = {"format": 1, "kind": kind, "trainer": CreatesFile(marker)}
+    files = {name: tmp_path / f"{name}.ckpt" for name in ("pickle", "torch-save", "checkpoint")}
+    files["pickle"].write_bytes(pickle.dumps(payload))
+    torch.save(payload, files["torch-save"])
+    save_checkpoint(files["checkpoint"], payload)
+    assert not marker.exists()
+    return files, marker
+
+
+@pytest.mark.parametrize("crafted, problem", [
+    ("pickle", "field magic: .* not an svp-train checkpoint"),
+    ("torch-save", "field magic: .* a plain torch.save file"),
+    ("checkpoint", r"field payload: refused by torch.load\(weights_only=True\), nothing in it was run"),
+])
+def test_resume_refuses_a_file_that_would_run_code_and_never_runs_it(tmp_path, capsys, crafted, problem):
+    files, marker = crafted_files(tmp_path, "single-process")
+    flags = ["--dataset", "synthetic", "--width", "16", "--depth", "2", "--epochs", "1", "--no-progress"]
+    assert main(flags + ["--resume", str(files[crafted])]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    assert re.match(f"svp-train: error: --resume: checkpoint {files[crafted]}: {problem}", error), error
+    assert not marker.exists(), "the crafted checkpoint ran its code"
+
+
+def test_stage_checkpoints_that_would_run_code_are_refused_by_every_rank_and_never_run(tmp_path):
+    """The crafted files placed as the newest epoch of a 2-stage run (rank 0: an svp-train checkpoint with an
+    intact SHA-256 over a code-running pickle; rank 1: a plain torch.save file): the run stops before training
+    with one line naming rank 0's file, exit status 2, and neither file's code ran."""
+    folder = tmp_path / "stages"
+    folder.mkdir()
+    files, marker = crafted_files(tmp_path, "distributed")
+    files["checkpoint"].rename(folder / "rank-0-epoch-1.pt")
+    files["torch-save"].rename(folder / "rank-1-epoch-1.pt")
+    command = [sys.executable, "-m", "svp_kernels.train.cli", "--dataset", "synthetic", "--epochs", "2", "--width",
+               "16", "--depth", "1", "--backend", "cpu", "--no-progress", "--stages", "2", "--dist-timeout", "30",
+               "--stage-checkpoints", str(folder)]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.startswith(f"svp-train: error: --stage-checkpoints: checkpoint {folder / 'rank-0-epoch-1.pt'}: "
+                                 "field payload: refused by torch.load(weights_only=True)"), run.stderr
+    assert not marker.exists(), "a crafted stage checkpoint ran its code"
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused(tmp_path, good_checkpoint):
+    with pytest.raises(CheckpointError, match=f"checkpoint {good_checkpoint}: field kind: a 'single-process' "
+                                              r"checkpoint \(of svp-train --resume\); this run reads 'distributed'"):
+        read_checkpoint(good_checkpoint, kind="distributed")
+    payload = read_checkpoint(good_checkpoint)
+    payload["kind"] = "distributed"
+    path = tmp_path / "stage.ckpt"
+    save_checkpoint(path, payload)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: field kind: a 'distributed'"):
+        train(replace(CONFIG, epochs=1), resume=str(path))
+
+
+def test_a_checkpoint_written_before_the_kind_field_still_resumes(tmp_path, good_checkpoint):
+    payload = read_checkpoint(good_checkpoint)
+    del payload["kind"]
+    path = tmp_path / "older.ckpt"
+    save_checkpoint(path, payload)
+    assert train(replace(CONFIG, epochs=1), resume=str(path))["steps"] == 4
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda payload: payload.update(epoch=-3), "field epoch: epoch -3, batch 0 and step 4 are no position"),
+    (lambda payload: payload["trainer"].update(step=5), "field epoch: epoch 1, batch 0 and step 5 are no position"),
+    (lambda payload: payload.update(progress=[]), "field progress: does not fit this run"),
+    (lambda payload: payload["trainer"]["optimizers"][0].update(param_groups=[]), "field trainer: does not fit"),
+])
+def test_a_crafted_checkpoint_with_an_intact_digest_is_refused_naming_the_field(tmp_path, good_checkpoint, change,
+                                                                              problem):
+    payload = read_checkpoint(good_checkpoint)
+    change(payload)
+    path = tmp_path / "crafted.ckpt"
+    save_checkpoint(path, payload)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: {problem}"):
+        train(replace(CONFIG, epochs=1), resume=str(path))
+
+
+def test_the_ranks_agree_on_a_refused_stage_checkpoint(monkeypatch):
+    """A rank whose own file is fine stops with the CheckpointError of the lowest rank whose file was refused,
+    so that no rank goes on to wait on the others (and under torchrun rank 0 prints the reason)."""
+    import torch.distributed as dist
+
+    from svp_kernels.train.distributed import Plan
+    from svp_kernels.train.distributed.checkpoint import agree
+
+    def all_gather_object(everyone, mine):  # ranks 0 and 2 of 3 refused their files, this one (1) did not
+        everyone[:] = ["checkpoint d/rank-0-epoch-1.pt: field magic", mine, "checkpoint d/rank-2-epoch-1.pt: x"]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    plan = Plan("pipeline", 3, checkpoint_dir="d")
+    with pytest.raises(CheckpointError, match="^checkpoint d/rank-0-epoch-1.pt: field magic$"):
+        agree(plan, lambda: "state")
+    assert agree(Plan("pipeline", 3), lambda: "state") == "state"  # no checkpoints: nothing to agree on

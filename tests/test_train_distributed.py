@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from svp_kernels.train import distributed
+from svp_kernels.train.aligned import is_aligned
+from svp_kernels.train.checkpoint import read_checkpoint
 from svp_kernels.train.data import synthetic
 from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches,
                                            epoch_means, launch, plan_from_arguments)
@@ -73,7 +75,7 @@ def saved_tensors(directory: Path, world: int, epoch: int, first_rank: int = 0) 
     checkpointed after `epoch`."""
     tensors = {}
     for rank in range(first_rank, first_rank + world):
-        state = torch.load(directory / f"rank-{rank}-epoch-{epoch}.pt", weights_only=False)["trainer"]
+        state = read_checkpoint(directory / f"rank-{rank}-epoch-{epoch}.pt", kind="distributed")["trainer"]
         for index, block in state["blocks"].items():
             tensors.update({f"block{index}.{name}": value for name, value in block.items()})
             for key, value in state["optimizers"][index]["state"].items():
@@ -256,7 +258,7 @@ def test_a_batch_too_small_to_share_out_is_skipped_and_a_global_batch_too_small_
     dataset = synthetic(num_train=35, num_test=8, num_classes=3)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=16, width=8, depth=1, backend="cpu", seed=4)
     launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path)), config, dataset, threads=1)
-    assert torch.load(tmp_path / "rank-0-epoch-1.pt", weights_only=False)["step"] == 2
+    assert read_checkpoint(tmp_path / "rank-0-epoch-1.pt", kind="distributed")["step"] == 2
     with pytest.raises(DistributedTrainingError, match=r"--batch-size 3 is the global batch: it must be ≥ 4, 2 "
                                                         r"row\(s\) for each of the 2 data-parallel replicas"):
         launch(Plan("data_parallel", 2, timeout=TIMEOUT), dataclasses.replace(config, batch_size=3), dataset,
@@ -272,7 +274,8 @@ def test_trainable_batch_needs_two_rows_per_replica_with_batch_norm():
 def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
     """Rank 0 sends a TRAIN message of step sent_step (odd shapes: B = 3, h (3, 5, 2), v (3, 3)) and, if it
     is step 4, STOP; rank 1 receives expecting step 4. Each puts what it sent or got (or the error) on the
-    queue as Python lists (exact for float32; a tensor would need this process alive to be unpickled)."""
+    queue as Python lists (exact for float32; a tensor would need this process alive to be unpickled), with
+    whether every field received starts on a 64-byte boundary."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT))
@@ -291,8 +294,8 @@ def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
             schedule = [(distributed.TRAIN, 4, range(3)), (distributed.STOP, 0, None)]
             inbound = distributed.Inbound(0, schedule, (5, 2), 3, torch.float32, cpu, clock)
             try:
-                received = [(m.kind, m.step, *(t if t is None else t.tolist() for t in (m.h, m.v, m.targets)))
-                            for m in inbound]
+                received = [(m.kind, m.step, *(t if t is None else t.tolist() for t in (m.h, m.v, m.targets)),
+                             all(is_aligned(t) for t in (m.h, m.v, m.targets) if t is not None)) for m in inbound]
                 queue.put(("received", received))
             except DistributedTrainingError as error:
                 queue.put(("error", str(error)))
@@ -307,8 +310,8 @@ def test_a_link_delivers_packed_messages_exactly_and_checks_them_against_the_sch
         assert "sent (kind, rows, step) = (0, 3, 5), the schedule expects (0, 3, 4)" in reports["error"]
         return
     (train, stop), (h, v, targets) = reports["received"], reports["sent"]
-    assert train[:2] == (distributed.TRAIN, 4) and stop == (distributed.STOP, 0, None, None, None)
-    assert train[2:] == (h, v, targets)
+    assert train[:2] == (distributed.TRAIN, 4) and stop == (distributed.STOP, 0, None, None, None, True)
+    assert train[2:] == (h, v, targets, True)  # received exactly, every field on a 64-byte boundary
 
 
 def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():

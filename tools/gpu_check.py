@@ -77,6 +77,9 @@ TRITON_TESTS = "triton and not host_sync"
 SYNC_TESTS = "host_sync"
 PER_TEST_TIMEOUT_S = 120  # pytest-timeout, where installed: a hung test fails alone, with its traceback
 LOG_LIMIT_BYTES = 15 << 20  # a device call brings back files up to 16 MiB
+# Each step in its own process group, so that a step over its limit is killed with all its children
+# (Popen's process_group= is Python 3.11+; the package supports 3.10)
+OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 ARTIFACT_LIMIT_BYTES = 4 << 20
 TAIL_LINES = 40
 FINAL_STATES = ("ok", "partial", "failed", "timeout", "skipped", "missing", "interrupted")
@@ -613,7 +616,7 @@ class Runner:
         state, process = "failed", None
         try:
             process = subprocess.Popen(list(map(str, step.argv)), cwd=ROOT, env=environment, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **OWN_PROCESS_GROUP)
             try:
                 process.wait(timeout=max(limit - grace, 0.01))
                 state = "ok" if process.returncode == 0 else "failed"

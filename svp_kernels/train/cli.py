@@ -20,7 +20,8 @@ from . import distributed
 from .checkpoint import CheckpointError
 from .data import DATASETS, load_dataset
 from .models import NORMS
-from .outputs import MIB, plot_memory_depth, write_outputs
+from .extras import MissingExtraError
+from .outputs import MIB, plot_memory_depth, pyplot, write_outputs
 from .run import LR_SCHEDULES, MODELS, TrainConfig, memory_depth_rows, recipe_config, run_training, validate_config
 from .trainer import METHODS, OPTIMIZERS
 
@@ -158,6 +159,21 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def _output_problem(args: argparse.Namespace, flags: tuple[str, ...]) -> str | None:
+    """Why the output files of `flags` could not be written, checked before any work: a missing folder, or
+    --plot without matplotlib. None when they can."""
+    for flag in flags:
+        path = getattr(args, flag[2:])
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            return f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist"
+    if args.plot is not None:
+        try:
+            pyplot()
+        except MissingExtraError as error:
+            return str(error)
+    return None
+
+
 def train_main(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     config = config_from_args(args)
@@ -173,13 +189,13 @@ def train_main(argv: list[str]) -> int:
         backends.resolve(config.backend, torch.device(config.device), torch.float32)
     except (RuntimeError, ValueError) as error:
         return _fail(str(error))
-    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--checkpoint", args.checkpoint)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            return _fail(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+    problem = _output_problem(args, ("--json", "--plot", "--checkpoint"))
+    if problem:
+        return _fail(problem)
     try:
         dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
                                progress=not args.no_progress)
-    except ImportError as error:  # Pillow, for image folders
+    except MissingExtraError as error:  # scikit-learn for digits, Pillow for image folders
         return _fail(str(error))
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
@@ -211,6 +227,9 @@ def train_main(argv: list[str]) -> int:
 
 def memory_depth_main(argv: list[str]) -> int:
     args = memory_depth_parser().parse_args(argv)
+    problem = _output_problem(args, ("--json", "--plot"))
+    if problem:
+        return _fail(problem)
     depths = tuple(int(depth) for depth in args.depths.split(","))
     rows = memory_depth_rows(args.width, depths, args.batch_size, args.device, progress=not args.no_progress)
     print(f"{'method':<6} {'depth':>5} {'peak MiB':>10} {'activation MiB':>15}")

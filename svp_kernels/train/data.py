@@ -13,12 +13,14 @@ import gzip
 import math
 import pickle
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 
+from .extras import require
 from .imagefolder import read_image_folder
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -85,8 +87,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: i
 def _standardized(name: str, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                   test_labels: np.ndarray, num_classes: int) -> Dataset:
     """Images (N, C, H, W) of any numeric dtype -> float32 tensors standardised per channel on the train set."""
-    train = torch.from_numpy(np.array(train_images, dtype=np.float32))  # fresh copies, standardised in place
-    test = torch.from_numpy(np.array(test_images, dtype=np.float32))
+    train, test = _float32_tensor(train_images), _float32_tensor(test_images)  # fresh, standardised in place
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     train.sub_(mean).div_(std)  # in place: no full-size temporaries (CIFAR-10's train set is 600 MB as float32)
@@ -95,12 +96,22 @@ def _standardized(name: str, train_images: np.ndarray, train_labels: np.ndarray,
                    test, torch.from_numpy(np.asarray(test_labels, dtype=np.int64)), num_classes)
 
 
+def _float32_tensor(images: np.ndarray) -> torch.Tensor:
+    """A float32 copy of images in memory that torch allocates: 64-byte aligned, so that a batch sliced from it
+    at a multiple of 16 rows starts on a 64-byte boundary as well (numpy's allocations are only 16-byte
+    aligned; svp_kernels/train/aligned.py)."""
+    images = np.ascontiguousarray(images)
+    with warnings.catch_warnings():  # a read-only array (np.frombuffer's) is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(images)
+    return torch.empty(images.shape, dtype=torch.float32).copy_(source)
+
+
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """sklearn's 1797 8×8 digits, (1, 8, 8); a fixed stratified split (360 test images by default)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sklearn_digits()
+    datasets = require("sklearn.datasets", "scikit-learn", "the digits dataset (--dataset digits, the default)")
+    train_test_split = require("sklearn.model_selection", "scikit-learn", "the digits dataset").train_test_split
+    digits = datasets.load_digits()
     images = digits.images[:, None].astype(np.float32)
     train_x, test_x, train_y, test_y = train_test_split(images, digits.target, test_size=test_fraction,
                                                         random_state=split_seed, stratify=digits.target)

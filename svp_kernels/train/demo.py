@@ -13,10 +13,10 @@ import statistics
 import sys
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import backends
 from .data import load_dataset, load_digits
+from .extras import MissingExtraError, iterate
 from .run import TrainConfig, recipe_config, run_training
 
 SEEDS = (0, 1, 2)
@@ -38,7 +38,7 @@ def compare(config: TrainConfig, dataset, seeds: tuple[int, ...]) -> dict[str, f
     """Trains config with SVP and BP for every seed, prints the table, returns the mean accuracy (%) per method."""
     results = {"svp": [], "bp": []}
     runs = [(method, seed) for method in results for seed in seeds]
-    for method, seed in tqdm(runs, desc=f"{config.dataset} runs"):
+    for method, seed in iterate(runs, desc=f"{config.dataset} runs"):
         config_run = TrainConfig(**{**vars(config), "method": method, "seed": seed})
         results[method].append(run_training(config_run, dataset, progress=False))
     print(f"\n{describe(config, dataset)}\n")
@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as error:
             print(f"demo: error: DATA_DIR / --data-dir: {error}", file=sys.stderr)
             return 2
-    digits = compare(TrainConfig(), load_digits(), SEEDS)
+    try:
+        digits_data = load_digits()
+    except MissingExtraError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        return 2
+    digits = compare(TrainConfig(), digits_data, SEEDS)
     print(f"\nSVP − BP: {digits['svp'] - digits['bp']:+.2f} points (target: ≥ −1). "
           "peak MiB: all the training step allocates (parameters, optimizer state, batch, activations, gradients); "
           "step MiB: its transient part alone.")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .extras import iterate, require
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEST_SPLITS = ("test", "val")
 CACHE_ENV = "SVP_KERNELS_CACHE_DIR"
@@ -161,12 +163,7 @@ def fingerprint(root: str | Path, files: list[Path], image_size: int | None) -> 
 # ----------------------------------------------------------------------------------------------------
 
 def _pillow():
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ImportError("reading image folders needs Pillow: pip install 'svp_kernels[train]' "
-                          "(or pip install pillow)") from error
-    return Image
+    return require("PIL.Image", "pillow", "reading image folders")
 
 
 def _to_8bit(image, path: Path):
@@ -219,9 +216,10 @@ def decode_image(path: Path, image_size: int | None, expected_size: tuple[int, i
 def decode_images(paths: list[Path], image_size: int | None, progress: bool = False,
                   description: str = "decoding images") -> np.ndarray:
     """(N, C, H, W) uint8 of every path, C = 3 if any image is colour else 1 (see the module docstring)."""
-    bar = _progress_bar(len(paths), description, progress)
+    _pillow()  # a missing Pillow is reported before any progress is shown
     images, gray, expected_size = None, np.zeros(len(paths), dtype=bool), None
-    for index, path in enumerate(paths):
+    for index, path in enumerate(iterate(paths, desc=description, unit="image", file=sys.stderr,
+                                         disable=not progress)):
         pixels = decode_image(path, image_size, expected_size, paths[0])
         if images is None:
             height, width = pixels.shape[:2]
@@ -232,10 +230,6 @@ def decode_images(paths: list[Path], image_size: int | None, progress: bool = Fa
             images[index, 0] = pixels
         else:
             images[index] = pixels.transpose(2, 0, 1)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
     if images is None:
         raise ImageFolderError("no images to decode")
     if gray.all():
@@ -243,17 +237,6 @@ def decode_images(paths: list[Path], image_size: int | None, progress: bool = Fa
     images[gray, 1] = images[gray, 0]
     images[gray, 2] = images[gray, 0]
     return images
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar on stderr when enabled and tqdm is installed, else None."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------

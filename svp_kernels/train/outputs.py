@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .extras import require
+
 MIB = 2.0**20
 
 
@@ -21,12 +23,15 @@ def write_outputs(result: dict, args: argparse.Namespace) -> None:
         plot_training(result, args.plot)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or MissingExtraError naming --plot."""
+    require("matplotlib", "matplotlib", "--plot").use("Agg")
+    return require("matplotlib.pyplot", "matplotlib", "--plot")
+
+
 def plot_training(result: dict, path: str) -> None:
     """Two panels: per-epoch training losses (output CE, and each block's local loss) and test accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = range(1, len(result["train_loss_curve"]) + 1)
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -47,10 +52,7 @@ def plot_training(result: dict, path: str) -> None:
 
 def plot_memory_depth(rows: list[dict], path: str) -> None:
     """Peak and activation-peak memory (MiB) against depth, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, title in zip(axes, ("peak_memory_bytes", "activation_peak_bytes"),

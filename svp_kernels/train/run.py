@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .checkpoint import CheckpointError, FORMAT_VERSION, check_state_shapes, read_checkpoint, save_checkpoint
+from .. import __version__
+from .checkpoint import (FORMAT_VERSION, CheckpointError, check_state_shapes, loading, read_checkpoint,
+                         save_checkpoint)
 from .data import Dataset, batch_indices, load_dataset
 from .evaluations import EvaluationLog, check_eval_every
+from .extras import iterate, progress_bar
 from .memory import measure_step_memory
 from .models import BlockwiseModel, mlp, vgg11, vit
 from .trainer import BlockSeedTable, LayerwiseTrainer
@@ -239,6 +242,18 @@ def _check_resumable(path, payload: dict, config: TrainConfig, trainer: Layerwis
                               f"optimizers, this run has {len(current['optimizers'])}")
 
 
+def _check_position(path, state: _Progress, step: int, epochs: list[list]) -> None:
+    """CheckpointError unless the checkpoint's epoch, batch and step are a position of this run's batches: a
+    batch inside an epoch, or the start of the epoch after the last one saved."""
+    epoch, batch = state.epoch, state.batch_in_epoch
+    fits = isinstance(epoch, int) and isinstance(batch, int) and 0 <= epoch <= len(epochs) and \
+        0 <= batch < (len(epochs[epoch]) if epoch < len(epochs) else 1) and \
+        step == sum(map(len, epochs[:epoch])) + batch
+    if not fits:
+        raise CheckpointError(f"checkpoint {path}: field epoch: epoch {epoch!r}, batch {batch!r} and step {step!r} "
+                              f"are no position of this run's {len(epochs)} epochs")
+
+
 class _Progress:
     """The loop's position and curves: what a checkpoint stores beside the trainer."""
 
@@ -310,8 +325,6 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
     Memory is measured on a probe: a fresh trainer built the same way, one warm-up and one measured step
     on the first batch (measure_step_memory), so the timed run is never profiled.
     """
-    from tqdm.auto import tqdm
-
     check_eval_every(eval_every)
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size, progress=progress)
@@ -329,18 +342,22 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
     state = _Progress(len(trainer.model.blocks) if config.method == "svp" else 1, trainer.device)
     if resume is not None:
         payload = read_checkpoint(resume)
-        _check_resumable(resume, payload, config, trainer)
-        trainer.load_state_dict(payload["trainer"])
-        state.load(payload)
+        with loading(resume, "config"):
+            _check_resumable(resume, payload, config, trainer)
+        with loading(resume, "trainer"):
+            trainer.load_state_dict(payload["trainer"])
+        with loading(resume, "progress"):
+            state.load(payload)
+        _check_position(resume, state, trainer.step, epochs)
 
     def write_checkpoint() -> None:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {"format": FORMAT_VERSION, "config": asdict(config),
+            save_checkpoint(checkpoint, {"format": FORMAT_VERSION, "kind": "single-process", "config": asdict(config),
                                          "trainer": trainer.state_dict(), "epoch": state.epoch,
                                          "batch_in_epoch": state.batch_in_epoch, "progress": state.state()})
 
-    bar = tqdm(total=sum(map(len, epochs)), initial=trainer.step, desc=f"{config.method} {config.model} "
-               f"{config.dataset}", unit="step", disable=not progress)
+    bar = progress_bar(total=sum(map(len, epochs)), initial=trainer.step, desc=f"{config.method} {config.model} "
+                       f"{config.dataset}", unit="step", disable=not progress)
     train_inputs, train_targets = dataset.train_inputs, dataset.train_targets
     start = time.perf_counter() - state.wall_seconds
     log = state.evaluations
@@ -394,7 +411,7 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
             "wall_seconds": state.wall_seconds, "train_seconds": state.wall_seconds - log.eval_seconds,
             "samples": state.samples, "samples_per_second": state.samples / max(state.wall_seconds, 1e-9),
             "evaluations": log.records, "eval_every": eval_every, "steps": trainer.step, "config": asdict(config),
-            "device": str(trainer.device), "torch_version": torch.__version__,
+            "device": str(trainer.device), "torch_version": torch.__version__, "svp_kernels_version": __version__,
             "threads": torch.get_num_threads()}
 
 
@@ -413,12 +430,11 @@ def memory_depth_rows(width: int = 1024, depths: tuple[int, ...] = (2, 4, 8, 16,
     """Peak training memory of a width-wide MLP with depth hidden blocks (the paper's Fig. 2a), per method
     and depth, on one random MNIST-shaped batch. Rows: method, depth, batch_size, peak_memory_bytes,
     activation_peak_bytes."""
-    from tqdm.auto import tqdm
-
     inputs = torch.randn(batch_size, *input_shape)
     targets = torch.randint(0, num_classes, (batch_size,))
     rows = []
-    for depth, method in tqdm([(d, m) for d in depths for m in methods], desc="memory-depth", disable=not progress):
+    for depth, method in iterate([(d, m) for d in depths for m in methods], desc="memory-depth",
+                                 disable=not progress):
         config = TrainConfig(method=method, width=width, depth=depth, device=device)
         memory = measure_step_memory(lambda: build_trainer(config, input_shape, num_classes), inputs, targets, device)
         rows.append({"method": method, "depth": depth, "batch_size": batch_size, "width": width,

@@ -30,6 +30,7 @@ from .. import backends, gradient_interface
 from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
 from ..validation import ProjectionArgs, check_projection, check_target_range
+from .aligned import aligned
 from .graphs import StepGraphs, StepScalars, check_graph_device
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
@@ -221,7 +222,7 @@ class LayerwiseTrainer:
         if self._graphs is not None:
             losses = self._graphs(inputs, targets)
         else:
-            losses = self._step_body(inputs.to(self.device), targets.to(self.device))
+            losses = self._step_body(aligned(inputs.to(self.device)), targets.to(self.device))
         self.step = step + 1
         return losses
 
@@ -246,7 +247,7 @@ class LayerwiseTrainer:
     @torch.no_grad()
     def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
         """v_0 (B, proj_dim) = inputs.flatten(1) Rᵀ: the alignment target of block 0 (no dropout), detached."""
-        return self.input_projection(inputs.to(self.device).flatten(1))
+        return self.input_projection(aligned(inputs.to(self.device)).flatten(1))
 
     def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
         _check_targets(targets, self.model.num_classes)  # once for every block's lean path
@@ -277,7 +278,10 @@ class LayerwiseTrainer:
             raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
         _check_targets(targets, self.model.num_classes)
         seed = torch.full((), self.block_seed(index, step), dtype=torch.int64, device=self.device)
-        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, seed, share, lr_step=step)
+        # h and v_prev may be views into a message buffer or a share of a batch: compute on them where a fresh
+        # tensor would lie (svp_kernels/train/aligned.py), as the sequential step does
+        h_out, v, loss, self.last_block_ce = self._train_block(index, aligned(h), aligned(v_prev), targets, seed,
+                                                               share, lr_step=step)
         return h_out, v, loss
 
     def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
@@ -348,7 +352,7 @@ class LayerwiseTrainer:
             loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
                 call.module, rows, _IDENTITY, 0.0, seed, targets, v_prev, local_loss.alignment_weight, mean,
                 local_loss.center)
-            grad_v = grad_v[share.rows]
+            grad_v = aligned(grad_v[share.rows])  # this process's rows, off the start of grad_v
         grad_h = gradient_interface.input_grad(call.module, grad_v, call.projection, h.shape[1], p, seed,
                                                torch.float32)
         return loss, ce, v, grad_h.view(features.shape)
@@ -394,7 +398,7 @@ class LayerwiseTrainer:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(targets), batch_size):
-            logits = self.model(inputs[start:start + batch_size].to(self.device))
+            logits = self.model(aligned(inputs[start:start + batch_size].to(self.device)))
             correct += (logits.argmax(dim=1) == targets[start:start + batch_size].to(self.device)).sum()
         return correct.item() / len(targets)
 

@@ -589,7 +589,7 @@ def main() -> int:
         torch.save(outputs, args.dump)
         print(f"run_emulation: saved {len(outputs)} outputs to {args.dump}")
     if args.compare:
-        failures += compare_outputs(outputs, torch.load(args.compare))
+        failures += compare_outputs(outputs, torch.load(args.compare, weights_only=True))  # tensors only: runs no code
     print("run_emulation: " + ("all ok" if failures == 0 else f"{failures} group(s) FAILED"))
     return 1 if failures else 0
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ... import __version__
+from ..aligned import aligned
 from ..data import Dataset, batch_indices
 from ..run import TrainConfig
 from .traffic import TRAFFIC_FIELDS
@@ -42,6 +44,12 @@ def epoch_means(values: list[torch.Tensor]) -> list[float]:
     for value in values:
         total += value
     return [total.item() / len(values)] if total.dim() == 0 else (total / len(values)).tolist()
+
+
+def replica_rows(batch: torch.Tensor, replicas: int, replica: int, device: torch.device) -> torch.Tensor:
+    """Replica `replica`'s contiguous share of the batch's rows (Tensor.tensor_split's, share_sizes), on the
+    device and starting on a 64-byte boundary (a view off the batch's start is copied: svp_kernels/train/aligned.py)."""
+    return aligned(batch.tensor_split(replicas)[replica].to(device))
 
 
 def run_meta(config: TrainConfig, dataset: Dataset) -> dict:
@@ -92,7 +100,8 @@ def distributed_fields(plan: Plan, config: TrainConfig, steps: int, samples: int
     train_seconds = wall - sum(record["eval_seconds"] for record in evaluations)
     return {"wall_seconds": wall, "train_seconds": train_seconds, "evaluations": evaluations,
             "eval_every": plan.eval_every, "steps": steps, "samples": samples, "config": asdict(config),
-            "device": config.device, "torch_version": torch.__version__, "mode": plan.mode,
+            "device": config.device, "torch_version": torch.__version__, "svp_kernels_version": __version__,
+            "mode": plan.mode,
             "world_size": plan.world_size,
             "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],

@@ -12,12 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..aligned import aligned
 from ..data import Dataset
 from ..evaluations import EvaluationLog
+from ..extras import progress_bar
 from ..run import TrainConfig, augment, build_trainer
 from ..trainer import LayerwiseTrainer
-from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_checkpoint
-from .common import EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_means, process_cores, run_meta
+from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_rank_checkpoint
+from .common import (EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_means, process_cores, replica_rows,
+                     run_meta)
 from .plan import Plan, check_global_batch, share_sizes, trainable_batch
 from .traffic import Traffic, counting, os_bytes_written, traffic_fields
 
@@ -30,8 +33,17 @@ def gather_rows(local: torch.Tensor, sizes: list[int], rank: int, group=None) ->
     padded[:len(local)] = local.detach()
     pieces = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(pieces, padded, group=group)
-    pieces = [piece[:size] for piece, size in zip(pieces, sizes)]
+    return join_rows([piece[:size] for piece, size in zip(pieces, sizes)], local, rank)
+
+
+def join_rows(pieces: list[torch.Tensor], local: torch.Tensor, rank: int) -> torch.Tensor:
+    """torch.cat of pieces with pieces[rank] replaced by `local` (so that gradients reach it). The gradient
+    that reaches local is a slice of the whole batch's, off its start: it is handed on from an aligned copy
+    (svp_kernels/train/aligned.py), as a process holding the whole batch would compute on it."""
+    pieces = list(pieces)
     pieces[rank] = local
+    if local.requires_grad:
+        local.register_hook(aligned)
     return torch.cat(pieces)
 
 
@@ -144,20 +156,18 @@ def run_replica(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, pr
     """Rank `rank` of a data-parallel run whose batches make_step's ReplicaStep trains (SVP's or backprop's):
     the shared batches, the evaluations (BatchNorm running statistics broadcast from rank 0 first, the test set
     shared out), the curves, the checkpoints, the traffic and the result (on rank 0; None elsewhere)."""
-    from tqdm.auto import tqdm
-
     world, meta = plan.world_size, run_meta(config, dataset)
     trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, meta["batches_per_epoch"])
     everything, min_batch = range(len(trainer.model.blocks)), trainable_batch(trainer.model, world)
     check_global_batch(config, min_batch, world)
     clock, device = Clock(trainer.device), trainer.device
     state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
-    epochs_done, step, curves = resume(state, plan, config, trainer, None)
+    epochs_done, step, curves = resume(state, plan, config, trainer, None, everything)
     trainer.step = first_step = step
     train_batch = make_step(trainer, rank, world, clock)
-    bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
-               disable=not progress or rank != 0,
-               desc=f"{config.method} {config.model} {config.dataset}, {world} data-parallel ranks")
+    bar = progress_bar(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
+                       disable=not progress or rank != 0,
+                       desc=f"{config.method} {config.model} {config.dataset}, {world} data-parallel ranks")
     samples, traffic, log = 0, Traffic(), EvaluationLog(device)
 
     def evaluate() -> float:
@@ -187,7 +197,7 @@ def run_replica(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, pr
                 samples += len(indices)
                 sizes = share_sizes(len(indices), world)
                 global_targets = dataset.train_targets[indices].to(device)
-                inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank].to(device)
+                inputs = replica_rows(augment(dataset.train_inputs[indices], config, step), world, rank, device)
                 losses, ce = train_batch(inputs, global_targets, sizes, step)
                 block_losses.append(losses)
                 output_ce.append(ce)
@@ -205,9 +215,8 @@ def run_replica(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, pr
             curves["accuracy"].append(evaluate())
             epochs_done += 1
             if plan.checkpoint_dir is not None:
-                save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
-                                checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer,
-                                                 everything), keep=2)
+                saved = checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer, everything)
+                save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done, saved, keep=2)
         traffic.phase = None
     written = None if written is None else os_bytes_written() - written
     bar.close()

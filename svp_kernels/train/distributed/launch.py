@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import CheckpointError
 from ..data import Dataset
 from ..outputs import write_outputs
 from ..run import TrainConfig
@@ -88,12 +89,16 @@ def describe(error: BaseException) -> str:
 
 def _spawned_entry(rank: int, parent_pid: int, plan: Plan, config: TrainConfig, dataset: Dataset,
                    init_method: str, progress: bool, threads: int | None, connection) -> None:
-    """A process started by spawn: runs rank `rank` and sends ("result", dict) or ("error", text) to the
-    parent, then exits at once (os._exit: no teardown can hang on a dead peer)."""
-    from tqdm.auto import tqdm
-
+    """A process started by spawn: runs rank `rank` and sends ("result", dict), ("refused", text) for a
+    checkpoint every rank refused, or ("error", text) to the parent, then exits at once (os._exit: no
+    teardown can hang on a dead peer)."""
     die_with_parent(parent_pid)
-    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
+    try:  # not tqdm's default multiprocessing lock, which os._exit would leak
+        from tqdm.auto import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:  # no tqdm: no progress bar (extras.progress_bar)
+        pass
     if threads is not None:
         torch.set_num_threads(threads)
     if plan.pin_cores:
@@ -102,6 +107,9 @@ def _spawned_entry(rank: int, parent_pid: int, plan: Plan, config: TrainConfig, 
         result = run_worker(plan, rank, rank, config, dataset, init_method, progress)
         connection.send(("result", result))
         code = 0
+    except CheckpointError as error:  # every rank refuses the same file (checkpoint.agree)
+        connection.send(("refused", str(error)))
+        code = 2
     except BaseException as error:  # noqa: BLE001 — reported to the parent, which names this rank
         connection.send(("error", describe(error)))
         code = 1
@@ -146,7 +154,8 @@ def launch(plan: Plan, config: TrainConfig, dataset: Dataset, progress: bool = F
 
     threads: torch threads per process (default: OMP_NUM_THREADS if set, else cores // processes). If a
     process raises or dies, the others are given plan.timeout seconds to exit, then killed; raises
-    DistributedTrainingError naming the first failure and every other.
+    DistributedTrainingError naming the first failure and every other, or the CheckpointError with which
+    every process refused a checkpoint of plan.checkpoint_dir.
     """
     import multiprocessing.connection
 
@@ -207,6 +216,9 @@ def launch(plan: Plan, config: TrainConfig, dataset: Dataset, progress: bool = F
             if process.is_alive():
                 process.kill()
             process.join()
+    refused = [report[1] for _, report in sorted(reports.items()) if report[0] == "refused"]
+    if refused:
+        raise CheckpointError(refused[0])
     if failures:
         (rank, cause), others = failures[0], failures[1:]
         message = f"{role(plan, rank)} failed: {cause}"
@@ -217,7 +229,7 @@ def launch(plan: Plan, config: TrainConfig, dataset: Dataset, progress: bool = F
 
 
 def _exit_cause(exitcode: int, report: tuple | None) -> str:
-    if report is not None and report[0] == "error":
+    if report is not None and report[0] in ("error", "refused"):
         return report[1]
     if exitcode < 0:
         return f"killed by {signal.Signals(-exitcode).name}"
@@ -245,6 +257,10 @@ def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
             die_with_parent(os.getppid())
             result = run_worker(plan, environment["rank"], environment["local_rank"], config, dataset, "env://",
                                 progress)
+    except CheckpointError as error:  # refused by every rank before any trained
+        if environment is None or environment["rank"] == 0:
+            print(f"svp-train: error: --stage-checkpoints: {error}", file=sys.stderr)
+        return 2
     except DistributedTrainingError as error:
         print(f"svp-train: {error}", file=sys.stderr)
         return 1

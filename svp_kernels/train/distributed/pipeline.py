@@ -11,12 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..aligned import aligned
 from ..data import Dataset
 from ..evaluations import EvaluationLog
+from ..extras import progress_bar
 from ..run import TrainConfig, augment, build_trainer
 from ..trainer import LayerwiseTrainer
-from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_checkpoint
-from .common import EVAL_BATCH, Clock, distributed_fields, epoch_means, process_cores, run_meta
+from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_rank_checkpoint
+from .common import EVAL_BATCH, Clock, distributed_fields, epoch_means, process_cores, replica_rows, run_meta
 from .data_parallel import data_parallel_step, input_alignment_rows
 from .plan import (Plan, block_output_shapes, check_global_batch, choose_split, grid_position, keep_blocks,
                    share_sizes, stage_blocks, trainable_batch)
@@ -34,14 +36,14 @@ def _source_messages(trainer: LayerwiseTrainer, config: TrainConfig, dataset: Da
     device = trainer.device
     for kind, step, rows in schedule:
         if kind == TRAIN:
-            inputs = augment(dataset.train_inputs[rows], config, step).tensor_split(replicas)[replica]
-            yield Message(TRAIN, step, inputs.to(device), None, dataset.train_targets[rows].to(device))
+            inputs = replica_rows(augment(dataset.train_inputs[rows], config, step), replicas, replica, device)
+            yield Message(TRAIN, step, inputs, None, dataset.train_targets[rows].to(device))
             bar.update()
         elif kind == EVAL:
             sizes = share_sizes(len(rows), replicas)
             first = rows.start + sum(sizes[:replica])
             share = slice(first, first + sizes[replica])
-            yield Message(EVAL, 0, dataset.test_inputs[share].to(device), None,
+            yield Message(EVAL, 0, aligned(dataset.test_inputs[share].to(device)), None,
                           dataset.test_targets[share].to(device))
         else:
             yield Message(kind)
@@ -76,8 +78,6 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     """Rank `rank` of the pipeline: its stage of blocks, for its replica's share of every batch (a grid,
     plan.replicas > 1: every block is trained as data_parallel_step trains it, within the stage's replicas); returns
     the run's result on rank 0, None elsewhere."""
-    from tqdm.auto import tqdm
-
     stages, replicas, meta = plan.stages, plan.replicas, run_meta(config, dataset)
     stage, replica = grid_position(plan, rank)
     groups = stage_groups(plan)
@@ -94,7 +94,7 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     min_batch = trainable_batch(trainer.model, replicas)  # of the whole model: every stage skips alike
     check_global_batch(config, min_batch, replicas)
     keep_blocks(trainer, blocks)
-    epochs_done, step, curves = resume(state, plan, config, trainer, split)
+    epochs_done, step, curves = resume(state, plan, config, trainer, split, blocks)
     dtype = next(trainer.model.blocks[blocks.start].parameters()).dtype
     v_width = meta["proj_dim"]
     clock = Clock(trainer.device)
@@ -108,8 +108,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
     keep = 2 + (stages - 1) * (plan.max_in_flight + 2) // messages_per_epoch
 
     grid = f" × {replicas} replicas" if replicas > 1 else ""
-    bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step", disable=not progress,
-               desc=f"svp {config.model} {config.dataset}, {stages} stages{grid}")
+    bar = progress_bar(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
+                       disable=not progress, desc=f"svp {config.model} {config.dataset}, {stages} stages{grid}")
     if first:
         messages = _source_messages(trainer, config, dataset, schedule, bar, replica, replicas)
     else:
@@ -190,9 +190,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                 block_losses, output_ce = [], []
                 epochs_done += 1
                 if plan.checkpoint_dir is not None:
-                    save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
-                                    checkpoint_state(plan, rank, split, epochs_done, step, config, curves, trainer,
-                                                     blocks), keep)
+                    saved = checkpoint_state(plan, rank, split, epochs_done, step, config, curves, trainer, blocks)
+                    save_rank_checkpoint(plan.checkpoint_dir, rank, epochs_done, saved, keep)
             clock.charge("busy")
             if not last:
                 outbound.send(message)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import Dataset
+from ..aligned import ALIGNMENT, aligned_empty
 from ..run import TrainConfig
 from .common import EVAL_BATCH, Clock, DistributedTrainingError, epoch_batches
 from .plan import share_sizes
@@ -49,10 +50,14 @@ def pipeline_schedule(config: TrainConfig, dataset: Dataset, start_epoch: int, s
 
 
 class Packing:
-    """The byte layout of one packed message, a uint8 buffer: header (kind, B, step) as 3 int64, then h
-    (h_rows, *h_shape) and v (B, C) in dtype, then targets (B,) int64, each field 8-byte aligned; v in
+    """The byte layout of one packed message, a uint8 buffer that starts on an ALIGNMENT-byte boundary: header
+    (kind, B, step) as 3 int64, then h (h_rows, *h_shape) and v (B, C) in dtype, then targets (B,) int64; v in
     TRAIN only, h and targets in TRAIN and EVAL. h_rows is B but in a grid's TRAIN messages, which carry a
-    replica's share of h with the whole batch's v and targets."""
+    replica's share of h with the whole batch's v and targets.
+
+    Every field starts on an ALIGNMENT-byte (64-byte) boundary, so the receiving stage computes on h and v
+    exactly where a fresh allocation would put them: a GEMM whose kernel depends on the address of its
+    operands (MKL on some CPUs) sums in the same order as in the sequential trainer (svp_kernels/train/aligned.py)."""
 
     def __init__(self, kind: int, batch: int, h_shape: tuple[int, ...], v_width: int, dtype: torch.dtype,
                  h_rows: int | None = None):
@@ -65,12 +70,27 @@ class Packing:
         self.fields, self.nbytes = {}, 0
         for name, shape, field_dtype in fields:
             self.fields[name] = (self.nbytes, shape, field_dtype)
-            self.nbytes += -(-math.prod(shape) * field_dtype.itemsize // 8) * 8
+            self.nbytes += -(-math.prod(shape) * field_dtype.itemsize // ALIGNMENT) * ALIGNMENT
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Typed views of buffer (uint8, nbytes), one per field."""
+        """Typed views of buffer (uint8, nbytes, ALIGNMENT-aligned), one per field."""
         return {name: buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 for name, (offset, shape, dtype) in self.fields.items()}
+
+    def pack(self, message: Message, buffer: torch.Tensor) -> None:
+        """Write message (its kind, batch size and step, and its h, v and targets) into buffer."""
+        views = self.views(buffer)
+        batch = 0 if message.targets is None else len(message.targets)
+        views["header"].copy_(torch.tensor([message.kind, batch, message.step], dtype=torch.int64))
+        for name in ("h", "v", "targets"):
+            if name in views:
+                views[name].copy_(getattr(message, name))
+
+    def unpack(self, buffer: torch.Tensor) -> tuple[tuple[int, ...], Message]:
+        """(the header (kind, B, step), the message) of a packed buffer; h, v and targets are views of it."""
+        views = self.views(buffer)
+        kind, batch, step = views["header"].tolist()
+        return (kind, batch, step), Message(kind, step, views.get("h"), views.get("v"), views.get("targets"))
 
 
 class Outbound:
@@ -92,11 +112,7 @@ class Outbound:
         h_rows = None if message.h is None else len(message.h)
         packing = Packing(message.kind, batch, self.h_shape, self.v_width, self.dtype, h_rows)
         buffer = _take(self.free, packing.nbytes, self.device)
-        views = packing.views(buffer)
-        views["header"].copy_(torch.tensor([message.kind, batch, message.step], dtype=torch.int64))
-        for name in ("h", "v", "targets"):
-            if name in views:
-                views[name].copy_(getattr(message, name))
+        packing.pack(message, buffer)
         self.pending.append((dist.isend(buffer, self.peer), buffer))
 
     def _wait_oldest(self) -> None:
@@ -129,24 +145,24 @@ class Inbound:
         batch, h_rows = message_rows(kind, rows, self.replica, self.replicas)
         packing = Packing(kind, batch, self.h_shape, self.v_width, self.dtype, h_rows)
         buffer = _take(self.free, packing.nbytes, self.device)
-        return (kind, batch, step), buffer, packing.views(buffer), dist.irecv(buffer, self.peer)
+        return (kind, batch, step), buffer, packing, dist.irecv(buffer, self.peer)
 
     def __iter__(self):
         upcoming = iter(self.expected)
         posted = self._post(next(upcoming))
         while posted is not None:
-            expected, buffer, views, work = posted
+            expected, buffer, packing, work = posted
             self.clock.charge("busy")
             work.wait()
             self.clock.charge("idle")
-            header = tuple(views["header"].tolist())
+            header, message = packing.unpack(buffer)
             if header != expected:
                 raise DistributedTrainingError(
                     f"stage {self.peer} sent (kind, rows, step) = {header}, the schedule expects {expected}: "
                     f"the stages disagree on the data or the config")
             following = next(upcoming, None)
             posted = None if following is None else self._post(following)  # in flight while t is computed
-            yield Message(expected[0], expected[2], views.get("h"), views.get("v"), views.get("targets"))
+            yield message
             self.free.append(buffer)  # the stage is done with message t
 
 
@@ -161,8 +177,9 @@ def message_rows(kind: int, rows, replica: int, replicas: int) -> tuple[int, int
 
 
 def _take(free: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 buffer of nbytes: a free one of that size if there is one, else a new one."""
+    """A uint8 buffer of nbytes on an ALIGNMENT-byte boundary: a free one of that size if there is one, else a
+    new one."""
     for index, buffer in enumerate(free):
         if buffer.numel() == nbytes:
             return free.pop(index)
-    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return aligned_empty(nbytes, device)
