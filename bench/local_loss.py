@@ -234,7 +234,8 @@ def percentiles(samples):
 
 
 class ForeignLoad:
-    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time)."""
+    """CPUs used by OTHER processes while a measurement ran (from /proc/stat minus this process's CPU time, and
+    with children=True minus that of the child processes it waited for meanwhile, theirs included)."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -245,13 +246,16 @@ class ForeignLoad:
         user, nice, system, idle, iowait, irq, softirq, steal = fields
         return (user + nice + system + irq + softirq + steal) / ForeignLoad.TICKS
 
+    def __init__(self, children: bool = False):
+        self.fields = 4 if children else 2  # os.times(): user, system, children's user, children's system
+
     def __enter__(self):
-        self.wall, self.busy, self.own = time.monotonic(), self._busy_seconds(), sum(os.times()[:2])
+        self.wall, self.busy, self.own = time.monotonic(), self._busy_seconds(), sum(os.times()[:self.fields])
         return self
 
     def __exit__(self, *exc):
         wall = time.monotonic() - self.wall
-        own = sum(os.times()[:2]) - self.own
+        own = sum(os.times()[:self.fields]) - self.own
         self.cpus = max(0.0, (self._busy_seconds() - self.busy - own) / max(wall, 1e-9))
         return False
 

@@ -119,10 +119,11 @@ def test_no_gradient_under_no_grad():
 def test_triton_backend_returns_the_clamped_similarity(center):
     """Rows that are positive multiples of one row have S_ij = 1, which their unclamped Gram exceeds by
     rounding; backend="triton" (batch space here: C + C' ≥ B) returns the clamped value of every path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs on CPU only in its interpreter
     generator = torch.Generator().manual_seed(20)
     multiples = torch.arange(1, 9, dtype=torch.float32)[:, None]
-    v = (torch.randn(1, 6, generator=generator) * multiples).requires_grad_(True)
-    v_prev = torch.randn(1, 5, generator=generator) * multiples
+    v = (torch.randn(1, 6, generator=generator) * multiples).to(device).requires_grad_(True)
+    v_prev = (torch.randn(1, 5, generator=generator) * multiples).to(device)
     u = v.detach() - v.detach().mean(dim=1, keepdim=True) if center else v.detach()
     unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(1e-12)
     assert (unit @ unit.t()).max().item() > 1.0  # the rounding excess the clamp removes

@@ -14,11 +14,13 @@ TINY = ["--dataset", "synthetic", "--epochs", "2", "--width", "32", "--depth", "
 @pytest.mark.parametrize("method", ["svp", "bp"])
 def test_train_writes_json_and_plot(tmp_path, capsys, method):
     result_path, plot_path = tmp_path / "run.json", tmp_path / "run.png"
-    assert main(TINY + ["--method", method, "--json", str(result_path), "--plot", str(plot_path)]) == 0
+    assert main(TINY + ["--method", method, "--json", str(result_path), "--plot", str(plot_path),
+                        "--eval-every", "20"]) == 0
     result = json.loads(result_path.read_text())
     for key in ("test_accuracy", "train_loss_curve", "peak_memory_bytes", "activation_peak_bytes",
-                "wall_seconds", "config"):
+                "wall_seconds", "train_seconds", "samples_per_second", "config"):
         assert key in result
+    assert [record["step"] for record in result["evaluations"]] == [20, 32, 40, 60, 64]  # 32 steps per epoch
     assert 0.5 < result["test_accuracy"] <= 1.0
     assert len(result["train_loss_curve"]) == 2 and result["train_loss_curve"][1] < result["train_loss_curve"][0]
     assert 0 < result["activation_peak_bytes"] < result["peak_memory_bytes"]
@@ -78,6 +80,11 @@ def _one_line_error(capsys, argv, *fragments) -> str:
     (["--optimizer", "lbfgs"], ["--optimizer", "invalid choice"]),
     (["--checkpoint-every", "5"], ["--checkpoint-every", "needs --checkpoint"]),
     (["--threads", "0"], ["--threads must be ≥ 1"]),
+    (["--eval-every", "0"], ["--eval-every must be a number of steps ≥ 1, got 0"]),
+    (["--eval-every", "-2", "--data-parallel", "2"], ["--eval-every must be a number of steps ≥ 1, got -2"]),
+    (["--method", "bp", "--stages", "2"], ["backprop cannot be split into pipeline stages"]),
+    (["--method", "bp", "--data-parallel", "2", "--stage-checkpoints", "ckpt"],
+     ["--stage-checkpoints: checkpoints of data-parallel backprop are not supported"]),
     (["--json", "/no/such/folder/run.json"], ["--json /no/such/folder/run.json", "does not exist"]),
     (["--resume", "/no/such.ckpt"], ["--resume", "/no/such.ckpt", "cannot be read"]),
 ])

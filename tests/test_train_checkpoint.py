@@ -61,6 +61,11 @@ def test_ctrl_c_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_pat
     resumed = train(config, resume=str(path))
     for key in COMPARED:
         assert resumed[key] == uninterrupted[method][key], key
+    # the evaluation log and the example count continue from the checkpoint
+    logged = [[(record["step"], record["test_accuracy"]) for record in run["evaluations"]]
+              for run in (resumed, uninterrupted[method])]
+    assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [4, 8, 12]
+    assert resumed["samples"] == uninterrupted[method]["samples"] == 3 * 256
 
 
 def test_checkpoint_every_n_steps_and_epoch_end(tmp_path, monkeypatch, uninterrupted):

@@ -21,6 +21,8 @@ from svp_kernels.train import distributed
 from svp_kernels.train.data import synthetic
 from svp_kernels.train.distributed import (DistributedTrainingError, Plan, balanced_split, epoch_batches,
                                            epoch_means, launch, plan_from_arguments)
+from svp_kernels.train.distributed.backprop import BackpropReplicaStep
+from svp_kernels.train.distributed.protocol import Packing
 from svp_kernels.train.models import mlp
 from svp_kernels.train.run import TrainConfig, augment, build_trainer
 from svp_kernels.train.seeds import block_step_seed
@@ -29,24 +31,41 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 15.0  # --dist-timeout of the failure tests
 
 
-def sequential(config: TrainConfig, dataset):
+def sequential(config: TrainConfig, dataset, eval_every: int | None = None):
     """The single-process trainer after config.epochs epochs on one thread (with run_training's learning-rate
-    schedule), and its per-epoch curves."""
+    schedule), its per-epoch curves and its evaluations [(step, accuracy)] at every epoch end and after every
+    eval_every-th step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         epochs = list(epoch_batches(config, len(dataset.train_targets)))
         trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, len(epochs[0]))
-        loss_curve, accuracy_curve = [], []
+        loss_curve, accuracy_curve, evaluations = [], [], []
         for batches in epochs:
-            steps = [trainer.train_step(augment(dataset.train_inputs[i], config, trainer.step),
-                                        dataset.train_targets[i])
-                     for i in batches]
+            steps = []
+            for position, indices in enumerate(batches):
+                steps.append(trainer.train_step(augment(dataset.train_inputs[indices], config, trainer.step),
+                                                dataset.train_targets[indices]))
+                if position == len(batches) - 1 or (eval_every and trainer.step % eval_every == 0):
+                    evaluations.append((trainer.step, trainer.evaluate(dataset.test_inputs, dataset.test_targets)))
             loss_curve.append(epoch_means([step.output_ce for step in steps])[0])
-            accuracy_curve.append(trainer.evaluate(dataset.test_inputs, dataset.test_targets))
+            accuracy_curve.append(evaluations[-1][1])
     finally:
         torch.set_num_threads(threads)
-    return trainer, loss_curve, accuracy_curve
+    if eval_every is None:
+        return trainer, loss_curve, accuracy_curve
+    return trainer, loss_curve, accuracy_curve, evaluations
+
+
+def evaluations_of(result: dict) -> list[tuple[int, float]]:
+    """[(step, accuracy)] of a run's evaluation log."""
+    return [(record["step"], record["test_accuracy"]) for record in result["evaluations"]]
+
+
+def message_bytes(batches: list[int], h_shape: tuple[int, ...], v_width: int) -> float:
+    """Mean bytes of the pipeline's TRAIN messages (the protocol's own layout) over batches of these sizes."""
+    return sum(Packing(distributed.TRAIN, rows, h_shape, v_width, torch.float32).nbytes for rows in batches) / \
+        len(batches)
 
 
 def saved_tensors(directory: Path, world: int, epoch: int, first_rank: int = 0) -> dict[str, torch.Tensor]:
@@ -75,11 +94,12 @@ def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_pat
     """2 stages (3 + 1 blocks), BatchNorm, dropout on R and a 2-step learning-rate warm-up: after 4 and 8
     steps (the second run resumed from the first's checkpoints, with the split left to the run: it keeps
     the checkpoints' 3 + 1, which no timing of these blocks would choose) every parameter, buffer and Adam
-    moment equals the sequential trainer's."""
+    moment equals the sequential trainer's; so do the evaluations after every second step. Stage 0 sends one
+    message per step (counted in bytes), the last stage none."""
     dataset = synthetic(num_train=200, num_test=50, num_classes=4)
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
                          warmup_epochs=0.5, backend="cpu", seed=3)  # the same warm-up in 1 and 2 epochs
-    plan = Plan("pipeline", 2, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(tmp_path))
+    plan = Plan("pipeline", 2, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(tmp_path), eval_every=2)
     first = launch(plan, config, dataset, threads=1)
     resumed = launch(dataclasses.replace(plan, stage_split=None), dataclasses.replace(config, epochs=2), dataset,
                      threads=1)
@@ -88,12 +108,15 @@ def test_pipeline_is_bit_identical_to_the_sequential_trainer_and_resumes(tmp_pat
     if len(cores) >= 2:  # each stage pinned to its own core
         assert first["cores"] == [cores[:len(cores) // 2], cores[len(cores) // 2:2 * (len(cores) // 2)]]
     for epochs, result in ((1, first), (2, resumed)):
-        trainer, loss_curve, accuracy_curve = sequential(dataclasses.replace(config, epochs=epochs), dataset)
+        trainer, loss_curve, accuracy_curve, evaluations = sequential(dataclasses.replace(config, epochs=epochs),
+                                                                      dataset, eval_every=2)
         expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 2, epochs)
         assert found.keys() == expected.keys()
         unequal = [name for name in expected if not torch.equal(found[name], expected[name])]
         assert not unequal, f"after {epochs} epochs these differ from the sequential trainer: {unequal}"
         assert result["train_loss_curve"] == loss_curve and result["test_accuracy_curve"] == accuracy_curve
+        assert evaluations_of(result) == evaluations[-2:]  # a resumed run logs the evaluations since it resumed
+        assert result["bytes_sent_per_step"] == [message_bytes([56, 56, 56, 32], (24,), 4), 0.0]
 
 
 def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
@@ -103,15 +126,99 @@ def test_data_parallel_matches_one_process_with_the_global_batch(tmp_path):
     dataset = synthetic(num_train=256, num_test=64, num_classes=5)
     config = TrainConfig(dataset="synthetic", epochs=2, batch_size=128, width=24, depth=2, norm="layernorm",
                          p=0.2, lr=0.1, optimizer="sgd", backend="cpu", seed=1)
-    result = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path)), config, dataset,
-                    threads=1)
-    trainer, loss_curve, accuracy_curve = sequential(config, dataset)
+    result = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(tmp_path), eval_every=1), config,
+                    dataset, threads=1)
+    trainer, loss_curve, accuracy_curve, evaluations = sequential(config, dataset, eval_every=1)
     expected, found = trainer_tensors(trainer), saved_tensors(tmp_path, 1, 2)  # rank 1's copy
     assert found.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-5)
     assert result["test_accuracy_curve"] == accuracy_curve
+    assert evaluations_of(result) == evaluations and [step for step, _ in evaluations] == [1, 2, 3, 4]
+    # per step, each rank all-reduces every block's gradients and all-gathers 5 projections (v_0 … v_3) of 64 × 5
+    parameter_bytes = sum(parameter.numel() * 4 for parameter in trainer.model.parameters())
+    assert result["bytes_sent_per_step"] == [parameter_bytes + 4 * 64 * 5 * 4] * 2
+
+
+def two_ranks(worker, *args) -> dict:
+    """Run worker(rank, port, *args, queue) in two spawned processes; each puts one (key, value) on the queue.
+    Returns {key: value}."""
+    context = torch.multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), distributed.free_port()
+    processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        return dict(queue.get(timeout=TIMEOUT + 60) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=TIMEOUT)
+            if process.is_alive():
+                process.kill()
+
+
+def _backprop_worker(rank: int, port: int, config: TrainConfig, dataset, queue) -> None:
+    """Rank `rank` of 2 trains config.epochs epochs of backprop through BackpropReplicaStep (DDP) and puts its
+    parameters, as lists, on the queue."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
+    try:
+        epochs = list(epoch_batches(config, len(dataset.train_targets)))
+        trainer = build_trainer(config, dataset.input_shape, dataset.num_classes, len(epochs[0]))
+        step_of = BackpropReplicaStep(trainer, rank, 2, distributed.Clock(torch.device("cpu")))
+        for batches in epochs:
+            for indices in batches:
+                sizes = distributed.share_sizes(len(indices), 2)
+                inputs = augment(dataset.train_inputs[indices], config, trainer.step).tensor_split(2)[rank]
+                step_of(inputs, dataset.train_targets[indices], sizes, trainer.step)
+                trainer.step += 1
+        queue.put((rank, {name: value.tolist() for name, value in trainer.model.state_dict().items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_backprop_steps_with_the_one_process_gradient():
+    """DDP over 2 ranks, batches of 50 rows shared 25 + 25 and a last one of 37 shared 19 + 18 (the loss
+    weights each share by its rows), SGD so that a gradient off by a factor shows,
+    LayerNorm (BatchNorm's statistics would be per rank): after 2 epochs both ranks hold the same parameters,
+    and they equal one process's to float32 rounding (the sums run in another order: not bit for bit)."""
+    dataset = synthetic(num_train=137, num_test=16, num_classes=5)
+    config = TrainConfig(dataset="synthetic", method="bp", epochs=2, batch_size=50, width=24, depth=2,
+                         norm="layernorm", lr=0.1, optimizer="sgd", lr_schedule="cosine", backend="cpu", seed=1)
+    found = two_ranks(_backprop_worker, config, dataset)
+    assert found[0] == found[1]
+    trainer, _, _ = sequential(config, dataset)
+    expected = trainer.model.state_dict()
+    assert found[0].keys() == expected.keys()
+    moved = 0.0
+    initial = build_trainer(config, dataset.input_shape, dataset.num_classes).model.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(torch.tensor(found[0][name]), value, rtol=1e-4, atol=1e-6, msg=name)
+        moved = max(moved, (value - initial[name]).abs().max().item())
+    assert moved > 1e-2  # it trained
+
+
+def test_data_parallel_backprop_trains_like_one_process_and_counts_its_all_reduce():
+    """--method bp over 2 ranks through launch: the loss and accuracy curves of one process (to float32
+    rounding), an evaluation after every other step, and per step exactly one all_reduce of every gradient
+    (the parameter bytes) from each rank."""
+    dataset = synthetic(num_train=256, num_test=64, num_classes=5)
+    config = TrainConfig(dataset="synthetic", method="bp", epochs=2, batch_size=64, width=24, depth=2,
+                         norm="layernorm", lr=0.1, optimizer="sgd", backend="cpu", seed=1)
+    result = launch(Plan("data_parallel", 2, timeout=TIMEOUT, eval_every=2), config, dataset, threads=1)
+    trainer, loss_curve, accuracy_curve, evaluations = sequential(config, dataset, eval_every=2)
+    assert result["train_loss_curve"] == pytest.approx(loss_curve, rel=1e-4)
+    assert result["block_loss_curves"] == [pytest.approx([loss], rel=1e-4) for loss in loss_curve]
+    assert result["test_accuracy_curve"] == accuracy_curve and result["test_accuracy"] > 0.8
+    assert [step for step, _ in evaluations_of(result)] == [2, 4, 6, 8]
+    assert evaluations_of(result) == evaluations
+    parameter_bytes = sum(parameter.numel() * 4 for parameter in trainer.model.parameters())
+    assert result["bytes_sent_per_step"] == [parameter_bytes] * 2
+    assert all(rank["train"].keys() == {"all_reduce"} for rank in result["traffic"])
+    if result["os_bytes_written"][0] is not None:  # what the sockets carried: ≥ the payloads
+        assert all(written >= 8 * parameter_bytes for written in result["os_bytes_written"])
 
 
 def test_a_grid_of_stages_and_replicas_is_bit_identical_to_data_parallel_and_resumes(tmp_path):
@@ -123,9 +230,9 @@ def test_a_grid_of_stages_and_replicas_is_bit_identical_to_data_parallel_and_res
     config = TrainConfig(dataset="synthetic", epochs=2, batch_size=56, width=24, depth=3, p=0.2, lr=1e-2,
                          warmup_epochs=0.5, backend="cpu", seed=3)
     data_parallel, grid = tmp_path / "data-parallel", tmp_path / "grid"
-    expected = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(data_parallel)), config, dataset,
-                      threads=1)
-    plan = Plan("pipeline", 4, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(grid), replicas=2)
+    expected = launch(Plan("data_parallel", 2, timeout=TIMEOUT, checkpoint_dir=str(data_parallel), eval_every=3),
+                      config, dataset, threads=1)
+    plan = Plan("pipeline", 4, (3, 1), timeout=TIMEOUT, checkpoint_dir=str(grid), replicas=2, eval_every=3)
     first = launch(plan, dataclasses.replace(config, epochs=1), dataset, threads=1)
     resumed = launch(plan, config, dataset, threads=1)
     assert (resumed["stages"], resumed["replicas"], resumed["world_size"]) == (2, 2, 4)
@@ -134,6 +241,7 @@ def test_a_grid_of_stages_and_replicas_is_bit_identical_to_data_parallel_and_res
         assert result["train_loss_curve"] == expected["train_loss_curve"][:epochs]
         assert result["test_accuracy_curve"] == expected["test_accuracy_curve"][:epochs]
         assert result["block_loss_curves"] == expected["block_loss_curves"][:epochs]
+        assert evaluations_of(result) == evaluations_of(expected)[2 * epochs - 2:2 * epochs]  # steps 3, 4 | 6, 8
         for replica in range(2):
             want = saved_tensors(data_parallel, 1, epochs, first_rank=replica)
             found = saved_tensors(grid, 2, epochs, first_rank=2 * replica)
@@ -194,18 +302,7 @@ def _link_worker(rank: int, port: int, sent_step: int, queue) -> None:
 
 @pytest.mark.parametrize("sent_step", [4, 5])
 def test_a_link_delivers_packed_messages_exactly_and_checks_them_against_the_schedule(sent_step):
-    context = torch.multiprocessing.get_context("spawn")
-    queue, port = context.Queue(), distributed.free_port()
-    processes = [context.Process(target=_link_worker, args=(rank, port, sent_step, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(queue.get(timeout=TIMEOUT + 60) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(timeout=TIMEOUT)
-            if process.is_alive():
-                process.kill()
+    reports = two_ranks(_link_worker, sent_step)
     if sent_step != 4:
         assert "sent (kind, rows, step) = (0, 3, 5), the schedule expects (0, 3, 4)" in reports["error"]
         return
@@ -223,10 +320,12 @@ def test_a_stage_that_raises_ends_the_run_with_its_name_and_cause():
 
 
 def cli_process(*flags: str) -> subprocess.Popen:
-    """svp-train with a long 2-stage run on one thread per process, stderr captured."""
+    """svp-train with a long run (2 stages unless flags say otherwise) on one thread per process, stderr
+    captured."""
+    layout = () if "--method" in flags else ("--stages", "2")
     command = [sys.executable, "-m", "svp_kernels.train.cli", "--dataset", "synthetic", "--epochs", "100000",
                "--width", "16", "--depth", "1", "--device", "cpu", "--backend", "cpu", "--no-progress",
-               "--dist-timeout", str(TIMEOUT), "--stages", "2", *flags]
+               "--dist-timeout", str(TIMEOUT), *layout, *flags]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -256,6 +355,20 @@ def ranks_of(process: subprocess.Popen, count: int = 2) -> dict[str, int]:
     pytest.fail(f"the ranks never started: {process.communicate()[1][-2000:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_training(pid: int, seconds: float = 3.0) -> None:
+    """Wait until process pid has computed `seconds` of CPU time more than now: well past its setup (a tiny
+    model, built in a fraction of that), so it is training."""
+    target, deadline = cpu_seconds(pid) + seconds, time.monotonic() + 120
+    while cpu_seconds(pid) < target and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -278,12 +391,13 @@ def survivors(pids, seconds: float) -> list[int]:
 @pytest.mark.parametrize("flags, victim, name", [
     ((), 1, "stage 1 of 2 (rank 1)"),
     (("--data-parallel", "2"), 3, "stage 1 of 2, replica 1 of 2 (rank 3)"),  # a 2 × 2 grid
-], ids=["pipeline", "grid"])
+    (("--method", "bp", "--data-parallel", "2"), 1, "data-parallel rank 1 of 2"),  # DDP
+], ids=["pipeline", "grid", "backprop"])
 def test_killing_a_stage_ends_the_run_with_its_name_and_no_orphans(flags, victim, name):
     process = cli_process(*flags)
-    ranks = ranks_of(process, 2 if not flags else 4)
+    ranks = ranks_of(process, 4 if flags == ("--data-parallel", "2") else 2)
     descendants = list(children(process.pid).values())
-    time.sleep(1.0)
+    wait_until_training(ranks[f"svp-rank-{victim}"])
     os.kill(ranks[f"svp-rank-{victim}"], signal.SIGKILL)
     start = time.monotonic()
     try:
@@ -371,8 +485,14 @@ def test_plans_from_flags_and_torchrun():
                                       ({"stages": 2, "dist_timeout": 0.0}, None, "timeout")]:
         with pytest.raises(ValueError, match=match):
             plan_from_arguments(arguments(**flags), environment)
-    with pytest.raises(ValueError, match="method 'svp'"):
+    with pytest.raises(ValueError, match="backprop cannot be split into pipeline stages"):
         distributed.validate(Plan("pipeline", 2), TrainConfig(method="bp"))
+    with pytest.raises(ValueError, match="--stage-checkpoints: checkpoints of data-parallel backprop are not"):
+        distributed.validate(Plan("data_parallel", 2, checkpoint_dir="ckpt"), TrainConfig(method="bp"))
+    distributed.validate(Plan("data_parallel", 2), TrainConfig(method="bp"))
+    assert plan_from_arguments(arguments(data_parallel=2, eval_every=5), None).eval_every == 5
+    with pytest.raises(ValueError, match="--eval-every must be a number of steps ≥ 1, got 0"):
+        plan_from_arguments(arguments(data_parallel=2, eval_every=0), None)
     with pytest.raises(ValueError, match="divide world_size = 3"):
         Plan("pipeline", 3, replicas=2)
     with pytest.raises(ValueError, match="pipeline mode only"):

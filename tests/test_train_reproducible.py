@@ -62,8 +62,8 @@ def test_svp_step_draws_block_step_seeds_and_no_global_randomness(data, monkeypa
     trainer.train_step(inputs, targets)
     drawn = []
     original = trainer._local_loss
-    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, args[3])) or
-                        original(index, *args))
+    monkeypatch.setattr(trainer, "_local_loss", lambda index, *args: drawn.append((index, int(args[3]))) or
+                        original(index, *args))  # the seed: a 0-dim int64 tensor on the device, read here
     rng_state = torch.get_rng_state()
     trainer.train_step(inputs, targets)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the step touched no global generator
@@ -198,9 +198,37 @@ def test_augmentation_shifts_flips_and_is_a_function_of_seed_and_step():
     assert out.shape == images.shape and torch.equal(out, augment(images, shifted, 7))
     assert not torch.equal(out, augment(images, shifted, 8))
     assert set(out.unique().tolist()) <= set(images.unique().tolist())  # translated pixels, edges replicated
+    moved = [original[:, (torch.arange(5) + dy).clamp(0, 4)][:, :, (torch.arange(5) + dx).clamp(0, 4)]
+             for original in images for dy in range(-2, 3) for dx in range(-2, 3)]
+    for index, result in enumerate(out):  # each image translated by one (dy, dx) in [-2, 2]², edges replicated
+        assert any(torch.equal(result, candidate) for candidate in moved[25 * index:25 * index + 25])
     flipped = augment(images, TrainConfig(augment_flip=True, seed=0), 0)
     for original, result in zip(images, flipped):
         assert torch.equal(result, original) or torch.equal(result, original.flip(-1))
     draws = {torch.equal(augment(images, TrainConfig(augment_flip=True, seed=0), step)[0], images[0])
              for step in range(16)}
     assert draws == {True, False}
+
+
+@pytest.mark.parametrize("method", ["svp", "bp"])
+def test_evaluating_every_n_steps_leaves_training_bit_identical_and_logs_each_evaluation(data, method):
+    """4 steps per epoch, 2 epochs, an evaluation after every 3rd step: after steps 3, 4 (epoch end), 6 and 8
+    (epoch end); the parameters and curves are those of a run that evaluates at the epoch ends only."""
+    config = TrainConfig(**TINY, method=method, seed=2)
+    plain = run_training(config, data, progress=False, measure_memory=False)
+    logged = run_training(config, data, progress=False, measure_memory=False, eval_every=3)
+    for key in ("final_parameters_sha256", "train_loss_curve", "block_loss_curves", "test_accuracy_curve"):
+        assert logged[key] == plain[key], key
+    evaluations = logged["evaluations"]
+    assert [record["step"] for record in evaluations] == [3, 4, 6, 8]
+    assert [record["step"] for record in plain["evaluations"]] == [4, 8]
+    assert [evaluations[1]["test_accuracy"], evaluations[3]["test_accuracy"]] == logged["test_accuracy_curve"]
+    for earlier, later in zip(evaluations, evaluations[1:]):
+        assert earlier["train_seconds"] <= later["train_seconds"] and earlier["wall_seconds"] < later["wall_seconds"]
+    for record in evaluations:  # the training clock stops while evaluating
+        assert 0 < record["eval_seconds"] and record["train_seconds"] + record["eval_seconds"] <= record["wall_seconds"]
+    eval_seconds = sum(record["eval_seconds"] for record in evaluations)
+    assert logged["train_seconds"] == pytest.approx(logged["wall_seconds"] - eval_seconds)
+    assert logged["samples"] == 2 * 256 and logged["eval_every"] == 3
+    with pytest.raises(ValueError, match="--eval-every must be a number of steps ≥ 1, got 0"):
+        run_training(config, data, progress=False, measure_memory=False, eval_every=0)

@@ -63,8 +63,11 @@ def _randint4x_kernel(offsets_ptr, words_ptr, N, seed, BLOCK: tl.constexpr):
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offsets = tl.load(offsets_ptr + index, mask=index < N, other=0)
     w0, w1, w2, w3 = tl.randint4x(seed, offsets)
-    for k, word in enumerate((w0, w1, w2, w3)):
-        tl.store(words_ptr + k * N + index, word.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    # One store per word: compiled Triton (unlike its interpreter) has no enumerate() over a tuple.
+    tl.store(words_ptr + index, w0.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + N + index, w1.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + 2 * N + index, w2.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
+    tl.store(words_ptr + 3 * N + index, w3.to(tl.uint32, bitcast=True).to(tl.int64), mask=index < N)
 
 
 @pytest.mark.parametrize("seed,offset,words", GOLDEN_WORDS)

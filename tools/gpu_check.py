@@ -9,7 +9,7 @@ Stages, most valuable first (STAGE_SHARES gives each one's share of the default 
     env           device, driver, CUDA / torch / Triton / Python versions, SM count, architecture
     build         svp_kernels._C for the device's own architecture only (TORCH_CUDA_ARCH_LIST from
                   torch.cuda.get_device_capability), MAX_JOBS = cores, no debug flags; then an import check
-    tests         pytest -x in three runs selected by keyword, not by file: the cuda backend, the triton
+    tests         pytest (stopping after 30 failures) in three runs selected by keyword, not by file: the cuda backend, the triton
                   backend (each with its opcheck and torch.compile tests), and the host-synchronisation tests
     sanitize      compute-sanitizer memcheck and racecheck over tools/sanitize_cuda.py --small
     bench         bench/local_loss.py, one run per benchmark shape for cuda, triton and the eager baseline, then
@@ -192,12 +192,12 @@ def build_steps(ctx: Context, stage: Stage) -> list:
 
 def test_steps(ctx: Context, stage: Stage) -> list:
     if ctx.dry_run:  # the same three runs, each of one pure test of this driver (no torch: quick)
-        base = [ctx.python, "-m", "pytest", "tools/tests/test_gpu_check.py", "--noconftest", "-x", "-q",
+        base = [ctx.python, "-m", "pytest", "tools/tests/test_gpu_check.py", "--noconftest", "--maxfail=30", "-q",
                 "-p", "no:cacheprovider"]
         selections = ["stage_state_words"] * 3
         env = {}
     else:
-        base = [ctx.python, "-m", "pytest", "tests", "-x", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
+        base = [ctx.python, "-m", "pytest", "tests", "--maxfail=30", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
                 "-m", "not slow"]
         if ctx.env.get("modules", {}).get("pytest_timeout"):
             base += ["--timeout", str(PER_TEST_TIMEOUT_S)]

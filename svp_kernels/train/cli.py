@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -91,10 +92,16 @@ def train_parser() -> argparse.ArgumentParser:
     add("--vit-patch-size", int)
     add("--vit-blocks-per-unit", int, help="transformer blocks trained together by one local loss")
     add("--vit-token", choices=("cls", "mean"), help="token each ViT unit projects")
+    add("--cuda-graph", action="store_const", const=True,
+        help="capture each training step (every block: forward, loss, backward, optimizer) as a CUDA graph per "
+        "batch shape and replay it (CUDA only; svp and bp; the learning rate then reaches the optimizer as a "
+        "float32 device value)")
     add("--threads", int, help="torch CPU threads (default: torch's choice)")
     add("--checkpoint", metavar="PATH", help="write a checkpoint here at every epoch end (and on Ctrl-C)")
     add("--checkpoint-every", int, metavar="N", help="also write the checkpoint every N steps")
     add("--resume", metavar="PATH", help="continue the run saved in this checkpoint (same flags)")
+    add("--eval-every", int, metavar="N", help="also evaluate the test set after every N steps (training is "
+        "unchanged; evaluation time is kept off the training clock; every evaluation is in the --json file)")
     add("--json", metavar="PATH", help="write the results as JSON")
     add("--plot", metavar="PATH", help="write the training curves as a PNG")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -176,12 +183,15 @@ def train_main(argv: list[str]) -> int:
         return _fail(str(error))
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"--data-dir: {error}" if "data_dir" in str(error) or config.data_dir else str(error))
+    if config.cuda_graph and (args.stages is not None or args.data_parallel is not None or "WORLD_SIZE" in os.environ):
+        return _fail("--cuda-graph captures one process's whole step: not with --stages, --data-parallel or torchrun")
     code = distributed.train_main(args, config, dataset)  # --stages, --data-parallel or torchrun
     if code is not None:
         return code
     try:
         result = run_training(config, dataset, progress=not args.no_progress, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume)
+                              checkpoint_every=args.checkpoint_every, resume=args.resume,
+                              eval_every=args.eval_every)
     except CheckpointError as error:
         return _fail(f"--resume: {error}")
     except ValueError as error:  # validate_config against the dataset (e.g. --batch-size larger than it)

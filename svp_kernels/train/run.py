@@ -3,6 +3,7 @@ the demo and python/ share."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import signal
@@ -13,10 +14,10 @@ import torch
 
 from .checkpoint import CheckpointError, FORMAT_VERSION, check_state_shapes, read_checkpoint, save_checkpoint
 from .data import Dataset, batch_indices, load_dataset
+from .evaluations import EvaluationLog, check_eval_every
 from .memory import measure_step_memory
 from .models import BlockwiseModel, mlp, vgg11, vit
-from .seeds import block_step_seed
-from .trainer import LayerwiseTrainer
+from .trainer import BlockSeedTable, LayerwiseTrainer
 
 MODELS = ("mlp", "cnn", "vit")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -55,6 +56,7 @@ class TrainConfig:
     vit_patch_size: int = 4
     vit_blocks_per_unit: int = 1
     vit_token: str = "cls"
+    cuda_graph: bool = False  # capture the whole step as a CUDA graph per batch shape (LayerwiseTrainer)
 
 
 # Per-dataset defaults (svp-train --dataset picks one; every field stays overridable). Fields not named
@@ -109,6 +111,9 @@ def validate_config(config: TrainConfig, num_train: int | None = None) -> None:
     need(config.pool_size is None or config.pool_size >= 1, "pool_size", "≥ 1")
     need(config.vit_patch_size >= 1, "vit_patch_size", "≥ 1")
     need(config.vit_blocks_per_unit >= 1, "vit_blocks_per_unit", "≥ 1")
+    if config.cuda_graph and torch.device(config.device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda): a captured CUDA graph replays GPU "
+                         f"work; got --device {config.device}")
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
@@ -135,8 +140,8 @@ def augment(images: torch.Tensor, config: TrainConfig, step: int) -> torch.Tenso
     shift, flip = config.augment_shift, config.augment_flip
     if not shift and not flip:
         return images
-    generator = torch.Generator().manual_seed(block_step_seed(config.seed, AUGMENT_STREAM, step))
-    batch, _, height, width = images.shape
+    generator = torch.Generator().manual_seed(_augment_seeds(config.seed)(AUGMENT_STREAM, step))
+    batch, channels, height, width = images.shape
     rows = torch.arange(height).expand(batch, height)
     cols = torch.arange(width).expand(batch, width)
     if shift:
@@ -146,9 +151,16 @@ def augment(images: torch.Tensor, config: TrainConfig, step: int) -> torch.Tenso
     if flip:
         mirrored = torch.rand(batch, 1, generator=generator) < 0.5
         cols = torch.where(mirrored, width - 1 - cols, cols)
-    rows, cols = rows.to(images.device), cols.to(images.device)
-    index = torch.arange(batch, device=images.device)[:, None, None]
-    return images[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    # out[b, c, i, j] = images[b, c, rows[b, i], cols[b, j]]: two gathers, rows then columns
+    shape = (batch, channels, height, width)
+    out = images.gather(2, rows.to(images.device)[:, None, :, None].expand(shape))
+    return out.gather(3, cols.to(images.device)[:, None, None, :].expand(shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _augment_seeds(run_seed: int) -> BlockSeedTable:
+    """The run's seed table (block_step_seed of every stream, 1024 steps per vectorised call), kept per seed."""
+    return BlockSeedTable(run_seed)
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockwiseModel:
@@ -174,7 +186,8 @@ def build_trainer(config: TrainConfig, input_shape: tuple[int, ...], num_classes
     return LayerwiseTrainer(model, method=config.method, optimizer=config.optimizer, lr=config.lr,
                             weight_decay=config.weight_decay, p=config.p, alignment_weight=config.alignment_weight,
                             proj_dim=config.proj_dim, implicit_projection=config.implicit_projection,
-                            backend=config.backend, device=config.device, seed=config.seed, lr_at=lr_at)
+                            backend=config.backend, device=config.device, seed=config.seed, lr_at=lr_at,
+                            cuda_graph=config.cuda_graph)
 
 
 # Fields a resumed run may change: where the data lives does not change the computation.
@@ -221,6 +234,8 @@ class _Progress:
         self.loss_curve: list[float] = []
         self.accuracy_curve: list[float] = []
         self.block_curves: list[list[float]] = []
+        self.evaluations = EvaluationLog(device)
+        self.samples = 0  # training examples seen
         self.num_blocks, self.device = num_blocks, device
         self.reset_sums()
 
@@ -232,7 +247,8 @@ class _Progress:
     def state(self) -> dict:
         return {"loss_curve": self.loss_curve, "accuracy_curve": self.accuracy_curve,
                 "block_curves": self.block_curves, "wall_seconds": self.wall_seconds,
-                "ce_sum": self.ce_sum.cpu(), "block_sums": self.block_sums.cpu()}
+                "ce_sum": self.ce_sum.cpu(), "block_sums": self.block_sums.cpu(),
+                "evaluations": self.evaluations.records, "samples": self.samples}
 
     def load(self, payload: dict) -> None:
         self.epoch, self.batch_in_epoch = payload["epoch"], payload["batch_in_epoch"]
@@ -240,6 +256,9 @@ class _Progress:
         self.loss_curve, self.accuracy_curve = list(state["loss_curve"]), list(state["accuracy_curve"])
         self.block_curves, self.wall_seconds = [list(row) for row in state["block_curves"]], state["wall_seconds"]
         self.ce_sum, self.block_sums = state["ce_sum"].to(self.device), state["block_sums"].to(self.device)
+        # checkpoints written before evaluations were logged hold none
+        self.evaluations = EvaluationLog(self.device, records=state.get("evaluations", []))
+        self.samples = state.get("samples", 0)
 
 
 class _InterruptFlag:
@@ -263,19 +282,24 @@ class _InterruptFlag:
 
 def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: bool = True,
                  checkpoint: str | None = None, checkpoint_every: int | None = None,
-                 resume: str | None = None, measure_memory: bool = True) -> dict:
+                 resume: str | None = None, measure_memory: bool = True, eval_every: int | None = None) -> dict:
     """Train and evaluate once. Returns the JSON-ready result: test_accuracy (a fraction), per-epoch
     train_loss_curve (cross-entropy of the output logits) and test_accuracy_curve, block_loss_curves
     (per-block local losses), final_parameters_sha256, peak_memory_bytes, activation_peak_bytes,
-    wall_seconds (the training loop, evaluation included) and config.
+    wall_seconds (the training loop, evaluation included), train_seconds (the same without evaluations),
+    samples (training examples seen), samples_per_second (over wall_seconds), evaluations
+    (svp_kernels.train.evaluations: step, test_accuracy, train_seconds, wall_seconds, eval_seconds of each
+    evaluation) and config.
 
     checkpoint: path written at every epoch end, every checkpoint_every steps, and on Ctrl-C (then
-    KeyboardInterrupt is raised). resume: a checkpoint of the same config to continue from.
+    KeyboardInterrupt is raised). resume: a checkpoint of the same config to continue from. eval_every:
+    also evaluate the test set after every eval_every-th step (training is bit-identical either way).
     Memory is measured on a probe: a fresh trainer built the same way, one warm-up and one measured step
     on the first batch (measure_step_memory), so the timed run is never profiled.
     """
     from tqdm.auto import tqdm
 
+    check_eval_every(eval_every)
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir, image_size=config.image_size, progress=progress)
     validate_config(config, len(dataset.train_targets))
@@ -306,6 +330,15 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
                f"{config.dataset}", unit="step", disable=not progress)
     train_inputs, train_targets = dataset.train_inputs, dataset.train_targets
     start = time.perf_counter() - state.wall_seconds
+    log = state.evaluations
+    log.start(state.wall_seconds)
+
+    def evaluate() -> float:
+        log.trained()
+        accuracy = trainer.evaluate(dataset.test_inputs, dataset.test_targets)
+        log.record(trainer.step, accuracy)
+        return accuracy
+
     with _InterruptFlag(checkpoint is not None) as interrupt:
         while state.epoch < config.epochs:
             batches = epochs[state.epoch]
@@ -316,9 +349,12 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
                 state.ce_sum += losses.output_ce
                 state.block_sums += losses.block_losses
                 state.batch_in_epoch += 1
+                state.samples += len(indices)
                 bar.update()
                 if state.batch_in_epoch == len(batches):
                     break  # the epoch-end checkpoint follows the evaluation
+                if eval_every and trainer.step % eval_every == 0:
+                    evaluate()
                 if interrupt.raised or (checkpoint_every and trainer.step % checkpoint_every == 0):
                     state.wall_seconds = time.perf_counter() - start
                     write_checkpoint()
@@ -327,7 +363,7 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
             steps = len(batches)
             state.loss_curve.append(state.ce_sum.item() / steps)
             state.block_curves.append((state.block_sums / steps).tolist())
-            state.accuracy_curve.append(trainer.evaluate(dataset.test_inputs, dataset.test_targets))
+            state.accuracy_curve.append(evaluate())
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.reset_sums()
             state.wall_seconds = time.perf_counter() - start
@@ -342,7 +378,9 @@ def run_training(config: TrainConfig, dataset: Dataset | None = None, progress: 
             "final_parameters_sha256": parameters_digest(trainer.model),
             "peak_memory_bytes": memory.peak_memory_bytes if memory else None,
             "activation_peak_bytes": memory.activation_peak_bytes if memory else None,
-            "wall_seconds": state.wall_seconds, "steps": trainer.step, "config": asdict(config),
+            "wall_seconds": state.wall_seconds, "train_seconds": state.wall_seconds - log.eval_seconds,
+            "samples": state.samples, "samples_per_second": state.samples / max(state.wall_seconds, 1e-9),
+            "evaluations": log.records, "eval_every": eval_every, "steps": trainer.step, "config": asdict(config),
             "device": str(trainer.device), "torch_version": torch.__version__,
             "threads": torch.get_num_threads()}
 

@@ -10,6 +10,11 @@ v_0 is a fixed random projection of the input; the last block uses the identity 
 Only one block's activations and gradients are ever alive. Block l's dropout seed at step t is
 block_step_seed(seed, l, t), so its masks do not depend on which process runs it. method="bp" trains the
 same model end to end with the same optimizer and learning-rate schedule.
+
+What changes from step to step reaches the step on the device: before each step one copy writes every block's
+seed (and, with cuda_graph=True, the learning rate) into a device buffer the kernels read (graphs.StepScalars).
+So the step itself reads no per-step host value, and cuda_graph=True captures it whole, once per static batch
+shape, and replays it (graphs.StepGraphs).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .. import backends, gradient_interface
 from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
 from ..validation import ProjectionArgs, check_projection, check_target_range
+from .graphs import StepGraphs, StepScalars, check_graph_device
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
 
@@ -34,6 +40,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 class StepLosses(NamedTuple):
     """Detached device tensors, so a step never waits on the host; read them once per logging interval.
+    With cuda_graph=True they are the graph's outputs, overwritten by the next step: accumulate them (as
+    run_training does) or copy them before it.
 
     output_ce: 0-dim cross-entropy of the model's logits (comparable across methods);
     block_losses: (n,) each block's local loss (svp, n = blocks), or the end-to-end loss (bp, n = 1).
@@ -43,14 +51,18 @@ class StepLosses(NamedTuple):
     block_losses: torch.Tensor
 
 
-def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD with Nesterov momentum 0.9; one multi-tensor (fused where torch has it) update."""
+def make_optimizer(name: str, parameters, lr: float | torch.Tensor, weight_decay: float,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD with Nesterov momentum 0.9; one multi-tensor (fused where torch has it) update.
+    capturable: the update may be captured in a CUDA graph (Adam's step counter on the device; SGD needs
+    nothing), with lr a 0-dim float32 tensor on the parameters' device that the caller updates in place."""
     parameters = list(parameters)
     fused = bool(parameters) and all(param.device.type in ("cpu", "cuda") for param in parameters)
+    adam_options = {"capturable": True} if capturable else {}
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused, **adam_options)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused, **adam_options)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
                                fused=fused)
@@ -141,12 +153,18 @@ class LayerwiseTrainer:
     implicit_projection: R regenerated from a seed by the kernels instead of stored. seed: the run seed of
     the per-block dropout streams. lr_at: step -> learning rate (default: the constant lr), applied before
     every optimizer step; a pure function of the step, so a resumed run follows the same schedule.
+    cuda_graph (CUDA only; svp and bp): the whole step (every block's forward, loss, backward and optimizer
+    step) is captured as a CUDA graph per static batch shape after graph_warmup_steps eager steps of that
+    shape, and replayed (svp_kernels/train/graphs.py). The optimizers are then capturable with the learning
+    rate a float32 device tensor, which rounds it to float32: the eager steps of such a trainer and its replays
+    give the same bits, a trainer without cuda_graph may differ from both in the last bits.
     """
 
     def __init__(self, model: BlockwiseModel, *, method: str = "svp", optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, p: float = 0.0, alignment_weight: float = 1.0,
                  proj_dim: int | None = None, implicit_projection: bool = False, backend: str = "auto",
-                 device: str | torch.device = "cpu", seed: int = 0, lr_at: Callable[[int], float] | None = None):
+                 device: str | torch.device = "cpu", seed: int = 0, lr_at: Callable[[int], float] | None = None,
+                 cuda_graph: bool = False, graph_warmup_steps: int = 2):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not 0 <= seed < 2**63:
@@ -157,14 +175,23 @@ class LayerwiseTrainer:
             raise ValueError(f"proj_dim must be ≥ num_classes = {num_classes} (v holds the local logits), "
                              f"got {proj_dim}")
         self.method, self.device, self.seed = method, torch.device(device), seed
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph:
+            check_graph_device(self.device)
         self.block_seed = BlockSeedTable(seed)
         self.lr_at = lr_at if lr_at is not None else (lambda step: lr)
         self.step = 0  # optimizer steps taken since the start of the run
         self.model = model.to(self.device)
+        # Every block's dropout seed of the current step (and the learning rate, with cuda_graph) on the device.
+        self._scalars = StepScalars(len(model.blocks) if method == "svp" else 0, self.device)
+        self._graph_warmup_steps = graph_warmup_steps
+        self._graphs = StepGraphs(self._step_body, self.device, graph_warmup_steps) if self.cuda_graph else None
+        step_lr = self._scalars.lr if self.cuda_graph else lr
         if method == "bp":
-            self.optimizers = [make_optimizer(optimizer, model.parameters(), lr, weight_decay)]
+            self.optimizers = [make_optimizer(optimizer, model.parameters(), step_lr, weight_decay, self.cuda_graph)]
             return
-        self.optimizers = [make_optimizer(optimizer, block.parameters(), lr, weight_decay) for block in model.blocks]
+        self.optimizers = [make_optimizer(optimizer, block.parameters(), step_lr, weight_decay, self.cuda_graph)
+                           for block in model.blocks]
         # Every step passes block_step_seed(seed, block, step) explicitly, so the modules' own seed streams are
         # never used: their bases come from a reserved step (no global RNG draw, which would shift the
         # projection seeds drawn after it).
@@ -189,24 +216,44 @@ class LayerwiseTrainer:
         """One update of every block on a batch: inputs (B, *input_shape) float, targets (B,) int64 in
         [0, num_classes). Advances self.step by one."""
         self.model.train()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
         step = self.step
-        losses = self._backprop_step(inputs, targets, step) if self.method == "bp" else \
-            self._svp_step(inputs, targets, step)
+        self._begin_step(step)
+        if self._graphs is not None:
+            losses = self._graphs(inputs, targets)
+        else:
+            losses = self._step_body(inputs.to(self.device), targets.to(self.device))
         self.step = step + 1
         return losses
+
+    def _begin_step(self, step: int) -> None:
+        """What step `step` reads that the host decides, written before it (outside any graph): the blocks'
+        seeds into the device buffer, the learning rate into it (cuda_graph) or into the optimizers."""
+        seeds = [self.block_seed(index, step) for index in range(len(self._scalars.seeds))]
+        lr = self.lr_at(step)
+        if self.cuda_graph:
+            self._scalars.write(seeds, lr)
+            return
+        if seeds:
+            self._scalars.write(seeds)
+        for optimizer in self.optimizers:
+            self._set_lr(optimizer, lr)
+
+    def _step_body(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
+        """The step on device tensors: what cuda_graph captures. It reads the per-step values only from the
+        device (self._scalars, the optimizers' state)."""
+        return self._backprop_step(inputs, targets) if self.method == "bp" else self._svp_step(inputs, targets)
 
     @torch.no_grad()
     def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
         """v_0 (B, proj_dim) = inputs.flatten(1) Rᵀ: the alignment target of block 0 (no dropout), detached."""
         return self.input_projection(inputs.to(self.device).flatten(1))
 
-    def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> StepLosses:
+    def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
         _check_targets(targets, self.model.num_classes)  # once for every block's lean path
         h, v = inputs, self.input_alignment(inputs)
         block_losses = []
         for index in range(self.num_blocks):
-            h, v, loss, ce = self._train_block(index, h, v, targets, step)
+            h, v, loss, ce = self._train_block(index, h, v, targets, self._scalars.seeds[index])
             block_losses.append(loss)
         return StepLosses(ce, torch.stack(block_losses))  # ce: the last block's, i.e. of the logits
 
@@ -223,24 +270,29 @@ class LayerwiseTrainer:
         the processes."""
         if self.method != "svp":
             raise ValueError(f"train_block trains one SVP block; this trainer's method is {self.method!r}")
+        if self.cuda_graph:
+            raise ValueError("train_block steps one block on its own; a trainer with cuda_graph=True steps whole "
+                             "batches (train_step)")
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"index must be in [0, {self.num_blocks}), got {index}")
         _check_targets(targets, self.model.num_classes)
-        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, step, share)
+        seed = torch.full((), self.block_seed(index, step), dtype=torch.int64, device=self.device)
+        h_out, v, loss, self.last_block_ce = self._train_block(index, h, v_prev, targets, seed, share, lr_step=step)
         return h_out, v, loss
 
     def _train_block(self, index: int, h: torch.Tensor, v_prev: torch.Tensor, targets: torch.Tensor,
-                     step: int, share: SharedBatch | None = None
+                     seed: torch.Tensor, share: SharedBatch | None = None, lr_step: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """train_block's work; also returns the block's detached cross-entropy."""
+        """train_block's work with the block's dropout seed (0-dim int64 on the device); also returns the
+        block's detached cross-entropy. lr_step: set the block's learning rate to lr_at(lr_step) first (None:
+        the caller has set it)."""
         block, local_loss, optimizer = self.model.blocks[index], self.local_losses[index], self.optimizers[index]
         if not (block.training and local_loss.training):
             block.train()
             local_loss.train()
         h_out = block(h.detach())  # no gradient flows back into earlier blocks
         features = self.readouts[index](h_out)
-        loss, ce, v, grad_features = self._local_loss(index, features, targets, v_prev, self.block_seed(index, step),
-                                                      share)
+        loss, ce, v, grad_features = self._local_loss(index, features, targets, v_prev, seed, share)
         # Either backward frees this block's graph: its activations die before the next block runs.
         if grad_features is None:
             loss.backward()
@@ -248,13 +300,14 @@ class LayerwiseTrainer:
             features.backward(grad_features)
         if share is not None:
             share.reduce_gradients(list(block.parameters()))
-        self._set_lr(optimizer, step)
+        if lr_step is not None:
+            self._set_lr(optimizer, self.lr_at(lr_step))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return h_out.detach(), v, loss.detach(), ce
 
     def _local_loss(self, index: int, features: torch.Tensor, targets: torch.Tensor, v_prev: torch.Tensor,
-                    seed: int, share: SharedBatch | None = None
+                    seed: torch.Tensor, share: SharedBatch | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(loss, ce, v, grad_features) of block index's fused_local_loss (over the whole batch with `share`).
 
@@ -270,7 +323,6 @@ class LayerwiseTrainer:
         call = self._loss_calls[index]
         flat = features.reshape(features.shape[0], -1)
         batch = flat.shape[0] if share is None else share.batch_size
-        seed = torch.full((), seed, dtype=torch.int64, device=flat.device)  # the ops' 0-dim seed tensor
         if call is None or call.shape != tuple(flat.shape) or flat.device != call.device or \
                 flat.dtype != torch.float32 or v_prev.dtype != torch.float32 or v_prev.dim() != 2 or \
                 v_prev.shape[0] != batch or v_prev.shape[1] == 0 or v_prev.device != flat.device or \
@@ -313,16 +365,19 @@ class LayerwiseTrainer:
         projection = None if local_loss.projection is None else local_loss.projection.projection
         return _LossCall(module, tuple(flat.shape), flat.device, check_projection(projection, flat, 0.0))
 
-    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        lr = self.lr_at(step)
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set the learning rate of every group of `optimizer` to the schedule's lr_at(step)."""
+        self._set_lr(optimizer, self.lr_at(step))
+
+    @staticmethod
+    def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-    def _backprop_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> StepLosses:
+    def _backprop_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
         (optimizer,) = self.optimizers
         loss = F.cross_entropy(self.model(inputs), targets)
         loss.backward()
-        self._set_lr(optimizer, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
@@ -353,6 +408,10 @@ class LayerwiseTrainer:
         self.model.load_state_dict(state["model"])
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+            if self.cuda_graph:  # the saved lr is a copy: point every group back at the device value
+                self._set_lr(optimizer, self._scalars.lr)
+        if self.cuda_graph:  # captured graphs hold the addresses of the replaced optimizer state
+            self._graphs = StepGraphs(self._step_body, self.device, self._graph_warmup_steps)
         if self.method == "svp":
             self.local_losses.load_state_dict(state["local_losses"])
             self.input_projection.load_state_dict(state["input_projection"])

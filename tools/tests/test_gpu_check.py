@@ -317,7 +317,7 @@ def test_device_plan_targets_the_device_arch_and_speaks_the_runners_flags(tmp_pa
 
     selections = [step.argv[step.argv.index("-k") + 1] for step in steps["tests"]]
     assert selections == [gpu_check.CUDA_TESTS, gpu_check.TRITON_TESTS, gpu_check.SYNC_TESTS]
-    assert all("-x" in step.argv and "--timeout" in step.argv for step in steps["tests"])
+    assert all("--maxfail=30" in step.argv and "--timeout" in step.argv for step in steps["tests"])
     assert [step.requires for step in steps["tests"]] == [("build",), (), ()]
 
     run_py = load_module("bench_run_for_plan", ROOT / "bench" / "local_loss.py")

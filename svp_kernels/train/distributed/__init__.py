@@ -22,6 +22,13 @@ trains its blocks as the data-parallel mode does, within the process group of it
 of every batch that replica r of stage 0 takes; the messages carry the replica's rows of h and the whole
 batch's v and targets. Bit-identical to data parallel with N ranks, as the pipeline is to one process.
 
+Backprop (``--method bp --data-parallel N``): the same model trained end to end through torch's
+DistributedDataParallel, each rank on its share of every global batch (backprop.py); it matches one process to
+float32 rounding. It has no pipeline mode (its gradient crosses every stage).
+
+Every mode logs its evaluations on the training clock (``--eval-every N``: svp_kernels/train/evaluations.py)
+and counts the bytes each process hands to torch.distributed (traffic.py).
+
 Processes are started here (torch.multiprocessing, spawn) or by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in
 the environment). gloo on CPU, nccl on CUDA (one GPU per process). A process that raises or dies makes the
 others exit within ``timeout`` seconds with an error naming it; children die with their parent.
@@ -31,22 +38,27 @@ Checkpoints (``checkpoint_dir``): after every epoch each process atomically writ
 a restarted run resumes from the newest epoch that every rank has saved.
 
 Modules, one job each: plan.py (the Plan, the CLI flags and torchrun's environment, the split of the blocks),
-protocol.py (the pipeline's messages and links), pipeline.py and data_parallel.py (one process of each mode),
-checkpoint.py (per-process checkpoints), launch.py (spawning, failures, the CLI entry), common.py (what the
-modes share).
+protocol.py (the pipeline's messages and links), pipeline.py, data_parallel.py and backprop.py (one process of
+each mode), traffic.py (the bytes communicated), checkpoint.py (per-process checkpoints), launch.py (spawning,
+failures, the CLI entry), common.py (what the modes share).
 """
 
+from .backprop import BackpropReplicaStep, run_backprop_rank
 from .checkpoint import CHECKPOINT_FORMAT
 from .common import EVAL_BATCH, Clock, DistributedTrainingError, epoch_batches, epoch_means
-from .data_parallel import ProcessShare, data_parallel_step, run_data_parallel_rank
+from .data_parallel import (ProcessShare, ReplicaStep, SvpReplicaStep, data_parallel_step, run_data_parallel_rank,
+                            run_replica)
 from .launch import free_port, launch, pin_to_cores, train_main
 from .pipeline import run_pipeline_stage
 from .plan import (MODES, Plan, balanced_split, choose_split, grid_position, measured_block_costs,
                    plan_from_arguments, role, share_sizes, trainable_batch, validate)
 from .protocol import EPOCH_END, EVAL, STOP, TRAIN, Inbound, Message, Outbound
+from .traffic import Traffic, counting, os_bytes_written
 
-__all__ = ["CHECKPOINT_FORMAT", "EPOCH_END", "EVAL", "EVAL_BATCH", "MODES", "STOP", "TRAIN", "Clock",
-           "DistributedTrainingError", "Inbound", "Message", "Outbound", "Plan", "ProcessShare", "balanced_split",
-           "choose_split", "data_parallel_step", "epoch_batches", "epoch_means", "free_port", "grid_position", "launch",
-           "measured_block_costs", "pin_to_cores", "plan_from_arguments", "role", "run_data_parallel_rank",
-           "run_pipeline_stage", "share_sizes", "trainable_batch", "train_main", "validate"]
+__all__ = ["BackpropReplicaStep", "CHECKPOINT_FORMAT", "EPOCH_END", "EVAL", "EVAL_BATCH", "MODES", "STOP", "TRAIN",
+           "Clock", "DistributedTrainingError", "Inbound", "Message", "Outbound", "Plan", "ProcessShare",
+           "ReplicaStep", "SvpReplicaStep", "Traffic", "balanced_split", "choose_split", "counting",
+           "data_parallel_step", "epoch_batches", "epoch_means", "free_port", "grid_position", "launch",
+           "measured_block_costs", "os_bytes_written", "pin_to_cores", "plan_from_arguments", "role",
+           "run_backprop_rank", "run_data_parallel_rank", "run_pipeline_stage", "run_replica", "share_sizes",
+           "trainable_batch", "train_main", "validate"]

@@ -1,4 +1,4 @@
-"""What both distributed modes share: the error they raise, the batches of every epoch, the curves' epoch means,
+"""What the distributed modes share: the error they raise, the batches of every epoch, the curves' epoch means,
 the busy/idle clock of a process and the fields a distributed run adds to the JSON result."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from ..data import Dataset, batch_indices
 from ..run import TrainConfig
+from .traffic import TRAFFIC_FIELDS
 
 if TYPE_CHECKING:  # plan.py imports this module
     from .plan import Plan
@@ -83,14 +84,20 @@ def process_cores() -> list[int] | None:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
-def distributed_fields(plan: Plan, config: TrainConfig, samples_per_second: float, wall: float,
-                        everyone: list[dict]) -> dict:
-    """The JSON fields every distributed run adds to run_training's."""
-    return {"wall_seconds": wall, "config": asdict(config), "device": config.device,
-            "torch_version": torch.__version__, "mode": plan.mode, "world_size": plan.world_size,
+def distributed_fields(plan: Plan, config: TrainConfig, steps: int, samples: int, wall: float,
+                        evaluations: list[dict], everyone: list[dict]) -> dict:
+    """The JSON fields of a distributed run, beside its curves: run_training's (wall and training clocks, the
+    evaluations: svp_kernels/train/evaluations.py) and each process's (busy, idle and CPU seconds, cores, the
+    bytes it communicated: traffic.py)."""
+    train_seconds = wall - sum(record["eval_seconds"] for record in evaluations)
+    return {"wall_seconds": wall, "train_seconds": train_seconds, "evaluations": evaluations,
+            "eval_every": plan.eval_every, "steps": steps, "samples": samples, "config": asdict(config),
+            "device": config.device, "torch_version": torch.__version__, "mode": plan.mode,
+            "world_size": plan.world_size,
             "stages": plan.stages, "replicas": plan.replicas if plan.mode == "pipeline" else plan.world_size,
             "busy_seconds": [s["busy_seconds"] for s in everyone],
             "idle_seconds": [s["idle_seconds"] for s in everyone],
             "cpu_seconds": [s["cpu_seconds"] for s in everyone],
             "cores": [s["cores"] for s in everyone],
-            "samples_per_second": samples_per_second, "threads_per_process": torch.get_num_threads()}
+            "samples_per_second": samples / wall, "threads_per_process": torch.get_num_threads(),
+            **{key: [s[key] for s in everyone] for key in TRAFFIC_FIELDS}}

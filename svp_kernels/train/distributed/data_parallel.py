@@ -1,21 +1,25 @@
 """One process of a data-parallel run (``--data-parallel N``, or a grid's stage replicas): every block trains on
 this process's share of each global batch through the trainer's own block step (LayerwiseTrainer.train_block
-with a SharedBatch: the whole batch's v all-gathered, the gradients all-reduced)."""
+with a SharedBatch: the whole batch's v all-gathered, the gradients all-reduced). run_replica is the loop of a
+data-parallel rank whatever trains its batches: SVP's step here, backprop's DDP step in backprop.py."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..data import Dataset
+from ..evaluations import EvaluationLog
 from ..run import TrainConfig, augment, build_trainer
 from ..trainer import LayerwiseTrainer
 from .checkpoint import checkpoint_state, common_resume_epoch, load_checkpoint, resume, save_checkpoint
 from .common import EVAL_BATCH, Clock, distributed_fields, epoch_batches, epoch_means, process_cores, run_meta
 from .plan import Plan, check_global_batch, share_sizes, trainable_batch
+from .traffic import Traffic, counting, os_bytes_written, traffic_fields
 
 
 def gather_rows(local: torch.Tensor, sizes: list[int], rank: int, group=None) -> torch.Tensor:
@@ -93,9 +97,53 @@ def data_parallel_step(trainer: LayerwiseTrainer, blocks: range, h: torch.Tensor
     return h, v, losses
 
 
+class ReplicaStep(Protocol):
+    """One optimizer step of a data-parallel rank: made by make_step(trainer, rank, world, clock), called with
+    this rank's rows of the augmented batch (inputs, on the device), the whole batch's targets (B,), the share
+    sizes and the step. Returns (block losses (k,), output cross-entropy (0-dim)), detached on the device:
+    the whole batch's values, or, when partial_losses is True, this rank's part of them (they are summed
+    over the ranks once per epoch)."""
+
+    partial_losses: bool
+
+    def __call__(self, inputs: torch.Tensor, global_targets: torch.Tensor, sizes: list[int],
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SvpReplicaStep:
+    """The SVP step of a data-parallel rank: every block by data_parallel_step (its loss the whole batch's)."""
+
+    partial_losses = False
+
+    def __init__(self, trainer: LayerwiseTrainer, rank: int, world: int, clock: Clock):
+        self.trainer, self.rank, self.clock = trainer, rank, clock
+        self.blocks = range(trainer.num_blocks)
+
+    def __call__(self, inputs, global_targets, sizes, step):
+        v = input_alignment_rows(self.trainer, inputs, sizes, self.rank)
+        _, logits, losses = data_parallel_step(self.trainer, self.blocks, inputs, v, global_targets, sizes, self.rank,
+                                               step, self.clock)
+        return torch.stack(losses), F.cross_entropy(logits, global_targets)
+
+
 def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset,
                            progress: bool) -> dict | None:
-    """Rank `rank` of a data-parallel run; returns the run's result on rank 0, None elsewhere."""
+    """Rank `rank` of a data-parallel SVP run; returns the run's result on rank 0, None elsewhere."""
+    return run_replica(plan, rank, config, dataset, progress, SvpReplicaStep)
+
+
+def _summed_over_ranks(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each step's partial losses summed over the ranks, in one all_reduce."""
+    total = torch.stack(values)
+    dist.all_reduce(total)
+    return list(total.unbind())
+
+
+def run_replica(plan: Plan, rank: int, config: TrainConfig, dataset: Dataset, progress: bool,
+                make_step: Callable[[LayerwiseTrainer, int, int, Clock], ReplicaStep]) -> dict | None:
+    """Rank `rank` of a data-parallel run whose batches make_step's ReplicaStep trains (SVP's or backprop's):
+    the shared batches, the evaluations (BatchNorm running statistics broadcast from rank 0 first, the test set
+    shared out), the curves, the checkpoints, the traffic and the result (on rank 0; None elsewhere)."""
     from tqdm.auto import tqdm
 
     world, meta = plan.world_size, run_meta(config, dataset)
@@ -105,46 +153,66 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     clock, device = Clock(trainer.device), trainer.device
     state = load_checkpoint(plan, rank, common_resume_epoch(plan, rank))
     epochs_done, step, curves = resume(state, plan, config, trainer, None)
-    trainer.step = step
+    trainer.step = first_step = step
+    train_batch = make_step(trainer, rank, world, clock)
     bar = tqdm(total=meta["batches_per_epoch"] * (config.epochs - epochs_done), unit="step",
                disable=not progress or rank != 0,
-               desc=f"svp {config.model} {config.dataset}, {world} data-parallel ranks")
-    samples = 0
-    dist.barrier()
-    start = time.perf_counter()
-    clock.restart()
-    for batches in epoch_batches(config, meta["num_train"], epochs_done):
-        trainer.model.train()
-        block_losses, output_ce = [], []
-        # a last batch too small to share out is skipped (a single process trains it): trainable_batch
-        for indices in [batch for batch in batches if len(batch) >= min_batch]:
-            samples += len(indices)
-            sizes = share_sizes(len(indices), world)
-            global_targets = dataset.train_targets[indices].to(device)
-            inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank].to(device)
-            _, logits, losses = data_parallel_step(trainer, everything, inputs,
-                                                   input_alignment_rows(trainer, inputs, sizes, rank),
-                                                   global_targets, sizes, rank, step, clock)
-            block_losses.append(torch.stack(losses))
-            output_ce.append(F.cross_entropy(logits, global_targets))
-            step += 1
-            trainer.step = step
-            bar.update()
-        curves["block"].append(epoch_means(block_losses))
-        curves["loss"].append(epoch_means(output_ce)[0])
+               desc=f"{config.method} {config.model} {config.dataset}, {world} data-parallel ranks")
+    samples, traffic, log = 0, Traffic(), EvaluationLog(device)
+
+    def evaluate() -> float:
+        traffic.phase = "eval"
+        log.trained()
         clock.charge("busy")
         for buffer in trainer.model.buffers():  # BatchNorm running statistics: rank 0's, as DDP does
             dist.broadcast(buffer, 0)
         clock.charge("idle")
-        curves["accuracy"].append(_sharded_accuracy(trainer, dataset, rank, world, clock))
-        epochs_done += 1
-        if plan.checkpoint_dir is not None:
-            save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
-                            checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer, everything),
-                            keep=2)
+        accuracy = _sharded_accuracy(trainer, dataset, rank, world, clock)
+        log.record(step, accuracy)
+        traffic.phase = "train"
+        return accuracy
+
+    dist.barrier()
+    start, written = time.perf_counter(), os_bytes_written()
+    clock.restart()
+    log.start()
+    with counting(traffic):
+        traffic.phase = "train"
+        for batches in epoch_batches(config, meta["num_train"], epochs_done):
+            trainer.model.train()
+            block_losses, output_ce = [], []
+            # a last batch too small to share out is skipped (a single process trains it): trainable_batch
+            trained = [batch for batch in batches if len(batch) >= min_batch]
+            for position, indices in enumerate(trained):
+                samples += len(indices)
+                sizes = share_sizes(len(indices), world)
+                global_targets = dataset.train_targets[indices].to(device)
+                inputs = augment(dataset.train_inputs[indices], config, step).tensor_split(world)[rank].to(device)
+                losses, ce = train_batch(inputs, global_targets, sizes, step)
+                block_losses.append(losses)
+                output_ce.append(ce)
+                step += 1
+                trainer.step = step
+                bar.update()
+                if plan.eval_every and step % plan.eval_every == 0 and position < len(trained) - 1:
+                    evaluate()
+                    trainer.model.train()
+            if train_batch.partial_losses:
+                traffic.phase = "epoch"
+                block_losses, output_ce = _summed_over_ranks(block_losses), _summed_over_ranks(output_ce)
+            curves["block"].append(epoch_means(block_losses))
+            curves["loss"].append(epoch_means(output_ce)[0])
+            curves["accuracy"].append(evaluate())
+            epochs_done += 1
+            if plan.checkpoint_dir is not None:
+                save_checkpoint(plan.checkpoint_dir, rank, epochs_done,
+                                checkpoint_state(plan, rank, None, epochs_done, step, config, curves, trainer,
+                                                 everything), keep=2)
+        traffic.phase = None
+    written = None if written is None else os_bytes_written() - written
     bar.close()
     stats = {"rank": rank, "busy_seconds": clock.busy, "idle_seconds": clock.idle, "cpu_seconds": clock.cpu_seconds(),
-             "cores": process_cores()}
+             "cores": process_cores(), **traffic_fields(traffic, step - first_step, written)}
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(stats, everyone, dst=0)
     if rank != 0:
@@ -152,7 +220,7 @@ def run_data_parallel_rank(plan: Plan, rank: int, config: TrainConfig, dataset: 
     wall = time.perf_counter() - start
     return {"test_accuracy": curves["accuracy"][-1], "train_loss_curve": curves["loss"],
             "test_accuracy_curve": curves["accuracy"], "block_loss_curves": curves["block"],
-            **distributed_fields(plan, config, samples / wall, wall, everyone)}
+            **distributed_fields(plan, config, step, samples, wall, log.records, everyone)}
 
 
 @torch.no_grad()

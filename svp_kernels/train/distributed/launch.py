@@ -23,6 +23,7 @@ from ..data import Dataset
 from ..outputs import write_outputs
 from ..run import TrainConfig
 from .common import DistributedTrainingError
+from .backprop import run_backprop_rank
 from .data_parallel import run_data_parallel_rank
 from .pipeline import run_pipeline_stage
 from .plan import Plan, plan_from_arguments, role, torchrun_environment, validate
@@ -67,7 +68,8 @@ def run_worker(plan: Plan, rank: int, local_rank: int, config: TrainConfig, data
                             timeout=datetime.timedelta(seconds=plan.timeout))
     name_process(f"svp-rank-{rank}")
     try:
-        run = run_pipeline_stage if plan.mode == "pipeline" else run_data_parallel_rank
+        run = run_pipeline_stage if plan.mode == "pipeline" else \
+            run_backprop_rank if config.method == "bp" else run_data_parallel_rank
         result = run(plan, rank, config, dataset, progress and rank == 0)
         dist.barrier()
     finally:
@@ -254,7 +256,7 @@ def train_main(args, config: TrainConfig, dataset: Dataset) -> int | None:
         return 0
     layout = f"{plan.mode.replace('_', ' ')} × {plan.stages if plan.mode == 'pipeline' else plan.world_size}"
     layout += f" × {plan.replicas} replicas" if plan.replicas > 1 else ""
-    print(f"svp {config.model} on {config.dataset}, {layout}: test accuracy "
+    print(f"{config.method} {config.model} on {config.dataset}, {layout}: test accuracy "
           f"{100 * result['test_accuracy']:.2f}% | wall {result['wall_seconds']:.1f} s | "
           f"{result['samples_per_second']:.0f} samples/s | busy/idle s per rank: "
           + ", ".join(f"{b:.1f}/{i:.1f}" for b, i in zip(result["busy_seconds"], result["idle_seconds"])))

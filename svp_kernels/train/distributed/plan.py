@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import Dataset
+from ..evaluations import check_eval_every
 from ..run import TrainConfig
 from ..trainer import LayerwiseTrainer
 from .common import Clock
@@ -32,7 +33,8 @@ class Plan:
     parent on the survivors of a failure. max_in_flight: unfinished sends a stage may hold.
     checkpoint_dir: where every process writes and resumes its per-epoch checkpoint (None: none).
     pin_cores: processes spawned by launch (not torchrun's) each run on their own share of the cores when
-    there are at least as many cores as processes (pin_to_cores).
+    there are at least as many cores as processes (pin_to_cores). eval_every: also evaluate after every
+    eval_every-th step (None: at epoch ends only).
     """
 
     mode: str
@@ -43,8 +45,10 @@ class Plan:
     checkpoint_dir: str | None = None
     pin_cores: bool = True
     replicas: int = 1
+    eval_every: int | None = None
 
     def __post_init__(self):
+        check_eval_every(self.eval_every)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.world_size < 1:
@@ -118,9 +122,12 @@ def torchrun_environment() -> dict | None:
 
 def validate(plan: Plan, config: TrainConfig) -> None:
     """ValueError for a config the distributed trainer cannot run."""
-    if config.method != "svp":
-        raise ValueError(f"{plan.mode.replace('_', '-')} training is layer-wise: it needs method 'svp', "
-                         f"got {config.method!r}")
+    if config.method == "bp" and plan.mode == "pipeline":
+        raise ValueError("backprop cannot be split into pipeline stages (its gradient crosses every stage): "
+                         "train --method bp data parallel (--data-parallel N), or --method svp with --stages")
+    if config.method == "bp" and plan.checkpoint_dir is not None:
+        raise ValueError("--stage-checkpoints: checkpoints of data-parallel backprop are not supported; "
+                         "train it without --stage-checkpoints, or in one process with --checkpoint")
     if torch.device(config.device).type == "cuda" and torchrun_environment() is None and \
             plan.world_size > torch.cuda.device_count():
         raise ValueError(f"{plan.world_size} processes need one GPU each; {torch.cuda.device_count()} are visible")
@@ -154,11 +161,11 @@ def plan_from_arguments(args, environment: dict | None) -> Plan | None:
             return None
     elif asked is None:
         return None
+    common = dict(checkpoint_dir=args.stage_checkpoints, pin_cores=not args.no_pin_cores,
+                  eval_every=getattr(args, "eval_every", None))
     if stages is None:
-        return Plan("data_parallel", replicas or world, None, args.dist_timeout,
-                    checkpoint_dir=args.stage_checkpoints, pin_cores=not args.no_pin_cores)
-    return Plan("pipeline", stages * (replicas or 1), split, args.dist_timeout, checkpoint_dir=args.stage_checkpoints,
-                pin_cores=not args.no_pin_cores, replicas=replicas or 1)
+        return Plan("data_parallel", replicas or world, None, args.dist_timeout, **common)
+    return Plan("pipeline", stages * (replicas or 1), split, args.dist_timeout, replicas=replicas or 1, **common)
 
 
 def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, targets: torch.Tensor,
