@@ -97,7 +97,6 @@ struct RowParams {
   Acc* norms;              // (B,): ‖v_b (centred)‖, for the backward through the normalisation
   unsigned* counters;      // (counter_count,): zeroed here for the later stages' arrival counts; may be nullptr
   int64_t counter_count;
-  bool bhattacharyya;      // v_prev (B, C) feeds the Bhattacharyya term (then Z == nullptr)
   WideSum bd_coef;         // λ/2, over B for the batch mean: g_v += bd_coef · (softmax(v) − r)
   Acc* distances;          // (B,): BD(v_b, v_prev_b) when bhattacharyya
 };
@@ -163,15 +162,20 @@ __device__ void bhattacharyya_row_warp(const T* row, const T* prev, int64_t n, W
   sum_x = warp_sum(sum_x);
   if (lane == 0) *distance = static_cast<Acc>(0.5 * (acc_log(sum_a) + acc_log(sum_b)) - d - acc_log(sum_x));
   if (grad != nullptr) {
+    // The reciprocals once per row by the inline intrinsic (a double division is a subroutine call, whose
+    // saved registers would spill here).
+    const WideSum inv_a = __drcp_rn(sum_a), inv_x = __drcp_rn(sum_x);
     for (int64_t c = lane; c < n; c += kWarpSize) {
-      const WideSum difference = static_cast<WideSum>(acc_exp(a_of(c))) / sum_a -
-                                 static_cast<WideSum>(acc_exp(static_cast<Acc>(t_of(c) - d))) / sum_x;
+      const WideSum difference = static_cast<WideSum>(acc_exp(a_of(c))) * inv_a -
+                                 static_cast<WideSum>(acc_exp(static_cast<Acc>(t_of(c) - d))) * inv_x;
       grad[c] = static_cast<Acc>(static_cast<WideSum>(grad[c]) + coef * difference);
     }
   }
 }
 
-template <typename T, typename Acc>
+// kBhattacharyya: v_prev (B, C) feeds the Bhattacharyya term and nothing is normalised (Z == nullptr). A template
+// argument, not a runtime flag, so that the cosine-Gram instantiation keeps its own registers (no spills).
+template <typename T, typename Acc, bool kBhattacharyya>
 __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> P) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
@@ -211,13 +215,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> 
     }
 
     // The Bhattacharyya term: BD_b and its gradient, added to the CE's (each lane adds to the classes it wrote).
-    if (P.bhattacharyya) {
+    if constexpr (kBhattacharyya) {
       bhattacharyya_row_warp<T, Acc>(row, P.v_prev + b * P.C, P.C, P.bd_coef,
                                      P.g_v != nullptr ? P.g_v + b * P.C : nullptr, P.distances + b, lane);
-    }
-
-    // â_b into Z[b, 0:C), b̂_b into Z[b, C:C+Cp).
-    if (P.Z != nullptr) {
+    } else if (P.Z != nullptr) {  // â_b into Z[b, 0:C), b̂_b into Z[b, C:C+Cp)
       const Acc norm = normalize_row_warp<T, Acc>(row, P.C, P.center, P.Z + b * P.z_ld, lane);
       if (lane == 0 && P.norms != nullptr) P.norms[b] = norm;
       if (P.v_prev != nullptr) {
@@ -722,10 +723,13 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
   rows.norms = w.norms;
   rows.counters = w.counters;
   rows.counter_count = w.counters != nullptr ? plan.gram_tiles : 0;
-  rows.bhattacharyya = plan.bhattacharyya;
   rows.bd_coef = alignment_weight * 0.5 / (mean ? static_cast<WideSum>(B) : 1.0);
   rows.distances = w.distances;
-  rows_kernel<T, Acc><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  if (plan.bhattacharyya) {
+    rows_kernel<T, Acc, true><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  } else {
+    rows_kernel<T, Acc, false><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  }
   SVP_CUDA_CHECK_LAUNCH();
 
   const Acc weight = static_cast<Acc>(alignment_weight);
@@ -802,11 +806,10 @@ cudaError_t cosine_gram_typed(const void* v, void* S, int64_t B, int64_t C, bool
   rows.norms = nullptr;
   rows.counters = nullptr;
   rows.counter_count = 0;
-  rows.bhattacharyya = false;
   rows.bd_coef = 0.0;
   rows.distances = nullptr;
   const int64_t row_blocks = max64(1, min64(ceil_div(B, kRowsPerBlock), 16 * static_cast<int64_t>(sms)));
-  rows_kernel<T, Acc><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(rows);
+  rows_kernel<T, Acc, false><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(rows);
   SVP_CUDA_CHECK_LAUNCH();
 
   // Stage 2: S = Z Zᵀ: A(m, k) = Z[m, k], B(k, n) = Z[n, k].
