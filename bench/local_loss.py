@@ -5,6 +5,7 @@
     python bench/local_loss.py --threads 1 --clock thread        # one thread's CPU time (a busy machine)
     python bench/local_loss.py --wait-idle 30 --allocator cached # wait for quiet; freed memory kept mapped
     python bench/local_loss.py --device cuda                     # GPU shape set, fused cuda/triton
+    python bench/local_loss.py --alignment cosine_gram,bhattacharyya   # both alignment terms, same minutes
 
 Variants, per shape × dtype × projection:
 - the fused backends (``cpu`` on CPU; ``cuda``, ``triton`` on CUDA): ``fused_local_loss(...).loss.backward()``
@@ -15,6 +16,9 @@ Variants, per shape × dtype × projection:
 - ``compile``: torch.compile(dynamic=False) of that same function, compiled afresh per shape, in the mode of
   --compile-mode (recorded in the compile_mode column; "default" unless asked: max-autotune tries GEMM
   configurations for minutes per shape).
+With ``--alignment bhattacharyya`` every variant computes the Bhattacharyya term instead (fused:
+``alignment="bhattacharyya"``; eager and compile: F.log_softmax and logsumexp, bench/baselines.py); the
+``alignment`` column tells the rows apart.
 
 Before any timing, every fused variant is checked against the float64 oracle (svp_kernels.testing
 ``ground_truth``: the Philox-in-torch reference backend in float64) on the benchmark's own inputs, and
@@ -74,7 +78,7 @@ import baselines  # noqa: E402
 CSV_COLUMNS = ["op", "B", "D", "C", "p", "dtype", "projection", "variant", "median_ms", "p20_ms", "p80_ms",
                "roofline_ms", "roofline_fraction", "speedup_vs_eager", "speedup_vs_compile", "extra_peak_MiB",
                "other_load_cpus", "copy_GBps", "fma_peak_GFLOPs", "clock", "allocator", "threads", "device",
-               "torch", "triton", "commit", "timestamp", "implicit_over_dense", "compile_mode"]
+               "torch", "triton", "commit", "timestamp", "implicit_over_dense", "compile_mode", "alignment"]
 # (B, D, C) with C' = C.
 CPU_SHAPES = [(256, 4096, 10), (128, 65536, 10), (4096, 1024, 10), (1024, 4096, 100), (128, 3072, 10),
               (512, 1024, 100)]
@@ -138,10 +142,10 @@ def git_commit() -> str:
 # One problem: inputs, the forward+backward step of each variant, the oracle check
 # ----------------------------------------------------------------------------------------------------
 
-def make_problem(shape, p, dtype, projection, device):
+def make_problem(shape, p, dtype, projection, device, alignment="cosine_gram"):
     """(case, h, target, v_prev, projection) with C' = C, from the test helpers."""
     B, D, C = shape
-    case = Case(B, D, C, C_prev=C, projection=projection, p=p, alignment_weight=ALIGNMENT_WEIGHT)
+    case = Case(B, D, C, C_prev=C, projection=projection, p=p, alignment_weight=ALIGNMENT_WEIGHT, alignment=alignment)
     h, target, v_prev, proj = make_inputs(case, dtype=dtype, device=device)
     return case, h, target, v_prev, proj
 
@@ -150,8 +154,9 @@ def baseline_loss(case, target, v_prev, projection):
     """The user's loss as a function of h: bench/baselines.py with this problem's other inputs."""
     if isinstance(projection, sk.ImplicitProjection):
         return lambda h: baselines.implicit_local_loss(h, target, v_prev, case.C, projection.seed, case.p,
-                                                       case.alignment_weight)
-    return lambda h: baselines.local_loss(h, target, v_prev, projection, case.p, case.alignment_weight)
+                                                       case.alignment_weight, case.alignment)
+    return lambda h: baselines.local_loss(h, target, v_prev, projection, case.p, case.alignment_weight,
+                                          case.alignment)
 
 
 def fused_variant(variant: str) -> tuple[str, str]:
@@ -197,9 +202,9 @@ def oracle_check(variant: str, case, h, target, v_prev, projection):
         if not isinstance(projection, torch.Tensor):
             return None  # the dense problem of the same shape checks the same function
         exact = Case(case.B, case.D, case.C, C_prev=case.C_prev, projection="dense", p=0.0,
-                     alignment_weight=case.alignment_weight)
+                     alignment_weight=case.alignment_weight, alignment=case.alignment)
         leaf = h.detach().requires_grad_(True)
-        loss = baselines.local_loss(leaf, target, v_prev, projection, 0.0, case.alignment_weight)
+        loss = baselines.local_loss(leaf, target, v_prev, projection, 0.0, case.alignment_weight, case.alignment)
         loss.backward()
         got = (loss, leaf.grad)
         expected = ground_truth(exact, h, target, v_prev, projection)
@@ -221,9 +226,12 @@ def moved_bytes(shape, dtype, projection: str) -> int:
     return 2 * B * D * size + (2 * C * D * size if projection == "dense" else 0)
 
 
-def minimal_flops(shape) -> int:
-    """4·B·C·D for the two projections plus the alignment on the cheaper side (C' = C, W = 2C)."""
+def minimal_flops(shape, alignment: str = "cosine_gram") -> int:
+    """4·B·C·D for the two projections plus the cosine-Gram alignment on the cheaper side (C' = C, W = 2C); the
+    Bhattacharyya term's O(B·C) row pass is left out (no multiply-add bound)."""
     B, D, C = shape
+    if alignment == "bhattacharyya":
+        return 4 * B * C * D
     W = 2 * C
     alignment = 2 * B * W * W + 2 * B * W * C if W < B else 2 * B * B * W + 2 * B * B * C
     return 4 * B * C * D + alignment
@@ -374,7 +382,7 @@ def memory_probe(spec: dict) -> dict:
     """Runs in a fresh subprocess: extra peak RSS of one forward+backward (see the module docstring)."""
     torch.set_num_threads(spec["threads"])
     case, h, target, v_prev, projection = make_problem(tuple(spec["shape"]), spec["p"], DTYPES[spec["dtype"]],
-                                                       spec["projection"], "cpu")
+                                                       spec["projection"], "cpu", spec["alignment"])
     step = make_step(spec["variant"], case, h, target, v_prev, projection, "cpu")
     warm = step()  # code paged in, threads up, graph compiled
     del warm
@@ -451,6 +459,7 @@ def parse_args(argv=None):
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--dtype", help="comma list (default: float32 on CPU, float32,bfloat16 on CUDA)")
     parser.add_argument("--projection", default="dense,implicit", help="dense,implicit")
+    parser.add_argument("--alignment", default="cosine_gram", help="comma list: cosine_gram,bhattacharyya")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 20 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
@@ -549,11 +558,13 @@ def main(argv=None) -> int:
     for shape in shapes:
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
-            new = bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args)
-            if path is not None:  # shape by shape: a run stopped at a time limit keeps what it measured
-                append_csv(path, new, CSV_COLUMNS, extrasaction="ignore")
-            rows += new
-            gc.collect()
+            for alignment in args.alignment.split(","):
+                new = bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args,
+                                  alignment)
+                if path is not None:  # shape by shape: a run stopped at a time limit keeps what it measured
+                    append_csv(path, new, CSV_COLUMNS, extrasaction="ignore")
+                rows += new
+                gc.collect()
 
     if path is not None:
         print(f"\nappended {len(rows)} rows to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
@@ -562,7 +573,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args):
+def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak, meta, args,
+                alignment="cosine_gram"):
     """CSV rows (dicts) of every (projection, variant) on one shape and dtype: oracle check, then all of them
     timed interleaved in one loop, so that every ratio (vs eager, vs compile, implicit vs dense) compares
     times taken in the same minutes; then memory."""
@@ -572,10 +584,12 @@ def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak
         torch._dynamo.reset()  # compiled afresh per shape (both projections' functions stay cached)
     rows, steps, problems = {}, {}, {}
     for projection in projections:
-        case, h, target, v_prev, proj = problems[projection] = make_problem(shape, args.p, dtype, projection, device)
+        case, h, target, v_prev, proj = problems[projection] = make_problem(shape, args.p, dtype, projection, device,
+                                                                             alignment)
         roofline_ms = max(moved_bytes(shape, dtype, projection) / (bandwidth * 1e9),
-                          minimal_flops(shape) / (peak * 1e9)) * 1e3
-        base = {"op": "fused_local_loss", "B": B, "D": D, "C": C, "p": args.p, "dtype": dtype_name,
+                          minimal_flops(shape, alignment) / (peak * 1e9)) * 1e3
+        base = {"op": "fused_local_loss", "alignment": alignment, "B": B, "D": D, "C": C, "p": args.p,
+                "dtype": dtype_name,
                 "projection": projection, "roofline_ms": f"{roofline_ms:.4g}", **meta}
         for variant in variants:
             key = (projection, variant)
@@ -626,14 +640,14 @@ def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak
                 extra = cuda_extra_memory(steps[(projection, variant)], problems[projection][1])
             else:
                 spec = {"shape": list(shape), "p": args.p, "dtype": dtype_name, "projection": projection,
-                        "variant": variant, "threads": args.threads}
+                        "variant": variant, "threads": args.threads, "alignment": alignment}
                 extra = cpu_extra_memory(spec, args.memory_repeats)
             if isinstance(extra, str):
                 row["memory_error"] = extra
             else:
                 row["extra_peak_MiB"] = f"{extra / 2**20:.3f}"
         roofline_ms = float(row["roofline_ms"])
-        print(f"  {shape} {dtype_name} {projection} {variant}: {row['median_ms']} ms [{row['p20_ms']}, "
+        print(f"  {shape} {dtype_name} {alignment} {projection} {variant}: {row['median_ms']} ms [{row['p20_ms']}, "
               f"{row['p80_ms']}], {100 * roofline_ms / median:.0f} % of the roofline "
               f"({roofline_ms:.3f} ms), other processes used {load.cpus:.2f} CPUs", flush=True)
     return list(rows.values())
@@ -641,11 +655,12 @@ def bench_shape(shape, dtype_name, dtype, projections, variants, bandwidth, peak
 
 def markdown_table(rows) -> str:
     """shape | R | variant | median ms [p20, p80] | % of roofline | vs eager | vs compile | extra MiB."""
-    lines = ["| shape (B, D, C) | dtype | R | variant | median ms [p20, p80] | roofline ms | % of roofline "
+    lines = ["| shape (B, D, C) | dtype | alignment | R | variant | median ms [p20, p80] | roofline ms | % of roofline "
              "| speed-up vs eager | vs compile | implicit / dense | extra peak MiB | other load (CPUs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| ({r['B']}, {r['D']}, {r['C']}) | {r['dtype']} | {r['projection']} | {r['variant']} |"
+        head = (f"| ({r['B']}, {r['D']}, {r['C']}) | {r['dtype']} | {r.get('alignment', 'cosine_gram')} | "
+                f"{r['projection']} | {r['variant']} |")
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | | | | |")
             continue

@@ -48,14 +48,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(const a
                                                                          const std::optional<at::Tensor>& target,
                                                                          const std::optional<at::Tensor>& v_prev,
                                                                          double alignment_weight, bool mean,
-                                                                         bool center) {
+                                                                         bool center, c10::string_view alignment) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("svp_kernels::loss_epilogue", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
-              bool)>();
-  return op.call(v, target, v_prev, alignment_weight, mean, center);
+              bool, c10::string_view)>();
+  return op.call(v, target, v_prev, alignment_weight, mean, center, alignment);
 }
 
 // What Python's once_differentiable does: a backward run with create_graph returns its gradients through a
@@ -87,11 +87,12 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
                                int64_t out_features, int64_t proj_seed, double proj_std, double p,
                                const at::Tensor& seed, const std::optional<at::Tensor>& target,
                                const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean,
-                               bool center, bool identity, bool gemm) {
+                               bool center, bool identity, bool gemm, const std::string& alignment_kind) {
     // An output must not be the input itself: detach gives v its own tensor when h is already float32/64.
     const at::Tensor v = identity ? h.to(accumulation_dtype(h.scalar_type())).detach()
                                   : projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed, gemm);
-    auto [loss, ce, alignment, grad_v] = loss_epilogue(v, target, v_prev, alignment_weight, mean, center);
+    auto [loss, ce, alignment, grad_v] = loss_epilogue(v, target, v_prev, alignment_weight, mean, center,
+                                                       alignment_kind);
     ctx->save_for_backward({grad_v, weight.value_or(at::Tensor()), seed});
     ctx->saved_data["in_features"] = h.size(1);
     ctx->saved_data["proj_seed"] = proj_seed;
@@ -109,7 +110,7 @@ class FusedLocalLoss : public torch::autograd::Function<FusedLocalLoss> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the gradient interface: no graph of its own
-    variable_list grad_inputs(14);  // one per argument of forward; only h has a gradient
+    variable_list grad_inputs(15);  // one per argument of forward; only h has a gradient
     if (!grads[0].defined()) return grad_inputs;  // no gradient reached the loss: none for h either
     const variable_list saved = ctx->get_saved_variables();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
@@ -168,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_local_loss(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, int64_t out_features, int64_t proj_seed,
     double proj_std, double p, const at::Tensor& seed, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& v_prev, double alignment_weight, bool mean, bool center, bool identity,
-    bool gemm) {
+    bool gemm, const std::string& alignment) {
   const variable_list out = FusedLocalLoss::apply(h, weight, out_features, proj_seed, proj_std, p, seed, target,
-                                                  v_prev, alignment_weight, mean, center, identity, gemm);
+                                                  v_prev, alignment_weight, mean, center, identity, gemm, alignment);
   return {out[0], out[1], out[2], out[3]};
 }
 

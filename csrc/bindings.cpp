@@ -104,8 +104,8 @@ TORCH_LIBRARY(svp_kernels, m) {
       "projection_backward(Tensor grad_v, Tensor? weight, int in_features, int proj_seed, float proj_std, "
       "float p, Tensor seed, ScalarType dtype, Tensor? grad_scale=None) -> Tensor dh");
   m.def(
-      "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center) "
-      "-> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");
+      "loss_epilogue(Tensor v, Tensor? target, Tensor? v_prev, float alignment_weight, bool mean, bool center, "
+      "str alignment=\"cosine_gram\") -> (Tensor loss, Tensor ce, Tensor alignment, Tensor g_v)");
   m.def("cosine_gram(Tensor v, bool center) -> Tensor");
   // The GEMM projection path (csrc/projection_gemm.cpp): R̃ written out once, then the device's GEMM.
   m.def(
@@ -138,7 +138,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),
              pybind11::arg("proj_std"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("target"),
              pybind11::arg("v_prev"), pybind11::arg("alignment_weight"), pybind11::arg("mean"),
-             pybind11::arg("center"), pybind11::arg("identity"), pybind11::arg("gemm") = false);
+             pybind11::arg("center"), pybind11::arg("identity"), pybind11::arg("gemm") = false,
+             pybind11::arg("alignment") = "cosine_gram");
   module.def("dropout_projection", &svp::nodes::dropout_projection,
              "v = h R̃ᵀ of dropout_projection on validated arguments, under one C++ autograd node",
              pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("out_features"), pybind11::arg("proj_seed"),

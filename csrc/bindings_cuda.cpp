@@ -22,6 +22,7 @@
 
 #include "bindings_cuda.h"
 #include "cuda/svp_cuda.h"
+#include "epilogue_arguments.h"
 
 namespace svp_cuda_adapter {
 namespace {
@@ -216,8 +217,11 @@ at::Tensor dropped_projection_cuda(const std::optional<at::Tensor>& weight, int6
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
     const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,
-    double alignment_weight, bool mean, bool center) {
+    double alignment_weight, bool mean, bool center, c10::string_view alignment_name) {
   constexpr const char* op = "loss_epilogue";
+  const bool bhattacharyya = svp::bhattacharyya_alignment(alignment_name);
+  const svp_cuda::Alignment alignment_kind =
+      bhattacharyya ? svp_cuda::Alignment::kBhattacharyya : svp_cuda::Alignment::kCosineGram;
   TORCH_CHECK(v.is_cuda() && v.dim() == 2, "svp_kernels cuda ", op, ": v must be a (B, C) CUDA tensor, got ",
               v.sizes(), " on ", v.device());
   TORCH_CHECK(v.size(0) >= 1, "svp_kernels cuda ", op, ": the batch is empty (v has 0 rows)");
@@ -242,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
     v_prev_c = v_prev->to(v_c.scalar_type()).contiguous();
     Cp = v_prev_c.size(1);
   }
+  if (bhattacharyya) svp::check_bhattacharyya_arguments(C, v_prev_c.defined() ? Cp : -1, center);
 
   const at::TensorOptions acc_options = v_c.options().dtype(accumulation_type(v_c.scalar_type()));
   at::Tensor loss = at::empty({}, acc_options);
@@ -251,13 +256,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue_cuda(
 
   const svp_cuda::LaunchPlan plan = svp_cuda_adapter::launch_plan();
   size_t bytes = 0;
-  check_cuda(svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, v_prev_c.defined(), dtype, &bytes, plan), op);
+  check_cuda(svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, v_prev_c.defined(), dtype, &bytes, plan, alignment_kind),
+             op);
   const at::Tensor workspace = workspace_like(v_c, bytes);
   check_cuda(svp_cuda::loss_epilogue(v_c.data_ptr(),
                                      target_c.defined() ? target_c.data_ptr<int64_t>() : nullptr,
                                      data_or_null(v_prev_c), loss.data_ptr(), ce.data_ptr(), alignment.data_ptr(),
                                      g_v.data_ptr(), B, C, Cp, alignment_weight, mean, center, dtype,
-                                     data_or_null(workspace), bytes, plan, c10::cuda::getCurrentCUDAStream().stream()),
+                                     data_or_null(workspace), bytes, plan, c10::cuda::getCurrentCUDAStream().stream(),
+                                     alignment_kind),
              op);
   return std::make_tuple(loss, ce, alignment, g_v);
 }

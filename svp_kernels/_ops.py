@@ -61,7 +61,7 @@ def register_fakes(prefix: str) -> None:
         return grad_v.new_empty((grad_v.shape[0], in_features), dtype=dtype)
 
     @torch.library.register_fake(prefix + "loss_epilogue")
-    def _loss_epilogue(v, target, v_prev, alignment_weight, mean, center):
+    def _loss_epilogue(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
         dtype = accumulation_dtype(v.dtype)
         scalar = v.new_empty((), dtype=dtype)
         return scalar, scalar.clone(), scalar.clone(), v.new_empty(v.shape, dtype=dtype)
@@ -103,7 +103,7 @@ def register_epilogue_autograd(epilogue_name: str) -> None:
 
     def backward(ctx, grad_loss, grad_ce, grad_alignment, grad_grad_v):
         (grad_v,) = ctx.saved_tensors
-        return grad_loss * grad_v, None, None, None, None, None
+        return grad_loss * grad_v, None, None, None, None, None, None
 
     torch.library.register_autograd(epilogue_name, backward, setup_context=setup_context)
 

@@ -9,7 +9,7 @@ import torch
 from . import backends, gradient_interface, predsim
 from ._ops import accumulation_dtype
 from .projection import ImplicitProjection
-from .validation import (ProjectionArgs, check_alignment_weight, check_bool, check_features, check_p,
+from .validation import (ProjectionArgs, check_alignment, check_alignment_weight, check_bool, check_features, check_p,
                          check_projection, check_projection_path, check_reduction, check_seed, check_target,
                          check_v_prev, is_compiling)
 
@@ -19,8 +19,8 @@ Projection = Union[None, torch.Tensor, ImplicitProjection]
 class LocalLossOutput(NamedTuple):
     """What fused_local_loss returns (``sk.LocalLoss`` is the same class under its first name).
 
-    loss: scalar CE + λ·FA, differentiable w.r.t. h (float32, float64 when h is float64).
-    ce, alignment: detached scalars for logging (alignment after the reduction, before λ).
+    loss: scalar CE + λ·alignment term, differentiable w.r.t. h (float32, float64 when h is float64).
+    ce, alignment: detached scalars for logging (the alignment term after the reduction, before λ).
     v: (B, C) projection, detached, in h's dtype: the next layer's v_prev.
     """
 
@@ -77,9 +77,9 @@ class _FusedLocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, module, projection: ProjectionArgs, p, seed, target, v_prev, alignment_weight, mean,
-                center):
+                center, alignment_kind):
         loss, ce, alignment, v, grad_v = gradient_interface.local_loss_with_grad(
-            module, h, projection, p, seed, target, v_prev, alignment_weight, mean, center)
+            module, h, projection, p, seed, target, v_prev, alignment_weight, mean, center, alignment_kind)
         ctx.save_for_backward(grad_v, projection.weight, seed)
         _save_projection(ctx, h, module, projection, p)
         ctx.mark_non_differentiable(ce, alignment, v)
@@ -89,7 +89,7 @@ class _FusedLocalLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_ce, grad_alignment, grad_v_out):
         grad_v, weight, seed = ctx.saved_tensors
-        return (_input_grad(ctx, grad_loss * grad_v, weight, seed),) + (None,) * 9
+        return (_input_grad(ctx, grad_loss * grad_v, weight, seed),) + (None,) * 10
 
 
 class _DropoutProjection(torch.autograd.Function):
@@ -116,11 +116,14 @@ class _DropoutProjection(torch.autograd.Function):
 
 def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p: float = 0.0, seed=None,
                      alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
-                     backend: str = "auto", projection_path: str = "auto") -> LocalLossOutput:
+                     backend: str = "auto", projection_path: str = "auto",
+                     alignment: str = "cosine_gram") -> LocalLossOutput:
     """The SVP local loss of one layer and its gradient, without materialising R̃ or any B×B matrix.
 
-    v = h R̃ᵀ with R̃ = R ⊙ M / (1 − p); loss = CE(v, target) + λ‖S(v) − S(v_prev)‖²_F (/ B² for "mean"),
-    S the batch cosine-similarity Gram (Pearson when center=True).
+    v = h R̃ᵀ with R̃ = R ⊙ M / (1 − p); loss = CE(v, target) + λ·A(v, v_prev), the alignment term A being
+    "cosine_gram": ‖S(v) − S(v_prev)‖²_F (/ B² for "mean"), S the batch cosine-similarity Gram (Pearson when
+    center=True); or "bhattacharyya": Σ_b BD(v_b, v_prev_b) (/ B for "mean"), BD the Bhattacharyya distance
+    between the rows' softmax distributions, −logsumexp_c(½(log_softmax(v_b)_c + log_softmax(v_prev_b)_c)).
 
     Args:
         h: (B, D) activations, or (B, *) flattened to (B, D); float32/float64 (bf16/fp16 on CUDA).
@@ -132,14 +135,18 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
             kernels read it there, so it traces and a captured CUDA graph replays with its current value), or
             None to draw one from torch's default generator (inside torch.compile: from the compiled RNG).
         alignment_weight: λ ≥ 0.
-        reduction: "mean" (FA / B²) or "sum" of the alignment term; CE is always a batch mean.
-        center: subtract each row's mean before normalising (Pearson similarity).
+        reduction: "mean" or "sum" of the alignment term (cosine_gram: FA / B² or FA; bhattacharyya: the batch
+            mean or sum of BD_b); CE is always a batch mean.
+        center: subtract each row's mean before normalising (Pearson similarity); cosine_gram only.
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
         projection_path: "auto" | "fused" (R̃ generated tile by tile inside the kernels) | "gemm" (R̃ (C, D)
             written out once per direction, then the device's GEMM: cuBLAS tensor cores for bfloat16/float16;
             C·D extra transient memory); cpu and cuda backends. "auto": on CUDA, the path (and with backend
             "auto" the backend) measured fastest at the nearest benchmark shape (svp_kernels/backends/auto_table.py);
             "fused" where nothing is measured.
+        alignment: "cosine_gram" (SVP's term, the default) or "bhattacharyya" (the later formulation of the
+            method; v_prev must then be (B, C), and may hold −inf: a class of probability 0, e.g. log of a
+            one-hot distribution; each row needs one finite value).
 
     Returns:
         LocalLossOutput(loss, ce, alignment, v): loss differentiable w.r.t. h; ce, alignment detached; v (B, C)
@@ -152,6 +159,7 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     v_prev = check_v_prev(v_prev, h)
     mean = check_reduction(reduction)
     center = check_bool(center, "center")
+    alignment = check_alignment(alignment, v_prev, projection_args.out_features, center)
     alignment_weight = check_alignment_weight(alignment_weight)
     seed = check_seed(seed, p, h.device)
     path = check_projection_path(projection_path)
@@ -160,17 +168,18 @@ def fused_local_loss(h, target, v_prev=None, *, projection: Projection = None, p
     h = h.contiguous()
     if not is_compiling() and backends.has_gradient_interface(module):
         if backends.has_native_node(module):
-            loss, ce, alignment, v = module.fused_local_loss(h, projection_args.weight, projection_args.out_features,
-                                                       projection_args.proj_seed, projection_args.proj_std, p, seed,
-                                                       target, v_prev, alignment_weight, mean, center,
-                                                       projection_args.identity, **_gemm_keyword(gemm))
+            loss, ce, term, v = module.fused_local_loss(h, projection_args.weight, projection_args.out_features,
+                                                        projection_args.proj_seed, projection_args.proj_std, p, seed,
+                                                        target, v_prev, alignment_weight, mean, center,
+                                                        projection_args.identity, **_gemm_keyword(gemm),
+                                                        alignment=alignment)
         else:
-            loss, ce, alignment, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
-                                                            alignment_weight, mean, center)
-        return LocalLossOutput(loss, ce, alignment, v.to(h.dtype))
+            loss, ce, term, v = _FusedLocalLoss.apply(h, module, projection_args, p, seed, target, v_prev,
+                                                      alignment_weight, mean, center, alignment)
+        return LocalLossOutput(loss, ce, term, v.to(h.dtype))
     v = _project(module, h, projection_args, p, seed, gemm)
-    loss, ce, alignment = module.epilogue(v, target, v_prev, alignment_weight, mean, center)
-    return LocalLossOutput(loss, ce.detach(), alignment.detach(), v.detach().to(h.dtype))
+    loss, ce, term = module.epilogue(v, target, v_prev, alignment_weight, mean, center, alignment)
+    return LocalLossOutput(loss, ce.detach(), term.detach(), v.detach().to(h.dtype))
 
 
 def dropout_projection(h, projection: Projection, p: float = 0.0, seed=None, backend: str = "auto", *,

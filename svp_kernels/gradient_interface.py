@@ -26,11 +26,14 @@ def projection_value(module, h: torch.Tensor, projection: ProjectionArgs, p: flo
 
 
 def local_loss_with_grad(module, h: torch.Tensor, projection: ProjectionArgs, p: float, seed: torch.Tensor,
-                         target, v_prev, alignment_weight: float, mean: bool, center: bool):
+                         target, v_prev, alignment_weight: float, mean: bool, center: bool,
+                         alignment_kind: str = "cosine_gram"):
     """(loss, ce, alignment, v, g_v) of the local loss on h (B, D), g_v = dloss/dv (B, C), from one pass of the
-    epilogue; no autograd node. Arguments as validated by svp_kernels.validation."""
+    epilogue; no autograd node. Arguments as validated by svp_kernels.validation (alignment_kind: the term,
+    "cosine_gram" or "bhattacharyya")."""
     v = projection_value(module, h, projection, p, seed)
-    loss, ce, alignment, grad_v = module.epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center)
+    loss, ce, alignment, grad_v = module.epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center,
+                                                            alignment_kind)
     return loss, ce, alignment, v, grad_v
 
 

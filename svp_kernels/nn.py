@@ -8,6 +8,7 @@ import torch
 
 from .api import LocalLossOutput, dropout_projection, fused_local_loss
 from .projection import MAX_SEED, ImplicitProjection, draw_seed, stream_seed
+from .validation import ALIGNMENTS, check_choice
 
 
 class RandomProjection(torch.nn.Module):
@@ -78,7 +79,8 @@ class RandomProjection(torch.nn.Module):
 
 
 class LocalLoss(torch.nn.Module):
-    """The SVP local loss of one layer: CE(v, y) + λ‖S(v) − S(v_prev)‖²_F with v = Dropout(R) h.
+    """The SVP local loss of one layer: CE(v, y) + λ‖S(v) − S(v_prev)‖²_F with v = Dropout(R) h, or with
+    alignment="bhattacharyya" CE(v, y) + λ·mean_b BD(v_b, v_prev_b) (fused_local_loss's `alignment`).
 
     out_features is C, the width of v (targets must lie in [0, C)); identity=True (needs
     in_features == out_features) uses v = h, as the last layer does on its logits.
@@ -91,8 +93,10 @@ class LocalLoss(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, *, identity: bool = False, p: float = 0.0,
                  alignment_weight: float = 1.0, reduction: str = "mean", center: bool = False,
                  implicit: bool = False, seed: Optional[int] = None, std: Optional[float] = None,
-                 backend: str = "auto", dropout_seed: Optional[int] = None, device=None, dtype=None):
+                 backend: str = "auto", dropout_seed: Optional[int] = None, device=None, dtype=None,
+                 alignment: str = "cosine_gram"):
         super().__init__()
+        self.alignment = check_choice(alignment, "alignment", ALIGNMENTS)
         if identity and in_features != out_features:
             raise ValueError(f"identity=True needs in_features == out_features, got {in_features} and {out_features}")
         self.projection = None if identity else RandomProjection(
@@ -113,4 +117,4 @@ class LocalLoss(torch.nn.Module):
             p, seed = self.projection._dropout_args(seed)
         return fused_local_loss(h, target, v_prev, projection=projection, p=p, seed=seed,
                                 alignment_weight=self.alignment_weight, reduction=self.reduction,
-                                center=self.center, backend=self.backend)
+                                center=self.center, backend=self.backend, alignment=self.alignment)

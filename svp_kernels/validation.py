@@ -181,6 +181,27 @@ def check_reduction(reduction) -> bool:
     return check_choice(reduction, "reduction", ("mean", "sum")) == "mean"
 
 
+# The alignment terms of fused_local_loss (docs/design.md §2): the cosine-Gram term of SVP (the default) and the
+# Bhattacharyya distance between the rows' softmax distributions.
+ALIGNMENTS = ("cosine_gram", "bhattacharyya")
+
+
+def check_alignment(alignment, v_prev: Optional[torch.Tensor], num_classes: int, center: bool) -> str:
+    """alignment, one of ALIGNMENTS, and what "bhattacharyya" asks of the other arguments: v_prev (when given)
+    with C' = C = num_classes columns, and center=False (softmax does not change when a row's mean is subtracted,
+    so centring would be a silent no-op)."""
+    alignment = check_choice(alignment, "alignment", ALIGNMENTS)
+    if alignment == "bhattacharyya":
+        if center:
+            raise ValueError("center=True has no meaning with alignment='bhattacharyya': the softmax of a row does "
+                             "not change when its mean is subtracted; pass center=False")
+        if v_prev is not None and v_prev.shape[1] != num_classes:
+            raise ValueError(f"v_prev has C' = {v_prev.shape[1]} columns but v has C = {num_classes}; "
+                             "alignment='bhattacharyya' compares the softmax distributions of v_prev and v over the "
+                             "same C classes, so v_prev must be (B, C)")
+    return alignment
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

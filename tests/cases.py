@@ -27,6 +27,9 @@ LOCAL_LOSS_CASES = [
     Case(24, 0, 5, 3, projection="identity", center=True),              # identity, feature-space path
     Case(9, 21, 7, None, p=0.5),                                        # no v_prev: CE only
     Case(3, 70, 13, 20, projection="implicit", p=0.1, center=True),     # batch-space, C' > C > B
+    Case(1, 5, 3, 3, alignment="bhattacharyya"),                        # the Bhattacharyya term: B = 1
+    Case(9, 21, 7, 7, projection="implicit", p=0.3, reduction="sum", alignment="bhattacharyya"),  # C < B, sum
+    Case(6, 0, 10, 10, projection="identity", alignment="bhattacharyya"),  # v = h, C > B
 ]
 
 # Aligned v and v_prev (B, C = C') with C + C' < B: the feature-space identity, where FA ≪ ‖âᵀâ‖² cancels.
@@ -71,7 +74,7 @@ def param_id(value) -> str:
     return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-OP_SAMPLE_COUNT = 15  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
+OP_SAMPLE_COUNT = 17  # len(op_samples()), a constant so that collecting the tests needs no compiled ops
 
 
 def op_samples(dtype=torch.float64, device="cpu"):
@@ -98,6 +101,8 @@ def op_samples(dtype=torch.float64, device="cpu"):
         (ops.loss_epilogue.default, (v, target, v_prev, 0.5, True, False)),
         (ops.loss_epilogue.default, (v, None, v_prev, 1.0, False, True)),
         (ops.loss_epilogue.default, (v, target, None, 1.0, True, False)),
+        (ops.loss_epilogue.default, (v, target, rand(B, C), 0.5, True, False, "bhattacharyya")),
+        (ops.loss_epilogue.default, (v, None, rand(B, C), 1.0, False, False, "bhattacharyya")),
         (ops.cosine_gram.default, (v.detach(), True)),
         (ops.dropped_projection.default, (weight, C, D, 0, 0.0, 0.3, seed(11), dtype)),
         (ops.dropped_projection.default, (None, C, D, 17, 0.5, 0.2, seed(4), dtype)),

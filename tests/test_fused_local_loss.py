@@ -59,7 +59,7 @@ def _op_path_loss(case: Case, h, target, v_prev, projection, backend: str, seed:
     else:
         v = module.projection(h, projection, projection.shape[0], 0, 0.0, case.p, seed_tensor)
     loss, ce, alignment = module.epilogue(v, target, v_prev, case.alignment_weight, case.reduction == "mean",
-                                          case.center)
+                                          case.center, case.alignment)
     return loss, ce, alignment, v
 
 

@@ -64,8 +64,8 @@ def svp_launches(emu, name: str, args) -> int:
         grad_v, weight, D, proj_seed, std, p, seed, dtype, *grad_scale = args
         emu.projection_backward(grad_v.contiguous(), weight, D, proj_seed, std, p, _seed(seed), dtype, *grad_scale)
     elif name == "loss_epilogue":
-        v, target, v_prev, weight, mean, center = args
-        emu.loss_epilogue(v, target, v_prev, weight, mean, center)
+        v, target, v_prev, weight, mean, center, *alignment = args  # the alignment string unless the default
+        emu.loss_epilogue(v, target, v_prev, weight, mean, center, *alignment)
     elif name == "dropped_projection":
         weight, C, D, proj_seed, std, p, seed, dtype = args
         emu.dropped_projection(weight, C, D, proj_seed, std, p, _seed(seed), dtype)
@@ -108,7 +108,7 @@ def count_launches(step) -> tuple[int, list]:
     return sum(count for _, count in breakdown), breakdown
 
 
-def local_loss_step(path: str, extra_op: bool = False):
+def local_loss_step(path: str, extra_op: bool = False, alignment: str = "cosine_gram", with_v_prev: bool = True):
     """One SVP block's local loss, forward + backward: (B, D, C, C') = (64, 1024, 10, 10), a dense R with dropout
     p = 0.1 and an int seed, the alignment term in feature space (C + C' < B)."""
     generator = torch.Generator().manual_seed(0)
@@ -118,8 +118,8 @@ def local_loss_step(path: str, extra_op: bool = False):
     weight = torch.randn(10, 1024, generator=generator) / 32
 
     def step():
-        out = sk.fused_local_loss(h, target, v_prev, projection=weight, p=0.1, seed=7, backend="cpu",
-                                  projection_path=path)
+        out = sk.fused_local_loss(h, target, v_prev if with_v_prev else None, projection=weight, p=0.1, seed=7,
+                                  backend="cpu", projection_path=path, alignment=alignment)
         loss = out.loss * 1.0 if extra_op else out.loss
         loss.backward()
 
@@ -144,3 +144,13 @@ def test_launch_count_sees_an_extra_op():
     launches, _ = count_launches(local_loss_step("fused"))
     with_extra, breakdown = count_launches(local_loss_step("fused", extra_op=True))
     assert with_extra == launches + 2, breakdown  # the mul forward, and its backward's mul
+
+
+def test_bhattacharyya_adds_no_launch():
+    """alignment="bhattacharyya" runs in the epilogue's row kernel and its scalars' kernel: the launches of the
+    same call without v_prev, fewer than the cosine-Gram term's (docs/backends.md)."""
+    launches, breakdown = count_launches(local_loss_step("fused", alignment="bhattacharyya"))
+    without, _ = count_launches(local_loss_step("fused", alignment="bhattacharyya", with_v_prev=False))
+    cosine, _ = count_launches(local_loss_step("fused"))
+    assert dict(breakdown)["loss_epilogue"] == 2, breakdown
+    assert launches == without < cosine, (launches, without, cosine, breakdown)

@@ -334,11 +334,13 @@ def _op_samples():
          (randn(5, 7, seed=25), None, 20, 17, 0.5, 0.2, seed_tensor(4, DEVICE), torch.float32)),
         (namespace.triton_loss_epilogue.default, (v, target, randn(6, 4, seed=26), 0.5, True, False)),
         (namespace.triton_loss_epilogue.default, (v, None, randn(6, 2, seed=27), 1.0, False, True)),
+        (namespace.triton_loss_epilogue.default,
+         (v, target, randn(6, 9, seed=28), 0.5, True, False, "bhattacharyya")),
         (namespace.triton_cosine_gram.default, (v.detach(), True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

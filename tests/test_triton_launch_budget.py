@@ -55,16 +55,17 @@ def _inputs(B, D, C, C_prev, projection):
     return h, target, v_prev, projection
 
 
-def count_forward_backward(monkeypatch, B, D, C, C_prev, projection, p):
-    """The LaunchCounter of one fused_local_loss forward + backward (an int seed, as users pass it)."""
+def count_forward_backward(monkeypatch, B, D, C, C_prev, projection, p, alignment="cosine_gram"):
+    """The LaunchCounter of one fused_local_loss forward + backward (an int seed, as users pass it); center=True
+    with the cosine-Gram term."""
     monkeypatch.setattr(ops, "_sm_count", lambda device: H100_SMS)
     # Outside the eager nodes (ops.direct_launches) the launchers wrap each kernel for torch.compile
     # (wrap_triton), whose higher-order op may not dispatch under a user TorchDispatchMode: count them bare.
     monkeypatch.setattr(ops, "_launch", lambda kernel: kernel)
     h, target, v_prev, projection = _inputs(B, D, C, C_prev, projection)
     with LaunchCounter() as counter:
-        out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=p, seed=3, center=True,
-                                  backend="triton")
+        out = sk.fused_local_loss(h, target, v_prev, projection=projection, p=p, seed=3,
+                                  center=alignment == "cosine_gram", backend="triton", alignment=alignment)
         out.loss.backward()
     return counter
 
@@ -105,3 +106,15 @@ def test_counter_counts_launches_and_ops_but_not_allocations_or_views(monkeypatc
     with LaunchCounter() as counter:  # nothing leaks from one counter to the next
         pass
     assert counter.count == 0 and not counter.events
+
+
+@pytest.mark.parametrize("case", ["dense-dropout-feature", "identity"])
+def test_bhattacharyya_adds_no_launch(monkeypatch, case):
+    """alignment="bhattacharyya" runs in the row kernel and the scalars' kernel: the launches of the same call
+    without v_prev (docs/design.md §2), no more than the cosine-Gram term's."""
+    B, D, C, _, projection, p = CASES[case]
+    counter = count_forward_backward(monkeypatch, B, D, C, C, projection, p, alignment="bhattacharyya")
+    without = count_forward_backward(monkeypatch, B, D, C, None, projection, p, alignment="bhattacharyya")
+    assert {"rows_kernel", "gradient_kernel"} <= set(counter.launches), counter.report()
+    assert counter.launches == without.launches and counter.count == without.count, counter.report()
+    assert counter.count <= EXPECTED[case], counter.report()

@@ -1,7 +1,8 @@
-// CPU kernels of the loss epilogue (docs/design.md §2) on v (B, C): cross-entropy, the alignment
-// FA = ‖â âᵀ − b̂ b̂ᵀ‖²_F and g_v = dloss/dv in one call, with O(B·C + B·C' + C²) scratch, never B×B.
-// FA takes the feature-space identity when C + C' < B, else kGramTile × kGramTile tiles of batch-space
-// Grams. Every sum runs in an order fixed by the shapes, so results never depend on the thread count.
+// CPU kernels of the loss epilogue (docs/design.md §2) on v (B, C): cross-entropy, the alignment term and
+// g_v = dloss/dv in one call. "cosine_gram": FA = ‖â âᵀ − b̂ b̂ᵀ‖²_F with O(B·C + B·C' + C²) scratch, never B×B,
+// by the feature-space identity when C + C' < B, else kGramTile × kGramTile tiles of batch-space Grams.
+// "bhattacharyya": BD(v_b, v_prev_b) per row, in the cross-entropy's row pass. Every sum runs in an order fixed
+// by the shapes, so results never depend on the thread count.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "epilogue_arguments.h"
 #include "svp/math.h"
 
 namespace svp::cpu {
@@ -118,22 +120,125 @@ SVP_MULTIVERSION float cross_entropy_row_vectorized(const float* v, int64_t n, i
   return row_max + std::log(exp_sum) - v[y];
 }
 
+// Rows [begin, end) of the cross-entropy: row_losses[b] = logsumexp(v_b) − v_{b,y_b}, grad_b = (softmax(v_b) −
+// onehot(y_b)) · grad_scale.
+template <typename T>
+void cross_entropy_rows(const T* v, const int64_t* target, int64_t begin, int64_t end, int64_t features,
+                        T grad_scale, T* grad, T* row_losses) {
+  for (int64_t b = begin; b < end; ++b) {
+    if constexpr (std::is_same_v<T, float>) {
+      row_losses[b] = cross_entropy_row_vectorized(v + b * features, features, target[b], grad_scale,
+                                                   grad + b * features);
+    } else {
+      row_losses[b] = cross_entropy_row(v + b * features, features, target[b], grad_scale, grad + b * features);
+    }
+  }
+}
+
 // mean_b [logsumexp(v_b) − v_{b,y_b}]; writes grad = (softmax(v) − onehot(y)) / B.
 template <typename T>
 T cross_entropy(const T* v, const int64_t* target, int64_t batch, int64_t features, T* grad) {
   std::vector<T> row_losses(batch);
   const T grad_scale = T(1) / static_cast<T>(batch);
   at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if constexpr (std::is_same_v<T, float>) {
-        row_losses[b] = cross_entropy_row_vectorized(v + b * features, features, target[b], grad_scale,
-                                                     grad + b * features);
-      } else {
-        row_losses[b] = cross_entropy_row(v + b * features, features, target[b], grad_scale, grad + b * features);
-      }
-    }
+    cross_entropy_rows(v, target, begin, end, features, grad_scale, grad, row_losses.data());
   });
   return sum_in_order(row_losses) / static_cast<T>(batch);
+}
+
+// ---- The Bhattacharyya term ----------------------------------------------------------------------------
+//
+// BD(v_b, v_prev_b) = −log Σ_c sqrt(softmax(v_b)_c softmax(v_prev_b)_c), in log space and exact (no clamp):
+// with a = v − max v, b = v_prev − max v_prev (rounded to T), t = ½(a + b) and d = max t (WideSum),
+//     BD = ½(log Σ e^a + log Σ e^b) − d − log Σ e^(t − d)   = −logsumexp(½(log_softmax(v) + log_softmax(v_prev))),
+// every exponent ≤ 0 and each sum ≥ 1, so nothing overflows, underflows to a zero sum or cancels but the final
+// difference; ∂BD/∂v = ½(softmax(v) − r), r = e^(t − d) / Σ e^(t − d). The exponentials are taken in T, the
+// sums, logs and the gradient's difference in WideSum. v_prev may hold −inf (a class of probability 0).
+
+// e^x in place for x ≤ 0 (−inf and NaN allowed): float data 8 lanes at a time (exp_nonpositive, within 2 ulp of
+// expf; below ln(FLT_MIN) it gives FLT_MIN-sized values instead of 0), the tail and double data via std::exp.
+SVP_MULTIVERSION void exp_nonpositive_in_place(float* x, int64_t n) {
+  const int64_t body = n - n % kFloatLanes;
+  for (int64_t i = 0; i < body; i += kFloatLanes) store_vec(x + i, exp_nonpositive(load_vec<float>(x + i)));
+  for (int64_t i = body; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+void exp_nonpositive_in_place(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+constexpr int64_t kDistanceRows = 64;  // rows per block of the exponentials' scratch
+
+// Rows [begin, end) of v and v_prev (B × n): distances[b] = BD(v_b, v_prev_b) and grad_b += coef·(softmax(v_b) −
+// r_b) (coef = λ/2, over B for the batch mean).
+template <typename T>
+void bhattacharyya_rows(const T* v, const T* v_prev, int64_t begin, int64_t end, int64_t n, WideSum coef, T* grad,
+                        WideSum* distances) {
+  std::vector<T> exps(3 * kDistanceRows * n);  // e^a, e^b and e^(t − d) of a block of rows, side by side
+  std::vector<WideSum> shifts(kDistanceRows);   // d of each row
+  for (int64_t first = begin; first < end; first += kDistanceRows) {
+    const int64_t rows = std::min(kDistanceRows, end - first);
+    // Stage 1: the exponents a, b and t − d of every row of the block.
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* v_row = v + (first + i) * n;
+      const T* prev_row = v_prev + (first + i) * n;
+      T* a = exps.data() + 3 * i * n;
+      T* b = a + n;
+      T* x = b + n;
+      T max_v = v_row[0], max_p = prev_row[0];
+      for (int64_t c = 1; c < n; ++c) {
+        max_v = v_row[c] > max_v ? v_row[c] : max_v;
+        max_p = prev_row[c] > max_p ? prev_row[c] : max_p;
+      }
+      WideSum d = -INFINITY;
+      for (int64_t c = 0; c < n; ++c) {
+        a[c] = v_row[c] - max_v;
+        b[c] = prev_row[c] - max_p;
+        const WideSum t = 0.5 * (static_cast<WideSum>(a[c]) + static_cast<WideSum>(b[c]));
+        d = t > d ? t : d;
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        x[c] = static_cast<T>(0.5 * (static_cast<WideSum>(a[c]) + static_cast<WideSum>(b[c])) - d);
+      }
+      shifts[i] = d;
+    }
+    // Stage 2: the exponentials of the whole block.
+    exp_nonpositive_in_place(exps.data(), 3 * rows * n);
+    // Stage 3: the sums, the distance and the gradient of every row.
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* e_a = exps.data() + 3 * i * n;
+      const T* e_b = e_a + n;
+      const T* e_x = e_b + n;
+      const WideSum sum_a = row_sum<T>(n, [&](int64_t c) { return static_cast<WideSum>(e_a[c]); });
+      const WideSum sum_b = row_sum<T>(n, [&](int64_t c) { return static_cast<WideSum>(e_b[c]); });
+      const WideSum sum_x = row_sum<T>(n, [&](int64_t c) { return static_cast<WideSum>(e_x[c]); });
+      distances[first + i] = 0.5 * (std::log(sum_a) + std::log(sum_b)) - shifts[i] - std::log(sum_x);
+      T* grad_row = grad + (first + i) * n;
+      for (int64_t c = 0; c < n; ++c) {
+        const WideSum difference = static_cast<WideSum>(e_a[c]) / sum_a - static_cast<WideSum>(e_x[c]) / sum_x;
+        grad_row[c] = static_cast<T>(static_cast<WideSum>(grad_row[c]) + coef * difference);
+      }
+    }
+  }
+}
+
+// (CE, A) of "bhattacharyya" in one pass over the rows of v and v_prev (B × n): CE as cross_entropy (0 without a
+// target, grad then left as it is), A = Σ_b BD(v_b, v_prev_b) (/ B when mean) in WideSum, and grad +=
+// λ·∂A/∂v. v_prev may hold −inf.
+template <typename T>
+std::pair<T, T> cross_entropy_and_bhattacharyya(const T* v, const int64_t* target, const T* v_prev, int64_t batch,
+                                                int64_t n, double alignment_weight, bool mean, T* grad) {
+  std::vector<T> row_losses(target != nullptr ? batch : 0);
+  std::vector<WideSum> distances(batch);
+  const T grad_scale = T(1) / static_cast<T>(batch);
+  const WideSum coef = alignment_weight * 0.5 / (mean ? static_cast<WideSum>(batch) : 1.0);
+  at::parallel_for(0, batch, row_grain(4 * n), [&](int64_t begin, int64_t end) {
+    if (target != nullptr) cross_entropy_rows(v, target, begin, end, n, grad_scale, grad, row_losses.data());
+    bhattacharyya_rows(v, v_prev, begin, end, n, coef, grad, distances.data());
+  });
+  const T ce = target != nullptr ? sum_in_order(row_losses) / static_cast<T>(batch) : T(0);
+  const WideSum total = sum_in_order(distances);
+  return {ce, static_cast<T>(mean ? total / static_cast<WideSum>(batch) : total)};
 }
 
 // ---- Normalisation -----------------------------------------------------------------------------------
@@ -273,12 +378,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
                                                                         const std::optional<at::Tensor>& target,
                                                                         const std::optional<at::Tensor>& v_prev,
                                                                         double alignment_weight, bool mean,
-                                                                        bool center) {
+                                                                        bool center, bool bhattacharyya) {
   const int64_t batch = v.size(0), C = v.size(1);
   const T* v_data = v.data_ptr<T>();
   const T lambda = static_cast<T>(alignment_weight);
   at::Tensor grad_v = at::zeros({batch, C}, v.options());
   T* grad_v_data = grad_v.data_ptr<T>();
+  const auto scalar = [&](T value) { return at::scalar_tensor(value, v.options()); };
+
+  if (bhattacharyya && v_prev.has_value()) {  // CE, BD and their gradients in one row pass
+    const auto [ce, alignment] = cross_entropy_and_bhattacharyya(
+        v_data, target.has_value() ? target->data_ptr<int64_t>() : nullptr, v_prev->data_ptr<T>(), batch, C,
+        alignment_weight, mean, grad_v_data);
+    return {scalar(ce + lambda * alignment), scalar(ce), scalar(alignment), grad_v};
+  }
 
   // Cross-entropy and its gradient (softmax − onehot) / B, written into g_v.
   T ce = T(0);
@@ -316,7 +429,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_epilogue(const at
     });
   }
 
-  const auto scalar = [&](T value) { return at::scalar_tensor(value, v.options()); };
   return {scalar(ce + lambda * alignment), scalar(ce), scalar(alignment), grad_v};
 }
 
@@ -345,9 +457,10 @@ using namespace epilogue_detail;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
     const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,
-    double alignment_weight, bool mean, bool center) {
+    double alignment_weight, bool mean, bool center, c10::string_view alignment) {
   const at::Tensor values = to_accumulation(v, "v");
   const int64_t batch = values.size(0);
+  const bool bhattacharyya = bhattacharyya_alignment(alignment);
   std::optional<at::Tensor> target_checked;
   if (target.has_value()) {
     TORCH_CHECK(target->device().is_cpu() && target->scalar_type() == at::kLong,
@@ -362,9 +475,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
     TORCH_CHECK(previous->size(0) == batch, "svp_kernels: v_prev must have B = ", batch, " rows, got ",
                 previous->size(0));
   }
+  if (bhattacharyya) check_bhattacharyya_arguments(values.size(1), previous ? previous->size(1) : -1, center);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "svp_kernels::loss_epilogue", [&] {
-    result = run_epilogue<scalar_t>(values, target_checked, previous, alignment_weight, mean, center);
+    result = run_epilogue<scalar_t>(values, target_checked, previous, alignment_weight, mean, center, bhattacharyya);
   });
   return result;
 }

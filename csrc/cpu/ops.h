@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 
@@ -26,10 +27,11 @@ at::Tensor dropped_projection(const std::optional<at::Tensor>& weight, int64_t o
                               int64_t proj_seed, double proj_std, double p, const at::Tensor& seed,
                               at::ScalarType dtype);
 
-// (loss, ce, alignment, g_v): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean) and g_v = dloss/dv.
+// (loss, ce, alignment, g_v): CE(v, y) + λ·A and g_v = dloss/dv; A = ‖S(v) − S(v_prev)‖²_F (/ B² when mean) for
+// alignment "cosine_gram", Σ_b BD(v_b, v_prev_b) (/ B when mean) for "bhattacharyya" (v_prev (B, C), no center).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_epilogue(
     const at::Tensor& v, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& v_prev,
-    double alignment_weight, bool mean, bool center);
+    double alignment_weight, bool mean, bool center, c10::string_view alignment = "cosine_gram");
 
 // S (B, B) = â âᵀ.
 at::Tensor cosine_gram(const at::Tensor& v, bool center);

@@ -10,6 +10,9 @@
 //   batch space (otherwise):     tiles of Δ = Z diag(s) Zᵀ (= â âᵀ − b̂ b̂ᵀ), flash-style: each 32×32 tile
 //                                is computed, used for FA += ΣΔ² and ∂FA/∂â += 4 Δ â, and dropped.
 //
+// Alignment "bhattacharyya" (v_prev (B, C)): no Z and no Gram. rows_kernel adds, per row, BD(v_b, v_prev_b)
+// and λ·∂BD/∂v_b to the CE terms (bhattacharyya_row_warp); finalize sums the rows' distances. 2 launches.
+//
 // Pipeline (one stream, each stage a kernel; all reductions in a fixed order, no float atomics):
 //   1. rows_kernel            warp per row: CE row term + (softmax − onehot)/B into g_v, â and b̂ into Z;
 //                             zeroes the arrival counters of stage 2
@@ -94,6 +97,8 @@ struct RowParams {
   Acc* norms;              // (B,): ‖v_b (centred)‖, for the backward through the normalisation
   unsigned* counters;      // (counter_count,): zeroed here for the later stages' arrival counts; may be nullptr
   int64_t counter_count;
+  WideSum bd_coef;         // λ/2, over B for the batch mean: g_v += bd_coef · (softmax(v) − r)
+  Acc* distances;          // (B,): BD(v_b, v_prev_b) when bhattacharyya
 };
 
 // â = u / max(‖u‖, ε), u = row (minus its mean when `center`), into out[0, n) when out != nullptr.
@@ -124,7 +129,53 @@ __device__ Acc normalize_row_warp(const T* row, int64_t n, bool center, Acc* out
   return static_cast<Acc>(norm);
 }
 
+// The Bhattacharyya distance of one row of v and v_prev (n values each), by a warp (docs/design.md §2): with
+// a = v − max v and b = v_prev − max v_prev (Acc), t = ½(a + b) and d = max t (WideSum),
+//   BD = ½(log Σ e^a + log Σ e^b) − d − log Σ e^(t − d)   (= −logsumexp(½(log_softmax(v) + log_softmax(v_prev))))
+// into *distance (lane 0), and grad[c] += coef · (softmax(v)_c − r_c), r = e^(t − d) / Σ e^(t − d), when grad is
+// not null. The exponentials in Acc; t, d, the sums, the logs and the gradient's difference in WideSum. Every
+// exponent is ≤ 0 and every sum ≥ 1: exact, no clamp; v_prev may hold −inf (a class of probability 0).
 template <typename T, typename Acc>
+__device__ void bhattacharyya_row_warp(const T* row, const T* prev, int64_t n, WideSum coef, Acc* grad,
+                                       Acc* distance, int lane) {
+  Acc max_v = static_cast<Acc>(-INFINITY), max_p = static_cast<Acc>(-INFINITY);
+  for (int64_t c = lane; c < n; c += kWarpSize) {
+    max_v = fmax(max_v, to_acc<Acc>(row[c]));
+    max_p = fmax(max_p, to_acc<Acc>(prev[c]));
+  }
+  max_v = warp_max(max_v);
+  max_p = warp_max(max_p);
+  auto a_of = [&](int64_t c) { return to_acc<Acc>(row[c]) - max_v; };
+  auto b_of = [&](int64_t c) { return to_acc<Acc>(prev[c]) - max_p; };
+  auto t_of = [&](int64_t c) { return 0.5 * (static_cast<WideSum>(a_of(c)) + static_cast<WideSum>(b_of(c))); };
+  WideSum d = -INFINITY;
+  for (int64_t c = lane; c < n; c += kWarpSize) d = fmax(d, t_of(c));
+  d = warp_max(d);
+  WideSum sum_a = 0.0, sum_b = 0.0, sum_x = 0.0;
+  for (int64_t c = lane; c < n; c += kWarpSize) {
+    sum_a += static_cast<WideSum>(acc_exp(a_of(c)));
+    sum_b += static_cast<WideSum>(acc_exp(b_of(c)));
+    sum_x += static_cast<WideSum>(acc_exp(static_cast<Acc>(t_of(c) - d)));
+  }
+  sum_a = warp_sum(sum_a);
+  sum_b = warp_sum(sum_b);
+  sum_x = warp_sum(sum_x);
+  if (lane == 0) *distance = static_cast<Acc>(0.5 * (acc_log(sum_a) + acc_log(sum_b)) - d - acc_log(sum_x));
+  if (grad != nullptr) {
+    // The reciprocals once per row by the inline intrinsic (a double division is a subroutine call, whose
+    // saved registers would spill here).
+    const WideSum inv_a = __drcp_rn(sum_a), inv_x = __drcp_rn(sum_x);
+    for (int64_t c = lane; c < n; c += kWarpSize) {
+      const WideSum difference = static_cast<WideSum>(acc_exp(a_of(c))) * inv_a -
+                                 static_cast<WideSum>(acc_exp(static_cast<Acc>(t_of(c) - d))) * inv_x;
+      grad[c] = static_cast<Acc>(static_cast<WideSum>(grad[c]) + coef * difference);
+    }
+  }
+}
+
+// kBhattacharyya: v_prev (B, C) feeds the Bhattacharyya term and nothing is normalised (Z == nullptr). A template
+// argument, not a runtime flag, so that the cosine-Gram instantiation keeps its own registers (no spills).
+template <typename T, typename Acc, bool kBhattacharyya>
 __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> P) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
@@ -163,8 +214,11 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const RowParams<T, Acc> 
       for (int64_t c = lane; c < P.C; c += kWarpSize) P.g_v[b * P.C + c] = Acc(0);
     }
 
-    // â_b into Z[b, 0:C), b̂_b into Z[b, C:C+Cp).
-    if (P.Z != nullptr) {
+    // The Bhattacharyya term: BD_b and its gradient, added to the CE's (each lane adds to the classes it wrote).
+    if constexpr (kBhattacharyya) {
+      bhattacharyya_row_warp<T, Acc>(row, P.v_prev + b * P.C, P.C, P.bd_coef,
+                                     P.g_v != nullptr ? P.g_v + b * P.C : nullptr, P.distances + b, lane);
+    } else if (P.Z != nullptr) {  // â_b into Z[b, 0:C), b̂_b into Z[b, C:C+Cp)
       const Acc norm = normalize_row_warp<T, Acc>(row, P.C, P.center, P.Z + b * P.z_ld, lane);
       if (lane == 0 && P.norms != nullptr) P.norms[b] = norm;
       if (P.v_prev != nullptr) {
@@ -438,6 +492,7 @@ struct FinalizeArgs {
   int64_t B;
   const Acc* fa_parts;  // (fa_count,) or nullptr
   int64_t fa_count;
+  bool per_row;         // fa_parts are the B rows' Bhattacharyya distances: the mean divides by B, not B²
   bool mean;
   Acc weight;
   Acc* loss;
@@ -460,7 +515,9 @@ __device__ __forceinline__ void finalize_block(const FinalizeArgs<Acc>& F) {
   fa_sum = block_sum(fa_sum, scratch);
   if (threadIdx.x == 0) {
     const Acc ce_value = F.ce_rows != nullptr ? ce_sum / static_cast<Acc>(F.B) : Acc(0);
-    const Acc fa_value = F.mean ? fa_sum / (static_cast<Acc>(F.B) * static_cast<Acc>(F.B)) : fa_sum;
+    const Acc fa_value = !F.mean    ? fa_sum
+                         : F.per_row ? fa_sum / static_cast<Acc>(F.B)
+                                     : fa_sum / (static_cast<Acc>(F.B) * static_cast<Acc>(F.B));
     *F.ce = ce_value;
     *F.alignment = fa_value;
     *F.loss = ce_value + F.weight * fa_value;
@@ -554,7 +611,8 @@ __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(Acc* __restric
 
 struct EpiloguePlan {
   bool has_target = false;
-  bool alignment = false;      // v_prev given
+  bool alignment = false;      // v_prev given, cosine-Gram term
+  bool bhattacharyya = false;  // v_prev given, Bhattacharyya term (in the row kernel: no Z, no Gram)
   bool feature_space = false;
   int64_t Ctot = 0;            // C + C'
   int64_t gram_splits = 1;     // feature: split of K = B for ZᵀZ
@@ -569,12 +627,13 @@ struct EpiloguePlan {
 };
 
 EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bool has_v_prev, int sms,
-                           const LaunchPlan& launch_plan) {
+                           const LaunchPlan& launch_plan, Alignment alignment) {
   EpiloguePlan plan;
   plan.has_target = has_target;
-  plan.alignment = has_v_prev;
+  plan.bhattacharyya = has_v_prev && alignment == Alignment::kBhattacharyya;
+  plan.alignment = has_v_prev && !plan.bhattacharyya;
   plan.row_blocks = max64(1, min64(ceil_div(B, kRowsPerBlock), 16 * static_cast<int64_t>(sms)));
-  if (!has_v_prev) return plan;
+  if (!plan.alignment) return plan;
   const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
   plan.Ctot = C + Cp;
   // Cost of the two forms: B·(C+C')² (feature) vs B²·(C+C') (batch), i.e. feature iff C + C' < B.
@@ -610,6 +669,7 @@ EpiloguePlan plan_epilogue(int64_t B, int64_t C, int64_t Cp, bool has_target, bo
 template <typename Acc>
 struct EpilogueWorkspace {
   Acc* ce_rows = nullptr;      // (B,)
+  Acc* distances = nullptr;    // (B,): the rows' Bhattacharyya distances
   Acc* Z = nullptr;            // (B, Ctot)
   Acc* norms = nullptr;        // (B,)
   Acc* gram = nullptr;         // (gram_splits, Ctot, Ctot)
@@ -624,6 +684,7 @@ EpilogueWorkspace<Acc> carve_epilogue(void* base, const EpiloguePlan& plan, int6
   WorkspaceCarver carver(base);
   EpilogueWorkspace<Acc> w;
   if (plan.has_target) w.ce_rows = carver.take<Acc>(B);
+  if (plan.bhattacharyya) w.distances = carver.take<Acc>(B);
   if (plan.alignment) {
     w.Z = carver.take<Acc>(B * plan.Ctot);
     w.norms = carver.take<Acc>(B);
@@ -650,7 +711,7 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
   RowParams<T, Acc> rows;
   rows.v = static_cast<const T*>(v);
   rows.target = target;
-  rows.v_prev = plan.alignment ? static_cast<const T*>(v_prev) : nullptr;
+  rows.v_prev = plan.alignment || plan.bhattacharyya ? static_cast<const T*>(v_prev) : nullptr;
   rows.B = B;
   rows.C = C;
   rows.Cp = Cp;
@@ -662,15 +723,22 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
   rows.norms = w.norms;
   rows.counters = w.counters;
   rows.counter_count = w.counters != nullptr ? plan.gram_tiles : 0;
-  rows_kernel<T, Acc><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  rows.bd_coef = alignment_weight * 0.5 / (mean ? static_cast<WideSum>(B) : 1.0);
+  rows.distances = w.distances;
+  if (plan.bhattacharyya) {
+    rows_kernel<T, Acc, true><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  } else {
+    rows_kernel<T, Acc, false><<<static_cast<unsigned>(plan.row_blocks), kThreads, 0, stream>>>(rows);
+  }
   SVP_CUDA_CHECK_LAUNCH();
 
   const Acc weight = static_cast<Acc>(alignment_weight);
   FinalizeArgs<Acc> finalize;
   finalize.ce_rows = rows.ce_rows;
   finalize.B = B;
-  finalize.fa_parts = w.fa_parts;
-  finalize.fa_count = plan.alignment ? plan.fa_count : 0;
+  finalize.fa_parts = plan.bhattacharyya ? w.distances : w.fa_parts;
+  finalize.fa_count = plan.alignment ? plan.fa_count : plan.bhattacharyya ? B : 0;
+  finalize.per_row = plan.bhattacharyya;
   finalize.mean = mean;
   finalize.weight = weight;
   finalize.loss = static_cast<Acc*>(loss);
@@ -738,8 +806,10 @@ cudaError_t cosine_gram_typed(const void* v, void* S, int64_t B, int64_t C, bool
   rows.norms = nullptr;
   rows.counters = nullptr;
   rows.counter_count = 0;
+  rows.bd_coef = 0.0;
+  rows.distances = nullptr;
   const int64_t row_blocks = max64(1, min64(ceil_div(B, kRowsPerBlock), 16 * static_cast<int64_t>(sms)));
-  rows_kernel<T, Acc><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(rows);
+  rows_kernel<T, Acc, false><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(rows);
   SVP_CUDA_CHECK_LAUNCH();
 
   // Stage 2: S = Z Zᵀ: A(m, k) = Z[m, k], B(k, n) = Z[n, k].
@@ -751,6 +821,12 @@ cudaError_t cosine_gram_typed(const void* v, void* S, int64_t B, int64_t C, bool
 bool valid_dtype(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat64 || dtype == DType::kBFloat16 ||
          dtype == DType::kFloat16;
+}
+
+// A known alignment; the Bhattacharyya term compares rows of v and v_prev over the same C classes.
+bool valid_alignment(Alignment alignment, bool has_v_prev, int64_t C, int64_t Cp) {
+  if (alignment == Alignment::kCosineGram) return true;
+  return alignment == Alignment::kBhattacharyya && (!has_v_prev || Cp == C);
 }
 
 size_t cosine_gram_bytes(int64_t B, int64_t C, DType dtype) {
@@ -770,15 +846,16 @@ size_t cosine_gram_bytes(int64_t B, int64_t C, DType dtype) {
 // Public launchers (svp_cuda.h).
 
 cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
-                                          size_t* bytes, const LaunchPlan& launch_plan) {
+                                          size_t* bytes, const LaunchPlan& launch_plan, Alignment alignment) {
   using namespace detail;
-  if (bytes == nullptr || !valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0)) {
+  if (bytes == nullptr || !valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0) ||
+      !valid_alignment(alignment, has_v_prev, C, Cp)) {
     return cudaErrorInvalidValue;
   }
   int sms = 1;
   SVP_CUDA_TRY(current_sm_count(&sms));
   // The target never changes the size beyond the (B,) CE rows: size for the larger case.
-  const EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan);
+  const EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan, alignment);
   *bytes = dtype == DType::kFloat64 ? carve_epilogue<double>(nullptr, plan, B, C).bytes
                                     : carve_epilogue<float>(nullptr, plan, B, C).bytes;
   return cudaSuccess;
@@ -787,10 +864,14 @@ cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool
 cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,
                           void* alignment, void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight,
                           bool mean, bool center, DType dtype, void* workspace, size_t workspace_bytes,
-                          const LaunchPlan& launch_plan, cudaStream_t stream) {
+                          const LaunchPlan& launch_plan, cudaStream_t stream, Alignment alignment_kind) {
   using namespace detail;
   const bool has_v_prev = v_prev != nullptr;
-  if (!valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0)) return cudaErrorInvalidValue;
+  if (!valid_dtype(dtype) || B < 1 || C < 0 || (has_v_prev && Cp < 0) ||
+      !valid_alignment(alignment_kind, has_v_prev, C, Cp) ||
+      (alignment_kind == Alignment::kBhattacharyya && center)) {
+    return cudaErrorInvalidValue;
+  }
   if (v == nullptr || loss == nullptr || ce == nullptr || alignment == nullptr || g_v == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -798,7 +879,7 @@ cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_pr
   SVP_CUDA_TRY(current_sm_count(&sms));
   // Plan with has_target = true so the layout matches loss_epilogue_workspace_bytes; without a target the
   // CE rows are simply not used.
-  EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan);
+  EpiloguePlan plan = plan_epilogue(B, C, has_v_prev ? Cp : 0, true, has_v_prev, sms, launch_plan, alignment_kind);
   switch (dtype) {
     case DType::kFloat32:
       return epilogue_typed<float>(plan, v, target, v_prev, loss, ce, alignment, g_v, B, C, Cp, alignment_weight,

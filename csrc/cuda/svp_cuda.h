@@ -85,8 +85,14 @@ cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t
                                float proj_std, double p, const int64_t* seed, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
+// The alignment term of the loss epilogue (docs/design.md §2).
+enum class Alignment : int { kCosineGram = 0, kBhattacharyya = 1 };
+
 // Loss epilogue on the (B, C) projection:
 //   loss = CE(v, target) + λ·FA,  FA = ‖S(v) − S(v_prev)‖²_F (/ B² when `mean`),  g_v = dloss/dv.
+// With Alignment::kBhattacharyya the term is Σ_b BD(v_b, v_prev_b) (/ B when `mean`) instead, BD the Bhattacharyya
+// distance of the rows' softmax distributions: v_prev must be (B, C) (Cp == C), center false, and v_prev may
+// hold −inf; it takes two launches (the row kernel and the scalars) and no Gram.
 //   v:      (B, C) of dtype.          target: (B,) int64 in [0, C), or nullptr (CE = 0).
 //   v_prev: (B, Cp) of dtype, or nullptr (FA = 0; Cp is then ignored).
 //   loss, ce, alignment: one Acc each (outputs).   g_v: (B, C) of Acc (output).
@@ -94,11 +100,13 @@ cudaError_t dropped_projection(const void* weight, void* out, int64_t C, int64_t
 // no B×B matrix is ever stored. B must be >= 1. A row whose target is outside [0, C) is not read at its
 // target: its CE term and its row of g_v are NaN, so loss and ce are NaN.
 cudaError_t loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, DType dtype,
-                                          size_t* bytes, const LaunchPlan& launch_plan);
+                                          size_t* bytes, const LaunchPlan& launch_plan,
+                                          Alignment alignment = Alignment::kCosineGram);
 cudaError_t loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce,
                           void* alignment, void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight,
                           bool mean, bool center, DType dtype, void* workspace, size_t workspace_bytes,
-                          const LaunchPlan& launch_plan, cudaStream_t stream);
+                          const LaunchPlan& launch_plan, cudaStream_t stream,
+                          Alignment alignment_kind = Alignment::kCosineGram);
 
 // ---------------------------------------------------------------------------------------------------------
 // Cosine Gram (inspection op): S (B, B) of Acc = â âᵀ, â = rows of v (centred when `center`) / max(‖·‖, ε).

@@ -40,9 +40,10 @@ def projection(h, weight, out_features, proj_seed, proj_std, p, seed, gemm=False
     return _forward_op(gemm)(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
-def epilogue(v, target, v_prev, alignment_weight, mean, center):
+def epilogue(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
     """(loss, ce, alignment) from v (B, C) in one pass; autograd keeps only g_v (B, C)."""
-    loss, ce, alignment, _ = torch.ops.svp_kernels.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+    loss, ce, alignment, _ = torch.ops.svp_kernels.loss_epilogue(v, target, v_prev, alignment_weight, mean, center,
+                                                                 alignment)
     return loss, ce, alignment
 
 
@@ -57,18 +58,18 @@ def projection_value(h, weight, out_features, proj_seed, proj_std, p, seed, gemm
         return _forward_op(gemm)(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
-def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
+def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
     """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C), computed in the same pass; no autograd node."""
     with torch._C._AutoDispatchBelowAutograd():
-        return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+        return _OPS.loss_epilogue(v, target, v_prev, alignment_weight, mean, center, alignment)
 
 
 def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
-                     center, identity, gemm=False):
+                     center, identity, gemm=False, alignment="cosine_gram"):
     """(loss, ce, alignment, v) under one C++ autograd node (csrc/autograd.cpp): projection_value and
     epilogue_with_grad forward, dh = grad_loss · g_v R̃ backward; loss differentiable w.r.t. h only."""
     return _C.fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
-                               alignment_weight, mean, center, identity, gemm)
+                               alignment_weight, mean, center, identity, gemm, alignment)
 
 
 def dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed, gemm=False):

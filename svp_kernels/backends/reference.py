@@ -67,16 +67,36 @@ def cross_entropy(v, target):
     return F.cross_entropy(v + poison[:, None], target.clamp(0, classes - 1))
 
 
-def epilogue(v, target, v_prev, alignment_weight, mean, center):
-    """(loss, ce, alignment): CE(v, y) + λ‖S(v) − S(v_prev)‖²_F (/ B² when mean); loss differentiable w.r.t. v."""
+def bhattacharyya_distances(v, v_prev):
+    """BD_b (B,) = −log Σ_c sqrt(softmax(v_b)_c · softmax(v_prev_b)_c), the Bhattacharyya distance between the
+    rows' softmax distributions, in log space with no clamp: −logsumexp_c(½(log_softmax(v_b)_c +
+    log_softmax(v_prev_b)_c)). v_prev may hold −inf (a class of probability 0); a row of v_prev with no finite
+    value gives NaN."""
+    return -torch.logsumexp(0.5 * (F.log_softmax(v, dim=1) + F.log_softmax(v_prev, dim=1)), dim=1)
+
+
+def epilogue(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
+    """(loss, ce, alignment): CE(v, y) + λ·A, A = ‖S(v) − S(v_prev)‖²_F (/ B² when mean) for "cosine_gram", or
+    Σ_b BD(v_b, v_prev_b) (/ B when mean) for "bhattacharyya" (bhattacharyya_distances; v_prev (B, C), no
+    center); loss differentiable w.r.t. v."""
+    if alignment not in ("cosine_gram", "bhattacharyya"):
+        raise ValueError(f"alignment must be 'cosine_gram' or 'bhattacharyya', got {alignment!r}")
     v = v.to(accumulation_dtype(v.dtype))
     zero = v.new_zeros(())
     ce = cross_entropy(v, target) if target is not None else zero
-    alignment = zero
+    term = zero
     if v_prev is not None:
-        difference = cosine_gram(v, center) - cosine_gram(v_prev.to(v.dtype).detach(), center)
-        alignment = difference.square().sum()
-        if mean:
-            alignment = alignment / (v.shape[0] ** 2)
-    loss = ce + alignment_weight * alignment
-    return loss, ce.detach(), alignment.detach()
+        v_prev = v_prev.to(v.dtype).detach()
+        if alignment == "bhattacharyya":
+            if center or v_prev.shape[1] != v.shape[1]:
+                raise ValueError("alignment='bhattacharyya' needs v_prev (B, C) like v and center=False, got "
+                                 f"v_prev {tuple(v_prev.shape)}, v {tuple(v.shape)}, center={center}")
+            distances = bhattacharyya_distances(v, v_prev)
+            term = distances.mean() if mean else distances.sum()
+        else:
+            difference = cosine_gram(v, center) - cosine_gram(v_prev, center)
+            term = difference.square().sum()
+            if mean:
+                term = term / (v.shape[0] ** 2)
+    loss = ce + alignment_weight * term
+    return loss, ce.detach(), term.detach()

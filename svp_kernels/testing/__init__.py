@@ -16,13 +16,14 @@ from .oracle import (Case, as_float64, cosine_gram_ground_truth, cpu_backends, d
 from .philox import philox_words
 from .tables import (ACC_TOL, EPILOGUE_PLANS, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_PLANS,
                      PROJECTION_SHAPES, SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS, WIDE_ROWS_NARROW_C,
-                     wide_row_inputs)
+                     bhattacharyya_inputs, wide_row_inputs)
 
 __all__ = ["ACCURACY_ATOL", "ACCURACY_RTOL", "ACC_TOL", "EPILOGUE_PLANS", "EPILOGUE_SHAPES", "FLOAT32_ROUNDING",
            "IMPLICIT_TOL", "LAUNCH_PLAN_FIELDS", "MASK_SHAPES", "OUT_TOL", "PROJECTION_PLANS", "PROJECTION_SHAPES",
            "SMALL_EPILOGUE_SHAPES", "SMALL_PROJECTION_SHAPES", "WIDE_ROWS", "WIDE_ROWS_NARROW_C", "Case",
            "as_float64", "assert_close", "assert_equal_masks",
-           "assert_no_less_accurate", "assert_no_less_accurate_to_rounding", "cosine_gram_ground_truth",
+           "assert_no_less_accurate", "assert_no_less_accurate_to_rounding", "bhattacharyya_inputs",
+           "cosine_gram_ground_truth",
            "cpu_backends", "device_backends", "epilogue_ground_truth", "ground_truth", "launch_plan", "make_inputs",
            "parse_launch_plan", "philox_words", "plain_epilogue", "projection_ground_truth", "run", "scaled_error",
            "seed_tensor", "wide_row_inputs"]

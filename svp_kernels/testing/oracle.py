@@ -24,7 +24,8 @@ from ..projection import ImplicitProjection
 
 @dataclass(frozen=True)
 class Case:
-    """One local-loss problem: h (B, D), target (B,) in [0, C), v_prev (B, C') or None."""
+    """One local-loss problem: h (B, D), target (B,) in [0, C), v_prev (B, C') or None; alignment: the term
+    ("cosine_gram" or "bhattacharyya", which needs C' = C)."""
 
     B: int
     D: int
@@ -35,10 +36,11 @@ class Case:
     reduction: str = "mean"
     center: bool = False
     alignment_weight: float = 0.7
+    alignment: str = "cosine_gram"
 
     def __str__(self):
         return (f"B{self.B}-D{self.D}-C{self.C}-Cp{self.C_prev}-{self.projection}-p{self.p}-{self.reduction}"
-                f"{'-center' if self.center else ''}")
+                f"{'-center' if self.center else ''}{'-' + self.alignment if self.alignment != 'cosine_gram' else ''}")
 
 
 def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0):
@@ -69,7 +71,8 @@ def run(case: Case, h, target, v_prev, projection, backend: str, seed: int = 42,
     h = h.detach().requires_grad_(True)
     out = fused_local_loss(h, target, v_prev, projection=projection, p=case.p, seed=seed,
                            alignment_weight=case.alignment_weight, reduction=case.reduction,
-                           center=case.center, backend=backend, projection_path=projection_path)
+                           center=case.center, backend=backend, projection_path=projection_path,
+                           alignment=case.alignment)
     out.loss.backward()
     return out.loss.detach(), out.ce, out.alignment, out.v, h.grad
 
@@ -92,20 +95,23 @@ def projection_ground_truth(h, weight, grad_v, out_features: int, proj_seed: int
     return _cpu_float64(h) @ dropped.t(), _cpu_float64(grad_v) @ dropped
 
 
-def plain_epilogue(v, target, v_prev, alignment_weight: float, mean: bool, center: bool):
+def plain_epilogue(v, target, v_prev, alignment_weight: float, mean: bool, center: bool,
+                   alignment: str = "cosine_gram"):
     """(loss, ce, alignment, g_v) of the reference epilogue on CPU in v's dtype (plain PyTorch: F.normalize,
-    the B×B Grams, F.cross_entropy), g_v = dloss/dv by autograd."""
+    the B×B Grams, F.cross_entropy; or F.log_softmax and logsumexp for the Bhattacharyya term), g_v = dloss/dv by
+    autograd."""
     v = v.detach().cpu().requires_grad_(True)
     target = None if target is None else target.cpu()
     v_prev = None if v_prev is None else v_prev.detach().cpu()
-    loss, ce, alignment = reference.epilogue(v, target, v_prev, alignment_weight, mean, center)
+    loss, ce, term = reference.epilogue(v, target, v_prev, alignment_weight, mean, center, alignment)
     (g_v,) = torch.autograd.grad(loss, v) if loss.requires_grad else (torch.zeros_like(v),)
-    return loss.detach(), ce, alignment, g_v
+    return loss.detach(), ce, term, g_v
 
 
-def epilogue_ground_truth(v, target, v_prev, alignment_weight: float, mean: bool, center: bool):
+def epilogue_ground_truth(v, target, v_prev, alignment_weight: float, mean: bool, center: bool,
+                          alignment: str = "cosine_gram"):
     """(loss, ce, alignment, g_v) in float64 on CPU: the reference epilogue, g_v = dloss/dv by autograd."""
-    return plain_epilogue(_cpu_float64(v), target, _cpu_float64(v_prev), alignment_weight, mean, center)
+    return plain_epilogue(_cpu_float64(v), target, _cpu_float64(v_prev), alignment_weight, mean, center, alignment)
 
 
 def cosine_gram_ground_truth(v, center: bool):

@@ -23,6 +23,24 @@ def wide_row_inputs(B: int, C: int, C_prev: int, device="cpu"):
     return v, target, v_prev
 
 
+def bhattacharyya_inputs(B: int, C: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """(v, target, v_prev) for the Bhattacharyya term, v_prev (B, C) like v, in `dtype`: logits N(0, 3²), and in
+    v_prev a confident row (1: logits × 40, most of its softmax underflows), the log of a one-hot distribution
+    (2: 0 at the target, −inf elsewhere) and a copy of v's row (3: BD = 0, the term's cancellation), where B allows."""
+    generator = torch.Generator().manual_seed(seed + 100 * B + C)
+    v = 3 * torch.randn(B, C, generator=generator, dtype=torch.float64)
+    v_prev = 3 * torch.randn(B, C, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, C, (B,), generator=generator)
+    if B > 1:
+        v_prev[1] *= 40
+    if B > 2:
+        v_prev[2] = float("-inf")
+        v_prev[2, target[2]] = 0.0
+    if B > 3:
+        v_prev[3] = v[3]
+    return v.to(dtype).to(device), target.to(device), v_prev.to(dtype).to(device)
+
+
 # Kernel-level tables of the CUDA tests, the CUDA emulator and the sanitizer script (tools/).
 MASK_SHAPES = [  # (C, D, p, seed): C spans the three forward tiles (16/32/64), D one and several panels
     (3, 5, 0.5, 7), (13, 17, 0.1, 2**40 + 3), (20, 64, 0.3, 1), (40, 300, 0.7, 2**63 - 1),

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from ..validation import ALIGNMENTS
 from . import distributed
 from .checkpoint import CheckpointError
 from .data import DATASETS, load_dataset
@@ -23,7 +24,7 @@ from .models import NORMS
 from .extras import MissingExtraError
 from .outputs import MIB, plot_memory_depth, pyplot, write_outputs
 from .run import LR_SCHEDULES, MODELS, TrainConfig, memory_depth_rows, recipe_config, run_training, validate_config
-from .trainer import METHODS, OPTIMIZERS
+from .trainer import FIRST_ALIGNMENTS, METHODS, OPTIMIZERS
 
 
 def _default_device() -> str:
@@ -79,6 +80,11 @@ def train_parser() -> argparse.ArgumentParser:
     add("--augment-flip", choices=("on", "off"), help="random horizontal flips of training images")
     add("--p", float, help="dropout probability on R's elements (svp)")
     add("--alignment-weight", float, help="λ of the alignment term (svp)")
+    add("--alignment", choices=ALIGNMENTS, help="the local losses' alignment term (svp): cosine_gram, the batch "
+        "cosine-Gram matching (default), or bhattacharyya, the Bhattacharyya distance between each sample's softmax "
+        "and the previous block's (needs --proj-dim = number of classes, the default)")
+    add("--first-alignment", choices=FIRST_ALIGNMENTS, help="what the first block aligns to (svp): input, a fixed "
+        "random projection of the input (default), or onehot, the one-hot target")
     add("--proj-dim", int, help="rows of each R (svp; default: number of classes)")
     add("--implicit-projection", action="store_const", const=True,
         help="regenerate R from a seed instead of storing it (svp)")

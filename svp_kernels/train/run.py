@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from .. import __version__
+from ..validation import ALIGNMENTS
 from .checkpoint import (FORMAT_VERSION, CheckpointError, check_state_shapes, loading, read_checkpoint,
                          save_checkpoint)
 from .data import Dataset, batch_indices, load_dataset
@@ -20,7 +21,7 @@ from .evaluations import EvaluationLog, check_eval_every
 from .extras import iterate, progress_bar
 from .memory import measure_step_memory
 from .models import BlockwiseModel, mlp, vgg11, vit
-from .trainer import BlockSeedTable, LayerwiseTrainer
+from .trainer import FIRST_ALIGNMENTS, BlockSeedTable, LayerwiseTrainer
 
 MODELS = ("mlp", "cnn", "vit")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -46,6 +47,8 @@ class TrainConfig:
     augment_flip: bool = False  # random horizontal flips
     p: float = 0.1
     alignment_weight: float = 1.0
+    alignment: str = "cosine_gram"  # the local losses' alignment term: cosine_gram | bhattacharyya
+    first_alignment: str = "input"  # block 0's v_prev: input (a random projection of x) | onehot (the target)
     proj_dim: int | None = None
     implicit_projection: bool = False
     backend: str = "auto"
@@ -120,6 +123,8 @@ def validate_config(config: TrainConfig, num_train: int | None = None) -> None:
     need(0 <= config.p < 1, "p", "in [0, 1)")
     need(math.isfinite(config.alignment_weight) and config.alignment_weight >= 0, "alignment_weight", "≥ 0")
     need(config.proj_dim is None or config.proj_dim >= 1, "proj_dim", "≥ 1")
+    need(config.alignment in ALIGNMENTS, "alignment", f"one of {ALIGNMENTS}")
+    need(config.first_alignment in FIRST_ALIGNMENTS, "first_alignment", f"one of {FIRST_ALIGNMENTS}")
     need(0 <= config.seed < 2**63, "seed", "in [0, 2**63)")
     need(config.width >= 1, "width", "≥ 1")
     need(config.depth >= 1, "depth", "≥ 1")
@@ -203,7 +208,8 @@ def build_trainer(config: TrainConfig, input_shape: tuple[int, ...], num_classes
                             weight_decay=config.weight_decay, p=config.p, alignment_weight=config.alignment_weight,
                             proj_dim=config.proj_dim, implicit_projection=config.implicit_projection,
                             backend=config.backend, device=config.device, seed=config.seed, lr_at=lr_at,
-                            cuda_graph=config.cuda_graph)
+                            cuda_graph=config.cuda_graph, alignment=config.alignment,
+                            first_alignment=config.first_alignment)
 
 
 # Fields a resumed run may change: where the data lives does not change the computation.

@@ -6,7 +6,9 @@ For each batch, block by block (docs/design.md §1):
     L_l = CE(v_l, y) + λ‖S(v_l) − S(v_{l-1})‖²,   v_l = Dropout(R_l) readout_l(h_l)   (fused_local_loss)
     L_l.backward(); step block l's optimizer; drop the graph — then block l + 1 runs.
 
-v_0 is a fixed random projection of the input; the last block uses the identity projection (v = logits).
+(alignment="bhattacharyya": λ·mean_b BD(v_l,b, v_{l-1},b) in place of the cosine-Gram term, docs/design.md §2.)
+v_0 is a fixed random projection of the input, or (first_alignment="onehot") the one-hot target; the last block
+uses the identity projection (v = logits).
 Only one block's activations and gradients are ever alive. Block l's dropout seed at step t is
 block_step_seed(seed, l, t), so its masks do not depend on which process runs it. method="bp" trains the
 same model end to end with the same optimizer and learning-rate schedule.
@@ -29,13 +31,14 @@ from torch import nn
 from .. import backends, gradient_interface
 from ..api import fused_local_loss
 from ..nn import LocalLoss, RandomProjection
-from ..validation import ProjectionArgs, check_projection, check_target_range
+from ..validation import ALIGNMENTS, ProjectionArgs, check_choice, check_projection, check_target_range
 from .aligned import aligned
 from .graphs import StepGraphs, StepScalars, check_graph_device
 from .models import BlockwiseModel
 from .seeds import block_step_seed, block_step_seeds, check_seed_arguments
 
 METHODS = ("svp", "bp")
+FIRST_ALIGNMENTS = ("input", "onehot")  # what block 0 aligns to: v_0 = a random projection of x, or onehot(y)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -154,6 +157,11 @@ class LayerwiseTrainer:
     implicit_projection: R regenerated from a seed by the kernels instead of stored. seed: the run seed of
     the per-block dropout streams. lr_at: step -> learning rate (default: the constant lr), applied before
     every optimizer step; a pure function of the step, so a resumed run follows the same schedule.
+    alignment: the local losses' alignment term, "cosine_gram" or "bhattacharyya" (then proj_dim must be
+    num_classes: every block's v is compared with the previous one's over the same classes).
+    first_alignment: block 0's v_prev: "input" (a fixed random projection of the input, v_0 = x Rᵀ) or "onehot"
+    (the target: onehot(y) for cosine_gram; for bhattacharyya its log, 0 at y and −inf elsewhere, so that block
+    0's term is BD(v, onehot(y)) = ½ CE, as in the Bhattacharyya formulation's code).
     cuda_graph (CUDA only; svp and bp): the whole step (every block's forward, loss, backward and optimizer
     step) is captured as a CUDA graph per static batch shape after graph_warmup_steps eager steps of that
     shape, and replayed (svp_kernels/train/graphs.py). The optimizers are then capturable with the learning
@@ -165,9 +173,12 @@ class LayerwiseTrainer:
                  weight_decay: float = 0.0, p: float = 0.0, alignment_weight: float = 1.0,
                  proj_dim: int | None = None, implicit_projection: bool = False, backend: str = "auto",
                  device: str | torch.device = "cpu", seed: int = 0, lr_at: Callable[[int], float] | None = None,
-                 cuda_graph: bool = False, graph_warmup_steps: int = 2):
+                 cuda_graph: bool = False, graph_warmup_steps: int = 2, alignment: str = "cosine_gram",
+                 first_alignment: str = "input"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.alignment = check_choice(alignment, "alignment", ALIGNMENTS)
+        self.first_alignment = check_choice(first_alignment, "first_alignment", FIRST_ALIGNMENTS)
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         num_classes = model.num_classes
@@ -175,6 +186,11 @@ class LayerwiseTrainer:
         if proj_dim < num_classes:
             raise ValueError(f"proj_dim must be ≥ num_classes = {num_classes} (v holds the local logits), "
                              f"got {proj_dim}")
+        if alignment == "bhattacharyya" and proj_dim != num_classes:
+            raise ValueError(f"proj_dim must equal num_classes = {num_classes} with alignment='bhattacharyya' (each "
+                             f"block's softmax is compared with the previous block's over the same classes), got "
+                             f"{proj_dim}")
+        self.proj_dim = proj_dim
         self.method, self.device, self.seed = method, torch.device(device), seed
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph:
@@ -197,11 +213,11 @@ class LayerwiseTrainer:
         # never used: their bases come from a reserved step (no global RNG draw, which would shift the
         # projection seeds drawn after it).
         hidden_losses = [LocalLoss(features, proj_dim, p=p, alignment_weight=alignment_weight,
-                                   implicit=implicit_projection, backend=backend,
+                                   implicit=implicit_projection, backend=backend, alignment=alignment,
                                    dropout_seed=block_step_seed(seed, index, 2**32 - 1))
                          for index, features in enumerate(readout_features(model, self.device))]
         output_loss = LocalLoss(num_classes, num_classes, identity=True, alignment_weight=alignment_weight,
-                                backend=backend)
+                                backend=backend, alignment=alignment)
         self.local_losses = nn.ModuleList(hidden_losses + [output_loss]).to(self.device)
         self.input_projection = RandomProjection(math.prod(model.input_shape), proj_dim,
                                                  implicit=implicit_projection, backend=backend,
@@ -245,13 +261,22 @@ class LayerwiseTrainer:
         return self._backprop_step(inputs, targets) if self.method == "bp" else self._svp_step(inputs, targets)
 
     @torch.no_grad()
-    def input_alignment(self, inputs: torch.Tensor) -> torch.Tensor:
-        """v_0 (B, proj_dim) = inputs.flatten(1) Rᵀ: the alignment target of block 0 (no dropout), detached."""
-        return self.input_projection(aligned(inputs.to(self.device)).flatten(1))
+    def input_alignment(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """v_0 (B, proj_dim), the alignment target of block 0, detached: inputs.flatten(1) Rᵀ (no dropout), or
+        with first_alignment="onehot" the targets (B,) one-hot (alignment "cosine_gram") or its log (0 at the
+        target, −inf elsewhere: "bhattacharyya"), built by tensor ops only (no host synchronisation)."""
+        if self.first_alignment == "input":
+            return self.input_projection(aligned(inputs.to(self.device)).flatten(1))
+        if targets is None:
+            raise ValueError("first_alignment='onehot' aligns block 0 to the targets: pass targets")
+        targets = targets.to(self.device)
+        off, on = (float("-inf"), 0.0) if self.alignment == "bhattacharyya" else (0.0, 1.0)
+        v = torch.full((targets.shape[0], self.proj_dim), off, device=self.device)
+        return v.scatter_(1, targets.reshape(-1, 1).to(torch.int64), on)
 
     def _svp_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepLosses:
         _check_targets(targets, self.model.num_classes)  # once for every block's lean path
-        h, v = inputs, self.input_alignment(inputs)
+        h, v = inputs, self.input_alignment(inputs, targets)
         block_losses = []
         for index in range(self.num_blocks):
             h, v, loss, ce = self._train_block(index, h, v, targets, self._scalars.seeds[index])
@@ -337,7 +362,7 @@ class LayerwiseTrainer:
                 v = flat if projection is None else projection(flat, seed=seed)
                 out = fused_local_loss(share.gather(v), targets, v_prev, alignment_weight=local_loss.alignment_weight,
                                        reduction=local_loss.reduction, center=local_loss.center,
-                                       backend=local_loss.backend)
+                                       backend=local_loss.backend, alignment=local_loss.alignment)
             self._loss_calls[index] = self._validated_call(local_loss, flat)
             return out.loss, out.ce, out.v, None
         h = flat.detach().contiguous()
@@ -346,12 +371,12 @@ class LayerwiseTrainer:
         if share is None:
             loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
                 call.module, h, call.projection, p, seed, targets, v_prev, local_loss.alignment_weight, mean,
-                local_loss.center)
+                local_loss.center, local_loss.alignment)
         else:
             rows = share.gather(gradient_interface.projection_value(call.module, h, call.projection, p, seed))
             loss, ce, _, v, grad_v = gradient_interface.local_loss_with_grad(
                 call.module, rows, _IDENTITY, 0.0, seed, targets, v_prev, local_loss.alignment_weight, mean,
-                local_loss.center)
+                local_loss.center, local_loss.alignment)
             grad_v = aligned(grad_v[share.rows])  # this process's rows, off the start of grad_v
         grad_h = gradient_interface.input_grad(call.module, grad_v, call.projection, h.shape[1], p, seed,
                                                torch.float32)

@@ -85,16 +85,17 @@ int emu_projection_backward(const void* grad_v, const void* weight, void* dh, in
                                        static_cast<svp_cuda::DType>(dtype), *plan, nullptr, grad_scale);
 }
 int emu_loss_epilogue_workspace_bytes(int64_t B, int64_t C, int64_t Cp, bool has_v_prev, int dtype, size_t* bytes,
-                                      const svp_cuda::LaunchPlan* plan) {
+                                      const svp_cuda::LaunchPlan* plan, int alignment) {
   return svp_cuda::loss_epilogue_workspace_bytes(B, C, Cp, has_v_prev, static_cast<svp_cuda::DType>(dtype), bytes,
-                                                 *plan);
+                                                 *plan, static_cast<svp_cuda::Alignment>(alignment));
 }
 int emu_loss_epilogue(const void* v, const int64_t* target, const void* v_prev, void* loss, void* ce, void* alignment,
                       void* g_v, int64_t B, int64_t C, int64_t Cp, double alignment_weight, bool mean, bool center,
-                      int dtype, void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan) {
+                      int dtype, void* workspace, size_t workspace_bytes, const svp_cuda::LaunchPlan* plan,
+                      int alignment_kind) {
   return svp_cuda::loss_epilogue(v, target, v_prev, loss, ce, alignment, g_v, B, C, Cp, alignment_weight, mean,
                                  center, static_cast<svp_cuda::DType>(dtype), workspace, workspace_bytes, *plan,
-                                 nullptr);
+                                 nullptr, static_cast<svp_cuda::Alignment>(alignment_kind));
 }
 int emu_cosine_gram_workspace_bytes(int64_t B, int64_t C, int dtype, size_t* bytes) {
   return svp_cuda::cosine_gram_workspace_bytes(B, C, static_cast<svp_cuda::DType>(dtype), bytes);

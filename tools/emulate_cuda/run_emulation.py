@@ -49,8 +49,10 @@ from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL,
                    SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS_NARROW_C, cosine_gram_ground_truth,
                    epilogue_ground_truth, plain_epilogue, projection_ground_truth, wide_row_inputs)
 from helpers import assert_no_less_accurate_to_rounding  # noqa: E402
+from svp_kernels.testing import assert_no_less_accurate, bhattacharyya_inputs  # noqa: E402
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+ALIGNMENT_CODES = {"cosine_gram": 0, "bhattacharyya": 1}  # svp_cuda::Alignment
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,9 +152,9 @@ class Emulated:
         lib.emu_projection_backward.argtypes = [vp, vp, vp, i64, i64, i64, u64, ctypes.c_float, ctypes.c_double, vp,
                                                 ctypes.c_int, plan, vp]
         lib.emu_loss_epilogue_workspace_bytes.argtypes = [i64, i64, i64, ctypes.c_bool, ctypes.c_int,
-                                                          ctypes.POINTER(sz), plan]
+                                                          ctypes.POINTER(sz), plan, ctypes.c_int]
         lib.emu_loss_epilogue.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, ctypes.c_bool,
-                                          ctypes.c_bool, ctypes.c_int, vp, sz, plan]
+                                          ctypes.c_bool, ctypes.c_int, vp, sz, plan, ctypes.c_int]
         lib.emu_cosine_gram_workspace_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.POINTER(sz)]
         lib.emu_cosine_gram.argtypes = [vp, vp, i64, i64, ctypes.c_bool, ctypes.c_int, vp, sz]
         self.lib = lib
@@ -189,10 +191,11 @@ class Emulated:
                                                                     ctypes.byref(self.plan)), "ws")
         return size.value
 
-    def loss_epilogue_workspace_bytes(self, B, C, Cp, has_v_prev, dtype):
+    def loss_epilogue_workspace_bytes(self, B, C, Cp, has_v_prev, dtype, alignment="cosine_gram"):
         size = ctypes.c_size_t()
         self._check(self.lib.emu_loss_epilogue_workspace_bytes(B, C, Cp, has_v_prev, DTYPE_CODES[dtype],
-                                                               ctypes.byref(size), ctypes.byref(self.plan)), "ws")
+                                                               ctypes.byref(size), ctypes.byref(self.plan),
+                                                               ALIGNMENT_CODES[alignment]), "ws")
         return size.value
 
     @staticmethod
@@ -243,20 +246,20 @@ class Emulated:
                     "projection_backward")
         return dh
 
-    def loss_epilogue(self, v, target, v_prev, weight, mean, center):
+    def loss_epilogue(self, v, target, v_prev, weight, mean, center, alignment="cosine_gram"):
         B, C = v.shape
         Cp = 0 if v_prev is None else v_prev.shape[1]
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-        size = self.loss_epilogue_workspace_bytes(B, C, Cp, v_prev is not None, v.dtype)
+        size = self.loss_epilogue_workspace_bytes(B, C, Cp, v_prev is not None, v.dtype, alignment)
         workspace = self._nan_bytes(size)
-        loss, ce, alignment = (torch.full((), float("nan"), dtype=acc) for _ in range(3))
+        loss, ce, term = (torch.full((), float("nan"), dtype=acc) for _ in range(3))
         g_v = torch.full((B, C), float("nan"), dtype=acc)
         self._check(self.lib.emu_loss_epilogue(self._ptr(v), self._ptr(target), self._ptr(v_prev), self._ptr(loss),
-                                               self._ptr(ce), self._ptr(alignment), self._ptr(g_v), B, C, Cp, weight,
+                                               self._ptr(ce), self._ptr(term), self._ptr(g_v), B, C, Cp, weight,
                                                mean, center, DTYPE_CODES[v.dtype], self._ptr(workspace), size,
-                                               ctypes.byref(self.plan)),
+                                               ctypes.byref(self.plan), ALIGNMENT_CODES[alignment]),
                     "loss_epilogue")
-        return loss, ce, alignment, g_v
+        return loss, ce, term, g_v
 
     def cosine_gram(self, v, center):
         B, C = v.shape
@@ -410,6 +413,39 @@ def check_epilogue(emu, dtypes, shapes):
             raise AssertionError(f"target {bad}: rows with valid targets are not finite")
 
 
+def check_bhattacharyya(emu, dtypes, shapes):
+    """The Bhattacharyya term (alignment kBhattacharyya) against the float64 oracle on every epilogue shape with
+    C' = C, with and without a target, mean and sum, v_prev holding a confident row, the log of a one-hot row (−inf)
+    and a copy of v's row (bhattacharyya_inputs); float32 element by element no less accurate than plain float32
+    torch; two launches (the row kernel and the scalars); a Bhattacharyya call with center or C' ≠ C refused."""
+    for B, C, _ in shapes:
+        for dtype in dtypes:
+            v, target, v_prev = bhattacharyya_inputs(B, C, dtype)
+            for with_target in (True, False):
+                for mean in (True, False):
+                    t = target if with_target else None
+                    name = f"B={B} C={C} {dtype} target={with_target} mean={mean}"
+                    emu.take_launches_run()
+                    actual = emu.loss_epilogue(v, t, v_prev, 0.7, mean, False, "bhattacharyya")
+                    launches = emu.take_launches_run()
+                    if launches != 2:
+                        raise AssertionError(f"bhattacharyya {name}: {launches} launches, expected 2")
+                    expected = epilogue_ground_truth(v, t, v_prev, 0.7, mean, False, "bhattacharyya")
+                    for label, a, e in zip(("loss", "ce", "alignment", "g_v"), actual, expected):
+                        expect_close(a, e, ACC_TOL[dtype], f"bhattacharyya {label} {name}")
+                    if dtype == torch.float32:
+                        plain = plain_epilogue(v, t, v_prev, 0.7, mean, False, "bhattacharyya")
+                        for label, a, r, e in zip(("loss", "ce", "alignment", "g_v"), actual, plain, expected):
+                            assert_no_less_accurate(a, r, e, f"bhattacharyya {label} {name}")
+    v, target, v_prev = bhattacharyya_inputs(5, 4, torch.float32)
+    for bad_prev, center in ((v_prev[:, :3].contiguous(), False), (v_prev, True)):
+        try:
+            emu.loss_epilogue(v, target, bad_prev, 0.7, True, center, "bhattacharyya")
+        except RuntimeError:
+            continue
+        raise AssertionError(f"loss_epilogue accepted bhattacharyya with C' = {bad_prev.shape[1]}, center={center}")
+
+
 def check_wide_rows(emu):
     """float32, wide rows: loss, alignment and g_v element by element no less accurate than plain float32 torch
     (to two float32 ulps), both against float64; the cosine Gram likewise."""
@@ -484,8 +520,8 @@ def record_outputs(emu) -> list:
     for name in ("projection_forward", "projection_backward", "loss_epilogue", "cosine_gram", "dropped_projection"):
         method = getattr(emu, name)
 
-        def recording(*args, _method=method, _name=name):
-            result = _method(*args)
+        def recording(*args, _method=method, _name=name, **kwargs):
+            result = _method(*args, **kwargs)
             outputs.append((_name, [t.clone() for t in (result if isinstance(result, tuple) else (result,))]))
             return result
 
@@ -566,6 +602,8 @@ def main() -> int:
                                lambda d=plan_dtypes: check_projection(emu, d, projection_shapes)))
                 groups.append((f"epilogue {label}", plan, env,
                                lambda d=plan_dtypes: check_epilogue(emu, d, epilogue_shapes)))
+                groups.append((f"bhattacharyya {label}", plan, env,
+                               lambda d=plan_dtypes: check_bhattacharyya(emu, d, epilogue_shapes)))
                 # Wide rows (C + C' > B) take the batch-space path; the max-split plan forces the feature-space
                 # identity onto them, whose float32 Grams cancel there (docs/migration.md), so it is left out.
                 if reverse == "0" and sms == "4" and plan_name != "max-split":

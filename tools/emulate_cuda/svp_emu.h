@@ -198,6 +198,7 @@ inline unsigned atomicExch(unsigned* address, unsigned value) {
   return old;
 }
 inline void __threadfence() {}
+inline double __drcp_rn(double x) { return 1.0 / x; }  // the correctly rounded reciprocal
 template <typename T>
 T __ldcg(const T* pointer) {
   return *pointer;

@@ -114,11 +114,11 @@ def projection(h, weight, out_features, proj_seed, proj_std, p, seed):
     return torch.ops.svp_kernels.triton_projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
-def epilogue(v, target, v_prev, alignment_weight, mean, center):
+def epilogue(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
     """(loss, ce, alignment) from v (B, C); autograd keeps only g_v (B, C)."""
     load_ops()
     loss, ce, alignment, _ = torch.ops.svp_kernels.triton_loss_epilogue(v, target, v_prev, alignment_weight,
-                                                                         mean, center)
+                                                                         mean, center, alignment)
     return loss, ce, alignment
 
 
@@ -129,11 +129,11 @@ def projection_value(h, weight, out_features, proj_seed, proj_std, p, seed):
         return ops.projection_forward(h, weight, out_features, proj_seed, proj_std, p, seed)
 
 
-def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center):
+def epilogue_with_grad(v, target, v_prev, alignment_weight, mean, center, alignment="cosine_gram"):
     """(loss, ce, alignment, g_v) with g_v = dloss/dv (B, C) from the same pass; no autograd node."""
     ops = load_ops()
     with ops.direct_launches():
-        return ops.loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+        return ops.loss_epilogue(v, target, v_prev, alignment_weight, mean, center, alignment=alignment)
 
 
 def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, seed, dtype):
@@ -144,11 +144,11 @@ def projection_backward(grad_v, weight, in_features, proj_seed, proj_std, p, see
 
 
 def fused_local_loss(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight,
-                     mean, center, identity):
+                     mean, center, identity, alignment="cosine_gram"):
     """(loss, ce, alignment, v) of fused_local_loss under one autograd node (nodes.py; v = h when `identity`)."""
     load_ops()
     return _NODES.FusedLocalLoss.apply(h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev,
-                                       alignment_weight, mean, center, identity)
+                                       alignment_weight, mean, center, identity, alignment)
 
 
 def dropout_projection(h, weight, out_features, proj_seed, proj_std, p, seed):

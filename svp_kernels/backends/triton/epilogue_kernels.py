@@ -1,7 +1,14 @@
 """Triton kernels of the fused loss epilogue and the inspection Gram (docs/design.md §2; the launchers are in
 ``ops.py``, the randomness, the projection and the shared helpers in ``kernels.py``).
 
-Loss epilogue: v (B, C), target, v_prev (B, C') ──► loss, ce, alignment, g_v in three launches:
+Loss epilogue, alignment "bhattacharyya": v (B, C), target, v_prev (B, C) ──► loss, ce, alignment, g_v in two
+launches: ``rows_kernel`` adds, per row, BD_b = ½(log Σ e^a + log Σ e^b) − d − log Σ e^(t − d) (a = v − max v,
+b = v_prev − max v_prev, t = ½(a + b), d = max t: −logsumexp of ½(log_softmax(v) + log_softmax(v_prev)), exact)
+and its gradient coef·(softmax(v) − r), r = softmax(t), to the CE terms (``bhattacharyya_statistics``,
+``bhattacharyya_gradient``); ``gradient_kernel``'s last program sums the rows' distances (one program only).
+
+Loss epilogue, alignment "cosine_gram": v (B, C), target, v_prev (B, C') ──► loss, ce, alignment, g_v in three
+launches:
     1. ``rows_kernel`` (grid: B tiles) — per row: v from the split partial sums (SPLIT); online logsumexp,
        CE, the CE gradient (softmax − onehot)/B into g_v; the row mean (center), the norm and
        â = v/max(‖v‖, ε); the same normalisation of v_prev's row into b̂.
@@ -63,19 +70,85 @@ def normalize_rows(x_rows, out_rows, row_ok, C, CENTER: tl.constexpr, PRECISE_MA
     return norm
 
 
-@triton.jit(do_not_specialize=["inv_batch_bits", "splits"])
+@triton.jit
+def shifted_tile(rows_ptr, cols, row_ok, C, shift, acc_dtype: tl.constexpr):
+    """x − shift (acc_dtype) for the columns `cols` of a tile of rows given by their (BLOCK_B, 1) pointers; −inf
+    outside the rows (shift is finite there: no −inf − (−inf))."""
+    valid = row_ok[:, None] & (cols[None, :] < C)
+    x = tl.load(rows_ptr + cols[None, :], mask=valid, other=float("-inf")).to(acc_dtype)
+    return x - shift[:, None]
+
+
+@triton.jit
+def bhattacharyya_statistics(x_rows, prev_rows, row_ok, C, acc_dtype: tl.constexpr, PRECISE_MATH: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The Bhattacharyya distance of each row of a tile of v and v_prev (B, C), given by their (BLOCK_B, 1) row
+    pointers: with a = v − max v and b = v_prev − max v_prev (acc_dtype), t = ½(a + b) and d = max t (float64),
+        BD = ½(log Σ e^a + log Σ e^b) − d − log Σ e^(t − d)  = −logsumexp(½(log_softmax(v) + log_softmax(v_prev))),
+    the exponentials in acc_dtype, t, d, the sums and the logs in float64 (WIDE_SUM). v_prev may hold −inf.
+    Returns (max v, max v_prev, d, Σ e^a, Σ e^(t − d), BD), the maxima and d taken as 0 outside the batch."""
+    max_v = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
+    max_p = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        valid = row_ok[:, None] & (cols[None, :] < C)
+        max_v = tl.maximum(max_v, tl.max(tl.load(x_rows + cols[None, :], mask=valid, other=float("-inf"))
+                                          .to(acc_dtype), axis=1))
+        max_p = tl.maximum(max_p, tl.max(tl.load(prev_rows + cols[None, :], mask=valid, other=float("-inf"))
+                                          .to(acc_dtype), axis=1))
+    max_v = tl.where(row_ok, max_v, 0.0).to(acc_dtype)
+    max_p = tl.where(row_ok, max_p, 0.0).to(acc_dtype)
+    d = tl.full((BLOCK_B,), float("-inf"), WIDE_SUM)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        t = 0.5 * (shifted_tile(x_rows, cols, row_ok, C, max_v, acc_dtype).to(WIDE_SUM)
+                   + shifted_tile(prev_rows, cols, row_ok, C, max_p, acc_dtype).to(WIDE_SUM))
+        d = tl.maximum(d, tl.max(t, axis=1))
+    d = tl.where(row_ok, d, 0.0)
+    sum_a = tl.zeros((BLOCK_B,), WIDE_SUM)
+    sum_b = tl.zeros((BLOCK_B,), WIDE_SUM)
+    sum_x = tl.zeros((BLOCK_B,), WIDE_SUM)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        a = shifted_tile(x_rows, cols, row_ok, C, max_v, acc_dtype)
+        b = shifted_tile(prev_rows, cols, row_ok, C, max_p, acc_dtype)
+        t = 0.5 * (a.to(WIDE_SUM) + b.to(WIDE_SUM))
+        sum_a += tl.sum(_exp(a, PRECISE_MATH).to(WIDE_SUM), axis=1)
+        sum_b += tl.sum(_exp(b, PRECISE_MATH).to(WIDE_SUM), axis=1)
+        sum_x += tl.sum(_exp((t - d[:, None]).to(acc_dtype), PRECISE_MATH).to(WIDE_SUM), axis=1)
+    distance = 0.5 * (_log(sum_a, PRECISE_MATH) + _log(sum_b, PRECISE_MATH)) - d - _log(sum_x, PRECISE_MATH)
+    return max_v, max_p, d, sum_a, sum_x, distance
+
+
+@triton.jit
+def bhattacharyya_gradient(x_rows, prev_rows, cols, row_ok, C, max_v, max_p, d, sum_a, sum_x, coef,
+                           acc_dtype: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """coef · (softmax(v) − r) (float64) for the columns `cols` of the tile of bhattacharyya_statistics, r =
+    e^(t − d) / Σ e^(t − d) = softmax(½(log_softmax(v) + log_softmax(v_prev))): ∂BD/∂v = ½(softmax(v) − r)."""
+    a = shifted_tile(x_rows, cols, row_ok, C, max_v, acc_dtype)
+    b = shifted_tile(prev_rows, cols, row_ok, C, max_p, acc_dtype)
+    t = 0.5 * (a.to(WIDE_SUM) + b.to(WIDE_SUM))
+    softmax = _exp(a, PRECISE_MATH).to(WIDE_SUM) / sum_a[:, None]
+    r = _exp((t - d[:, None]).to(acc_dtype), PRECISE_MATH).to(WIDE_SUM) / sum_x[:, None]
+    return coef * (softmax - r)
+
+
+@triton.jit(do_not_specialize=["inv_batch_bits", "splits", "coef_bits"])
 def rows_kernel(x_ptr, v_ptr, prev_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, norm_ptr, xhat_prev_ptr,
-                B, C, CP, splits, stride_xb, stride_pb, inv_batch_bits,
+                distance_ptr, B, C, CP, splits, stride_xb, stride_pb, inv_batch_bits, coef_bits,
                 SPLIT: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_GRAD: tl.constexpr, NORMALIZE: tl.constexpr,
-                HAS_PREV: tl.constexpr, CENTER: tl.constexpr, PRECISE_MATH: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+                HAS_PREV: tl.constexpr, CENTER: tl.constexpr, BHATTACHARYYA: tl.constexpr,
+                PRECISE_MATH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per row b of a tile of v (B, C) and of v_prev (B, C'):
     SPLIT:      v = Σ_s x[s] over the forward's D splits (x: (splits, B, C), sum_splits), written to v first;
                 otherwise x is v itself (row stride stride_xb, any float dtype);
     HAS_TARGET: ce[b] = logsumexp(v_b) − v_b[y_b], grad[b] = (softmax(v_b) − onehot(y_b)) / B; a target outside
                 [0, C) is not loaded through, and ce[b] and grad[b] are NaN; HAS_GRAD without a target: grad[b] = 0;
     NORMALIZE:  norm[b] = ‖v_c‖, xhat[b] = v_c / max(‖v_c‖, ε) (normalize_rows);
-    HAS_PREV:   xhat_prev[b] likewise for v_prev (row stride stride_pb).
+    HAS_PREV:   xhat_prev[b] likewise for v_prev (row stride stride_pb);
+    BHATTACHARYYA (v_prev (B, C), row stride stride_pb; not with NORMALIZE or HAS_PREV): distance[b] =
+                BD(v_b, v_prev_b) (float64, bhattacharyya_statistics), and grad[b] += coef·(softmax(v_b) − r_b)
+                with coef (float64 bits in coef_bits) = λ/2, over B for the batch mean.
     The accumulation dtype is grad's (a placeholder of it when not HAS_GRAD); inv_batch_bits holds 1/B in it
     (scalar_from_bits). Outputs are contiguous."""
     acc_dtype = grad_ptr.dtype.element_ty
@@ -93,6 +166,13 @@ def rows_kernel(x_ptr, v_ptr, prev_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, 
     else:
         x_row_ptrs = x_ptr + rows.to(tl.int64) * stride_xb
     x_rows = x_row_ptrs[:, None]
+
+    if BHATTACHARYYA:  # the row statistics first: the gradient stores below add the term
+        prev_rows = (prev_ptr + rows.to(tl.int64) * stride_pb)[:, None]
+        max_v, max_p, d, sum_a, sum_x, distance = bhattacharyya_statistics(x_rows, prev_rows, row_ok, C, acc_dtype,
+                                                                           PRECISE_MATH, BLOCK_B, BLOCK_C)
+        tl.store(distance_ptr + rows, distance, mask=row_ok)
+        coef = scalar_from_bits(coef_bits, WIDE_SUM)
 
     if HAS_TARGET:
         # online logsumexp over C chunks
@@ -120,12 +200,20 @@ def rows_kernel(x_ptr, v_ptr, prev_ptr, target_ptr, ce_ptr, grad_ptr, xhat_ptr, 
             x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(acc_dtype)
             softmax = _exp(x - logsumexp[:, None], PRECISE_MATH)
             onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0).to(acc_dtype)
-            tl.store(grad_ptr + out_offsets[:, None] + cols[None, :], (softmax - onehot) * inv_batch[:, None],
-                     mask=valid)
+            grad = (softmax - onehot) * inv_batch[:, None]
+            if BHATTACHARYYA:
+                grad = (grad.to(WIDE_SUM) + bhattacharyya_gradient(x_rows, prev_rows, cols, row_ok, C, max_v, max_p, d,
+                                                                   sum_a, sum_x, coef, acc_dtype, PRECISE_MATH)
+                        ).to(acc_dtype)
+            tl.store(grad_ptr + out_offsets[:, None] + cols[None, :], grad, mask=valid)
     elif HAS_GRAD:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            tl.store(grad_ptr + out_offsets[:, None] + cols[None, :], tl.zeros((BLOCK_B, BLOCK_C), acc_dtype),
+            grad = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
+            if BHATTACHARYYA:
+                grad = bhattacharyya_gradient(x_rows, prev_rows, cols, row_ok, C, max_v, max_p, d, sum_a, sum_x, coef,
+                                              acc_dtype, PRECISE_MATH).to(acc_dtype)
+            tl.store(grad_ptr + out_offsets[:, None] + cols[None, :], grad,
                      mask=row_ok[:, None] & (cols[None, :] < C))
 
     if NORMALIZE:
@@ -267,7 +355,7 @@ def gradient_kernel(xhat_ptr, xhat_prev_ptr, gram_ptr, cross_ptr, grad_xhat_ptr,
                     ce_ptr, partial_ptr, loss_ptr, ce_out_ptr, alignment_ptr,
                     B, C, CP, row_tiles, n_partials, coef_bits, weight_bits,
                     FEATURE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_ALIGNMENT: tl.constexpr, MEAN: tl.constexpr,
-                    CENTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    CENTER: tl.constexpr, ROW_DISTANCES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """The epilogue's last launch. The accumulation dtype is grad_v's; all (B, ·) tensors are contiguous.
 
@@ -278,7 +366,8 @@ def gradient_kernel(xhat_ptr, xhat_prev_ptr, gram_ptr, cross_ptr, grad_xhat_ptr,
     the row mean when CENTER; coef = 4λ (/ B² when MEAN) (coef_bits, scalar_from_bits).
     Program row_tiles: ce = Σ_b ce[b] / B (0 without a target), alignment = FA (/ B² when MEAN) with
     FA = Σ partial[:n_partials] (0 without v_prev), loss = ce + λ·alignment (weight_bits holds λ); each sum in
-    float64 (WIDE_SUM), in a fixed order, rounded once."""
+    float64 (WIDE_SUM), in a fixed order, rounded once. ROW_DISTANCES (the Bhattacharyya term, row_tiles = 0):
+    partial holds the B rows' distances (float64), alignment = their sum (/ B when MEAN, in float64)."""
     acc_dtype = grad_v_ptr.dtype.element_ty
     if tl.program_id(0) == row_tiles:
         batch = tl.full((), B, acc_dtype)
@@ -287,7 +376,13 @@ def gradient_kernel(xhat_ptr, xhat_prev_ptr, gram_ptr, cross_ptr, grad_xhat_ptr,
             ce = sum_wide(ce_ptr, B, BLOCK_R).to(acc_dtype) / batch
         loss = ce
         alignment = tl.zeros((), acc_dtype)
-        if HAS_ALIGNMENT:
+        if ROW_DISTANCES:
+            total = sum_wide(partial_ptr, n_partials, BLOCK_R)
+            if MEAN:
+                total = total / B
+            alignment = total.to(acc_dtype)
+            loss = ce + scalar_from_bits(weight_bits, acc_dtype) * alignment
+        elif HAS_ALIGNMENT:
             alignment = sum_wide(partial_ptr, n_partials, BLOCK_R).to(acc_dtype)
             if MEAN:
                 alignment = alignment / (tl.full((), B, tl.int64) * B).to(acc_dtype)

@@ -28,13 +28,14 @@ class FusedLocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, out_features, proj_seed, proj_std, p, seed, target, v_prev, alignment_weight, mean,
-                center, identity):
+                center, identity, alignment_kind):
         with ops.direct_launches():
             if identity:
                 x = h.to(accumulation_dtype(h.dtype))
             else:
                 x = ops.projection_partials(h, weight, out_features, proj_seed, proj_std, p, seed)
-            loss, ce, alignment, grad_v, v = ops.epilogue(x, target, v_prev, alignment_weight, mean, center)
+            loss, ce, alignment, grad_v, v = ops.epilogue(x, target, v_prev, alignment_weight, mean, center,
+                                                          alignment=alignment_kind)
         if identity:
             v = v.detach()  # an output must not be the input itself
         ctx.set_materialize_grads(False)
@@ -46,7 +47,7 @@ class FusedLocalLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_ce, grad_alignment, grad_v_out):
-        none = (None,) * 12
+        none = (None,) * 13
         if grad_loss is None:
             return (None,) + none
         grad_v, weight, seed = ctx.saved_tensors

@@ -346,11 +346,13 @@ def use_feature_space(B: int, C: int, C_prev: int) -> bool:
 
 
 def _rows(x, config: EpilogueConfig, acc: torch.dtype, center: bool, *, target=None, grad_v=None, v_prev=None,
-          normalize: bool = True):
+          normalize: bool = True, bhattacharyya_coef: Optional[float] = None):
     """Launch rows_kernel on v, or on the forward's partial sums x (splits, B, C), and on v_prev.
 
-    Returns (v, ce_rows, xhat, norm, xhat_prev), None where not computed. grad_v (B, C) receives the CE gradient
-    (zeros without a target) when given."""
+    Returns (v, ce_rows, xhat, norm, xhat_prev, distances), None where not computed. grad_v (B, C) receives the CE
+    gradient (zeros without a target) when given. bhattacharyya_coef: the Bhattacharyya term instead of b̂ — v_prev
+    is (B, C), distances (B,) float64 holds BD_b and grad_v gets coef · (softmax(v) − r) added."""
+    bhattacharyya = bhattacharyya_coef is not None
     B, C = x.shape[-2:]
     device = x.device
     split = x.dim() == 3
@@ -360,18 +362,22 @@ def _rows(x, config: EpilogueConfig, acc: torch.dtype, center: bool, *, target=N
     xhat = torch.empty((B, C), dtype=acc, device=device) if normalize else None
     norm = torch.empty(B, dtype=acc, device=device) if normalize else None
     C_prev = v_prev.shape[1] if v_prev is not None else 0
-    xhat_prev = torch.empty((B, C_prev), dtype=acc, device=device) if v_prev is not None else None
+    normalize_prev = v_prev is not None and not bhattacharyya
+    xhat_prev = torch.empty((B, C_prev), dtype=acc, device=device) if normalize_prev else None
+    distances = torch.empty(B, dtype=torch.float64, device=device) if bhattacharyya else None
     _launch(epilogue_kernels.rows_kernel)[(_cdiv(B, config.row_block_b),)](
         x_ptr=x, v_ptr=v, prev_ptr=v_prev if v_prev is not None else x, target_ptr=target if target is not None else x,
         ce_ptr=_or(ce_rows, placeholder), grad_ptr=placeholder, xhat_ptr=_or(xhat, placeholder),
         norm_ptr=_or(norm, placeholder), xhat_prev_ptr=_or(xhat_prev, placeholder),
+        distance_ptr=distances if bhattacharyya else placeholder,
         B=B, C=C, CP=C_prev, splits=x.shape[0] if split else 1, stride_xb=x.stride(-2),
         stride_pb=v_prev.stride(0) if v_prev is not None else 0, inv_batch_bits=float_bits(1.0 / B, acc),
+        coef_bits=float_bits(bhattacharyya_coef if bhattacharyya else 0.0, torch.float64),
         SPLIT=split, HAS_TARGET=target is not None, HAS_GRAD=grad_v is not None, NORMALIZE=normalize,
-        HAS_PREV=v_prev is not None, CENTER=center, PRECISE_MATH=PRECISE_MATH,
+        HAS_PREV=normalize_prev, CENTER=center, BHATTACHARYYA=bhattacharyya, PRECISE_MATH=PRECISE_MATH,
         BLOCK_B=config.row_block_b, BLOCK_C=config.row_block_c, num_warps=config.num_warps,
     )
-    return v, ce_rows, xhat, norm, xhat_prev
+    return v, ce_rows, xhat, norm, xhat_prev, distances
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -380,7 +386,8 @@ def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tens
 
 
 def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[torch.Tensor],
-             alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None
+             alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None, *,
+             alignment: str = "cosine_gram"
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, alignment, g_v, v) from v (B, C), or from the forward's partial sums x (splits, B, C), whose
     reduction then happens in the first launch. Three launches at most (docs/backends.md):
@@ -390,14 +397,24 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
         batch_alignment_kernel S(â) − S(b̂) tile by tile, its squared sums and Δ â      (otherwise)
         gradient_kernel        g_v += λ·∂FA/∂v through the row normalisation; loss, ce, alignment
 
-    Without v_prev only the first and the scalars of the last run; with λ = 0 no gradient rows."""
+    Without v_prev only the first and the scalars of the last run; with λ = 0 no gradient rows. alignment
+    "bhattacharyya" (v_prev (B, C), center False): two launches, rows_kernel computing the rows' distances and
+    adding their gradient to g_v, then gradient_kernel's scalars."""
     B, C = x.shape[-2:]
     acc = accumulation_dtype(x.dtype)
     device = x.device
     x = x.contiguous()
     config = config or epilogue_config(B, C, acc)
-    has_alignment = v_prev is not None
+    if alignment not in ("cosine_gram", "bhattacharyya"):
+        raise ValueError(f"alignment must be 'cosine_gram' or 'bhattacharyya', got {alignment!r}")
+    bhattacharyya = alignment == "bhattacharyya" and v_prev is not None
+    if bhattacharyya and (center or tuple(v_prev.shape) != (B, C)):
+        raise ValueError("alignment='bhattacharyya' needs v_prev (B, C) like v and center=False, got "
+                         f"v_prev {tuple(v_prev.shape)}, v {(B, C)}, center={center}")
+    has_alignment = v_prev is not None and not bhattacharyya
     path = None
+    if bhattacharyya:
+        v_prev = v_prev.contiguous()
     if has_alignment:
         v_prev = v_prev.contiguous()
         C_prev = v_prev.shape[1]
@@ -406,11 +423,14 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
             raise ValueError(f"path must be 'feature', 'batch' or None, got {path!r}")
     grad_v = torch.empty((B, C), dtype=acc, device=device)
     target = target.contiguous() if target is not None else None
-    v, ce_rows, xhat, norm, xhat_prev = _rows(x, config, acc, center, target=target, grad_v=grad_v, v_prev=v_prev,
-                                               normalize=has_alignment)
+    bhattacharyya_coef = alignment_weight * 0.5 / (B if mean else 1) if bhattacharyya else None  # λ ∂BD/∂v / (s − r)
+    v, ce_rows, xhat, norm, xhat_prev, distances = _rows(x, config, acc, center, target=target, grad_v=grad_v,
+                                                          v_prev=v_prev, normalize=has_alignment,
+                                                          bhattacharyya_coef=bhattacharyya_coef)
 
     compute_grad = has_alignment and alignment_weight != 0.0
-    gram = cross = partials = grad_xhat = None
+    gram = cross = grad_xhat = None
+    partials = distances  # the rows' Bhattacharyya distances, or the alignment's partial sums below
     if path == "feature":
         # The Grams and the gradient in float64 (exact products of float32 values): FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖²
         # cancels when v and v_prev are aligned (FA ≪ ‖âᵀâ‖²), and float32 Grams would lose its leading digits there.
@@ -436,28 +456,29 @@ def epilogue(x: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[t
             num_warps=config.num_warps,
         )
 
-    loss, ce, alignment = (torch.empty((), dtype=acc, device=device) for _ in range(3))
+    loss, ce, alignment_out = (torch.empty((), dtype=acc, device=device) for _ in range(3))
     row_tiles = _cdiv(B, config.gradient_block_b) if compute_grad else 0
     coef = alignment_weight * 4.0 / (B * B if mean else 1)  # g_v += λ · 4 (/B²) · ∂â/∂v (â(âᵀâ) − b̂(b̂ᵀâ))
     _launch(epilogue_kernels.gradient_kernel)[(row_tiles + 1,)](
         xhat_ptr=_or(xhat, grad_v), xhat_prev_ptr=_or(xhat_prev, grad_v), gram_ptr=_or(gram, grad_v),
         cross_ptr=_or(cross, grad_v), grad_xhat_ptr=_or(grad_xhat, grad_v), norm_ptr=_or(norm, grad_v),
         grad_v_ptr=grad_v, ce_ptr=_or(ce_rows, grad_v), partial_ptr=_or(partials, grad_v), loss_ptr=loss,
-        ce_out_ptr=ce, alignment_ptr=alignment, B=B, C=C, CP=C_prev if has_alignment else 0, row_tiles=row_tiles,
-        n_partials=partials.numel() if partials is not None else 0, coef_bits=float_bits(coef, acc),
-        weight_bits=float_bits(alignment_weight, acc), FEATURE=path == "feature", HAS_TARGET=target is not None,
-        HAS_ALIGNMENT=has_alignment, MEAN=mean, CENTER=center, INPUT_PRECISION=input_precision(),
+        ce_out_ptr=ce, alignment_ptr=alignment_out, B=B, C=C, CP=C_prev if has_alignment else 0,
+        row_tiles=row_tiles, n_partials=partials.numel() if partials is not None else 0,
+        coef_bits=float_bits(coef, acc), weight_bits=float_bits(alignment_weight, acc), FEATURE=path == "feature",
+        HAS_TARGET=target is not None, HAS_ALIGNMENT=has_alignment, MEAN=mean, CENTER=center,
+        ROW_DISTANCES=bhattacharyya, INPUT_PRECISION=input_precision(),
         BLOCK_B=config.gradient_block_b, BLOCK_C=config.gradient_block_c, BLOCK_K=config.matmul_block_k,
         BLOCK_R=256 if INTERPRETED else 1024, num_warps=config.num_warps,
     )
-    return loss, ce, alignment, grad_v, v
+    return loss, ce, alignment_out, grad_v, v
 
 
 def loss_epilogue(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[torch.Tensor],
-                  alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, alignment, g_v): CE(v, y) + λ·FA and its gradient g_v = dloss/dv (B, C), one pass (epilogue)."""
-    return epilogue(v, target, v_prev, alignment_weight, mean, center, config)[:4]
+                  alignment_weight: float, mean: bool, center: bool, config: Optional[EpilogueConfig] = None, *,
+                  alignment: str = "cosine_gram") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, alignment, g_v): CE(v, y) + λ·A and its gradient g_v = dloss/dv (B, C), one pass (epilogue)."""
+    return epilogue(v, target, v_prev, alignment_weight, mean, center, config, alignment=alignment)[:4]
 
 
 def cosine_gram(v: torch.Tensor, center: bool, config: Optional[EpilogueConfig] = None) -> torch.Tensor:
@@ -465,7 +486,7 @@ def cosine_gram(v: torch.Tensor, center: bool, config: Optional[EpilogueConfig] 
     B, C = v.shape
     acc = accumulation_dtype(v.dtype)
     config = config or epilogue_config(B, C, acc)
-    _, _, xhat, _, _ = _rows(v.contiguous(), config, acc, center)
+    xhat = _rows(v.contiguous(), config, acc, center)[2]
     S = torch.empty((B, B), dtype=acc, device=v.device)
     grid = (_cdiv(B, config.matmul_tile), _cdiv(B, config.matmul_tile))
     _launch(epilogue_kernels.matmul_kernel)[grid](
@@ -498,9 +519,9 @@ def projection_backward_op(grad_v: torch.Tensor, weight: Optional[torch.Tensor],
 
 @_define(f"{NAMESPACE}::{PREFIX}loss_epilogue", mutates_args=())
 def loss_epilogue_op(v: torch.Tensor, target: Optional[torch.Tensor], v_prev: Optional[torch.Tensor],
-                     alignment_weight: float, mean: bool, center: bool
+                     alignment_weight: float, mean: bool, center: bool, alignment: str = "cosine_gram"
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return loss_epilogue(v, target, v_prev, alignment_weight, mean, center)
+    return loss_epilogue(v, target, v_prev, alignment_weight, mean, center, alignment=alignment)
 
 
 @_define(f"{NAMESPACE}::{PREFIX}cosine_gram", mutates_args=())

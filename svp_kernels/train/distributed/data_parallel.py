@@ -87,8 +87,11 @@ class ProcessShare:
 
 @torch.no_grad()
 def input_alignment_rows(trainer: LayerwiseTrainer, inputs: torch.Tensor, sizes: list[int], rank: int,
-                         group=None) -> torch.Tensor:
-    """v_0 (Σ sizes, C) of the whole batch, from this rank's rows `inputs` (sizes[rank], …)."""
+                         group=None, global_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """v_0 (Σ sizes, C) of the whole batch, from this rank's rows `inputs` (sizes[rank], …); with
+    first_alignment="onehot", from the whole batch's targets (B,) directly (every rank alike: no gather)."""
+    if trainer.first_alignment == "onehot":
+        return trainer.input_alignment(inputs, global_targets)
     return gather_rows(trainer.input_alignment(inputs), sizes, rank, group)
 
 
@@ -132,7 +135,7 @@ class SvpReplicaStep:
         self.blocks = range(trainer.num_blocks)
 
     def __call__(self, inputs, global_targets, sizes, step):
-        v = input_alignment_rows(self.trainer, inputs, sizes, self.rank)
+        v = input_alignment_rows(self.trainer, inputs, sizes, self.rank, global_targets=global_targets)
         _, logits, losses = data_parallel_step(self.trainer, self.blocks, inputs, v, global_targets, sizes, self.rank,
                                                step, self.clock)
         return torch.stack(losses), F.cross_entropy(logits, global_targets)

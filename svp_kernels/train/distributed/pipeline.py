@@ -133,7 +133,7 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                 h = message.h
                 samples += len(message.targets)
                 if replicas == 1:
-                    v = trainer.input_alignment(h) if first else message.v
+                    v = trainer.input_alignment(h, message.targets) if first else message.v
                     losses = []
                     for index in blocks:
                         h, v, loss = trainer.train_block(index, h, v, message.targets, message.step)
@@ -142,7 +142,8 @@ def run_pipeline_stage(plan: Plan, rank: int, config: TrainConfig, dataset: Data
                         output_ce.append(trainer.last_block_ce)
                 else:
                     sizes = share_sizes(len(message.targets), replicas)
-                    v = input_alignment_rows(trainer, h, sizes, replica, group) if first else message.v
+                    v = (input_alignment_rows(trainer, h, sizes, replica, group, message.targets) if first
+                         else message.v)
                     h, v, losses = data_parallel_step(trainer, blocks, h, v, message.targets, sizes, replica,
                                                       message.step, clock, group)
                     if last:  # the cross-entropy of the global logits, as the data-parallel mode reports it

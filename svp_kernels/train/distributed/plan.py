@@ -183,7 +183,7 @@ def measured_block_costs(trainer: LayerwiseTrainer, inputs: torch.Tensor, target
     samples = [[] for _ in range(probe.num_blocks)]
     for step in range(1 + repeats):
         clock = Clock(device)
-        h, v = inputs, probe.input_alignment(inputs)
+        h, v = inputs, probe.input_alignment(inputs, targets)
         for index in range(probe.num_blocks):
             h, v, _ = probe.train_block(index, h, v, targets, step)
             clock.charge("busy")
