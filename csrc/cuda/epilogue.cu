@@ -9,7 +9,7 @@
 //                                ∂FA/∂â = 4 Z diag(s) G[:, :C]          (= 4(â âᵀâ − b̂ b̂ᵀâ))
 //                                G, FA and P = Z diag(s) G[:, :C] in WideSum (double) for float data too:
 //                                FA ≪ ‖âᵀâ‖² when v ≈ v_prev, and P likewise cancels, so float32 Grams
-//                                would lose the leading digits (bench/NOTES.md, "Aligned feature space on CUDA")
+//                                would lose the leading digits (bench/NOTES.md, "CUDA feature-space accuracy")
 //   batch space (otherwise):     tiles of Δ = Z diag(s) Zᵀ (= â âᵀ − b̂ b̂ᵀ), flash-style: each 32×32 tile
 //                                is computed, used for FA += ΣΔ² and ∂FA/∂â += 4 Δ â, and dropped.
 //
