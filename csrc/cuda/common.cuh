@@ -166,9 +166,10 @@ __device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned block
 // ---- register-tiled multiply ---------------------------------------------------------------------------
 // acc[i][j] += Σ_kk A[kk][ty+i·NTY]·B[kk][tx+j·NTX] over kk < 8·k_eighths (the whole BK by default, in order);
 // bank-conflict free: A reads broadcast, B reads consecutive. A K step whose last rows are zero padding
-// (k_eighths < BK/8) skips them in whole groups of 8: the skipped terms would add 0·0.
-template <int TM, int TN, int BK, int NTX, int NTY, int A_LD, int B_LD, typename Acc>
-__device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const Acc* A, const Acc* B, int tx, int ty,
+// (k_eighths < BK/8) skips them in whole groups of 8: the skipped terms would add 0·0. The operands are
+// widened to the accumulator's type first (float tiles into double accumulators: exact products).
+template <int TM, int TN, int BK, int NTX, int NTY, int A_LD, int B_LD, typename Acc, typename T>
+__device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const T* A, const T* B, int tx, int ty,
                                                        int k_eighths = BK / 8) {
   static_assert(BK % 8 == 0, "K steps are whole groups of 8");
 #pragma unroll
@@ -179,9 +180,9 @@ __device__ __forceinline__ void register_tile_multiply(Acc (&acc)[TM][TN], const
       Acc a[TM];
       Acc b[TN];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = A[kk * A_LD + ty + i * NTY];
+      for (int i = 0; i < TM; ++i) a[i] = static_cast<Acc>(A[kk * A_LD + ty + i * NTY]);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = B[kk * B_LD + tx + j * NTX];
+      for (int j = 0; j < TN; ++j) b[j] = static_cast<Acc>(B[kk * B_LD + tx + j * NTX]);
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
 #pragma unroll

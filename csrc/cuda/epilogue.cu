@@ -7,6 +7,9 @@
 //
 //   feature space (C + C' < B):  G = ZᵀZ ((C+C')², never B²);   FA = Σ_mn s_m s_n G_mn²
 //                                ∂FA/∂â = 4 Z diag(s) G[:, :C]          (= 4(â âᵀâ − b̂ b̂ᵀâ))
+//                                G, FA and P = Z diag(s) G[:, :C] in WideSum (double) for float data too:
+//                                FA ≪ ‖âᵀâ‖² when v ≈ v_prev, and P likewise cancels, so float32 Grams
+//                                would lose the leading digits (bench/NOTES.md, "CUDA feature-space accuracy")
 //   batch space (otherwise):     tiles of Δ = Z diag(s) Zᵀ (= â âᵀ − b̂ b̂ᵀ), flash-style: each 32×32 tile
 //                                is computed, used for FA += ΣΔ² and ∂FA/∂â += 4 Δ â, and dropped.
 //
@@ -26,6 +29,8 @@
 // Launches: 3 with v_prev (either space), 2 without (bench/NOTES.md, "weak points" 4).
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "svp/math.h"
 #include "svp_cuda.h"
@@ -41,9 +46,10 @@ using svp::WideSum;
 template <typename Acc>
 constexpr bool kDividesByNorm = sizeof(Acc) == sizeof(double);
 
-// The dot products of the Grams (K = B for ZᵀZ, C + C' for Δ, C for the cosine Gram): float accumulators
-// hold one K step (32 terms) and are folded into WideSum after each step (KFold::step), so a long K adds in
-// double rather than in one float32 chain per thread; double accumulators run the K loop unchanged.
+// The dot products of Δ (K = C + C') and of the cosine Gram (K = C): float accumulators hold one K step
+// (32 terms) and are folded into WideSum after each step (KFold::step), so a long K adds in double rather
+// than in one float32 chain per thread; double accumulators run the K loop unchanged. (ZᵀZ accumulates in
+// WideSum throughout: small_gemm_kernel's kGram.)
 template <typename Acc>
 struct KFold {
   template <int M, int N>
@@ -244,9 +250,6 @@ struct GemmTile {
 };
 // Gram ZᵀZ: (C+C') is small, K = B is long: 32×32 output tiles, split over B across blocks.
 using GramTile = GemmTile<32, 32, 32, 2, 2>;
-// The K step of the float Gram products (their float partials fold into WideSum once per step, KFold): the
-// register-tiled GEMMs' BK, and alignment_grad_kernel's P = Z diag(s) G, which keeps that order.
-constexpr int kGramK = GramTile::BK;
 // cosine_gram S = Z Zᵀ: B × B output.
 using CosineTile = GemmTile<64, 64, 32, 4, 4>;
 
@@ -282,19 +285,25 @@ __device__ __forceinline__ void load_operand_tile(Acc* tile, const Op& op, int64
 
 // The Gram's tail (stage 2, feature space): once every split of an output tile has written its partial, the
 // last to arrive sums them in split order into slot 0 (G) and writes the tile's FA partial Σ s_m s_n G_mn²
-// (s = +1 on the first C of the C + C' features, −1 after) to fa_parts[tile]. counters: one per output tile,
-// zero on entry (rows_kernel zeroes them), zero again on exit.
-template <typename Acc>
+// (s = +1 on the first C of the C + C' features, −1 after) to fa_parts[tile], all in WideSum. counters: one
+// per output tile, zero on entry (rows_kernel zeroes them), zero again on exit.
 struct GramTail {
   unsigned* counters = nullptr;
-  Acc* fa_parts = nullptr;
+  WideSum* fa_parts = nullptr;
   int64_t C = 0;
 };
 
+// What small_gemm_kernel accumulates in and writes: Acc, or WideSum for the Gram ZᵀZ (kGram), whose float
+// products are exact in double and whose sums over B cancel in FA.
+template <typename Acc, bool kGram>
+using GemmSum = std::conditional_t<kGram, WideSum, Acc>;
+
 template <class Cfg, typename Acc, class AOp, class BOp, bool kGram = false>
-__global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, const BOp b_op, Acc* out, int64_t ld,
+__global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, const BOp b_op,
+                                                             GemmSum<Acc, kGram>* out, int64_t ld,
                                                              int64_t split_stride, int64_t M, int64_t N, int64_t K,
-                                                             int64_t k_per_split, const GramTail<Acc> tail) {
+                                                             int64_t k_per_split, const GramTail tail) {
+  using Sum = GemmSum<Acc, kGram>;
   __shared__ Acc As[Cfg::BK * Cfg::A_LD];
   __shared__ Acc Bs[Cfg::BK * Cfg::B_LD];
   const int tx = static_cast<int>(threadIdx.x) % Cfg::NTX;
@@ -305,26 +314,26 @@ __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, con
   const int64_t k_begin = split * k_per_split;
   const int64_t k_end = K < k_begin + k_per_split ? K : k_begin + k_per_split;
 
-  Acc acc[Cfg::TM][Cfg::TN];
+  Sum acc[Cfg::TM][Cfg::TN];
   WideSum wide[Cfg::TM][Cfg::TN];
 #pragma unroll
   for (int i = 0; i < Cfg::TM; ++i) {
 #pragma unroll
-    for (int j = 0; j < Cfg::TN; ++j) acc[i][j] = Acc(0), wide[i][j] = 0.0;
+    for (int j = 0; j < Cfg::TN; ++j) acc[i][j] = Sum(0), wide[i][j] = 0.0;
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += Cfg::BK) {
     // Stage 1: both operand tiles of this K step.
     load_operand_tile<Cfg::BM, Cfg::A_LD, Cfg::BK, Cfg::NT>(As, a_op, m0, M, k0, k_end);
     load_operand_tile<Cfg::BN, Cfg::B_LD, Cfg::BK, Cfg::NT>(Bs, b_op, n0, N, k0, k_end);
     __syncthreads();
-    // Stage 2: register-tiled FMAs (float: folded into WideSum per step).
+    // Stage 2: register-tiled FMAs (float into float: folded into WideSum per step; the Gram: in WideSum).
     register_tile_multiply<Cfg::TM, Cfg::TN, Cfg::BK, Cfg::NTX, Cfg::NTY, Cfg::A_LD, Cfg::B_LD>(acc, As, Bs, tx, ty);
-    KFold<Acc>::step(acc, wide);
+    KFold<Sum>::step(acc, wide);
     __syncthreads();
   }
-  KFold<Acc>::finish(wide, acc);
+  KFold<Sum>::finish(wide, acc);
   // Stage 3: this split's tile.
-  Acc* slot = out + split * split_stride;
+  Sum* slot = out + split * split_stride;
 #pragma unroll
   for (int i = 0; i < Cfg::TM; ++i) {
     const int64_t m = m0 + ty + i * Cfg::NTY;
@@ -337,31 +346,31 @@ __global__ void __launch_bounds__(Cfg::NT) small_gemm_kernel(const AOp a_op, con
   }
   if constexpr (kGram) {
     // Stage 4 (the Gram): G = Σ_splits partials for this tile, its FA partial.
-    __shared__ Acc scratch[kWarpSize];
+    __shared__ WideSum scratch[kWarpSize];
     const int64_t tile = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
     if (gridDim.z > 1) {
       if (!last_to_arrive(tail.counters + tile, gridDim.z)) return;
     } else {
       __syncthreads();  // the tile this block's threads just wrote
     }
-    Acc local = Acc(0);
+    WideSum local = 0.0;
     for (int e = static_cast<int>(threadIdx.x); e < Cfg::BM * Cfg::BN; e += Cfg::NT) {
       const int64_t m = m0 + e / Cfg::BN, n = n0 + e % Cfg::BN;
       if (m >= M || n >= N) continue;
-      Acc g = __ldcg(out + m * ld + n);
+      WideSum g = __ldcg(out + m * ld + n);
       for (int64_t s = 1; s < static_cast<int64_t>(gridDim.z); ++s) g += __ldcg(out + s * split_stride + m * ld + n);
       out[m * ld + n] = g;
       local += (m < tail.C) == (n < tail.C) ? g * g : -(g * g);
     }
-    const Acc total = block_sum(local, scratch);
+    const WideSum total = block_sum(local, scratch);
     if (threadIdx.x == 0) tail.fa_parts[tile] = total;
   }
 }
 
 template <class Cfg, typename Acc, class AOp, class BOp, bool kGram = false>
-cudaError_t launch_small_gemm(const AOp& a_op, const BOp& b_op, Acc* out, int64_t ld, int64_t split_stride,
-                              int64_t M, int64_t N, int64_t K, int64_t k_per_split, int64_t splits,
-                              cudaStream_t stream, const GramTail<Acc>& tail = GramTail<Acc>{}) {
+cudaError_t launch_small_gemm(const AOp& a_op, const BOp& b_op, GemmSum<Acc, kGram>* out, int64_t ld,
+                              int64_t split_stride, int64_t M, int64_t N, int64_t K, int64_t k_per_split,
+                              int64_t splits, cudaStream_t stream, const GramTail& tail = GramTail{}) {
   const int64_t tiles_m = ceil_div(M, Cfg::BM);
   const int64_t tiles_n = ceil_div(N, Cfg::BN);
   if (tiles_m == 0 || tiles_n == 0 || splits == 0) return cudaSuccess;  // empty output
@@ -490,7 +499,8 @@ template <typename Acc>
 struct FinalizeArgs {
   const Acc* ce_rows;   // (B,) or nullptr
   int64_t B;
-  const Acc* fa_parts;  // (fa_count,) or nullptr
+  const Acc* fa_parts;  // (fa_count,) or nullptr: batch space
+  const WideSum* wide_fa_parts;  // (fa_count,) or nullptr: feature space (the Gram's tail), summed in WideSum
   int64_t fa_count;
   bool per_row;         // fa_parts are the B rows' Bhattacharyya distances: the mean divides by B, not B²
   bool mean;
@@ -513,11 +523,21 @@ __device__ __forceinline__ void finalize_block(const FinalizeArgs<Acc>& F) {
     for (int64_t e = threadIdx.x; e < F.fa_count; e += blockDim.x) fa_sum += F.fa_parts[e];
   }
   fa_sum = block_sum(fa_sum, scratch);
+  // Feature space: the FA partials are WideSum (for double data the same arithmetic as the Acc sum above).
+  __shared__ WideSum wide_scratch[kWarpSize];
+  WideSum wide_fa_sum = 0.0;
+  if (F.wide_fa_parts != nullptr) {
+    for (int64_t e = threadIdx.x; e < F.fa_count; e += blockDim.x) wide_fa_sum += F.wide_fa_parts[e];
+    wide_fa_sum = block_sum(wide_fa_sum, wide_scratch);
+  }
   if (threadIdx.x == 0) {
     const Acc ce_value = F.ce_rows != nullptr ? ce_sum / static_cast<Acc>(F.B) : Acc(0);
-    const Acc fa_value = !F.mean    ? fa_sum
-                         : F.per_row ? fa_sum / static_cast<Acc>(F.B)
-                                     : fa_sum / (static_cast<Acc>(F.B) * static_cast<Acc>(F.B));
+    const WideSum wide_fa_value =
+        F.mean ? wide_fa_sum / (static_cast<WideSum>(F.B) * static_cast<WideSum>(F.B)) : wide_fa_sum;
+    const Acc fa_value = F.wide_fa_parts != nullptr ? static_cast<Acc>(wide_fa_value)
+                         : !F.mean                  ? fa_sum
+                         : F.per_row                ? fa_sum / static_cast<Acc>(F.B)
+                                                    : fa_sum / (static_cast<Acc>(F.B) * static_cast<Acc>(F.B));
     *F.ce = ce_value;
     *F.alignment = fa_value;
     *F.loss = ce_value + F.weight * fa_value;
@@ -533,29 +553,24 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeArgs<A
 // Stage 3: g_v[b] += λ · J_normᵀ (grad_scale · Σ_s P[s][b]),  J_normᵀ g = (g − â(â·g)) / ‖u‖ (or g / ε),
 // minus its row mean when `center`.
 //
-// Feature space (gram != nullptr) computes its row of P here first: P[b][c] = Σ_k Z[b, k] s_k G[k, c], in the
-// order and with the folding of the register-tiled GEMM it replaces (K steps of 32 in Acc, folded into WideSum
-// for float), so P is the same bits; each lane writes and reads back only its own classes.
+// Feature space (gram != nullptr) computes its row of P here first: P[b][c] = Σ_k Z[b, k] s_k G[k, c] in
+// WideSum (G is WideSum; â(âᵀâ) and b̂(b̂ᵀâ) cancel as FA does), rounded once; each lane writes and reads back
+// only its own classes.
 template <typename Acc>
-__device__ __forceinline__ Acc signed_gram_row_product(const Acc* __restrict__ z_row, const Acc* __restrict__ gram,
-                                                       int64_t Ctot, int64_t C, int64_t c) {
-  Acc part[1][1] = {{Acc(0)}};
-  WideSum wide[1][1] = {{0.0}};
-  for (int64_t k0 = 0; k0 < Ctot; k0 += kGramK) {
-    const int64_t k1 = Ctot < k0 + kGramK ? Ctot : k0 + kGramK;
-    for (int64_t k = k0; k < k1; ++k) {
-      const Acc g = gram[k * Ctot + c];
-      part[0][0] += z_row[k] * (k < C ? g : -g);
-    }
-    KFold<Acc>::step(part, wide);
+__device__ __forceinline__ Acc signed_gram_row_product(const Acc* __restrict__ z_row,
+                                                       const WideSum* __restrict__ gram, int64_t Ctot, int64_t C,
+                                                       int64_t c) {
+  WideSum sum = 0.0;
+  for (int64_t k = 0; k < Ctot; ++k) {
+    const WideSum g = gram[k * Ctot + c];
+    sum += static_cast<WideSum>(z_row[k]) * (k < C ? g : -g);
   }
-  KFold<Acc>::finish(wide, part);
-  return part[0][0];
+  return static_cast<Acc>(sum);
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads) alignment_grad_kernel(Acc* __restrict__ P, int64_t splits,
-                                                                  const Acc* __restrict__ gram,
+                                                                  const WideSum* __restrict__ gram,
                                                                   const Acc* __restrict__ Z, int64_t z_ld,
                                                                   const Acc* __restrict__ norms,
                                                                   Acc* __restrict__ g_v, int64_t B, int64_t C,
@@ -672,9 +687,10 @@ struct EpilogueWorkspace {
   Acc* distances = nullptr;    // (B,): the rows' Bhattacharyya distances
   Acc* Z = nullptr;            // (B, Ctot)
   Acc* norms = nullptr;        // (B,)
-  Acc* gram = nullptr;         // (gram_splits, Ctot, Ctot)
+  WideSum* gram = nullptr;     // (gram_splits, Ctot, Ctot)
   Acc* P = nullptr;            // (p_splits, B, C)
-  Acc* fa_parts = nullptr;     // (fa_count,)
+  Acc* fa_parts = nullptr;     // batch space: (fa_count,)
+  WideSum* wide_fa_parts = nullptr;  // feature space: (fa_count,)
   unsigned* counters = nullptr;  // (gram_tiles,): arrivals of the Gram's split blocks per output tile
   size_t bytes = 0;
 };
@@ -688,9 +704,13 @@ EpilogueWorkspace<Acc> carve_epilogue(void* base, const EpiloguePlan& plan, int6
   if (plan.alignment) {
     w.Z = carver.take<Acc>(B * plan.Ctot);
     w.norms = carver.take<Acc>(B);
-    if (plan.feature_space) w.gram = carver.take<Acc>(plan.gram_splits * plan.Ctot * plan.Ctot);
+    if (plan.feature_space) w.gram = carver.take<WideSum>(plan.gram_splits * plan.Ctot * plan.Ctot);
     w.P = carver.take<Acc>(plan.p_splits * B * C);
-    w.fa_parts = carver.take<Acc>(plan.fa_count);
+    if (plan.feature_space) {
+      w.wide_fa_parts = carver.take<WideSum>(plan.fa_count);
+    } else {
+      w.fa_parts = carver.take<Acc>(plan.fa_count);
+    }
     if (plan.feature_space) w.counters = carver.take<unsigned>(plan.gram_tiles);
   }
   w.bytes = carver.bytes();
@@ -737,6 +757,7 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
   finalize.ce_rows = rows.ce_rows;
   finalize.B = B;
   finalize.fa_parts = plan.bhattacharyya ? w.distances : w.fa_parts;
+  finalize.wide_fa_parts = w.wide_fa_parts;
   finalize.fa_count = plan.alignment ? plan.fa_count : plan.bhattacharyya ? B : 0;
   finalize.per_row = plan.bhattacharyya;
   finalize.mean = mean;
@@ -750,9 +771,9 @@ cudaError_t epilogue_typed(const EpiloguePlan& plan, const void* v, const int64_
       // Stage 2a: partial Grams ZᵀZ over row splits of Z: A(m, k) = Z[k, m], B(k, n) = Z[k, n].
       // The last split block of each tile: G = Σ partials (slot 0) and the tile's FA partial.
       const Operand<Acc, false> z_columns{w.Z, 1, Ctot, kNoNegation};
-      GramTail<Acc> tail;
+      GramTail tail;
       tail.counters = w.counters;
-      tail.fa_parts = w.fa_parts;
+      tail.fa_parts = w.wide_fa_parts;
       tail.C = C;
       SVP_CUDA_TRY((launch_small_gemm<GramTile, Acc, Operand<Acc, false>, Operand<Acc, false>, true>(
           z_columns, z_columns, w.gram, Ctot, Ctot * Ctot, Ctot, Ctot, B, plan.gram_rows_per_split, plan.gram_splits,

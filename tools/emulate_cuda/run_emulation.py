@@ -45,11 +45,13 @@ from svp_kernels import philox  # noqa: E402
 from svp_kernels.backends import reference  # noqa: E402
 from svp_kernels.backends.cuda import LAUNCH_PLAN_FIELDS, parse_launch_plan  # noqa: E402
 
-from cases import (ACC_TOL, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES, OUT_TOL, PROJECTION_SHAPES,  # noqa: E402
-                   SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS_NARROW_C, cosine_gram_ground_truth,
-                   epilogue_ground_truth, plain_epilogue, projection_ground_truth, wide_row_inputs)
+from cases import (ACC_TOL, ALIGNED_FEATURE_SPACE, EPILOGUE_SHAPES, IMPLICIT_TOL, MASK_SHAPES,  # noqa: E402
+                   OUT_TOL, PROJECTION_SHAPES, SMALL_EPILOGUE_SHAPES, SMALL_PROJECTION_SHAPES, WIDE_ROWS_NARROW_C,
+                   aligned_inputs, cosine_gram_ground_truth, epilogue_ground_truth, plain_epilogue,
+                   projection_ground_truth, wide_row_inputs)
 from helpers import assert_no_less_accurate_to_rounding  # noqa: E402
 from svp_kernels.testing import assert_no_less_accurate, bhattacharyya_inputs  # noqa: E402
+from svp_kernels.testing.closeness import FLOAT32_ROUNDING  # noqa: E402
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 ALIGNMENT_CODES = {"cosine_gram": 0, "bhattacharyya": 1}  # svp_cuda::Alignment
@@ -464,6 +466,45 @@ def check_wide_rows(emu):
                                                 f"cosine_gram B={B} C={Cp} center={center}")
 
 
+# The aligned feature-space cases of the suite plus two larger batches (the identity's float32 error grew with B).
+ALIGNED_FEATURE_SPACE_EMULATED = ALIGNED_FEATURE_SPACE + [(200, 6), (1000, 10)]
+
+
+def check_aligned_feature_space(emu, shapes=ALIGNED_FEATURE_SPACE_EMULATED):
+    """float32, C + C' < B and v_prev ≈ v (tests/test_fused_local_loss.py, reduction "sum", v = h): the
+    feature-space identity FA = ‖âᵀâ‖² − 2‖b̂ᵀâ‖² + ‖b̂ᵀb̂‖² cancels, so its Grams must be wide. Loss and alignment
+    no less accurate than plain float32 torch (batch space) to two float32 ulps, g_v (= dh) by the suite's rule;
+    also under the forced feature-space plan, whatever the emulator group's plan. And g_v on the rows with
+    ‖v_b‖ > 1e-6 (not the g/ε branch of all-zero post-ReLU rows, whose ~1e12 entries set the rule's scale) as a
+    whole: its largest error no larger than plain's there, to two float32 ulps of its largest |truth| (P = Z diag(s) G
+    summed in float32 fails this: 3.3e-6 against plain's 2.1e-6 at B = 40, C = 6, centred)."""
+    saved = emu.plan
+    try:
+        for plan in ("", "epilogue_feature=1,gram_splits=3"):
+            emu.plan = LaunchPlan.parse(plan) if plan else saved
+            for B, C in shapes:
+                v, target, v_prev = aligned_inputs(B, C)
+                for center in (True, False):
+                    actual = emu.loss_epilogue(v, target, v_prev, 0.7, False, center)
+                    plain = plain_epilogue(v, target, v_prev, 0.7, False, center)
+                    expected = epilogue_ground_truth(v, target, v_prev, 0.7, False, center)
+                    for name, a, r, e in zip(("loss", "ce", "alignment", "g_v"), actual, plain, expected):
+                        label = f"aligned {name} B={B} C={C} center={center} plan={plan or 'group'}"
+                        if name in ("loss", "alignment"):
+                            assert_no_less_accurate_to_rounding(a, r, e, label)
+                        elif name == "g_v":
+                            assert_no_less_accurate(a, r, e, label)
+                            u = v.double() - (v.double().mean(1, keepdim=True) if center else 0.0)
+                            regular = u.norm(dim=1) > 1e-6
+                            error, plain_error = ((x.double() - e)[regular].abs().max().item() for x in (a, r))
+                            slack = FLOAT32_ROUNDING * e[regular].abs().max().item()
+                            if not error <= plain_error + slack:
+                                raise AssertionError(f"{label}, rows with ‖v_b‖ > 1e-6: largest error {error:.2e} > "
+                                                     f"plain's {plain_error:.2e} + {slack:.1e}")
+    finally:
+        emu.plan = saved
+
+
 def check_plans_reach_launchers(emu):
     """Each LaunchPlan field changes what the launchers do (a plan silently ignored fails here): the workspace
     sizes of split-K, of the two alignment forms and of split Grams / column tiles, and the blocks launched
@@ -608,6 +649,9 @@ def main() -> int:
                 # identity onto them, whose float32 Grams cancel there (docs/migration.md), so it is left out.
                 if reverse == "0" and sms == "4" and plan_name != "max-split":
                     groups.append((f"wide-row accuracy {label}", plan, env, lambda: check_wide_rows(emu)))
+                if reverse == "0" and sms == "4" and plan_name == "default":
+                    groups.append((f"aligned feature-space accuracy {label}", plan, env,
+                                   lambda: check_aligned_feature_space(emu)))
     failures = 0
     for name, plan, env, check in groups:
         if args.only not in name:
