@@ -24,6 +24,7 @@ def test_the_version_is_written_once():
     assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "svp_kernels.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", svp_kernels.__version__)
     written = [path for path in REPO.rglob("*.py") if "build" not in path.parts and
+               not any(part.startswith(".") for part in path.relative_to(REPO).parts) and
                re.search(r"^__version__\s*=", path.read_text(errors="ignore"), re.MULTILINE)]
     assert written == [REPO / "svp_kernels" / "__init__.py"]
 

@@ -51,7 +51,7 @@ def step(h, weight, target, v_prev, seed, p: float = 0.1) -> None:
     from svp_kernels.backends.triton import nodes
 
     loss, _, _, _ = nodes.FusedLocalLoss.apply(h, weight, weight.shape[0], 0, 1.0, p, seed, target, v_prev, 1.0,
-                                               True, False, False)
+                                               True, False, False, "cosine_gram")
     h.grad = None
     loss.backward()
 
