@@ -74,6 +74,7 @@ CONFIGS: dict[str, dict] = {
     "bp-lr4e-3": _config(BASE, method="bp", lr=4e-3),
     # the Bhattacharyya alignment (issue 25), first block aligned to the one-hot target as in the SLL code
     "bd-onehot": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot"),
+    "bd-input": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="input"),
     "bd-onehot-lam0.1": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot",
                                 alignment_weight=0.1),
     "bd-onehot-lam10": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot",

@@ -13,7 +13,6 @@ _spec = importlib.util.spec_from_file_location("cifar_mlp_sweep", SWEEP_PATH)
 sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sweep)
 
-BHATTACHARYYA = {"--alignment": "bhattacharyya", "--first-alignment": "onehot"}
 
 
 @pytest.mark.parametrize("name", sorted(sweep.CONFIGS))
@@ -26,13 +25,15 @@ def test_every_row_is_an_svp_train_config(name, tmp_path):
     assert config.first_alignment == flags.get("--first-alignment", "input")
 
 
-@pytest.mark.parametrize("name, compared_with, weight", [
-    ("bd-onehot", "base", 1.0), ("bd-onehot-lam0.1", "base", 0.1), ("bd-onehot-lam10", "base", 10.0),
-    ("mnist-bd-onehot-lam0.1", "mnist-svp", 0.1), ("mnist-bd-onehot-lam1", "mnist-svp", 1.0),
-    ("mnist-bd-onehot-lam10", "mnist-svp", 10.0)])
-def test_bhattacharyya_rows_change_only_the_alignment(name, compared_with, weight):
+@pytest.mark.parametrize("name, compared_with, weight, first", [
+    ("bd-onehot", "base", 1.0, "onehot"), ("bd-onehot-lam0.1", "base", 0.1, "onehot"),
+    ("bd-onehot-lam10", "base", 10.0, "onehot"), ("bd-input", "base", 1.0, "input"),
+    ("mnist-bd-onehot-lam0.1", "mnist-svp", 0.1, "onehot"), ("mnist-bd-onehot-lam1", "mnist-svp", 1.0, "onehot"),
+    ("mnist-bd-onehot-lam10", "mnist-svp", 10.0, "onehot")])
+def test_bhattacharyya_rows_change_only_the_alignment(name, compared_with, weight, first):
     row, reference = dict(sweep.CONFIGS[name]), dict(sweep.CONFIGS[compared_with])
-    assert {flag: row.pop(flag) for flag in BHATTACHARYYA} == BHATTACHARYYA
+    expected = {"--alignment": "bhattacharyya", "--first-alignment": first}
+    assert {flag: row.pop(flag) for flag in expected} == expected
     assert row.pop("--alignment-weight") == weight
     reference.pop("--alignment-weight", None)
     assert row == reference
