@@ -72,10 +72,21 @@ CONFIGS: dict[str, dict] = {
     "lr4e-3": _config(BASE, method="svp", lr=4e-3),
     "bp-lr1e-3": _config(BASE, method="bp", lr=1e-3),
     "bp-lr4e-3": _config(BASE, method="bp", lr=4e-3),
+    # the Bhattacharyya alignment (issue 25), first block aligned to the one-hot target as in the SLL code
+    "bd-onehot": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot"),
+    "bd-input": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="input"),
+    "bd-onehot-lam0.1": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot",
+                                alignment_weight=0.1),
+    "bd-onehot-lam10": _config(BASE, method="svp", alignment="bhattacharyya", first_alignment="onehot",
+                               alignment_weight=10.0),
     # MNIST check with the same method (its own recipe otherwise)
     "mnist-svp": _config(MNIST_BASE, method="svp"),
     "mnist-bp": _config(MNIST_BASE, method="bp"),
     "mnist-svp-p0": _config(MNIST_BASE, method="svp", p=0.0),
+    # the Bhattacharyya alignment's λ on MNIST (first block aligned to the one-hot target)
+    **{f"mnist-bd-onehot-lam{lam:g}": _config(MNIST_BASE, method="svp", alignment="bhattacharyya",
+                                              first_alignment="onehot", alignment_weight=lam)
+       for lam in (0.1, 1.0, 10.0)},
 }
 
 
