@@ -48,10 +48,10 @@ def inputs(B: int, D: int, C: int, with_prev: bool, generator_seed: int = 0):
 def step(h, weight, target, v_prev, seed, p: float = 0.1) -> None:
     """One forward + backward through the triton backend's eager node, as fused_local_loss runs it
     (h.grad reset first: the gradient is handed over, not added, so no B×D add runs on the host)."""
-    from svp_kernels.backends.triton import nodes
+    from svp_kernels.backends import triton as triton_backend
 
-    loss, _, _, _ = nodes.FusedLocalLoss.apply(h, weight, weight.shape[0], 0, 1.0, p, seed, target, v_prev, 1.0,
-                                               True, False, False, "cosine_gram")
+    loss, _, _, _ = triton_backend.fused_local_loss(h, weight, weight.shape[0], 0, 1.0, p, seed, target, v_prev, 1.0,
+                                                    True, False, False)
     h.grad = None
     loss.backward()
 
