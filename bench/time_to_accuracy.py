@@ -3,6 +3,8 @@
     python bench/time_to_accuracy.py --mnist ../shared/data/mnist                      # K = 2, 3 repetitions
     python bench/time_to_accuracy.py --mnist DIR --cifar10 /tmp/cifar10-jpeg --processes 2 --repetitions 3
     python bench/time_to_accuracy.py --synthetic --repetitions 1                      # the tooling, in a minute
+    python bench/time_to_accuracy.py --summarise bench/results/time_to_accuracy-cifar10-….json --threshold 57
+                                                         # an earlier run's summary again, at another threshold
 
 Configurations (--configs; the default is every one for K = --processes):
     bp-1           svp-train --method bp, one process on all cores (--threads = the cores this process may use)
@@ -248,6 +250,19 @@ def measure(dataset: str, data_dir: str | None, names: list[str], args) -> dict:
             "repetitions": args.repetitions, "eval_every": args.eval_every}
 
 
+def resummarise(report: dict, threshold_percent: float | None, drop: float) -> tuple[list[dict], dict]:
+    """An earlier run's report (its JSON) summarised again at another threshold (in %; None: BP's final − drop),
+    from the evaluations every run recorded; nothing is run. Returns the medians and the verdict, as printed."""
+    rows, runs = report["rows"], report["runs"]
+    names = list(dict.fromkeys(row["config"] for row in rows))
+    threshold = threshold_percent / 100 if threshold_percent is not None else reference_threshold(rows, names, drop)
+    for row, run in zip(rows, runs):
+        fill_threshold(row, run["result"]["evaluations"], threshold)
+    medians, verdict = summarise(report["verdict"]["dataset"], names, rows, threshold)
+    print_summary(medians, verdict, report["repetitions"])
+    return medians, verdict
+
+
 def reference_threshold(rows: list[dict], names: list[str], drop: float) -> float:
     """The first BP configuration's median final accuracy minus `drop` points."""
     reference = next((name for name in names if name.startswith("bp-")), None)
@@ -285,7 +300,11 @@ def parse_args(argv=None):
                         "'--alignment-weight 0.5'); the command of every run is in the JSON")
     parser.add_argument("--bp-extra", help="more flags for the BP runs only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV and JSON files")
+    parser.add_argument("--summarise", metavar="JSON", type=Path, help="print an earlier run's summary again from "
+                        "its JSON, at --threshold (or BP's final − --drop); runs and writes nothing")
     args = parser.parse_args(argv)
+    if args.summarise:
+        return args, [], []
     datasets = [(name, folder) for name, folder in (("mnist", args.mnist), ("cifar10", args.cifar10)) if folder]
     if args.synthetic:
         datasets.append(("synthetic", None))
@@ -302,6 +321,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, datasets, names = parse_args(argv)
+    if args.summarise:
+        resummarise(json.loads(args.summarise.read_text()), args.threshold, args.drop)
+        return 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for dataset, folder in datasets:
         report = measure(dataset, folder, names, args)

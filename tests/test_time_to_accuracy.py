@@ -49,3 +49,42 @@ def test_time_to_accuracy_runs_every_configuration_and_writes_its_rows(tmp_path)
     assert verdict["best_svp"].startswith("svp-") and verdict["best_bp"].startswith("bp-")
     assert verdict["best_svp_over_best_bp"] > 0
     assert "best SVP" in done.stdout
+
+
+UNMEASURED = ("train_seconds", "wall_seconds", "startup_seconds", "samples_per_second", "bytes_per_step",
+              "bytes_per_step_max_process", "predicted_bytes_per_step", "os_bytes_per_step", "foreign_cpus")
+
+
+def _report(tmp_path) -> Path:
+    """A report as measure() writes it: two configurations, two repetitions, hand-made evaluations."""
+    curves = {"bp-1": [[0.80, 0.90, 0.95], [0.85, 0.92, 0.95]], "svp-1": [[0.70, 0.88, 0.93], [0.72, 0.91, 0.94]]}
+    rows, runs = [], []
+    for repetition in range(2):
+        for name, per_repetition in curves.items():
+            accuracies = per_repetition[repetition]
+            evaluations = [{"step": 10 * (i + 1), "test_accuracy": a, "train_seconds": 1.0 * (i + 1),
+                            "wall_seconds": 1.5 * (i + 1)} for i, a in enumerate(accuracies)]
+            rows.append({"config": name, "repetition": repetition, "method": name.split("-")[0],
+                         "final_accuracy": accuracies[-1], **dict.fromkeys(UNMEASURED)})
+            runs.append({"config": name, "repetition": repetition, "result": {"evaluations": evaluations}})
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"rows": rows, "runs": runs, "repetitions": 2,
+                                "verdict": {"dataset": "synthetic", "threshold": 0.99}}))
+    return path
+
+
+@pytest.mark.parametrize("threshold, steps, ratio", [
+    (["--threshold", "90"], {"bp-1": 20, "svp-1": 25}, 1.25),  # svp: steps 30 and 20, median 25
+    ([], {"bp-1": 30, "svp-1": None}, None),  # BP's final 95 % − 0.3: svp never gets there in repetition 0
+    (["--threshold", "94", "--drop", "9"], {"bp-1": 30, "svp-1": None}, None),  # --threshold wins over --drop
+])
+def test_summarise_reads_an_earlier_report_at_another_threshold(tmp_path, threshold, steps, ratio):
+    command = [sys.executable, "bench/time_to_accuracy.py", "--summarise", str(_report(tmp_path)), *threshold]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, step in steps.items():
+        row = next(line for line in done.stdout.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split(" | ")[3] == ("—" if step is None else str(step))
+    verdict = next(line for line in done.stdout.splitlines() if line.startswith("best SVP"))
+    assert verdict.endswith("—" + " (target ≤ 0.85×)") if ratio is None else f"{ratio:.3f}×" in verdict
+    assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]  # runs and writes nothing
