@@ -250,6 +250,16 @@ def measure(dataset: str, data_dir: str | None, names: list[str], args) -> dict:
             "repetitions": args.repetitions, "eval_every": args.eval_every}
 
 
+def combine(reports: list[dict]) -> dict:
+    """Reports of separate invocations on one dataset as one, for summarise(): their rows and runs in order."""
+    datasets = {report["verdict"]["dataset"] for report in reports}
+    if len(datasets) != 1:
+        raise SystemExit(f"--summarise: the reports measure different datasets {sorted(datasets)}")
+    return {"rows": [row for report in reports for row in report["rows"]],
+            "runs": [run for report in reports for run in report["runs"]],
+            "repetitions": sum(report["repetitions"] for report in reports), "verdict": reports[0]["verdict"]}
+
+
 def resummarise(report: dict, threshold_percent: float | None, drop: float) -> tuple[list[dict], dict]:
     """An earlier run's report (its JSON) summarised again at another threshold (in %; None: BP's final − drop),
     from the evaluations every run recorded; nothing is run. Returns the medians and the verdict, as printed."""
@@ -300,8 +310,9 @@ def parse_args(argv=None):
                         "'--alignment-weight 0.5'); the command of every run is in the JSON")
     parser.add_argument("--bp-extra", help="more flags for the BP runs only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV and JSON files")
-    parser.add_argument("--summarise", metavar="JSON", type=Path, help="print an earlier run's summary again from "
-                        "its JSON, at --threshold (or BP's final − --drop); runs and writes nothing")
+    parser.add_argument("--summarise", metavar="JSON", type=Path, nargs="+", help="print the summary of earlier "
+                        "runs again from their JSON (several: one dataset's repetitions pooled), at --threshold (or "
+                        "BP's final − --drop); runs and writes nothing")
     args = parser.parse_args(argv)
     if args.summarise:
         return args, [], []
@@ -322,7 +333,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, datasets, names = parse_args(argv)
     if args.summarise:
-        resummarise(json.loads(args.summarise.read_text()), args.threshold, args.drop)
+        resummarise(combine([json.loads(path.read_text()) for path in args.summarise]), args.threshold, args.drop)
         return 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for dataset, folder in datasets:

@@ -55,21 +55,21 @@ UNMEASURED = ("train_seconds", "wall_seconds", "startup_seconds", "samples_per_s
               "bytes_per_step_max_process", "predicted_bytes_per_step", "os_bytes_per_step", "foreign_cpus")
 
 
-def _report(tmp_path) -> Path:
-    """A report as measure() writes it: two configurations, two repetitions, hand-made evaluations."""
+def _report(tmp_path, repetitions=(0, 1), name="report.json", dataset="synthetic") -> Path:
+    """A report as measure() writes it: two configurations, some of two repetitions, hand-made evaluations."""
     curves = {"bp-1": [[0.80, 0.90, 0.95], [0.85, 0.92, 0.95]], "svp-1": [[0.70, 0.88, 0.93], [0.72, 0.91, 0.94]]}
     rows, runs = [], []
-    for repetition in range(2):
-        for name, per_repetition in curves.items():
+    for number, repetition in enumerate(repetitions):
+        for config, per_repetition in curves.items():
             accuracies = per_repetition[repetition]
             evaluations = [{"step": 10 * (i + 1), "test_accuracy": a, "train_seconds": 1.0 * (i + 1),
                             "wall_seconds": 1.5 * (i + 1)} for i, a in enumerate(accuracies)]
-            rows.append({"config": name, "repetition": repetition, "method": name.split("-")[0],
+            rows.append({"config": config, "repetition": number, "method": config.split("-")[0],
                          "final_accuracy": accuracies[-1], **dict.fromkeys(UNMEASURED)})
-            runs.append({"config": name, "repetition": repetition, "result": {"evaluations": evaluations}})
-    path = tmp_path / "report.json"
-    path.write_text(json.dumps({"rows": rows, "runs": runs, "repetitions": 2,
-                                "verdict": {"dataset": "synthetic", "threshold": 0.99}}))
+            runs.append({"config": config, "repetition": number, "result": {"evaluations": evaluations}})
+    path = tmp_path / name
+    path.write_text(json.dumps({"rows": rows, "runs": runs, "repetitions": len(repetitions),
+                                "verdict": {"dataset": dataset, "threshold": 0.99}}))
     return path
 
 
@@ -88,3 +88,18 @@ def test_summarise_reads_an_earlier_report_at_another_threshold(tmp_path, thresh
     verdict = next(line for line in done.stdout.splitlines() if line.startswith("best SVP"))
     assert verdict.endswith("—" + " (target ≤ 0.85×)") if ratio is None else f"{ratio:.3f}×" in verdict
     assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]  # runs and writes nothing
+
+
+def test_summarise_pools_the_repetitions_of_several_reports(tmp_path):
+    def summary(*paths):
+        command = [sys.executable, "bench/time_to_accuracy.py", "--summarise", *map(str, paths), "--threshold", "90"]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    whole = summary(_report(tmp_path))
+    pooled = summary(_report(tmp_path, (0,), "first.json"), _report(tmp_path, (1,), "second.json"))
+    assert whole.returncode == pooled.returncode == 0, pooled.stderr[-3000:]
+    assert pooled.stdout == whole.stdout and "medians of 2 repetition(s)" in pooled.stdout
+    alone = summary(tmp_path / "first.json")  # repetition 0 alone: svp reaches 90 % at step 30
+    assert "| svp-1 | 3.0 |" in alone.stdout and "1.500×" in alone.stdout
+    mixed = summary(tmp_path / "first.json", _report(tmp_path, (1,), "other.json", dataset="mnist"))
+    assert mixed.returncode != 0 and "different datasets" in mixed.stderr
