@@ -19,23 +19,16 @@ import argparse
 import contextlib
 import cProfile
 import os
-import platform
 import pstats
 import sys
 import time
 
 import torch
 
+from local_loss import cpu_model
+
 H100_SMS = 132
 SHAPES = ((256, 4096, 10), (8192, 4096, 10))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
 
 
 def measure(calls: int, profile: bool) -> int:

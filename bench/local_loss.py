@@ -102,19 +102,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def device_slug(device: str, threads: int) -> str:
     """cpu-<model name>-<n>threads, or the GPU's name (e.g. NVIDIA-H100-80GB-HBM3)."""
     if device == "cuda":
         return slug(torch.cuda.get_device_name())
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu-{slug(model)}-{threads}threads"
+    return f"cpu-{slug(cpu_model())}-{threads}threads"
 
 
 def triton_version() -> str:

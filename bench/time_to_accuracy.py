@@ -53,7 +53,7 @@ import torch
 
 from comm_model import (ddp_step_bytes, grid_step_bytes, mlp_block_parameters, pipeline_step_bytes,
                         svp_data_parallel_step_bytes)
-from local_loss import ForeignLoad, RESULTS, append_csv, device_slug, git_commit
+from local_loss import ForeignLoad, RESULTS, append_csv, cpu_model, device_slug, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 # svp-train flags of each dataset (its recipe does the rest), the input's features and the classes
@@ -279,16 +279,6 @@ def reference_threshold(rows: list[dict], names: list[str], drop: float) -> floa
     if reference is None:
         raise SystemExit("no BP configuration to take the threshold from: pass --threshold")
     return statistics.median(row["final_accuracy"] for row in rows if row["config"] == reference) - drop / 100
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def parse_args(argv=None):
