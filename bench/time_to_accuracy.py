@@ -241,17 +241,13 @@ def measure(dataset: str, data_dir: str | None, names: list[str], args) -> dict:
             print(f"{dataset} repetition {repetition} {name}: final {100 * result['test_accuracy']:.2f} %, "
                   f"train {result['train_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s, command "
                   f"{seconds:.1f} s, foreign CPUs {foreign:.2f}", flush=True)
-    threshold = args.threshold / 100 if args.threshold is not None else reference_threshold(rows, names, args.drop)
-    for row, run in zip(rows, runs):
-        fill_threshold(row, run["result"]["evaluations"], threshold)
-    medians, verdict = summarise(dataset, names, rows, threshold)
-    print_summary(medians, verdict, args.repetitions)
+    medians, verdict = score(dataset, names, rows, runs, args.repetitions, args.threshold, args.drop)
     return {"rows": rows, "medians": medians, "verdict": verdict, "runs": runs, "machine": common,
             "repetitions": args.repetitions, "eval_every": args.eval_every}
 
 
 def combine(reports: list[dict]) -> dict:
-    """Reports of separate invocations on one dataset as one, for summarise(): their rows and runs in order."""
+    """Reports of separate invocations on one dataset as one, for score(): their rows and runs in order."""
     datasets = {report["verdict"]["dataset"] for report in reports}
     if len(datasets) != 1:
         raise SystemExit(f"--summarise: the reports measure different datasets {sorted(datasets)}")
@@ -260,16 +256,15 @@ def combine(reports: list[dict]) -> dict:
             "repetitions": sum(report["repetitions"] for report in reports), "verdict": reports[0]["verdict"]}
 
 
-def resummarise(report: dict, threshold_percent: float | None, drop: float) -> tuple[list[dict], dict]:
-    """An earlier run's report (its JSON) summarised again at another threshold (in %; None: BP's final − drop),
-    from the evaluations every run recorded; nothing is run. Returns the medians and the verdict, as printed."""
-    rows, runs = report["rows"], report["runs"]
-    names = list(dict.fromkeys(row["config"] for row in rows))
+def score(dataset: str, names: list[str], rows: list[dict], runs: list[dict], repetitions: int,
+          threshold_percent: float | None, drop: float) -> tuple[list[dict], dict]:
+    """Each run's time to the threshold (in %; None: the first BP configuration's median final − drop) from the
+    evaluations it recorded, then the medians and the verdict, printed; returns them."""
     threshold = threshold_percent / 100 if threshold_percent is not None else reference_threshold(rows, names, drop)
     for row, run in zip(rows, runs):
         fill_threshold(row, run["result"]["evaluations"], threshold)
-    medians, verdict = summarise(report["verdict"]["dataset"], names, rows, threshold)
-    print_summary(medians, verdict, report["repetitions"])
+    medians, verdict = summarise(dataset, names, rows, threshold)
+    print_summary(medians, verdict, repetitions)
     return medians, verdict
 
 
@@ -323,7 +318,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, datasets, names = parse_args(argv)
     if args.summarise:
-        resummarise(combine([json.loads(path.read_text()) for path in args.summarise]), args.threshold, args.drop)
+        report = combine([json.loads(path.read_text()) for path in args.summarise])
+        names = list(dict.fromkeys(row["config"] for row in report["rows"]))
+        score(report["verdict"]["dataset"], names, report["rows"], report["runs"], report["repetitions"],
+              args.threshold, args.drop)
         return 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for dataset, folder in datasets:
